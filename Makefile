@@ -1,0 +1,41 @@
+# The two quick-start commands are `make demo` and `make test`; everything else serves them.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint format system clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+## demo: run mailpipe on embedded defaults (built-in IMAP server, SQLite), no services needed
+demo: $(STAMP)
+	$(BIN)/mailpipe demo
+
+## test: install system packages and services the tests need, then lint and run the whole suite
+test: $(STAMP) system
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+## bench: benchmarks against a 10,000-message Dovecot mailbox (not part of `make test`)
+bench: $(STAMP) system
+	$(BIN)/python -m bench.sync
+
+system:
+	bash scripts/ensure-system.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) data build *.egg-info

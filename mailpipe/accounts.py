@@ -1,0 +1,108 @@
+"""Users and their IMAP accounts: created and unlocked with the user's password."""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .crypto import KDF_ITERATIONS, DataKey, KdfParams, WrappedKey, create_user_key, unwrap_key
+from .errors import MailpipeError, NotFound
+from .imap import ImapSettings
+from .models import MailAccount, User
+
+PROVIDERS = ("gmail", "outlook", "yahoo", "gmx", "icloud", "other")
+PROVIDER_NAMES = {
+    "gmail": "Gmail",
+    "outlook": "Outlook",
+    "yahoo": "Yahoo",
+    "gmx": "GMX",
+    "icloud": "iCloud",
+    "other": "E-Mail",
+}
+PROVIDER_HOSTS = {
+    "gmail": ("gmail.com", "googlemail.com"),
+    "outlook": ("outlook.com", "office365.com", "hotmail.com", "live.com"),
+    "yahoo": ("yahoo.com", "yahoo.de"),
+    "gmx": ("gmx.net", "gmx.de", "gmx.com"),
+    "icloud": ("mail.me.com", "icloud.com"),
+}
+CREDENTIAL_FIELDS = (
+    "host",
+    "port",
+    "username",
+    "password",
+    "access_token",
+    "security",
+    "auth",
+    "ca_file",
+)
+
+
+def guess_provider(host: str) -> str:
+    """One of a fixed set, so it can label metrics without naming anyone."""
+    host = host.lower().rstrip(".")
+    for provider, domains in PROVIDER_HOSTS.items():
+        if any(host == d or host.endswith("." + d) for d in domains):
+            return provider
+    return "other"
+
+
+def create_user(
+    session: Session, name: str, password: str, *, iterations: int = KDF_ITERATIONS
+) -> tuple[User, DataKey]:
+    """A new user with a fresh data key only their password unlocks."""
+    if session.scalar(select(User.id).where(User.name == name)) is not None:
+        raise MailpipeError(f"user {name!r} exists already")
+    wrapped, key = create_user_key(password, iterations=iterations)
+    user = User(name=name, kdf=wrapped.params.to_json(), wrapped_dek=wrapped.wrapped)
+    session.add(user)
+    session.flush()
+    return user, key
+
+
+def unlock_user(session: Session, name: str, password: str) -> tuple[User, DataKey]:
+    """The user and their data key, or a clear error naming what is wrong."""
+    user = session.scalar(select(User).where(User.name == name))
+    if user is None:
+        raise NotFound(f"no user named {name!r}")
+    wrapped = WrappedKey(params=KdfParams.from_json(user.kdf), wrapped=user.wrapped_dek)
+    return user, unwrap_key(wrapped, password)
+
+
+def add_account(
+    session: Session,
+    user: User,
+    key: DataKey,
+    settings: ImapSettings,
+    *,
+    folders: list[str] | None = None,
+    provider: str | None = None,
+) -> MailAccount:
+    """Store an account with its host, login and secret encrypted under the user's key."""
+    account = MailAccount(
+        user_id=user.id,
+        provider=provider or guess_provider(settings.host),
+        folders=folders or ["INBOX"],
+    )
+    session.add(account)
+    session.flush()
+    set_credentials(account, key, settings)
+    return account
+
+
+def set_credentials(account: MailAccount, key: DataKey, settings: ImapSettings) -> None:
+    """Replace the stored credentials (e.g. after the user re-enters a password)."""
+    plain = json.dumps({name: getattr(settings, name) for name in CREDENTIAL_FIELDS}).encode()
+    account.credentials_enc = key.encrypt(
+        plain, table="mail_accounts", column="credentials", row=account.id
+    )
+
+
+def account_settings(account: MailAccount, key: DataKey, **overrides) -> ImapSettings:
+    """Decrypt an account's connection settings; `overrides` adjust timeouts and the like."""
+    plain = key.decrypt(
+        account.credentials_enc, table="mail_accounts", column="credentials", row=account.id
+    )
+    return ImapSettings(**{**json.loads(plain), **overrides})

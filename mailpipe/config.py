@@ -1,0 +1,23 @@
+"""Settings read from the environment, with embedded defaults that need no services."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "data"
+
+
+def data_dir() -> Path:
+    """Where embedded state lives (the SQLite file, demo mailboxes); made on first use."""
+    path = Path(os.environ.get("MAILPIPE_DATA_DIR", DEFAULT_DATA_DIR))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def database_url() -> str:
+    """`MAILPIPE_DATABASE_URL`, or a SQLite file in the data directory."""
+    url = os.environ.get("MAILPIPE_DATABASE_URL")
+    if url:
+        return url
+    return f"sqlite:///{(data_dir() / 'mailpipe.db').resolve()}"

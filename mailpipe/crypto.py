@@ -1,0 +1,140 @@
+"""Per-user keys: a password unwraps a random data key that encrypts credentials and mail."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import DecryptionFailed, WrongPassword
+
+KDF_ALGORITHM = "pbkdf2-sha256"
+KDF_ITERATIONS = 600_000
+KEY_BYTES = 32
+NONCE_BYTES = 12
+SALT_BYTES = 16
+FORMAT_VERSION = b"\x01"
+WRAP_AAD = b"mailpipe/v1|users|wrapped_dek"
+
+
+@dataclass(frozen=True)
+class KdfParams:
+    """How a user's password becomes their key-encryption key; stored beside the wrapped key."""
+
+    salt: bytes
+    iterations: int = KDF_ITERATIONS
+    algorithm: str = KDF_ALGORITHM
+
+    def to_json(self) -> dict:
+        return {
+            "algorithm": self.algorithm,
+            "iterations": self.iterations,
+            "salt": base64.b64encode(self.salt).decode(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> KdfParams:
+        return cls(
+            salt=base64.b64decode(data["salt"]),
+            iterations=int(data["iterations"]),
+            algorithm=data["algorithm"],
+        )
+
+
+def derive_kek(password: str, params: KdfParams) -> bytes:
+    """Stretch a password so that guessing it offline costs 600,000 HMAC rounds per try."""
+    if params.algorithm != KDF_ALGORITHM:
+        raise ValueError(f"unsupported key derivation {params.algorithm!r}")
+    return hashlib.pbkdf2_hmac("sha256", password.encode(), params.salt, params.iterations)
+
+
+def associated_data(table: str, column: str, row: object) -> bytes:
+    """Bind a ciphertext to its place, so it cannot be moved to another row or column."""
+    return f"mailpipe/v1|{table}|{column}|{row}".encode()
+
+
+class DataKey:
+    """A user's 256-bit data key: AES-256-GCM with associated data naming table, column and row."""
+
+    __slots__ = ("_aead", "_hash_key", "_key")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError("a data key has 32 bytes")
+        self._key = key
+        self._aead = AESGCM(key)
+        self._hash_key = hmac.new(key, b"mailpipe/v1|content-hash", hashlib.sha256).digest()
+
+    @classmethod
+    def generate(cls) -> DataKey:
+        return cls(AESGCM.generate_key(bit_length=256))
+
+    def encrypt(self, plaintext: bytes, *, table: str, column: str, row: object) -> bytes:
+        nonce = os.urandom(NONCE_BYTES)
+        aad = associated_data(table, column, row)
+        return FORMAT_VERSION + nonce + self._aead.encrypt(nonce, plaintext, aad)
+
+    def decrypt(self, ciphertext: bytes, *, table: str, column: str, row: object) -> bytes:
+        if ciphertext[:1] != FORMAT_VERSION:
+            raise DecryptionFailed(f"{table}.{column}: unknown ciphertext format")
+        nonce = ciphertext[1 : 1 + NONCE_BYTES]
+        try:
+            return self._aead.decrypt(
+                nonce, ciphertext[1 + NONCE_BYTES :], associated_data(table, column, row)
+            )
+        except InvalidTag:
+            raise DecryptionFailed(
+                f"{table}.{column} of row {row}: ciphertext is damaged, moved or under another key"
+            ) from None
+
+    def content_hash(self, data: bytes) -> bytes:
+        """A keyed digest for finding the same message again without revealing its content."""
+        return hmac.new(self._hash_key, data, hashlib.sha256).digest()
+
+    def export(self) -> bytes:
+        """The raw key, only for wrapping or sealing it; never store the result in the clear."""
+        return self._key
+
+    def __repr__(self) -> str:
+        return "DataKey(<hidden>)"
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    """What the database holds for a user: KDF parameters and the data key under the KEK."""
+
+    params: KdfParams
+    wrapped: bytes
+
+
+def create_user_key(
+    password: str, *, iterations: int = KDF_ITERATIONS
+) -> tuple[WrappedKey, DataKey]:
+    """Make a fresh data key for a new user, wrapped under a key derived from the password."""
+    params = KdfParams(salt=os.urandom(SALT_BYTES), iterations=iterations)
+    dek = DataKey.generate()
+    return wrap_key(dek, password, params), dek
+
+
+def wrap_key(dek: DataKey, password: str, params: KdfParams) -> WrappedKey:
+    """Wrap the data key under a password (also used when the password changes)."""
+    kek = AESGCM(derive_kek(password, params))
+    nonce = os.urandom(NONCE_BYTES)
+    wrapped = FORMAT_VERSION + nonce + kek.encrypt(nonce, dek.export(), WRAP_AAD)
+    return WrappedKey(params=params, wrapped=wrapped)
+
+
+def unwrap_key(wrapped: WrappedKey, password: str) -> DataKey:
+    """Unlock a user's data key, or say plainly that the password is wrong."""
+    kek = AESGCM(derive_kek(password, wrapped.params))
+    blob = wrapped.wrapped
+    try:
+        key = kek.decrypt(blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :], WRAP_AAD)
+    except InvalidTag:
+        raise WrongPassword("wrong password: it does not unlock this user's data key") from None
+    return DataKey(key)

@@ -1,0 +1,17 @@
+"""Errors the core raises, each carrying a one-line message fit to show a user."""
+
+
+class MailpipeError(Exception):
+    """Base class: `str(error)` is a single line naming the cause, without secrets."""
+
+
+class WrongPassword(MailpipeError):
+    """The password does not unlock the user's data key."""
+
+
+class DecryptionFailed(MailpipeError):
+    """A ciphertext was tampered with, moved to another row, or belongs to another key."""
+
+
+class NotFound(MailpipeError):
+    """A user, account or job does not exist, or belongs to someone else."""

@@ -1,0 +1,114 @@
+"""Every way an account run can fail, mapped to one error class and a one-line cause."""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+from dataclasses import dataclass
+
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
+
+from .errors import DecryptionFailed, MailpipeError
+
+TIMEOUT = "timeout"
+CONNECTION_RESET = "connection_reset"
+TEMPORARILY_UNAVAILABLE = "temporarily_unavailable"
+AUTH_FAILED = "auth_failed"
+INVALID_CREDENTIALS = "invalid_credentials"
+ACCOUNT_DISABLED = "account_disabled"
+TLS_ERROR = "tls_error"
+UNKNOWN = "unknown"
+
+ERROR_CLASSES = (
+    TIMEOUT,
+    CONNECTION_RESET,
+    TEMPORARILY_UNAVAILABLE,
+    AUTH_FAILED,
+    INVALID_CREDENTIALS,
+    ACCOUNT_DISABLED,
+    TLS_ERROR,
+    UNKNOWN,
+)
+TRANSIENT = frozenset({TIMEOUT, CONNECTION_RESET, TEMPORARILY_UNAVAILABLE, UNKNOWN})
+PERMANENT = frozenset(ERROR_CLASSES) - TRANSIENT
+
+RESPONSE_CODE = re.compile(rb"\[([A-Z][A-Z0-9-]*)")
+# RFC 5530 response codes, by the class they put a failure in.
+CODE_CLASSES = {
+    b"AUTHENTICATIONFAILED": INVALID_CREDENTIALS,
+    b"AUTHORIZATIONFAILED": AUTH_FAILED,
+    b"EXPIRED": INVALID_CREDENTIALS,
+    b"PRIVACYREQUIRED": TLS_ERROR,
+    b"CONTACTADMIN": ACCOUNT_DISABLED,
+    b"NOPERM": ACCOUNT_DISABLED,
+    b"UNAVAILABLE": TEMPORARILY_UNAVAILABLE,
+    b"INUSE": TEMPORARILY_UNAVAILABLE,
+    b"LIMIT": TEMPORARILY_UNAVAILABLE,
+    b"SERVERBUG": TEMPORARILY_UNAVAILABLE,
+}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An error class and a message fit for a user: one line, no secret, no mail content."""
+
+    error_class: str
+    message: str
+
+    @property
+    def transient(self) -> bool:
+        return self.error_class in TRANSIENT
+
+
+def classify(error: BaseException, *, host: str | None = None) -> Failure:
+    """Map an exception (and the server's response code in it) to an error class."""
+    where = f" {host}" if host else ""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return Failure(TLS_ERROR, f"TLS certificate of{where} not trusted: {error.verify_message}")
+    if isinstance(error, ssl.SSLError):
+        return Failure(TLS_ERROR, f"TLS handshake with{where} failed ({error.reason or 'error'})")
+    if isinstance(error, TimeoutError | socket.timeout):
+        return Failure(TIMEOUT, f"server{where} did not answer in time")
+    if isinstance(error, socket.gaierror):
+        return Failure(TEMPORARILY_UNAVAILABLE, f"host{where} not found (DNS)")
+    if isinstance(error, ConnectionRefusedError):
+        return Failure(TEMPORARILY_UNAVAILABLE, f"connection to{where} refused")
+    if isinstance(error, ConnectionResetError | BrokenPipeError | EOFError):
+        return Failure(CONNECTION_RESET, f"connection to{where} was reset")
+    if isinstance(error, LoginError):
+        code = _response_code(error)
+        error_class = CODE_CLASSES.get(code, INVALID_CREDENTIALS) if code else INVALID_CREDENTIALS
+        return Failure(error_class, _login_message(error_class, where))
+    if isinstance(error, IMAPClientAbortError):
+        return Failure(CONNECTION_RESET, f"server{where} closed the connection")
+    if isinstance(error, IMAPClientError):
+        code = _response_code(error)
+        if code in CODE_CLASSES:
+            return Failure(CODE_CLASSES[code], f"server{where} refused: {code.decode()}")
+        return Failure(UNKNOWN, f"server{where} answered with an error")
+    if isinstance(error, OSError):
+        return Failure(CONNECTION_RESET, f"network error talking to{where}: {error.strerror}")
+    if isinstance(error, DecryptionFailed):
+        return Failure(UNKNOWN, str(error))
+    if isinstance(error, MailpipeError):
+        return Failure(UNKNOWN, str(error))
+    return Failure(UNKNOWN, f"unexpected {type(error).__name__}")
+
+
+def _response_code(error: BaseException) -> bytes | None:
+    text = str(error).encode("utf-8", "replace")
+    match = RESPONSE_CODE.search(text)
+    return match.group(1) if match else None
+
+
+def _login_message(error_class: str, where: str) -> str:
+    if error_class == INVALID_CREDENTIALS:
+        return f"login to{where} failed: wrong user name or password"
+    if error_class == ACCOUNT_DISABLED:
+        return f"login to{where} refused: the account is disabled at the provider"
+    if error_class == TLS_ERROR:
+        return f"login to{where} refused without TLS"
+    if error_class == TEMPORARILY_UNAVAILABLE:
+        return f"login to{where} temporarily unavailable"
+    return f"login to{where} not permitted"

@@ -1,0 +1,32 @@
+"""Alembic environment: run against the connection `mailpipe.db.migrate` hands over."""
+
+from alembic import context
+from sqlalchemy import create_engine
+
+from mailpipe import config as mailpipe_config
+from mailpipe.models import Base
+
+target_metadata = Base.metadata
+
+
+def run() -> None:
+    connection = context.config.attributes.get("connection")
+    if connection is None:
+        engine = create_engine(mailpipe_config.database_url())
+        with engine.begin() as connection:
+            _run_with(connection)
+    else:
+        _run_with(connection)
+
+
+def _run_with(connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+run()

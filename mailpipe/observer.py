@@ -1,0 +1,65 @@
+"""How the core reports what it does, so metrics and job records need no hooks inside it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+PHASES = (
+    "connect",
+    "diagnostics",
+    "folder_list",
+    "fetch",
+    "parse",
+    "save",
+    "process",
+    "disconnect",
+)
+
+
+class Observer:
+    """Base class with no-op hooks; subclasses override what they record (metrics, job rows)."""
+
+    def after_phase(self, phase: str, seconds: float) -> None:
+        """A phase of one account's sync took `seconds` of wall time (phases may repeat)."""
+
+    def after_batch(
+        self, *, fetched: int, fetched_bytes: int, saved: int, duplicates: int, quarantined: dict
+    ) -> None:
+        """One batch was committed; `quarantined` counts messages by reason."""
+
+
+class Observers(Observer):
+    """Fan one stream of events out to several observers."""
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+
+    def after_phase(self, phase: str, seconds: float) -> None:
+        for observer in self.observers:
+            observer.after_phase(phase, seconds)
+
+    def after_batch(self, **counts) -> None:
+        for observer in self.observers:
+            observer.after_batch(**counts)
+
+
+class PhaseTimer:
+    """Adds up wall time per phase and tells the observer as each phase ends."""
+
+    def __init__(self, observer: Observer | None = None) -> None:
+        self.observer = observer or Observer()
+        self.totals: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.totals[name] = self.totals.get(name, 0.0) + seconds
+        self.observer.after_phase(name, seconds)

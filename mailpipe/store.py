@@ -1,0 +1,204 @@
+"""Saving mail idempotently: each batch and the folder's high-water mark commit together."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import Table, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from .crypto import DataKey
+from .models import PARSED, QUARANTINED, Email, FolderState, utcnow
+from .parse import ParsedMessage
+
+BODY = b"BODY[]"
+EMAILS = Email.__table__
+FOLDER_STATE = FolderState.__table__
+EMAIL_KEY = ["account_id", "folder", "uidvalidity", "uid"]
+
+
+@dataclass
+class FolderPosition:
+    """How far a folder is stored: its UIDVALIDITY, the highest UID taken, and UIDNEXT seen."""
+
+    uidvalidity: int
+    last_uid: int
+    uidnext: int
+
+
+@dataclass
+class WriteOutcome:
+    saved: int = 0
+    duplicates: int = 0
+    new_ids: list[uuid.UUID] = field(default_factory=list)
+
+
+def folder_states(session: Session, account_id: int) -> dict[str, FolderPosition]:
+    """Every folder's stored position for one account, in one query."""
+    rows = session.execute(
+        select(
+            FolderState.folder, FolderState.uidvalidity, FolderState.last_uid, FolderState.uidnext
+        ).where(FolderState.account_id == account_id)
+    )
+    return {
+        folder: FolderPosition(uidvalidity=v, last_uid=last, uidnext=nxt)
+        for folder, v, last, nxt in rows
+    }
+
+
+def dialect_insert(session: Session, table: Table):
+    """INSERT that supports ON CONFLICT on both SQLite and PostgreSQL."""
+    name = session.get_bind().dialect.name
+    return (postgresql.insert if name == "postgresql" else sqlite.insert)(table)
+
+
+class BatchWriter:
+    """Writes the batches of one folder for one account, each in its own transaction."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        account_id: int,
+        key: DataKey,
+        folder: str,
+        dedupe_by_content: bool = False,
+    ) -> None:
+        self.sessions = sessions
+        self.account_id = account_id
+        self.key = key
+        self.folder = folder
+        self.dedupe_by_content = dedupe_by_content
+
+    def known_uids(self, uidvalidity: int, uids: Sequence[int]) -> set[int]:
+        """UIDs of this batch already stored (a redelivered job), so they are not fetched again."""
+        with self.sessions() as session:
+            return set(
+                session.scalars(
+                    select(Email.uid).where(
+                        Email.account_id == self.account_id,
+                        Email.folder == self.folder,
+                        Email.uidvalidity == uidvalidity,
+                        Email.uid.in_(list(uids)),
+                    )
+                )
+            )
+
+    def write(
+        self,
+        position: FolderPosition,
+        messages: Sequence[tuple[int, dict]],
+        parsed: Sequence[ParsedMessage],
+    ) -> WriteOutcome:
+        """Store a batch and advance the high-water mark in one transaction."""
+        rows = [
+            self._row(position.uidvalidity, uid, data, p)
+            for (uid, data), p in zip(messages, parsed, strict=True)
+        ]
+        outcome = WriteOutcome()
+        with self.sessions.begin() as session:
+            if self.dedupe_by_content and rows:
+                rows = self._rekey_known_content(session, rows, outcome)
+            if rows:
+                statement = (
+                    dialect_insert(session, EMAILS)
+                    .on_conflict_do_nothing(index_elements=EMAIL_KEY)
+                    .returning(EMAILS.c.id)
+                )
+                inserted = list(session.scalars(statement, rows))
+                outcome.saved = len(inserted)
+                outcome.duplicates += len(rows) - len(inserted)
+                outcome.new_ids = inserted
+            self._save_position(session, position)
+        return outcome
+
+    def finish(self, position: FolderPosition) -> None:
+        """Record the folder's final position for this run (UIDNEXT included when complete)."""
+        with self.sessions.begin() as session:
+            self._save_position(session, position)
+
+    def _row(self, uidvalidity: int, uid: int, data: dict, parsed: ParsedMessage) -> dict:
+        row_id = uuid.uuid4()
+        raw = data[BODY]
+        if parsed.quarantined:
+            document = {"quarantine_reason": parsed.quarantine_reason, "detail": parsed.detail}
+        else:
+            document = parsed.fields
+        return {
+            "id": row_id,
+            "account_id": self.account_id,
+            "folder": self.folder,
+            "uidvalidity": uidvalidity,
+            "uid": uid,
+            "message_id": parsed.message_id,
+            "internal_date": data.get(b"INTERNALDATE"),
+            "sent_date": parsed.sent_date,
+            "flags": " ".join(_text(flag) for flag in data.get(b"FLAGS", ())),
+            "size": len(raw),
+            "content_hash": self.key.content_hash(raw),
+            "raw_enc": self.key.encrypt(raw, table="emails", column="raw", row=row_id),
+            "parsed_enc": self.key.encrypt(
+                json.dumps(document, ensure_ascii=False).encode(),
+                table="emails",
+                column="parsed",
+                row=row_id,
+            ),
+            "status": QUARANTINED if parsed.quarantined else PARSED,
+            "quarantine_reason": parsed.quarantine_reason,
+            "fetched_at": utcnow(),
+        }
+
+    def _rekey_known_content(
+        self, session: Session, rows: list[dict], outcome: WriteOutcome
+    ) -> list[dict]:
+        """After a UIDVALIDITY change, move mail we already hold to its new UID, not copy it."""
+        existing = dict(
+            session.execute(
+                select(Email.content_hash, Email.id).where(
+                    Email.account_id == self.account_id,
+                    Email.folder == self.folder,
+                    Email.uidvalidity != rows[0]["uidvalidity"],
+                    Email.content_hash.in_([row["content_hash"] for row in rows]),
+                )
+            ).all()
+        )
+        fresh = []
+        for row in rows:
+            email_id = existing.pop(row["content_hash"], None)
+            if email_id is None:
+                fresh.append(row)
+                continue
+            session.execute(
+                update(Email)
+                .where(Email.id == email_id)
+                .values(uidvalidity=row["uidvalidity"], uid=row["uid"], flags=row["flags"])
+            )
+            outcome.duplicates += 1
+        return fresh
+
+    def _save_position(self, session: Session, position: FolderPosition) -> None:
+        values = {
+            "account_id": self.account_id,
+            "folder": self.folder,
+            "uidvalidity": position.uidvalidity,
+            "last_uid": position.last_uid,
+            "uidnext": position.uidnext,
+            "updated_at": utcnow(),
+        }
+        statement = dialect_insert(session, FOLDER_STATE).values(values)
+        session.execute(
+            statement.on_conflict_do_update(
+                index_elements=["account_id", "folder"],
+                set_={
+                    k: statement.excluded[k] for k in values if k not in ("account_id", "folder")
+                },
+            )
+        )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
