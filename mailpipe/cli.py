@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from sqlalchemy import select
@@ -107,6 +108,8 @@ def run_sync(args: argparse.Namespace) -> int:
             sessions, account_id=account_id, key=key, settings=settings, options=options
         )
     except Exception as error:  # every failure becomes one line naming its cause
+        if os.environ.get("MAILPIPE_DEBUG"):
+            traceback.print_exc()
         failure = classify(error, host=args.host)
         print(f"mailpipe: sync failed ({failure.error_class}): {failure.message}", file=sys.stderr)
         return EXIT_FAILURE

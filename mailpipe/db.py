@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from . import config
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_PAGE_SIZE = 16_384  # mail bodies are large blobs; bigger pages mean fewer overflow pages
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
@@ -27,6 +28,7 @@ def make_engine(url: str | None = None) -> Engine:
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")  # only takes effect on a new file
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA synchronous=NORMAL")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,10 @@ PHASES = (
 
 
 class Observer:
-    """Base class with no-op hooks; subclasses override what they record (metrics, job rows)."""
+    """Base class with no-op hooks; subclasses override what they record (metrics, job rows).
+
+    Hooks may be called from the sync's storage thread as well as the fetching one.
+    """
 
     def after_phase(self, phase: str, seconds: float) -> None:
         """A phase of one account's sync took `seconds` of wall time (phases may repeat)."""
@@ -51,6 +55,7 @@ class PhaseTimer:
     def __init__(self, observer: Observer | None = None) -> None:
         self.observer = observer or Observer()
         self.totals: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -61,5 +66,6 @@ class PhaseTimer:
             self.add(name, time.perf_counter() - start)
 
     def add(self, name: str, seconds: float) -> None:
-        self.totals[name] = self.totals.get(name, 0.0) + seconds
+        with self._lock:
+            self.totals[name] = self.totals.get(name, 0.0) + seconds
         self.observer.after_phase(name, seconds)

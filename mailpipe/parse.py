@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import email.utils
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import fast_mail_parser
 from selectolax.lexbor import LexborHTMLParser
@@ -61,7 +60,7 @@ def _quarantine(error: Exception) -> ParsedMessage:
 
 
 def _fields(mail) -> ParsedMessage:
-    headers = mail.headers
+    headers = {name.lower(): values for name, values in mail.headers.items()}
     if not headers:
         return ParsedMessage(
             fields=None,
@@ -70,8 +69,8 @@ def _fields(mail) -> ParsedMessage:
             quarantine_reason="not_a_message",
             detail="no RFC 5322 header block found (another file format?)",
         )
-    message_id = _header(headers, "Message-ID")
-    sent_date = _date(_header(headers, "Date"))
+    message_id = _header(headers, "message-id")
+    sent_date = mail.date_parsed
     text = "\n".join(part for part in mail.text_plain if part)
     if not text.strip() and mail.text_html:
         text = "\n".join(html_to_text(part) for part in mail.text_html)
@@ -82,8 +81,8 @@ def _fields(mail) -> ParsedMessage:
         "to": _addresses(mail.to),
         "cc": _addresses(mail.cc),
         "date": sent_date.isoformat() if sent_date else None,
-        "in_reply_to": _header(headers, "In-Reply-To"),
-        "references": (_header(headers, "References") or "").split(),
+        "in_reply_to": _header(headers, "in-reply-to"),
+        "references": (_header(headers, "references") or "").split(),
         "text": text[:MAX_TEXT_CHARS],
         "attachments": [
             {
@@ -116,9 +115,6 @@ def html_to_text(html: str) -> str:
 
 def _header(headers: dict, name: str) -> str | None:
     values = headers.get(name)
-    if values is None:
-        lowered = name.lower()
-        values = next((v for k, v in headers.items() if k.lower() == lowered), None)
     if not values:
         return None
     value = values[0] if isinstance(values, list) else values
@@ -131,15 +127,3 @@ def _addresses(addresses) -> list[dict]:
     if not isinstance(addresses, list):
         addresses = [addresses]
     return [{"name": a.display_name or "", "address": a.address or ""} for a in addresses]
-
-
-def _date(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed

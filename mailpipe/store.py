@@ -12,10 +12,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from .crypto import DataKey
+from .fetch import FetchedMessage
 from .models import PARSED, QUARANTINED, Email, FolderState, utcnow
 from .parse import ParsedMessage
 
-BODY = b"BODY[]"
 EMAILS = Email.__table__
 FOLDER_STATE = FolderState.__table__
 EMAIL_KEY = ["account_id", "folder", "uidvalidity", "uid"]
@@ -91,13 +91,13 @@ class BatchWriter:
     def write(
         self,
         position: FolderPosition,
-        messages: Sequence[tuple[int, dict]],
+        messages: Sequence[FetchedMessage],
         parsed: Sequence[ParsedMessage],
     ) -> WriteOutcome:
         """Store a batch and advance the high-water mark in one transaction."""
         rows = [
-            self._row(position.uidvalidity, uid, data, p)
-            for (uid, data), p in zip(messages, parsed, strict=True)
+            self._row(position.uidvalidity, message, p)
+            for message, p in zip(messages, parsed, strict=True)
         ]
         outcome = WriteOutcome()
         with self.sessions.begin() as session:
@@ -121,9 +121,9 @@ class BatchWriter:
         with self.sessions.begin() as session:
             self._save_position(session, position)
 
-    def _row(self, uidvalidity: int, uid: int, data: dict, parsed: ParsedMessage) -> dict:
+    def _row(self, uidvalidity: int, message: FetchedMessage, parsed: ParsedMessage) -> dict:
         row_id = uuid.uuid4()
-        raw = data[BODY]
+        raw = message.body
         if parsed.quarantined:
             document = {"quarantine_reason": parsed.quarantine_reason, "detail": parsed.detail}
         else:
@@ -133,11 +133,11 @@ class BatchWriter:
             "account_id": self.account_id,
             "folder": self.folder,
             "uidvalidity": uidvalidity,
-            "uid": uid,
+            "uid": message.uid,
             "message_id": parsed.message_id,
-            "internal_date": data.get(b"INTERNALDATE"),
+            "internal_date": message.internal_date,
             "sent_date": parsed.sent_date,
-            "flags": " ".join(_text(flag) for flag in data.get(b"FLAGS", ())),
+            "flags": " ".join(_text(flag) for flag in message.flags),
             "size": len(raw),
             "content_hash": self.key.content_hash(raw),
             "raw_enc": self.key.encrypt(raw, table="emails", column="raw", row=row_id),

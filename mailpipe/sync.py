@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+from imapclient import IMAPClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import imap, store
 from .accounts import account_settings
 from .crypto import DataKey
-from .imap import ImapSettings, MailClient
+from .fetch import FetchedMessage, fetch_messages
+from .imap import ImapSettings
 from .models import MailAccount
 from .observer import Observer, PhaseTimer
 from .parse import parse_messages
 
 BATCH_BYTES = 8 * 1024 * 1024
 BATCH_MESSAGES = 500
-FETCH_ITEMS = ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"]
-BODY = b"BODY[]"
+FETCH_ITEMS = "UID FLAGS INTERNALDATE BODY.PEEK[]"
 REQUIRED_CAPABILITY = "IMAP4REV1"
 WILDCARDS = ("*", "%")
+PIPELINE_DEPTH = 2
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ def sync_account(
     settings: ImapSettings | None = None,
     options: SyncOptions | None = None,
     observer: Observer | None = None,
-    connect: Callable[[ImapSettings], MailClient] = imap.connect,
+    connect: Callable[[ImapSettings], IMAPClient] = imap.connect,
 ) -> SyncResult:
     """Bring the database up to date with the account's folders, storing each message once."""
     options = options or SyncOptions()
@@ -149,7 +153,7 @@ def sync_account(
     return result
 
 
-def quick_check(client: MailClient) -> tuple[str, ...]:
+def quick_check(client: IMAPClient) -> tuple[str, ...]:
     """Capabilities from the login response (no extra round trip); refuse non-IMAP4rev1 servers."""
     capabilities = tuple(c.decode() if isinstance(c, bytes) else c for c in client.capabilities())
     if REQUIRED_CAPABILITY not in (c.upper() for c in capabilities):
@@ -157,7 +161,7 @@ def quick_check(client: MailClient) -> tuple[str, ...]:
     return capabilities
 
 
-def resolve_folders(client: MailClient, wanted: Sequence[str]) -> list[str]:
+def resolve_folders(client: IMAPClient, wanted: Sequence[str]) -> list[str]:
     """Plain names are used as given (no LIST round trip); patterns are expanded with LIST."""
     folders: list[str] = []
     for name in wanted:
@@ -171,7 +175,7 @@ def resolve_folders(client: MailClient, wanted: Sequence[str]) -> list[str]:
 
 
 def _sync_folder(
-    client: MailClient,
+    client: IMAPClient,
     sessions: sessionmaker[Session],
     *,
     account_id: int,
@@ -199,7 +203,7 @@ def _sync_folder(
     sizes: dict[int, int] = {}
     if exists:
         with timer.phase("fetch"):
-            sizes = client.sizes_above(last_uid)
+            sizes = _sizes_above(client, last_uid)
     uids = sorted(sizes)
     if budget is not None and len(uids) > budget:
         uids = uids[: max(budget, 0)]
@@ -207,42 +211,109 @@ def _sync_folder(
     writer = store.BatchWriter(
         sessions, account_id=account_id, key=key, folder=folder, dedupe_by_content=changed
     )
-    for batch in _batches(uids, sizes, options):
-        with timer.phase("save"):
-            known = writer.known_uids(uidvalidity, batch)
-        wanted = [uid for uid in batch if uid not in known]
-        fetched = {}
-        if wanted:
-            with timer.phase("fetch"):
-                fetched = client.fetch(wanted, FETCH_ITEMS)
-        messages = [
-            (uid, fetched[uid]) for uid in wanted if uid in fetched and BODY in fetched[uid]
-        ]
-        with timer.phase("parse"):
-            parsed = parse_messages([data[BODY] for _uid, data in messages])
-        position.last_uid = batch[-1]
-        with timer.phase("save"):
-            saved = writer.write(position, messages, parsed)
-        quarantined = [p.quarantine_reason for p in parsed if p.quarantined]
-        outcome.fetched += len(messages)
-        outcome.saved += saved.saved
-        outcome.duplicates += len(known) + saved.duplicates
-        outcome.quarantined += len(quarantined)
-        outcome.expunged += len(wanted) - len(messages)
-        result.new_email_ids.extend(saved.new_ids)
-        timer.observer.after_batch(
-            fetched=len(messages),
-            fetched_bytes=sum(len(data[BODY]) for _uid, data in messages),
-            saved=saved.saved,
-            duplicates=len(known) + saved.duplicates,
-            quarantined={r: quarantined.count(r) for r in set(quarantined)},
-        )
+    with Pipeline() as pipeline:
+        for batch in _batches(uids, sizes, options):
+            with timer.phase("save"):
+                known = writer.known_uids(uidvalidity, batch)
+            wanted = [uid for uid in batch if uid not in known]
+            fetched = {}
+            if wanted:
+                with timer.phase("fetch"):
+                    fetched = fetch_messages(client._imap, wanted, FETCH_ITEMS)
+            messages = [fetched[uid] for uid in wanted if uid in fetched]
+            position.last_uid = batch[-1]
+            outcome.duplicates += len(known)
+            outcome.expunged += len(wanted) - len(messages)
+            pipeline.submit(
+                _store_batch,
+                writer,
+                replace(position),
+                messages,
+                outcome=outcome,
+                result=result,
+                timer=timer,
+            )
     # UIDNEXT is recorded only when every new message was taken, so that a run stopped by the
     # cap is not mistaken for an unchanged folder next time.
     position.uidnext = uidnext if outcome.complete else 0
     with timer.phase("save"):
         writer.finish(position)
     return outcome
+
+
+def _store_batch(
+    writer: store.BatchWriter,
+    position: store.FolderPosition,
+    messages: list[FetchedMessage],
+    *,
+    outcome: FolderResult,
+    result: SyncResult,
+    timer: PhaseTimer,
+) -> None:
+    """Parse, encrypt and commit one batch with its high-water mark (runs in the pipeline)."""
+    with timer.phase("parse"):
+        parsed = parse_messages([message.body for message in messages])
+    with timer.phase("save"):
+        saved = writer.write(position, messages, parsed)
+    quarantined = [p.quarantine_reason for p in parsed if p.quarantined]
+    outcome.fetched += len(messages)
+    outcome.saved += saved.saved
+    outcome.duplicates += saved.duplicates
+    outcome.quarantined += len(quarantined)
+    result.new_email_ids.extend(saved.new_ids)
+    timer.observer.after_batch(
+        fetched=len(messages),
+        fetched_bytes=sum(len(message.body) for message in messages),
+        saved=saved.saved,
+        duplicates=saved.duplicates,
+        quarantined={reason: quarantined.count(reason) for reason in set(quarantined)},
+    )
+
+
+class Pipeline:
+    """One background thread that stores batch k while the connection fetches batch k+1.
+
+    Batches are stored in the order submitted, so high-water marks only move forward. At most
+    `depth` batches wait, which bounds memory. Leaving the block waits for every stored batch;
+    a storage error is raised in the fetching thread at the next submit or at the end.
+    """
+
+    def __init__(self, *, depth: int = PIPELINE_DEPTH) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mailpipe-store", daemon=True)
+
+    def __enter__(self) -> Pipeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc is None:
+            raise self._error
+
+    def submit(self, function: Callable, *args, **kwargs) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((function, args, kwargs))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            function, args, kwargs = item
+            try:
+                function(*args, **kwargs)
+            except BaseException as error:
+                self._error = error
+
+
+def _sizes_above(client: IMAPClient, last_uid: int) -> dict[int, int]:
+    """UIDs above the high-water mark with their sizes, in one round trip and without SEARCH."""
+    response = fetch_messages(client._imap, f"{last_uid + 1}:*", "UID RFC822.SIZE")
+    # "n:*" always matches the highest UID, even when that is below n.
+    return {uid: message.size for uid, message in response.items() if uid > last_uid}
 
 
 def _batches(
@@ -264,7 +335,7 @@ def _batches(
         yield batch
 
 
-def _logout(client: MailClient) -> None:
+def _logout(client: IMAPClient) -> None:
     try:
         client.logout()
     except Exception:
