@@ -17,7 +17,7 @@ from .errors import MailpipeError, NotFound
 from .failures import classify
 from .imap import SECURITY_MODES, ImapSettings
 from .models import MailAccount
-from .sync import SyncOptions, SyncResult, sync_account
+from .sync import BATCH_BYTES, SyncOptions, SyncResult, sync_account
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--folder", action="append", dest="folders", metavar="F")
     sync.add_argument("--max-mails", type=int)
     sync.add_argument("--timeout", type=float, default=60.0, help="seconds per IMAP command")
+    sync.add_argument(
+        "--batch-bytes", type=int, default=BATCH_BYTES, help="bound on message bytes per batch"
+    )
     sync.add_argument("--db", help="database URL (default: MAILPIPE_DATABASE_URL or SQLite)")
     sync.add_argument("--owner", default="operator", help="mailpipe user who owns the mail")
     sync.add_argument(
@@ -102,7 +105,9 @@ def run_sync(args: argparse.Namespace) -> int:
         except NotFound:
             user, key = create_user(session, args.owner, owner_password)
         account_id = _find_or_add_account(session, user, key, settings, args.folders)
-    options = SyncOptions(folders=args.folders, max_mails=args.max_mails)
+    options = SyncOptions(
+        folders=args.folders, max_mails=args.max_mails, batch_bytes=args.batch_bytes
+    )
     try:
         result = sync_account(
             sessions, account_id=account_id, key=key, settings=settings, options=options
