@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import sys
@@ -11,12 +12,12 @@ from collections.abc import Sequence
 
 from sqlalchemy import select
 
-from . import db
-from .accounts import account_settings, add_account, create_user, unlock_user
+from . import db, grants, jobs, reports
+from .accounts import PROVIDERS, account_settings, add_account, create_user, unlock_user
 from .errors import MailpipeError, NotFound
 from .failures import classify
 from .imap import SECURITY_MODES, ImapSettings
-from .models import MailAccount
+from .models import MailAccount, PipelineJob, User
 from .sync import BATCH_BYTES, SyncOptions, SyncResult, sync_account
 
 EXIT_FAILURE = 1
@@ -72,7 +73,269 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="sync a built-in demo mailbox into SQLite")
     demo.set_defaults(run=run_demo)
+
+    user = commands.add_parser("user", help="mailpipe users").add_subparsers(title="user")
+    user_add = user.add_parser("add", help="create a user with a fresh data key")
+    user_add.add_argument("name")
+    _password_option(user_add)
+    user_add.set_defaults(run=run_user_add)
+    grant = user.add_parser("grant", help="allow background sync (as at login)")
+    grant.add_argument("name")
+    grant.add_argument("--hours", type=float, default=24.0, help="how long the grant lives")
+    _password_option(grant)
+    grant.set_defaults(run=run_user_grant)
+    revoke = user.add_parser("revoke", help="end background sync (as at logout)")
+    revoke.add_argument("name")
+    revoke.set_defaults(run=run_user_revoke)
+
+    account = commands.add_parser("account", help="IMAP accounts").add_subparsers(title="account")
+    account_add = account.add_parser("add", help="add an IMAP account to a user")
+    account_add.add_argument("--user", required=True)
+    _password_option(account_add)
+    account_add.add_argument("--host", required=True)
+    account_add.add_argument("--port", type=int)
+    account_add.add_argument("--login", required=True, help="IMAP login name")
+    account_add.add_argument(
+        "--secret-env", metavar="VAR", help="variable with the IMAP password (default: prompt)"
+    )
+    account_add.add_argument("--security", choices=SECURITY_MODES, default="tls")
+    account_add.add_argument("--ca-file")
+    account_add.add_argument("--folder", action="append", dest="folders", metavar="F")
+    account_add.add_argument("--interval", type=int, default=300, help="seconds between syncs")
+    account_add.add_argument("--provider", choices=PROVIDERS)
+    account_add.set_defaults(run=run_account_add)
+    account_list = account.add_parser("list", help="a user's accounts and their health")
+    account_list.add_argument("--user", required=True)
+    account_list.add_argument("--json", action="store_true")
+    account_list.set_defaults(run=run_health)
+    account_remove = account.add_parser("remove", help="remove an account and its stored mail")
+    account_remove.add_argument("account_id", type=int)
+    account_remove.add_argument("--user", required=True)
+    account_remove.set_defaults(run=run_account_remove)
+
+    health = commands.add_parser("health", help="a user's accounts and their health")
+    health.add_argument("--user", required=True)
+    health.add_argument("--json", action="store_true")
+    health.set_defaults(run=run_health)
+
+    jobs_parser = commands.add_parser("jobs", help="recent fetch jobs")
+    jobs_parser.add_argument("--user", required=True)
+    jobs_parser.add_argument("--limit", type=int, default=20)
+    jobs_parser.add_argument("--json", action="store_true")
+    jobs_parser.set_defaults(run=run_jobs)
+    job = commands.add_parser("job", help="one job with per-account outcomes")
+    job.add_argument("job_id")
+    job.add_argument("--user", help="only if this user owns the job")
+    job.add_argument("--json", action="store_true")
+    job.set_defaults(run=run_job)
+
+    fetch = commands.add_parser("fetch", help="enqueue a fetch job for one or all accounts")
+    fetch.add_argument("--user", required=True)
+    _password_option(fetch)
+    fetch.add_argument("--account", type=int, dest="account_id")
+    fetch.add_argument("--max-mails", type=int, default=100)
+    fetch.add_argument("--timeout", type=int, default=120, help="seconds for the job")
+    fetch.add_argument("--wait", action="store_true", help="wait for the final status")
+    fetch.add_argument("--json", action="store_true")
+    fetch.set_defaults(run=_queue_command("run_fetch"))
+
+    worker = commands.add_parser(
+        "worker", help="run Dramatiq workers (dramatiq broker_config actors)"
+    )
+    worker.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    worker.add_argument("--threads", type=int, default=8)
+    worker.add_argument("extra", nargs="*", help="more options for dramatiq, after --")
+    worker.set_defaults(run=_queue_command("run_worker"))
+    worker_key = commands.add_parser(
+        "worker-key", help="print the workers' public key (base64); --generate makes the pair"
+    )
+    worker_key.add_argument("--generate", action="store_true")
+    worker_key.set_defaults(run=run_worker_key)
+    scheduler = commands.add_parser("scheduler", help="run the periodic scheduler (periodiq)")
+    scheduler.set_defaults(run=_queue_command("run_scheduler"))
     return parser
+
+
+def _password_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--password-env",
+        metavar="VAR",
+        help="variable with the mailpipe user's password (default: prompt)",
+    )
+
+
+def _queue_command(name: str):
+    """Commands that need the broker live outside the core; load them only when used."""
+
+    def run(args: argparse.Namespace) -> int:
+        from actors import commands
+
+        return getattr(commands, name)(args)
+
+    return run
+
+
+def secret(variable: str | None, prompt: str, *, confirm: bool = False) -> str:
+    """A password from the named environment variable, or typed at a prompt; never an argument."""
+    if variable:
+        return _secret(variable)
+    if not sys.stdin.isatty():
+        raise MailpipeError(f"{prompt.rstrip(': ')}: no terminal to ask; use the -env option")
+    value = getpass.getpass(prompt)
+    if confirm and getpass.getpass("again: ") != value:
+        raise MailpipeError("the two entries differ")
+    return value
+
+
+def sessions_from_env():
+    engine = db.make_engine()
+    db.migrate(engine)
+    return db.session_factory(engine)
+
+
+def unlock(sessions, name: str, password_env: str | None):
+    """The user and their data key, from their password."""
+    password = secret(password_env, f"password for {name}: ")
+    with sessions() as session:
+        return unlock_user(session, name, password)
+
+
+def find_user(session, name: str) -> User:
+    user = session.scalar(select(User).where(User.name == name))
+    if user is None:
+        raise NotFound(f"no user named {name!r}")
+    return user
+
+
+def run_worker_key(args: argparse.Namespace) -> int:
+    """Web hosts get the public half as MAILPIPE_WORKER_PUBLIC_KEY; only workers keep the file."""
+    if args.generate:
+        public = grants.generate_worker_key(grants.worker_key_path())
+    else:
+        public = grants.worker_public_key()
+    print(grants.encode_public_key(public))
+    return 0
+
+
+def run_user_add(args: argparse.Namespace) -> int:
+    password = secret(args.password_env, f"new password for {args.name}: ", confirm=True)
+    sessions = sessions_from_env()
+    with sessions.begin() as session:
+        user, _key = create_user(session, args.name, password)
+        print(f"user {user.name} created (id {user.id})")
+    return 0
+
+
+def run_user_grant(args: argparse.Namespace) -> int:
+    sessions = sessions_from_env()
+    user, key = unlock(sessions, args.name, args.password_env)
+    with sessions.begin() as session:
+        grants.grant_background(
+            session,
+            user_id=user.id,
+            key=key,
+            public_key=grants.worker_public_key(),
+            ttl_seconds=int(args.hours * 3600),
+        )
+    print(f"background sync allowed for {args.name} for {args.hours:g} h")
+    return 0
+
+
+def run_user_revoke(args: argparse.Namespace) -> int:
+    sessions = sessions_from_env()
+    with sessions.begin() as session:
+        removed = grants.revoke_background(session, find_user(session, args.name).id)
+    print(f"background sync ended for {args.name} ({removed} grant(s) removed)")
+    return 0
+
+
+def run_account_add(args: argparse.Namespace) -> int:
+    sessions = sessions_from_env()
+    user, key = unlock(sessions, args.user, args.password_env)
+    settings = ImapSettings(
+        host=args.host,
+        port=args.port,
+        username=args.login,
+        password=secret(args.secret_env, f"IMAP password for {args.login}: "),
+        security=args.security,
+        ca_file=args.ca_file,
+    )
+    with sessions.begin() as session:
+        account = add_account(
+            session, user, key, settings, folders=args.folders, provider=args.provider
+        )
+        account.sync_interval_seconds = args.interval
+        print(f"account {account.id} added ({account.provider})")
+    return 0
+
+
+def run_account_remove(args: argparse.Namespace) -> int:
+    sessions = sessions_from_env()
+    with sessions.begin() as session:
+        user = find_user(session, args.user)
+        account = session.get(MailAccount, args.account_id)
+        if account is None or account.user_id != user.id:
+            raise NotFound(f"account {args.account_id} not found")
+        session.delete(account)
+    print(f"account {args.account_id} removed")
+    return 0
+
+
+def run_health(args: argparse.Namespace) -> int:
+    sessions = sessions_from_env()
+    with sessions() as session:
+        health = reports.account_health(session, find_user(session, args.user).id)
+    if args.json:
+        print(json.dumps(health))
+        return 0
+    for account in health:
+        error = f"  last error: {account['last_error']}" if account["last_error"] else ""
+        print(
+            f"{account['account_id']:>5}  {account['provider']:<8} {account['shown_health']:<9}"
+            f" last fetch {account['last_fetch_at'] or 'never'}{error}"
+        )
+    return 0
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    sessions = sessions_from_env()
+    with sessions() as session:
+        listed = jobs.list_jobs(session, find_user(session, args.user).id, args.limit)
+    if args.json:
+        print(json.dumps(listed))
+        return 0
+    for job in listed:
+        print(
+            f"{job['job_id']}  {job['type']:<9} {job['status']:<15} "
+            f"{job['emails_fetched']:>6} mails  {job['created_at']}"
+        )
+    return 0
+
+
+def run_job(args: argparse.Namespace) -> int:
+    sessions = sessions_from_env()
+    with sessions() as session:
+        owner = find_user(session, args.user).id if args.user else None
+        if owner is None:
+            found = session.get(PipelineJob, args.job_id)
+            if found is None:
+                raise NotFound(f"job {args.job_id} not found")
+            owner = found.user_id
+        status = jobs.job_status(session, args.job_id, owner)
+    print(json.dumps(status) if args.json else describe_job(status))
+    return 0
+
+
+def describe_job(status: dict) -> str:
+    """A job in a few lines: status, then one line per account."""
+    lines = [f"job {status['job_id']}: {status['status']}, {status['emails_fetched']} mails"]
+    for run in status["accounts"]:
+        error = f" ({run['error_class']}: {run['error']})" if run["error_class"] else ""
+        lines.append(
+            f"  account {run['account_id']} [{run['provider']}]: {run['status']}, "
+            f"attempt {run['attempt']}, saved {run['saved']}{error}"
+        )
+    return "\n".join(lines)
 
 
 def _secret(variable: str) -> str:

@@ -21,3 +21,14 @@ def database_url() -> str:
     if url:
         return url
     return f"sqlite:///{(data_dir() / 'mailpipe.db').resolve()}"
+
+
+def int_setting(name: str, default: int) -> int:
+    """An integer from the environment, with a clear error when it is not one."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, not {value!r}") from None

@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -25,8 +26,36 @@ HEALTHY = "HEALTHY"
 DEGRADED = "DEGRADED"
 BROKEN = "BROKEN"
 
+LOCKED = "LOCKED"  # shown, never stored: no live key grant lets a worker read the account
+
 PARSED = "parsed"
 QUARANTINED = "quarantined"
+
+PROCESS_PENDING = "pending"
+PROCESS_DONE = "done"
+PROCESS_RETRY = "retry"
+
+# pipeline_jobs.status
+JOB_PENDING = "pending"
+JOB_RUNNING = "running"
+JOB_RETRYING = "retrying"
+JOB_SUCCESS = "success"
+JOB_PARTIAL_FAILURE = "partial_failure"
+JOB_FAILED = "failed"
+JOB_FINAL = (JOB_SUCCESS, JOB_PARTIAL_FAILURE, JOB_FAILED)
+
+# account_runs.status
+RUN_PENDING = "pending"
+RUN_RUNNING = "running"
+RUN_RETRYING = "retrying"
+RUN_SUCCESS = "success"
+RUN_FAILED = "failed"
+RUN_SKIPPED = "skipped"
+RUN_FINAL = (RUN_SUCCESS, RUN_FAILED, RUN_SKIPPED)
+
+CIRCUIT_CLOSED = "closed"
+CIRCUIT_OPEN = "open"
+CIRCUIT_HALF_OPEN = "half_open"
 
 
 def utcnow() -> datetime:
@@ -64,6 +93,14 @@ class MailAccount(Base):
     health_checked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_fetch_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_success_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error_class: Mapped[str | None] = mapped_column(String(40))
+    last_error_message: Mapped[str | None] = mapped_column(String(500))
+    sync_interval_seconds: Mapped[int] = mapped_column(Integer, default=300)
+    next_sync_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    circuit_state: Mapped[str] = mapped_column(String(20), default=CIRCUIT_CLOSED)
+    circuit_opened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -106,4 +143,75 @@ class Email(Base):
     parsed_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     status: Mapped[str] = mapped_column(String(20))
     quarantine_reason: Mapped[str | None] = mapped_column(String(200))
+    process_status: Mapped[str] = mapped_column(String(20), default=PROCESS_PENDING)
+    annotations_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     fetched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PipelineJob(Base):
+    """One fetch requested by a user or the scheduler, from enqueue to a final status."""
+
+    __tablename__ = "pipeline_jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    type: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20), default=JOB_PENDING)
+    grant_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    options: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    emails_fetched: Mapped[int] = mapped_column(Integer, default=0)
+    emails_processed: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[list] = mapped_column(JSON, default=list)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    retry_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class AccountRun(Base):
+    """One account's part of a job: every attempt, its phases, counts and error class."""
+
+    __tablename__ = "account_runs"
+    __table_args__ = (
+        UniqueConstraint("job_id", "account_id", name="uq_account_runs_job_account"),
+        Index("ix_account_runs_account_status", "account_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("pipeline_jobs.id", ondelete="CASCADE"))
+    account_id: Mapped[int] = mapped_column(ForeignKey("mail_accounts.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(20), default=RUN_PENDING)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    phases: Mapped[dict] = mapped_column(JSON, default=dict)
+    profile: Mapped[dict] = mapped_column(JSON, default=dict)
+    fetched: Mapped[int] = mapped_column(Integer, default=0)
+    saved: Mapped[int] = mapped_column(Integer, default=0)
+    duplicates: Mapped[int] = mapped_column(Integer, default=0)
+    quarantined: Mapped[int] = mapped_column(Integer, default=0)
+    processed: Mapped[int] = mapped_column(Integer, default=0)
+    duration: Mapped[float | None] = mapped_column(Float)
+    error_class: Mapped[str | None] = mapped_column(String(40))
+    error_message: Mapped[str | None] = mapped_column(String(500))
+
+
+class Notification(Base):
+    """An in-app message for a user (or, without a user, for operators), in words to act on."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_user_read", "user_id", "read_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    account_id: Mapped[int | None] = mapped_column(
+        ForeignKey("mail_accounts.id", ondelete="CASCADE")
+    )
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(40))
+    severity: Mapped[str] = mapped_column(String(20), default="warning")
+    message: Mapped[str] = mapped_column(String(1000))
+    dedupe_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    read_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

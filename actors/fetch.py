@@ -1,0 +1,69 @@
+"""fetch_account: one message per account of a job, so accounts run in parallel."""
+
+from __future__ import annotations
+
+import random
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage, TimeLimitExceeded
+
+import broker_config
+from actors import runtime
+from mailpipe.runner import BUSY, RETRY, record_crash, run_account
+
+QUEUE = "fetch"
+BUSY_DELAY_MS = (1_000, 3_000)
+DEFAULT_TIME_LIMIT_MS = 180_000
+
+
+class TransientFailure(Exception):
+    """Raised for Dramatiq's Retries middleware; carries only the error class."""
+
+
+def retry_when(retries: int, error: BaseException) -> bool:
+    """Transient failures (and crashes outside the sync) come back, at most MAX_RETRIES times.
+
+    Permanent failures never reach here: the core records them and the message ends normally.
+    """
+    return isinstance(error, Exception) and retries < broker_config.MAX_RETRIES
+
+
+@dramatiq.actor(
+    queue_name=QUEUE,
+    max_retries=broker_config.MAX_RETRIES,
+    retry_when=retry_when,
+    time_limit=DEFAULT_TIME_LIMIT_MS,
+    on_retry_exhausted="fetch_exhausted",
+)
+def fetch_account(job_id: str, account_id: int) -> None:
+    """Sync one account for one job; the core records the outcome and finalises the job."""
+    message = CurrentMessage.get_current_message()
+    retries = message.options.get("retries", 0) if message else 0
+    outcome = run_account(
+        runtime.sessions(),
+        job_id=job_id,
+        account_id=account_id,
+        attempt=retries + 1,
+        may_retry=retries < broker_config.MAX_RETRIES,
+        private_key=runtime.private_key(),
+        processors=runtime.processors(),
+        connection_slot=runtime.host_slot,
+        timeouts=(TimeLimitExceeded,),
+    )
+    if outcome.action == RETRY:
+        raise TransientFailure(outcome.failure.error_class) from None
+    if outcome.action == BUSY:
+        # Another sync of this account (or the host's connection cap) is in the way: wait.
+        limit = message.options.get("time_limit") if message else None
+        fetch_account.send_with_options(
+            args=(job_id, account_id),
+            delay=random.randint(*BUSY_DELAY_MS),
+            **({"time_limit": limit} if limit else {}),
+        )
+
+
+@dramatiq.actor(queue_name=QUEUE, max_retries=broker_config.MAX_RETRIES)
+def fetch_exhausted(message: dict, retry_info: dict) -> None:
+    """A fetch that kept crashing outside the sync still ends its run, so the job finalises."""
+    job_id, account_id = message["args"]
+    record_crash(runtime.sessions(), job_id=job_id, account_id=account_id)

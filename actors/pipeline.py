@@ -1,0 +1,118 @@
+"""PipelineBroker: the facade web code uses to start fetch jobs and follow them."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+import broker_config
+from actors import runtime
+from actors.fetch import DEFAULT_TIME_LIMIT_MS, fetch_account
+from mailpipe import config, grants, jobs, reports
+from mailpipe.crypto import DataKey
+from mailpipe.errors import MailpipeError, NotFound
+from mailpipe.models import utcnow
+
+JOB_GRANT_TTL_SECONDS = config.int_setting("MAILPIPE_JOB_GRANT_TTL_SECONDS", 3600)
+TIME_LIMIT_MARGIN_MS = 30_000
+MAX_TIMEOUT_SECONDS = 3600
+
+
+class PipelineBroker:
+    """Enqueue fetches and read their outcome; every read checks that the user owns the job."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session] | None = None, *, public_key: bytes | None = None
+    ) -> None:
+        self.sessions = sessions or runtime.sessions()
+        self._public_key = public_key
+
+    @property
+    def public_key(self) -> bytes:
+        if self._public_key is None:
+            self._public_key = grants.worker_public_key()
+        return self._public_key
+
+    def enqueue_fetch_job(
+        self,
+        user_id: int,
+        account_id: int | None = None,
+        *,
+        key: DataKey | None = None,
+        max_mails: int | None = 100,
+        timeout_seconds: int = 120,
+    ) -> str:
+        """Create the job and send one message per account; returns at once with the job id.
+
+        With `key` (the logged-in user's data key) the key is sealed to the workers for this job
+        only; without it, the user's background grant is used (scheduled fetches).
+        """
+        if not 1 <= timeout_seconds <= MAX_TIMEOUT_SECONDS:
+            raise MailpipeError(f"timeout_seconds must be between 1 and {MAX_TIMEOUT_SECONDS}")
+        if max_mails is not None and max_mails < 1:
+            raise MailpipeError("max_mails must be at least 1")
+        job_id = jobs.new_job_id()
+        with self.sessions.begin() as session:
+            account_ids = jobs.owned_accounts(session, user_id, account_id)
+            if key is not None:
+                grant = grants.grant_for_job(
+                    session,
+                    user_id=user_id,
+                    job_id=job_id,
+                    key=key,
+                    public_key=self.public_key,
+                    ttl_seconds=JOB_GRANT_TTL_SECONDS,
+                )
+                job_type = jobs.TYPE_ACCOUNT if account_id is not None else jobs.TYPE_ALL
+            else:
+                grant = _background_grant(session, user_id)
+                if grant is None:
+                    raise NotFound("no background grant: the user must log in to fetch mail")
+                job_type = jobs.TYPE_SCHEDULED
+            jobs.create_job(
+                session,
+                job_id=job_id,
+                user_id=user_id,
+                account_ids=account_ids,
+                type=job_type,
+                options={"max_mails": max_mails, "timeout_seconds": timeout_seconds},
+                grant_id=grant.id,
+            )
+            if not account_ids:
+                jobs.finalise_if_done(session, job_id)
+        self._send(job_id, account_ids, timeout_seconds)
+        return job_id
+
+    def _send(self, job_id: str, account_ids: list[int], timeout_seconds: int) -> None:
+        time_limit = min(DEFAULT_TIME_LIMIT_MS, timeout_seconds * 1000 + TIME_LIMIT_MARGIN_MS)
+        broker = broker_config.broker
+        for account_id in account_ids:
+            broker.enqueue(
+                fetch_account.message_with_options(args=(job_id, account_id), time_limit=time_limit)
+            )
+
+    def get_job_status(self, job_id: str, user_id: int) -> dict:
+        with self.sessions() as session:
+            return jobs.job_status(session, job_id, user_id)
+
+    def list_jobs(self, user_id: int, limit: int = 20) -> list[dict]:
+        with self.sessions() as session:
+            return jobs.list_jobs(session, user_id, limit)
+
+    def get_account_health(self, user_id: int) -> list[dict]:
+        with self.sessions() as session:
+            return reports.account_health(session, user_id)
+
+    def get_performance_metrics(self, user_id: int) -> dict:
+        with self.sessions() as session:
+            return reports.performance(session, user_id)
+
+
+def _background_grant(session: Session, user_id: int) -> grants.KeyGrant | None:
+    return session.scalar(
+        select(grants.KeyGrant).where(
+            grants.KeyGrant.user_id == user_id,
+            grants.KeyGrant.purpose == grants.PURPOSE_BACKGROUND,
+            grants.KeyGrant.expires_at > utcnow(),
+        )
+    )

@@ -1,0 +1,87 @@
+"""The Dramatiq broker, built from MAILPIPE_BROKER_URL, with its middleware in one fixed order.
+
+Import this module before any actor is declared (`dramatiq broker_config actors` does): some
+middleware adds actor options, and Dramatiq only knows those options once it is installed.
+
+Middleware order, outermost first:
+  1. AgeLimit              drop messages older than their max_age (none by default)
+  2. TimeLimit             interrupt a message that runs past its time limit
+  3. ShutdownNotifications let a running message notice a worker shutdown
+  4. Callbacks             on_success / on_failure actors
+  5. Pipelines             pipe results into the next message
+  6. Retries               transient failures come back with 1 s, 2 s, 4 s backoff plus jitter
+  7. CurrentMessage        actors read their own retry count
+  8. PeriodiqMiddleware    periodic actors (the scheduler) and their skip of stale ticks
+"""
+
+from __future__ import annotations
+
+import os
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import (
+    AgeLimit,
+    Callbacks,
+    CurrentMessage,
+    Pipelines,
+    Retries,
+    ShutdownNotifications,
+    TimeLimit,
+)
+from dramatiq.rate_limits.backends import RedisBackend, StubBackend
+from periodiq import PeriodiqMiddleware
+
+BROKER_URL = os.environ.get("MAILPIPE_BROKER_URL", "stub")
+NAMESPACE = os.environ.get("MAILPIPE_REDIS_NAMESPACE", "mailpipe")
+MAX_RETRIES = int(os.environ.get("MAILPIPE_MAX_RETRIES", "3"))
+MIN_BACKOFF_MS = int(os.environ.get("MAILPIPE_MIN_BACKOFF_MS", "1000"))
+MAX_BACKOFF_MS = int(os.environ.get("MAILPIPE_MAX_BACKOFF_MS", "30000"))
+HEARTBEAT_TIMEOUT_MS = int(os.environ.get("MAILPIPE_REDIS_HEARTBEAT_MS", "60000"))
+MAINTENANCE_CHANCE = int(os.environ.get("MAILPIPE_REDIS_MAINTENANCE_CHANCE", "1000"))
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def middleware_stack() -> list[dramatiq.Middleware]:
+    """The middleware, in the documented order."""
+    return [
+        AgeLimit(),
+        TimeLimit(),
+        ShutdownNotifications(),
+        Callbacks(),
+        Pipelines(),
+        Retries(max_retries=MAX_RETRIES, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS),
+        CurrentMessage(),
+        PeriodiqMiddleware(),
+    ]
+
+
+def build_broker(url: str = BROKER_URL) -> dramatiq.Broker:
+    """A Redis broker for production, or the in-process stub for the embedded default."""
+    if url == "stub":
+        built: dramatiq.Broker = StubBroker(middleware=[])
+    elif url.startswith(REDIS_SCHEMES):
+        built = RedisBroker(
+            url=url,
+            namespace=NAMESPACE,
+            middleware=[],
+            heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
+            maintenance_chance=MAINTENANCE_CHANCE,
+        )
+    else:
+        raise ValueError("MAILPIPE_BROKER_URL must be 'stub' or a redis:// URL")
+    for middleware in middleware_stack():
+        built.add_middleware(middleware)
+    return built
+
+
+def rate_limiter_backend(url: str = BROKER_URL):
+    """Where connection caps are counted: Redis in production, in-process for the stub."""
+    if url == "stub":
+        return StubBackend()
+    return RedisBackend(url=url)
+
+
+broker = build_broker()
+dramatiq.set_broker(broker)

@@ -1,0 +1,365 @@
+"""Job records: one row per fetch job, one per account in it, finalised exactly once."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from .errors import NotFound
+from .models import (
+    JOB_FAILED,
+    JOB_FINAL,
+    JOB_PARTIAL_FAILURE,
+    JOB_PENDING,
+    JOB_RETRYING,
+    JOB_RUNNING,
+    JOB_SUCCESS,
+    RUN_FAILED,
+    RUN_FINAL,
+    RUN_PENDING,
+    RUN_RETRYING,
+    RUN_RUNNING,
+    RUN_SKIPPED,
+    RUN_SUCCESS,
+    AccountRun,
+    MailAccount,
+    PipelineJob,
+    utcnow,
+)
+
+TYPE_ACCOUNT = "account"
+TYPE_ALL = "all"
+TYPE_SCHEDULED = "scheduled"
+COUNTERS = ("fetched", "saved", "duplicates", "quarantined", "processed")
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def create_job(
+    session: Session,
+    *,
+    user_id: int,
+    account_ids: Sequence[int],
+    type: str,
+    options: dict,
+    grant_id: uuid.UUID | None = None,
+    job_id: str | None = None,
+) -> PipelineJob:
+    """A pending job with one pending run per account; the caller commits, then sends."""
+    job = PipelineJob(
+        id=job_id or new_job_id(),
+        user_id=user_id,
+        type=type,
+        status=JOB_PENDING,
+        options=options,
+        grant_id=grant_id,
+        errors=[],
+        metrics={},
+    )
+    session.add(job)
+    session.flush()
+    if account_ids:
+        session.execute(
+            AccountRun.__table__.insert(),
+            [
+                {"job_id": job.id, "account_id": a, "status": RUN_PENDING, "attempt": 0}
+                for a in account_ids
+            ],
+        )
+    return job
+
+
+def owned_accounts(session: Session, user_id: int, account_id: int | None = None) -> list[int]:
+    """The enabled accounts a job may cover; another user's account is "not found"."""
+    query = select(MailAccount.id).where(MailAccount.user_id == user_id)
+    if account_id is not None:
+        found = session.scalar(query.where(MailAccount.id == account_id))
+        if found is None:
+            raise NotFound(f"account {account_id} not found")
+        return [found]
+    return list(
+        session.scalars(query.where(MailAccount.enabled.is_(True)).order_by(MailAccount.id))
+    )
+
+
+def begin_run(session: Session, *, job_id: str, account_id: int, attempt: int) -> bool:
+    """Mark a run as running; False when it already ended (a redelivered message)."""
+    result = session.execute(
+        update(AccountRun)
+        .where(
+            AccountRun.job_id == job_id,
+            AccountRun.account_id == account_id,
+            AccountRun.status.not_in(RUN_FINAL),
+        )
+        .values(
+            status=RUN_RUNNING,
+            attempt=attempt,
+            started_at=func.coalesce(AccountRun.started_at, utcnow()),
+        )
+    )
+    if result.rowcount == 0:
+        return False
+    session.execute(
+        update(PipelineJob)
+        .where(PipelineJob.id == job_id, PipelineJob.status.in_((JOB_PENDING, JOB_RETRYING)))
+        .values(status=JOB_RUNNING, started_at=func.coalesce(PipelineJob.started_at, utcnow()))
+    )
+    return True
+
+
+def mark_retrying(
+    session: Session, *, job_id: str, account_id: int, error_class: str, message: str
+) -> None:
+    """A transient failure that Dramatiq will retry: the user sees "retrying", not "failed"."""
+    session.execute(
+        update(AccountRun)
+        .where(AccountRun.job_id == job_id, AccountRun.account_id == account_id)
+        .values(status=RUN_RETRYING, error_class=error_class, error_message=message)
+    )
+    session.execute(
+        update(PipelineJob)
+        .where(PipelineJob.id == job_id, PipelineJob.status.not_in(JOB_FINAL))
+        .values(status=JOB_RETRYING, retry_count=PipelineJob.retry_count + 1)
+    )
+
+
+def reopen_run(session: Session, *, job_id: str, account_id: int) -> None:
+    """Put a run back to pending when it must wait (its mail server is at its connection cap)."""
+    session.execute(
+        update(AccountRun)
+        .where(
+            AccountRun.job_id == job_id,
+            AccountRun.account_id == account_id,
+            AccountRun.status == RUN_RUNNING,
+        )
+        .values(status=RUN_PENDING)
+    )
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    """Returned to whoever ended the job's last run: they finalised it."""
+
+    job_id: str
+    user_id: int
+    status: str
+    grant_id: uuid.UUID | None
+
+
+def finish_run(
+    session: Session,
+    *,
+    job_id: str,
+    account_id: int,
+    status: str,
+    counts: dict | None = None,
+    phases: dict | None = None,
+    duration: float | None = None,
+    error_class: str | None = None,
+    message: str | None = None,
+) -> FinishedJob | None:
+    """End one run and, if it was the job's last, finalise the job (exactly once).
+
+    The run's UPDATE comes first: on SQLite it takes the write lock before anything is read,
+    on PostgreSQL the job row is locked, so two runs ending together cannot both miss (or both
+    take) the finalisation.
+    """
+    if status not in RUN_FINAL:
+        raise ValueError(f"{status!r} is not a final run status")
+    _lock_job(session, job_id)
+    values = {
+        "status": status,
+        "finished_at": utcnow(),
+        "error_class": error_class,
+        "error_message": message,
+    }
+    if counts:
+        values.update({name: counts.get(name, 0) for name in COUNTERS})
+    if phases is not None:
+        values["phases"] = phases
+    if duration is not None:
+        values["duration"] = duration
+    ended = session.execute(
+        update(AccountRun)
+        .where(
+            AccountRun.job_id == job_id,
+            AccountRun.account_id == account_id,
+            AccountRun.status.not_in(RUN_FINAL),
+        )
+        .values(**values)
+    )
+    if ended.rowcount == 0:
+        return None
+    return finalise_if_done(session, job_id)
+
+
+def finalise_if_done(session: Session, job_id: str) -> FinishedJob | None:
+    """Set the job's final status once no run is left open; None if runs remain or done already."""
+    runs = session.execute(
+        select(
+            AccountRun.account_id,
+            AccountRun.status,
+            AccountRun.error_class,
+            AccountRun.error_message,
+            AccountRun.fetched,
+            AccountRun.processed,
+            AccountRun.duration,
+            AccountRun.phases,
+        ).where(AccountRun.job_id == job_id)
+    ).all()
+    if any(run.status not in RUN_FINAL for run in runs):
+        return None
+    statuses = [run.status for run in runs]
+    status = final_status(statuses)
+    job = session.get_one(PipelineJob, job_id)
+    finished_at = utcnow()
+    started = job.started_at or job.created_at
+    phases: dict[str, float] = {}
+    for run in runs:
+        for phase, seconds in (run.phases or {}).items():
+            phases[phase] = phases.get(phase, 0.0) + seconds
+    done = session.execute(
+        update(PipelineJob)
+        .where(PipelineJob.id == job_id, PipelineJob.status.not_in(JOB_FINAL))
+        .values(
+            status=status,
+            finished_at=finished_at,
+            emails_fetched=sum(run.fetched for run in runs),
+            emails_processed=sum(run.processed for run in runs),
+            errors=[
+                {
+                    "account_id": run.account_id,
+                    "error_class": run.error_class,
+                    "message": run.error_message,
+                }
+                for run in runs
+                if run.status == RUN_FAILED
+            ],
+            metrics={
+                "duration": _seconds(finished_at, started),
+                "accounts": len(runs),
+                "succeeded": statuses.count(RUN_SUCCESS),
+                "failed": statuses.count(RUN_FAILED),
+                "skipped": statuses.count(RUN_SKIPPED),
+                "phases": phases,
+            },
+        )
+    )
+    if done.rowcount == 0:
+        return None
+    return FinishedJob(job_id=job_id, user_id=job.user_id, status=status, grant_id=job.grant_id)
+
+
+def final_status(statuses: Sequence[str]) -> str:
+    """All succeeded (or nothing to do): success; none succeeded but some failed: failed."""
+    failed = statuses.count(RUN_FAILED)
+    if failed == 0:
+        return JOB_SUCCESS
+    if failed == len(statuses) or statuses.count(RUN_SUCCESS) == 0:
+        return JOB_FAILED
+    return JOB_PARTIAL_FAILURE
+
+
+def _lock_job(session: Session, job_id: str) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(PipelineJob.id).where(PipelineJob.id == job_id).with_for_update())
+
+
+def _seconds(end: datetime, start: datetime) -> float:
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=end.tzinfo)
+    return round((end - start).total_seconds(), 3)
+
+
+def get_job(session: Session, job_id: str, user_id: int) -> PipelineJob:
+    """The job if it is this user's; anyone else's job is "not found", as is a missing one."""
+    job = session.get(PipelineJob, job_id)
+    if job is None or job.user_id != user_id:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def job_status(session: Session, job_id: str, user_id: int) -> dict:
+    """Status, counts and per-account progress, without secrets or mail content."""
+    job = get_job(session, job_id, user_id)
+    runs = session.scalars(
+        select(AccountRun).where(AccountRun.job_id == job_id).order_by(AccountRun.account_id)
+    ).all()
+    providers = dict(
+        session.execute(
+            select(MailAccount.id, MailAccount.provider).where(
+                MailAccount.id.in_([run.account_id for run in runs])
+            )
+        ).all()
+    )
+    return {
+        **job_summary(job),
+        "accounts": [
+            {
+                "account_id": run.account_id,
+                "provider": providers.get(run.account_id, "other"),
+                "status": run.status,
+                "attempt": run.attempt,
+                "started_at": _iso(run.started_at),
+                "finished_at": _iso(run.finished_at),
+                "duration": run.duration,
+                "phases": run.phases or {},
+                **{name: getattr(run, name) for name in COUNTERS},
+                "error_class": run.error_class,
+                "error": run.error_message,
+            }
+            for run in runs
+        ],
+    }
+
+
+def job_summary(job: PipelineJob) -> dict:
+    return {
+        "job_id": job.id,
+        "type": job.type,
+        "status": job.status,
+        "final": job.status in JOB_FINAL,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "emails_fetched": job.emails_fetched,
+        "emails_processed": job.emails_processed,
+        "retry_count": job.retry_count,
+        "errors": job.errors or [],
+        "metrics": job.metrics or {},
+        "options": job.options or {},
+    }
+
+
+def list_jobs(session: Session, user_id: int, limit: int = 20) -> list[dict]:
+    """The user's most recent jobs, newest first."""
+    jobs = session.scalars(
+        select(PipelineJob)
+        .where(PipelineJob.user_id == user_id)
+        .order_by(PipelineJob.created_at.desc(), PipelineJob.id)
+        .limit(limit)
+    )
+    return [job_summary(job) for job in jobs]
+
+
+def open_runs(session: Session, account_id: int) -> int:
+    """How many runs of the account are queued or under way (for the scheduler)."""
+    return session.scalar(
+        select(func.count())
+        .select_from(AccountRun)
+        .where(
+            AccountRun.account_id == account_id,
+            AccountRun.status.in_((RUN_PENDING, RUN_RUNNING, RUN_RETRYING)),
+        )
+    )
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None

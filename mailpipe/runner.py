@@ -1,0 +1,224 @@
+"""One account's part of a fetch job, from lease to recorded outcome; knows nothing of queues."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import grants, jobs, leases
+from .accounts import account_settings
+from .errors import MailpipeError, NotFound
+from .failures import TIMEOUT, UNKNOWN, Failure, classify
+from .models import RUN_FAILED, RUN_SKIPPED, RUN_SUCCESS, MailAccount, PipelineJob, utcnow
+from .observer import Observer
+from .processors import Processor, process_new_mail
+from .sync import SyncOptions, SyncResult, sync_account
+
+LEASE_MARGIN_SECONDS = 60
+CONNECT_TIMEOUT = 15.0
+COMMAND_TIMEOUT = 60.0
+LOCKED = "locked"
+LOCKED_MESSAGE = "not synced: log in again so mailpipe may read this account"
+
+# Outcomes of run_account
+DONE = "done"
+RETRY = "retry"
+BUSY = "busy"
+DUPLICATE = "duplicate"
+
+
+class HostBusy(MailpipeError):
+    """The mail server already has as many connections from us as it allows."""
+
+
+@dataclass
+class RunOutcome:
+    """What the actor must do next: nothing, let Dramatiq retry, or send the message later."""
+
+    action: str
+    failure: Failure | None = None
+    result: SyncResult | None = None
+    finished: jobs.FinishedJob | None = None
+
+
+def run_account(
+    sessions: sessionmaker[Session],
+    *,
+    job_id: str,
+    account_id: int,
+    attempt: int,
+    may_retry: bool,
+    private_key,
+    observer: Observer | None = None,
+    processors: Mapping[str, Processor] | None = None,
+    connection_slot: Callable[[str], AbstractContextManager] | None = None,
+    timeouts: tuple[type[BaseException], ...] = (),
+) -> RunOutcome:
+    """Sync one account for one job and record the outcome; the last run finalises the job.
+
+    `timeouts` are exception types (such as the queue's time-limit interrupt) that count as
+    the timeout error class.
+    """
+    owner = f"{job_id}:{account_id}"
+    with sessions.begin() as session:
+        job = session.get(PipelineJob, job_id)
+        if job is None:
+            return RunOutcome(DUPLICATE)
+        options = dict(job.options or {})
+        lease_seconds = options.get("timeout_seconds", 120) + LEASE_MARGIN_SECONDS
+        if not leases.acquire(session, account_id, owner=owner, seconds=lease_seconds):
+            return RunOutcome(BUSY)
+        if not jobs.begin_run(session, job_id=job_id, account_id=account_id, attempt=attempt):
+            leases.release(session, account_id, owner=owner)
+            return RunOutcome(DUPLICATE)
+        grant_id = job.grant_id
+    started = time.perf_counter()
+    try:
+        with sessions() as session:
+            try:
+                key = grants.unlock_grant(session, grant_id, private_key)
+            except NotFound:
+                return _finish(
+                    sessions,
+                    job_id,
+                    account_id,
+                    RUN_SKIPPED,
+                    error_class=LOCKED,
+                    message=LOCKED_MESSAGE,
+                )
+            account = session.get_one(MailAccount, account_id)
+            timeout = float(options.get("timeout_seconds", 120))
+            settings = account_settings(
+                account,
+                key,
+                connect_timeout=min(CONNECT_TIMEOUT, timeout),
+                command_timeout=min(COMMAND_TIMEOUT, timeout),
+            )
+        slot = connection_slot(settings.host) if connection_slot else contextlib.nullcontext(True)
+        with slot as acquired:
+            if not acquired:
+                raise HostBusy("too many connections to this mail server; waiting for a free one")
+            result = sync_account(
+                sessions,
+                account_id=account_id,
+                key=key,
+                settings=settings,
+                options=SyncOptions(max_mails=options.get("max_mails")),
+                observer=observer,
+            )
+        processed = 0
+        if processors:
+            begun = time.perf_counter()
+            outcome = process_new_mail(
+                sessions,
+                account_id=account_id,
+                key=key,
+                email_ids=result.new_email_ids,
+                processors=processors,
+            )
+            seconds = time.perf_counter() - begun
+            result.phases["process"] = seconds
+            if observer is not None:
+                observer.after_phase("process", seconds)
+            processed = outcome.processed
+        counts = {
+            "fetched": result.fetched,
+            "saved": result.saved,
+            "duplicates": result.duplicates,
+            "quarantined": result.quarantined,
+            "processed": processed,
+        }
+        finished = _finish(
+            sessions,
+            job_id,
+            account_id,
+            RUN_SUCCESS,
+            counts=counts,
+            phases=result.phases,
+            duration=time.perf_counter() - started,
+        ).finished
+        return RunOutcome(DONE, result=result, finished=finished)
+    except HostBusy:
+        with sessions.begin() as session:
+            jobs.reopen_run(session, job_id=job_id, account_id=account_id)
+        return RunOutcome(BUSY)
+    except (Exception, *timeouts) as error:
+        if isinstance(error, timeouts):
+            failure = Failure(TIMEOUT, "the sync took longer than the job's time limit")
+        else:
+            failure = classify(error)
+        if failure.transient and may_retry:
+            with sessions.begin() as session:
+                jobs.mark_retrying(
+                    session,
+                    job_id=job_id,
+                    account_id=account_id,
+                    error_class=failure.error_class,
+                    message=failure.message,
+                )
+            return RunOutcome(RETRY, failure=failure)
+        outcome = _finish(
+            sessions,
+            job_id,
+            account_id,
+            RUN_FAILED,
+            error_class=failure.error_class,
+            message=failure.message,
+            duration=time.perf_counter() - started,
+        )
+        outcome.failure = failure
+        return outcome
+    finally:
+        with sessions.begin() as session:
+            leases.release(session, account_id, owner=owner)
+
+
+def record_crash(sessions: sessionmaker[Session], *, job_id: str, account_id: int) -> None:
+    """End a run whose every attempt crashed before it could record anything itself."""
+    _finish(
+        sessions,
+        job_id,
+        account_id,
+        RUN_FAILED,
+        error_class=UNKNOWN,
+        message="the fetch failed repeatedly for an internal reason; operators have been told",
+    )
+
+
+def _finish(
+    sessions: sessionmaker[Session],
+    job_id: str,
+    account_id: int,
+    status: str,
+    *,
+    error_class: str | None = None,
+    message: str | None = None,
+    **details,
+) -> RunOutcome:
+    """Record a run's end on the run and its account; drop the job's key if it was the last."""
+    with sessions.begin() as session:
+        finished = jobs.finish_run(
+            session,
+            job_id=job_id,
+            account_id=account_id,
+            status=status,
+            error_class=error_class,
+            message=message,
+            **details,
+        )
+        now = utcnow()
+        values = {"last_fetch_at": now}
+        if status == RUN_SUCCESS:
+            values.update(last_success_at=now, last_error_class=None, last_error_message=None)
+        elif status == RUN_FAILED:
+            values.update(last_error_class=error_class, last_error_message=message)
+        session.execute(update(MailAccount).where(MailAccount.id == account_id).values(**values))
+        if finished is not None and finished.grant_id is not None:
+            grants.drop_job_grant(session, finished.job_id)
+    return RunOutcome(DONE, finished=finished)
