@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dramatiq
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,10 +23,15 @@ class PipelineBroker:
     """Enqueue fetches and read their outcome; every read checks that the user owns the job."""
 
     def __init__(
-        self, sessions: sessionmaker[Session] | None = None, *, public_key: bytes | None = None
+        self,
+        sessions: sessionmaker[Session] | None = None,
+        *,
+        public_key: bytes | None = None,
+        broker: dramatiq.Broker | None = None,
     ) -> None:
         self.sessions = sessions or runtime.sessions()
         self._public_key = public_key
+        self.broker = broker or broker_config.broker
 
     @property
     def public_key(self) -> bytes:
@@ -85,9 +91,8 @@ class PipelineBroker:
 
     def _send(self, job_id: str, account_ids: list[int], timeout_seconds: int) -> None:
         time_limit = min(DEFAULT_TIME_LIMIT_MS, timeout_seconds * 1000 + TIME_LIMIT_MARGIN_MS)
-        broker = broker_config.broker
         for account_id in account_ids:
-            broker.enqueue(
+            self.broker.enqueue(
                 fetch_account.message_with_options(args=(job_id, account_id), time_limit=time_limit)
             )
 

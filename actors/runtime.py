@@ -19,6 +19,12 @@ HOST_SLOT_TTL_MS = config.int_setting("MAILPIPE_HOST_SLOT_TTL_MS", 15 * 60 * 100
 
 
 _SETUP = threading.Lock()
+_embedded: dict = {}
+
+
+def embed(*, sessions: sessionmaker[Session], private_key) -> None:
+    """Run actors in this process on given sessions and worker key (the demo, unit tests)."""
+    _embedded.update(sessions=sessions, private_key=private_key)
 
 
 @functools.cache
@@ -30,13 +36,21 @@ def _sessions() -> sessionmaker[Session]:
 
 def sessions() -> sessionmaker[Session]:
     """One engine per worker process, made (and the schema migrated) by the first thread only."""
+    if "sessions" in _embedded:
+        return _embedded["sessions"]
     with _SETUP:
         return _sessions()
 
 
-@functools.cache
 def private_key():
     """The workers' X25519 key: only workers hold it, and it unseals users' key grants."""
+    if "private_key" in _embedded:
+        return _embedded["private_key"]
+    return _worker_private_key()
+
+
+@functools.cache
+def _worker_private_key():
     return grants.worker_private_key()
 
 

@@ -1,0 +1,400 @@
+"""Orchestration on the in-process stub broker: jobs fan out per account and end exactly once."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import dramatiq
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from sqlalchemy import func, select, update
+
+import broker_config
+from actors import PipelineBroker, runtime
+from mailpipe import db, grants, jobs, leases, schedule
+from mailpipe.accounts import add_account, create_user
+from mailpipe.crypto import DataKey
+from mailpipe.errors import NotFound
+from mailpipe.imap import ImapSettings
+from mailpipe.models import BROKEN, LOCKED, Email, MailAccount, utcnow
+from mailpipe.models import User as UserRow
+from mailpipe.processors import Mail, process_new_mail
+from mailpipe.runner import BUSY, run_account
+from tests.test_sync import message
+
+FAST_KDF = 1_000
+
+
+@dataclass
+class User:
+    id: int
+    key: DataKey
+    accounts: list[int] = field(default_factory=list)
+    mailboxes: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+
+@dataclass
+class World:
+    """A database, a worker key, a stub-broker worker and a real Dovecot to sync from."""
+
+    sessions: object
+    dovecot: object
+    private_key: X25519PrivateKey
+    pipeline: PipelineBroker
+    worker: dramatiq.Worker
+
+    def user(self, name: str) -> User:
+        with self.sessions.begin() as session:
+            row, key = create_user(session, name, "pw", iterations=FAST_KDF)
+        return User(row.id, key)
+
+    def account(self, user: User, *, password: str | None = None, mails: int = 0, **kw) -> int:
+        login, real_password = self.dovecot.new_user()
+        if mails:
+            self.dovecot.append(login, real_password, [message(i) for i in range(mails)])
+        settings = ImapSettings(
+            host=self.dovecot.host,
+            port=kw.pop("port", self.dovecot.port),
+            username=login,
+            password=password or real_password,
+            security="none",
+        )
+        with self.sessions.begin() as session:
+            owner = session.get_one(UserRow, user.id)
+            account_id = add_account(session, owner, user.key, settings, **kw).id
+        user.accounts.append(account_id)
+        user.mailboxes[account_id] = (login, real_password)
+        return account_id
+
+    def run(self, user: User, account_id: int | None = None, **options) -> dict:
+        job_id = self.pipeline.enqueue_fetch_job(user.id, account_id, key=user.key, **options)
+        self.wait()
+        return self.pipeline.get_job_status(job_id, user.id)
+
+    def wait(self) -> None:
+        broker_config.broker.join("fetch", fail_fast=True)
+        self.worker.join()
+
+    def emails(self, account_id: int) -> list[Email]:
+        with self.sessions() as session:
+            return list(session.scalars(select(Email).where(Email.account_id == account_id)))
+
+
+@pytest.fixture
+def world(dovecot, tmp_path):
+    assert isinstance(broker_config.broker, dramatiq.brokers.stub.StubBroker), (
+        "unit tests run on the stub broker: unset MAILPIPE_BROKER_URL"
+    )
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'pipeline.db'}")
+    db.migrate(engine)
+    sessions = db.session_factory(engine)
+    private_key = X25519PrivateKey.generate()
+    runtime.embed(sessions=sessions, private_key=private_key)
+    broker_config.broker.flush_all()
+    worker = dramatiq.Worker(broker_config.broker, worker_threads=4, worker_timeout=50)
+    worker.start()
+    pipeline = PipelineBroker(sessions, public_key=grants.public_key_bytes(private_key))
+    try:
+        yield World(sessions, dovecot, private_key, pipeline, worker)
+    finally:
+        worker.stop()
+        broker_config.broker.flush_all()
+        engine.dispose()
+
+
+def test_job_for_all_accounts_fans_out_and_succeeds(world):
+    # Given a user with two accounts holding 3 and 2 messages
+    alice = world.user("alice")
+    first = world.account(alice, mails=3)
+    second = world.account(alice, mails=2)
+    # When a fetch of all accounts is enqueued and the worker runs it
+    status = world.run(alice)
+    # Then the job succeeded with one outcome per account
+    assert status["status"] == "success"
+    assert status["type"] == "all"
+    assert {run["account_id"]: run["saved"] for run in status["accounts"]} == {first: 3, second: 2}
+    assert status["emails_fetched"] == 5
+    assert all(run["attempt"] == 1 for run in status["accounts"])
+    assert {"connect", "fetch", "save"} <= set(status["accounts"][0]["phases"])
+    assert len(world.emails(first)) == 3
+
+
+def test_one_failing_account_gives_partial_failure_in_user_words(world):
+    alice = world.user("alice")
+    good = world.account(alice, mails=2)
+    bad = world.account(alice, password="wrong", mails=1)
+    status = world.run(alice)
+    assert status["status"] == "partial_failure"
+    runs = {run["account_id"]: run for run in status["accounts"]}
+    assert runs[good]["status"] == "success"
+    assert runs[bad]["status"] == "failed"
+    assert runs[bad]["error_class"] == "invalid_credentials"
+    assert runs[bad]["attempt"] == 1  # permanent: never retried
+    assert status["errors"] == [
+        {
+            "account_id": bad,
+            "error_class": "invalid_credentials",
+            "message": runs[bad]["error"],
+        }
+    ]
+    assert "password" in runs[bad]["error"]
+
+
+def test_all_accounts_failing_fails_the_job(world):
+    alice = world.user("alice")
+    world.account(alice, password="wrong")
+    assert world.run(alice)["status"] == "failed"
+
+
+def test_job_key_grant_is_dropped_when_the_job_ends(world):
+    alice = world.user("alice")
+    world.account(alice, mails=1)
+    status = world.run(alice)
+    with world.sessions() as session:
+        left = session.scalar(
+            select(func.count())
+            .select_from(grants.KeyGrant)
+            .where(grants.KeyGrant.job_id == status["job_id"])
+        )
+    assert left == 0
+
+
+def test_messages_carry_no_key(world, monkeypatch):
+    alice = world.user("alice")
+    world.account(alice)
+    sent = []
+    monkeypatch.setattr(
+        world.pipeline.broker, "enqueue", lambda message, **kw: sent.append(message)
+    )
+    world.pipeline.enqueue_fetch_job(alice.id, key=alice.key)
+    assert len(sent) == 1
+    encoded = sent[0].encode()
+    assert alice.key.export() not in encoded
+    assert alice.key.export().hex().encode() not in encoded
+    assert set(json.loads(encoded)["args"][1:]) == {alice.accounts[0]}
+
+
+def test_another_users_jobs_and_accounts_are_not_found(world):
+    alice, mallory = world.user("alice"), world.user("mallory")
+    account = world.account(alice, mails=1)
+    status = world.run(alice)
+    with pytest.raises(NotFound):
+        world.pipeline.get_job_status(status["job_id"], mallory.id)
+    with pytest.raises(NotFound):
+        world.pipeline.enqueue_fetch_job(mallory.id, account, key=mallory.key)
+    assert world.pipeline.list_jobs(mallory.id) == []
+    assert world.pipeline.get_account_health(mallory.id) == []
+    assert [job["job_id"] for job in world.pipeline.list_jobs(alice.id)] == [status["job_id"]]
+
+
+def test_redelivered_message_does_not_sync_again(world):
+    alice = world.user("alice")
+    account = world.account(alice, mails=2)
+    status = world.run(alice)
+    # When the same message is delivered once more (a worker died after finishing it)
+    from actors.fetch import fetch_account
+
+    fetch_account.send(status["job_id"], account)
+    world.wait()
+    # Then the run keeps its single attempt and nothing is stored twice
+    again = world.pipeline.get_job_status(status["job_id"], alice.id)
+    assert again["accounts"][0]["attempt"] == 1
+    assert again["status"] == "success"
+    assert len(world.emails(account)) == 2
+
+
+def test_a_held_account_lease_makes_the_run_wait(world):
+    alice = world.user("alice")
+    account = world.account(alice, mails=1)
+    with world.sessions.begin() as session:
+        job = jobs.create_job(
+            session, user_id=alice.id, account_ids=[account], type="account", options={}
+        )
+        grant = grants.grant_for_job(
+            session,
+            user_id=alice.id,
+            job_id=job.id,
+            key=alice.key,
+            public_key=grants.public_key_bytes(world.private_key),
+            ttl_seconds=60,
+        )
+        job.grant_id = grant.id
+        assert leases.acquire(session, account, owner="someone-else", seconds=60)
+    outcome = run_account(
+        world.sessions,
+        job_id=job.id,
+        account_id=account,
+        attempt=1,
+        may_retry=True,
+        private_key=world.private_key,
+    )
+    assert outcome.action == BUSY
+    with world.sessions.begin() as session:
+        leases.release(session, account, owner="someone-else")
+    assert (
+        run_account(
+            world.sessions,
+            job_id=job.id,
+            account_id=account,
+            attempt=1,
+            may_retry=True,
+            private_key=world.private_key,
+        ).finished.status
+        == "success"
+    )
+
+
+def test_finalisation_happens_exactly_once(world):
+    alice = world.user("alice")
+    a, b = world.account(alice), world.account(alice)
+    with world.sessions.begin() as session:
+        job = jobs.create_job(session, user_id=alice.id, account_ids=[a, b], type="all", options={})
+    with world.sessions.begin() as session:
+        assert jobs.finish_run(session, job_id=job.id, account_id=a, status="success") is None
+    with world.sessions.begin() as session:
+        finished = jobs.finish_run(
+            session, job_id=job.id, account_id=b, status="failed", error_class="timeout"
+        )
+    assert finished is not None and finished.status == "partial_failure"
+    with world.sessions.begin() as session:  # a late duplicate changes nothing
+        assert jobs.finish_run(session, job_id=job.id, account_id=b, status="success") is None
+        assert jobs.finalise_if_done(session, job.id) is None
+
+
+def test_failing_processor_marks_mail_for_reprocessing(world):
+    alice = world.user("alice")
+    account = world.account(alice, mails=2)
+    world.run(alice)
+    ids = [email.id for email in world.emails(account)]
+
+    def broken(mail: Mail):
+        raise RuntimeError("plug-in bug")
+
+    outcome = process_new_mail(
+        world.sessions,
+        account_id=account,
+        key=alice.key,
+        email_ids=ids,
+        processors={"broken": broken},
+    )
+    assert (outcome.processed, outcome.failed) == (0, 2)
+    assert {email.process_status for email in world.emails(account)} == {"retry"}
+    # When the processor is fixed, the next pass picks the mail up again
+    fixed = process_new_mail(
+        world.sessions,
+        account_id=account,
+        key=alice.key,
+        email_ids=[],
+        processors={"fixed": lambda mail: {"subject": mail.fields["subject"]}},
+    )
+    assert fixed.processed == 2
+    stored = world.emails(account)[0]
+    annotations = json.loads(
+        alice.key.decrypt(
+            stored.annotations_enc, table="emails", column="annotations", row=stored.id
+        )
+    )
+    assert annotations["fixed"]["subject"].startswith("Nachricht")
+
+
+def test_builtin_processor_runs_in_the_process_phase(world):
+    alice = world.user("alice")
+    account = world.account(alice, mails=1)
+    status = world.run(alice)
+    assert status["accounts"][0]["processed"] == 1
+    assert "process" in status["accounts"][0]["phases"]
+    [email] = world.emails(account)
+    assert email.process_status == "done"
+    annotations = json.loads(
+        alice.key.decrypt(email.annotations_enc, table="emails", column="annotations", row=email.id)
+    )
+    assert annotations == {"newsletter": {"newsletter": False}}
+
+
+def background(world: World, user: User) -> None:
+    with world.sessions.begin() as session:
+        grants.grant_background(
+            session,
+            user_id=user.id,
+            key=user.key,
+            public_key=grants.public_key_bytes(world.private_key),
+            ttl_seconds=3600,
+        )
+
+
+def test_scheduler_claims_due_accounts_once(world):
+    # Given two users, only one of whom allowed background sync
+    alice, bob = world.user("alice"), world.user("bob")
+    a1, a2 = world.account(alice), world.account(alice)
+    broken = world.account(alice)
+    world.account(bob)
+    background(world, alice)
+    with world.sessions.begin() as session:
+        session.execute(
+            update(MailAccount).where(MailAccount.id == broken).values(health_status=BROKEN)
+        )
+    # When the scheduler looks twice in a row
+    with world.sessions.begin() as session:
+        first = schedule.claim_due_accounts(session)
+    with world.sessions.begin() as session:
+        second = schedule.claim_due_accounts(session)
+    # Then alice's healthy accounts are claimed once; bob (no grant) and BROKEN ones never
+    assert first == {alice.id: [a1, a2]}
+    assert second == {}
+
+
+def test_scheduled_job_uses_the_background_grant_and_keeps_it(world):
+    alice = world.user("alice")
+    account = world.account(alice, mails=2)
+    background(world, alice)
+    job_id = world.pipeline.enqueue_fetch_job(alice.id, account, max_mails=None)
+    world.wait()
+    status = world.pipeline.get_job_status(job_id, alice.id)
+    assert (status["type"], status["status"], status["emails_fetched"]) == (
+        "scheduled",
+        "success",
+        2,
+    )
+    with world.sessions() as session:
+        assert alice.id in grants.users_with_background_grant(session)
+
+
+def test_accounts_of_users_without_background_grant_show_locked(world):
+    alice = world.user("alice")
+    world.account(alice)
+    [health] = world.pipeline.get_account_health(alice.id)
+    assert health["shown_health"] == LOCKED and health["locked"]
+    background(world, alice)
+    [health] = world.pipeline.get_account_health(alice.id)
+    assert health["shown_health"] == "HEALTHY" and not health["locked"]
+    with pytest.raises(NotFound):
+        world.pipeline.enqueue_fetch_job(world.user("bob").id)  # no key and no grant
+
+
+def test_account_with_an_open_run_is_not_claimed(world):
+    alice = world.user("alice")
+    account = world.account(alice)
+    background(world, alice)
+    with world.sessions.begin() as session:
+        jobs.create_job(session, user_id=alice.id, account_ids=[account], type="all", options={})
+    with world.sessions.begin() as session:
+        assert schedule.claim_due_accounts(session) == {}
+
+
+def test_performance_metrics_from_job_records(world):
+    alice = world.user("alice")
+    world.account(alice, mails=3)
+    world.run(alice)
+    metrics = world.pipeline.get_performance_metrics(alice.id)
+    assert metrics["runs"] == 1
+    assert metrics["phases"]["fetch"]["count"] == 1
+    assert metrics["account_run_duration"]["p95"] > 0
+    today = utcnow().date().isoformat()
+    assert metrics["trend"][-1] == {
+        "date": today,
+        "jobs": 1,
+        "emails": 3,
+        "avg_duration": metrics["trend"][-1]["avg_duration"],
+    }
+    assert len(metrics["trend"]) == 7
