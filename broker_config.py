@@ -57,14 +57,14 @@ def middleware_stack() -> list[dramatiq.Middleware]:
     ]
 
 
-def build_broker(url: str = BROKER_URL) -> dramatiq.Broker:
+def build_broker(url: str = BROKER_URL, *, namespace: str = NAMESPACE) -> dramatiq.Broker:
     """A Redis broker for production, or the in-process stub for the embedded default."""
     if url == "stub":
         built: dramatiq.Broker = StubBroker(middleware=[])
     elif url.startswith(REDIS_SCHEMES):
         built = RedisBroker(
             url=url,
-            namespace=NAMESPACE,
+            namespace=namespace,
             middleware=[],
             heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
             maintenance_chance=MAINTENANCE_CHANCE,

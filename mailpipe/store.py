@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
+import orjson
 from sqlalchemy import Table, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
@@ -135,14 +136,14 @@ class BatchWriter:
             "uidvalidity": uidvalidity,
             "uid": message.uid,
             "message_id": parsed.message_id,
-            "internal_date": message.internal_date,
-            "sent_date": parsed.sent_date,
+            "internal_date": _utc(message.internal_date),
+            "sent_date": _utc(parsed.sent_date),
             "flags": " ".join(_text(flag) for flag in message.flags),
             "size": len(raw),
             "content_hash": self.key.content_hash(raw),
             "raw_enc": self.key.encrypt(raw, table="emails", column="raw", row=row_id),
             "parsed_enc": self.key.encrypt(
-                json.dumps(document, ensure_ascii=False).encode(),
+                orjson.dumps(document),
                 table="emails",
                 column="parsed",
                 row=row_id,
@@ -198,6 +199,11 @@ class BatchWriter:
                 },
             )
         )
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """Store every instant in UTC (SQLite keeps no offset)."""
+    return moment.astimezone(UTC) if moment is not None and moment.tzinfo else moment
 
 
 def _text(value: bytes | str) -> str:
