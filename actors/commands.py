@@ -96,3 +96,9 @@ def _tool(name: str) -> str:
     """The console script installed beside this Python, so the venv's own copy runs."""
     beside = os.path.join(os.path.dirname(sys.executable), name)
     return beside if os.path.exists(beside) else (shutil.which(name) or name)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from actors.demo import run_demo as demo
+
+    return demo()

@@ -71,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--json", action="store_true", help="print one JSON object")
     sync.set_defaults(run=run_sync)
 
-    demo = commands.add_parser("demo", help="sync a built-in demo mailbox into SQLite")
-    demo.set_defaults(run=run_demo)
+    demo = commands.add_parser(
+        "demo", help="the pipeline on embedded defaults, with a demo mailbox"
+    )
+    demo.set_defaults(run=_queue_command("run_demo"))
 
     user = commands.add_parser("user", help="mailpipe users").add_subparsers(title="user")
     user_add = user.add_parser("add", help="create a user with a fresh data key")
@@ -409,9 +411,3 @@ def summary(result: SyncResult) -> str:
         f"quarantined {result.quarantined} in {result.duration:.3f} s\n"
         f"phases: {phases}"
     )
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    from .demo_run import run
-
-    return run()

@@ -98,7 +98,7 @@ class DemoServer:
     users: dict[str, str]
 
     def __init__(self, *, workdir: Path, users: Mapping[str, str] | None = None) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()
         self.users = dict(DEFAULT_USERS if users is None else users)
         if not self.users or not all(isinstance(name, str) and name for name in self.users):
             raise ValueError("users must map at least one non-empty name to a password")
