@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import json
 import os
@@ -20,6 +21,7 @@ from .imap import SECURITY_MODES, ImapSettings
 from .models import MailAccount, PipelineJob, User
 from .sync import BATCH_BYTES, SyncOptions, SyncResult, sync_account
 
+STRICT_PARSER = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
@@ -40,8 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mailpipe", description=__doc__)
-    commands = parser.add_subparsers(title="commands")
+    # No abbreviations: `--password x` must not pass for `--password-env x`.
+    parser = argparse.ArgumentParser(prog="mailpipe", description=__doc__, allow_abbrev=False)
+    commands = parser.add_subparsers(title="commands", parser_class=STRICT_PARSER)
 
     sync = commands.add_parser("sync", help="one-shot incremental sync of one account")
     sync.add_argument("--host", required=True)
@@ -76,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=_queue_command("run_demo"))
 
-    user = commands.add_parser("user", help="mailpipe users").add_subparsers(title="user")
+    user = commands.add_parser("user", help="mailpipe users").add_subparsers(
+        title="user", parser_class=STRICT_PARSER
+    )
     user_add = user.add_parser("add", help="create a user with a fresh data key")
     user_add.add_argument("name")
     _password_option(user_add)
@@ -90,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     revoke.set_defaults(run=run_user_revoke)
 
-    account = commands.add_parser("account", help="IMAP accounts").add_subparsers(title="account")
+    account = commands.add_parser("account", help="IMAP accounts").add_subparsers(
+        title="account", parser_class=STRICT_PARSER
+    )
     account_add = account.add_parser("add", help="add an IMAP account to a user")
     account_add.add_argument("--user", required=True)
     _password_option(account_add)
