@@ -12,6 +12,8 @@ Middleware order, outermost first:
   6. Retries               transient failures come back with 1 s, 2 s, 4 s backoff plus jitter
   7. CurrentMessage        actors read their own retry count
   8. PeriodiqMiddleware    periodic actors (the scheduler) and their skip of stale ticks
+  9. AccountHealth         skip fetches of accounts whose circuit is open; after each attempt,
+                           move the account between HEALTHY, DEGRADED and BROKEN
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from dramatiq.middleware import (
 )
 from dramatiq.rate_limits.backends import RedisBackend, StubBackend
 from periodiq import PeriodiqMiddleware
+
+from middleware import AccountHealth
 
 BROKER_URL = os.environ.get("MAILPIPE_BROKER_URL", "stub")
 NAMESPACE = os.environ.get("MAILPIPE_REDIS_NAMESPACE", "mailpipe")
@@ -54,6 +58,7 @@ def middleware_stack() -> list[dramatiq.Middleware]:
         Retries(max_retries=MAX_RETRIES, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS),
         CurrentMessage(),
         PeriodiqMiddleware(),
+        AccountHealth(),
     ]
 
 

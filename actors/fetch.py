@@ -19,6 +19,10 @@ DEFAULT_TIME_LIMIT_MS = 180_000
 class TransientFailure(Exception):
     """Raised for Dramatiq's Retries middleware; carries only the error class."""
 
+    def __init__(self, error_class: str) -> None:
+        super().__init__(error_class)
+        self.error_class = error_class
+
 
 def retry_when(retries: int, error: BaseException) -> bool:
     """Transient failures (and crashes outside the sync) come back, at most MAX_RETRIES times.
@@ -35,7 +39,7 @@ def retry_when(retries: int, error: BaseException) -> bool:
     time_limit=DEFAULT_TIME_LIMIT_MS,
     on_retry_exhausted="fetch_exhausted",
 )
-def fetch_account(job_id: str, account_id: int) -> None:
+def fetch_account(job_id: str, account_id: int) -> dict:
     """Sync one account for one job; the core records the outcome and finalises the job."""
     message = CurrentMessage.get_current_message()
     retries = message.options.get("retries", 0) if message else 0
@@ -60,6 +64,11 @@ def fetch_account(job_id: str, account_id: int) -> None:
             delay=random.randint(*BUSY_DELAY_MS),
             **({"time_limit": limit} if limit else {}),
         )
+    return {
+        "action": outcome.action,
+        "attempted": outcome.attempted,
+        "error_class": outcome.failure.error_class if outcome.failure else None,
+    }
 
 
 @dramatiq.actor(queue_name=QUEUE, max_retries=broker_config.MAX_RETRIES)

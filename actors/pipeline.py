@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
+
 import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import current_millis
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -121,3 +125,35 @@ def _background_grant(session: Session, user_id: int) -> grants.KeyGrant | None:
             grants.KeyGrant.expires_at > utcnow(),
         )
     )
+
+
+def enqueue_pipelined(broker: RedisBroker, messages: list[dramatiq.Message]) -> None:
+    """RedisBroker.enqueue for many messages in one Redis round trip instead of one each.
+
+    Does what RedisBroker.enqueue (dramatiq 2.2.1) does per message, middleware hooks included,
+    but sends the dispatch script calls through one pipeline.
+    """
+    dispatch = broker.scripts["dispatch"]
+    keys = [broker.namespace]
+    ready = []
+    with broker.client.pipeline(transaction=False) as pipe:
+        for message in messages:
+            message = message.copy(options={"redis_message_id": str(uuid.uuid4())})
+            broker.emit_before("enqueue", message, None)
+            args = [
+                "enqueue",
+                current_millis(),
+                message.queue_name,
+                broker.broker_id,
+                broker.heartbeat_timeout,
+                broker.dead_message_ttl,
+                0,  # no maintenance inside a batch
+                broker._max_unpack_size(),
+                message.options["redis_message_id"],
+                message.encode(),
+            ]
+            dispatch(keys=keys, args=args, client=pipe)
+            ready.append(message)
+        pipe.execute()
+    for message in ready:
+        broker.emit_after("enqueue", message, None)

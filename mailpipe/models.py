@@ -101,6 +101,8 @@ class MailAccount(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     circuit_state: Mapped[str] = mapped_column(String(20), default=CIRCUIT_CLOSED)
     circuit_opened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failure_count: Mapped[int] = mapped_column(Integer, default=0)
+    failure_window_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

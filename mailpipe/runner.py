@@ -11,11 +11,19 @@ from dataclasses import dataclass
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import grants, jobs, leases
+from . import grants, health, jobs, leases
 from .accounts import account_settings
 from .errors import MailpipeError, NotFound
 from .failures import TIMEOUT, UNKNOWN, Failure, classify
-from .models import RUN_FAILED, RUN_SKIPPED, RUN_SUCCESS, MailAccount, PipelineJob, utcnow
+from .models import (
+    JOB_FAILED,
+    RUN_FAILED,
+    RUN_SKIPPED,
+    RUN_SUCCESS,
+    MailAccount,
+    PipelineJob,
+    utcnow,
+)
 from .observer import Observer
 from .processors import Processor, process_new_mail
 from .sync import SyncOptions, SyncResult, sync_account
@@ -43,6 +51,7 @@ class RunOutcome:
 
     action: str
     failure: Failure | None = None
+    attempted: bool = False  # a connection to the mail server was tried
     result: SyncResult | None = None
     finished: jobs.FinishedJob | None = None
 
@@ -143,7 +152,7 @@ def run_account(
             phases=result.phases,
             duration=time.perf_counter() - started,
         ).finished
-        return RunOutcome(DONE, result=result, finished=finished)
+        return RunOutcome(DONE, result=result, finished=finished, attempted=True)
     except HostBusy:
         with sessions.begin() as session:
             jobs.reopen_run(session, job_id=job_id, account_id=account_id)
@@ -162,7 +171,7 @@ def run_account(
                     error_class=failure.error_class,
                     message=failure.message,
                 )
-            return RunOutcome(RETRY, failure=failure)
+            return RunOutcome(RETRY, failure=failure, attempted=True)
         outcome = _finish(
             sessions,
             job_id,
@@ -173,10 +182,18 @@ def run_account(
             duration=time.perf_counter() - started,
         )
         outcome.failure = failure
+        outcome.attempted = True
         return outcome
     finally:
         with sessions.begin() as session:
             leases.release(session, account_id, owner=owner)
+
+
+def skip_run(
+    sessions: sessionmaker[Session], *, job_id: str, account_id: int, reason: str, message: str
+) -> None:
+    """End a run that must not go ahead (open circuit): skipped, which is not a failure."""
+    _finish(sessions, job_id, account_id, RUN_SKIPPED, error_class=reason, message=message)
 
 
 def record_crash(sessions: sessionmaker[Session], *, job_id: str, account_id: int) -> None:
@@ -221,4 +238,18 @@ def _finish(
         session.execute(update(MailAccount).where(MailAccount.id == account_id).values(**values))
         if finished is not None and finished.grant_id is not None:
             grants.drop_job_grant(session, finished.job_id)
+        if finished is not None and finished.status == JOB_FAILED:
+            job = session.get_one(PipelineJob, finished.job_id)
+            details = "; ".join(error["message"] or error["error_class"] for error in job.errors)
+            health.notify(
+                session,
+                user_id=finished.user_id,
+                job_id=finished.job_id,
+                kind="job_failed",
+                severity="error",
+                message=health.JOB_FAILED_MESSAGE.format(
+                    details=details or "no account could be read"
+                ),
+                dedupe_key=f"job_failed:{finished.job_id}",
+            )
     return RunOutcome(DONE, finished=finished)

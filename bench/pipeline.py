@@ -1,0 +1,219 @@
+"""Benchmark the orchestration on the real Redis broker, PostgreSQL and Dovecot, in one run.
+
+Run from the repository root (as root, Dovecot installed): `python -m bench.pipeline`.
+
+  enqueue    PipelineBroker.enqueue_fetch_job for one user with --enqueue-accounts accounts
+             (default 10,000): job and run rows, the sealed key, one message per account into
+             a Redis namespace of its own. Median of --runs.
+  parallel   --accounts accounts (default 100) with --messages new messages each (default 100)
+             behind a proxy adding --latency seconds each way (default 20 ms, a distant
+             provider), fetched as one job by --processes worker processes (default 2) x
+             --threads threads; against the same work run one account after another in one
+             process (sync_account in a loop), each into a fresh database. Every message must
+             be stored exactly once in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+import broker_config
+from actors import PipelineBroker
+from mailpipe import db, grants
+from mailpipe.accounts import add_account, create_user
+from mailpipe.imap import ImapSettings
+from mailpipe.models import Email
+from mailpipe.sync import sync_account
+from tests.support import postgres
+from tests.support.dovecot import Dovecot
+from tests.support.faultproxy import FaultProxy
+from tests.support.workers import REDIS_URL, Workers, delete_namespace, new_namespace
+
+FAST_KDF = 1_000
+WAIT_SECONDS = 1800
+
+
+def fresh(url_holder: list[str]):
+    name = postgres.create_database()
+    url_holder.append(name)
+    url = postgres.database_url(postgres.ADMIN_URL, name)
+    engine = db.make_engine(url)
+    db.migrate(engine)
+    return url, engine, db.session_factory(engine)
+
+
+def bench_enqueue(args: argparse.Namespace, public_key: bytes) -> list[float]:
+    """Seconds to enqueue one job covering many accounts, per run."""
+    timings = []
+    for _ in range(args.runs):
+        made: list[str] = []
+        namespace = new_namespace()
+        _url, engine, sessions = fresh(made)
+        try:
+            with sessions.begin() as session:
+                user, key = create_user(session, "bench", "pw", iterations=FAST_KDF)
+                settings = ImapSettings(
+                    host="127.0.0.1", username="x", password="y", security="none"
+                )
+                for _ in range(args.enqueue_accounts):
+                    add_account(session, user, key, settings)
+            broker = broker_config.build_broker(REDIS_URL, namespace=namespace)
+            pipeline = PipelineBroker(sessions, public_key=public_key, broker=broker)
+            started = time.perf_counter()
+            pipeline.enqueue_fetch_job(user.id, key=key)
+            timings.append(time.perf_counter() - started)
+            broker.close()
+        finally:
+            engine.dispose()
+            delete_namespace(namespace)
+            postgres.drop_database(made[0])
+    return timings
+
+
+def seed(server: Dovecot, args: argparse.Namespace) -> list[tuple[str, str]]:
+    mailboxes = []
+    for index in range(args.accounts):
+        login, password = server.new_user()
+        server.seed_maildir(login, args.messages, seed=index)
+        mailboxes.append((login, password))
+    return mailboxes
+
+
+def setup_accounts(sessions, mailboxes, port: int) -> tuple[int, object, list[int]]:
+    with sessions.begin() as session:
+        user, key = create_user(session, "bench", "pw", iterations=FAST_KDF)
+        ids = [
+            add_account(
+                session,
+                user,
+                key,
+                ImapSettings(
+                    host="127.0.0.1", port=port, username=login, password=pw, security="none"
+                ),
+            ).id
+            for login, pw in mailboxes
+        ]
+    return user.id, key, ids
+
+
+def stored(sessions) -> tuple[int, int]:
+    with sessions() as session:
+        total = session.scalar(select(func.count()).select_from(Email))
+        distinct = session.scalar(
+            select(func.count()).select_from(
+                select(Email.account_id, Email.uid).distinct().subquery()
+            )
+        )
+    return total, distinct
+
+
+def bench_sequential(mailboxes, port: int) -> tuple[float, tuple[int, int]]:
+    made: list[str] = []
+    _url, engine, sessions = fresh(made)
+    try:
+        _user, key, ids = setup_accounts(sessions, mailboxes, port)
+        started = time.perf_counter()
+        for account_id in ids:
+            sync_account(sessions, account_id=account_id, key=key)
+        return time.perf_counter() - started, stored(sessions)
+    finally:
+        engine.dispose()
+        postgres.drop_database(made[0])
+
+
+def bench_parallel(args, mailboxes, port: int, workdir: Path) -> tuple[float, tuple[int, int]]:
+    made: list[str] = []
+    namespace = new_namespace()
+    url, engine, sessions = fresh(made)
+    key_file = workdir / f"worker-{namespace}.key"
+    public_key = grants.generate_worker_key(key_file)
+    env = {
+        **os.environ,
+        "MAILPIPE_BROKER_URL": REDIS_URL,
+        "MAILPIPE_REDIS_NAMESPACE": namespace,
+        "MAILPIPE_DATABASE_URL": url,
+        "MAILPIPE_WORKER_KEY_FILE": str(key_file),
+        "MAILPIPE_DATA_DIR": str(workdir),
+        "TZ": "UTC",
+    }
+    workers = Workers(env, processes=args.processes, threads=args.threads).start()
+    broker = broker_config.build_broker(REDIS_URL, namespace=namespace)
+    try:
+        user_id, key, _ids = setup_accounts(sessions, mailboxes, port)
+        pipeline = PipelineBroker(sessions, public_key=public_key, broker=broker)
+        time.sleep(2)  # let the worker processes boot, so their start-up is not timed
+        started = time.perf_counter()
+        job_id = pipeline.enqueue_fetch_job(user_id, key=key, max_mails=None, timeout_seconds=600)
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not pipeline.get_job_status(job_id, user_id)["final"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("parallel job did not finish:\n" + workers.log()[-2000:])
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        status = pipeline.get_job_status(job_id, user_id)["status"]
+        if status != "success":
+            raise RuntimeError(f"parallel job ended {status}")
+        return elapsed, stored(sessions)
+    finally:
+        workers.stop()
+        broker.close()
+        engine.dispose()
+        delete_namespace(namespace)
+        postgres.drop_database(made[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--enqueue-accounts", type=int, default=10_000)
+    parser.add_argument("--accounts", type=int, default=100)
+    parser.add_argument("--messages", type=int, default=100)
+    parser.add_argument("--latency", type=float, default=0.02)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--only", default="enqueue,parallel")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(","))
+    with tempfile.TemporaryDirectory(prefix="mailpipe-bench-") as tmp:
+        workdir = Path(tmp)
+        public_key = grants.generate_worker_key(workdir / "enqueue.key")
+        if "enqueue" in only:
+            timings = bench_enqueue(args, public_key)
+            print(
+                f"enqueue of {args.enqueue_accounts} accounts: median "
+                f"{statistics.median(timings):.3f} s over {len(timings)} runs "
+                f"({', '.join(f'{t:.3f}' for t in timings)})"
+            )
+        if "parallel" in only:
+            with Dovecot.start(Path(tempfile.gettempdir())) as server:
+                mailboxes = seed(server, args)
+                expected = args.accounts * args.messages
+                with FaultProxy(upstream=(server.host, server.port)) as link:
+                    link.latency(args.latency)
+                    rows = []
+                    for _ in range(args.runs):
+                        seq, seq_count = bench_sequential(mailboxes, link.port)
+                        par, par_count = bench_parallel(args, mailboxes, link.port, workdir)
+                        assert seq_count == (expected, expected), seq_count
+                        assert par_count == (expected, expected), par_count
+                        rows.append((seq, par))
+                seq = statistics.median(r[0] for r in rows)
+                par = statistics.median(r[1] for r in rows)
+                print(
+                    f"{args.accounts} accounts x {args.messages} messages, {args.latency * 1000:.0f} ms"
+                    f" each way: one after another {seq:.2f} s, {args.processes} worker processes x "
+                    f"{args.threads} threads {par:.2f} s, speed-up {seq / par:.1f}x "
+                    f"(median of {len(rows)}; every message stored exactly once in both)"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,217 @@
+"""Account health, the circuit breaker and the notifications users act on.
+
+After every attempt the account moves between HEALTHY, DEGRADED and BROKEN; five failures within
+an hour open its circuit, which skips runs until a cool-down passes and one half-open probe
+decides. Users are told once per transition, never once per attempt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from . import config
+from .accounts import PROVIDER_NAMES
+from .failures import ACCOUNT_DISABLED, AUTH_FAILED, INVALID_CREDENTIALS, TLS_ERROR
+from .models import (
+    BROKEN,
+    CIRCUIT_CLOSED,
+    CIRCUIT_HALF_OPEN,
+    CIRCUIT_OPEN,
+    DEGRADED,
+    HEALTHY,
+    MailAccount,
+    Notification,
+    utcnow,
+)
+
+CIRCUIT_FAILURES = config.int_setting("MAILPIPE_CIRCUIT_FAILURES", 5)
+CIRCUIT_WINDOW_SECONDS = config.int_setting("MAILPIPE_CIRCUIT_WINDOW_SECONDS", 3600)
+CIRCUIT_COOLDOWN_SECONDS = config.int_setting("MAILPIPE_CIRCUIT_COOLDOWN_SECONDS", 600)
+BROKEN_CLASSES = frozenset({AUTH_FAILED, INVALID_CREDENTIALS, ACCOUNT_DISABLED, TLS_ERROR})
+
+# What the owner reads, per cause; {provider} is a display name such as "GMX".
+BROKEN_MESSAGES = {
+    INVALID_CREDENTIALS: "{provider}: login failed, please re-enter the password",
+    AUTH_FAILED: "{provider}: the server refused the login, please check the account settings",
+    ACCOUNT_DISABLED: "{provider}: the provider has disabled this account, please check it there",
+    TLS_ERROR: "{provider}: the server's certificate could not be verified; mail stays unfetched until the server or the settings are fixed",
+}
+CIRCUIT_MESSAGE = (
+    "{provider}: fetching keeps failing ({error}); mailpipe pauses this account for "
+    "{minutes} minutes and then tries again"
+)
+JOB_FAILED_MESSAGE = "Fetching mail failed: {details}"
+
+PASS = "pass"  # the circuit lets the run through
+PROBE = "probe"  # the one run allowed after the cool-down
+SKIP = "skip"  # the circuit is open
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What one attempt changed, for metrics and logs."""
+
+    health_before: str
+    health_after: str
+    circuit_before: str
+    circuit_after: str
+
+
+def circuit_gate(session: Session, account_id: int, *, now: datetime | None = None) -> str:
+    """Whether a run may go ahead: PASS, the single half-open PROBE, or SKIP."""
+    now = now or utcnow()
+    account = session.get(MailAccount, account_id)
+    if account is None or account.circuit_state == CIRCUIT_CLOSED:
+        return PASS
+    if account.circuit_state == CIRCUIT_OPEN:
+        cooled = now - timedelta(seconds=CIRCUIT_COOLDOWN_SECONDS)
+        won = session.execute(
+            update(MailAccount)
+            .where(
+                MailAccount.id == account_id,
+                MailAccount.circuit_state == CIRCUIT_OPEN,
+                MailAccount.circuit_opened_at <= cooled,
+            )
+            .values(circuit_state=CIRCUIT_HALF_OPEN)
+        )
+        return PROBE if won.rowcount == 1 else SKIP
+    return SKIP  # half-open: a probe is already under way
+
+
+def record_outcome(
+    session: Session, account_id: int, *, error_class: str | None, now: datetime | None = None
+) -> Transition:
+    """Move health and circuit after one attempt; notify the owner on each transition."""
+    now = now or utcnow()
+    _lock(session, account_id)
+    account = session.get_one(MailAccount, account_id)
+    health_before, circuit_before = account.health_status, account.circuit_state
+    account.health_checked_at = now
+    if error_class is None:
+        account.health_status = HEALTHY
+        account.failure_count = 0
+        account.failure_window_start = None
+        account.circuit_state = CIRCUIT_CLOSED
+        account.circuit_opened_at = None
+    else:
+        account.health_status = BROKEN if error_class in BROKEN_CLASSES else DEGRADED
+        window_start = _aware(account.failure_window_start)
+        if window_start is None or window_start < now - timedelta(seconds=CIRCUIT_WINDOW_SECONDS):
+            account.failure_window_start = now
+            account.failure_count = 1
+        else:
+            account.failure_count += 1
+        if account.circuit_state == CIRCUIT_HALF_OPEN or (
+            account.circuit_state == CIRCUIT_CLOSED and account.failure_count >= CIRCUIT_FAILURES
+        ):
+            account.circuit_state = CIRCUIT_OPEN
+            account.circuit_opened_at = now
+    provider = PROVIDER_NAMES.get(account.provider, account.provider)
+    if account.health_status == BROKEN and health_before != BROKEN:
+        notify(
+            session,
+            user_id=account.user_id,
+            account_id=account.id,
+            kind="account_broken",
+            severity="error",
+            message=BROKEN_MESSAGES[error_class].format(provider=provider),
+            dedupe_key=f"account_broken:{account.id}:{now.isoformat()}",
+        )
+    if account.circuit_state == CIRCUIT_OPEN and circuit_before != CIRCUIT_OPEN:
+        notify(
+            session,
+            user_id=account.user_id,
+            account_id=account.id,
+            kind="circuit_open",
+            severity="warning",
+            message=CIRCUIT_MESSAGE.format(
+                provider=provider,
+                error=error_class.replace("_", " "),
+                minutes=max(1, CIRCUIT_COOLDOWN_SECONDS // 60),
+            ),
+            dedupe_key=f"circuit_open:{account.id}:{now.isoformat()}",
+        )
+    session.flush()
+    return Transition(health_before, account.health_status, circuit_before, account.circuit_state)
+
+
+def notify(
+    session: Session,
+    *,
+    user_id: int | None,
+    kind: str,
+    message: str,
+    dedupe_key: str,
+    severity: str = "warning",
+    account_id: int | None = None,
+    job_id: str | None = None,
+) -> bool:
+    """Write a notification unless one with the same dedupe key exists (once per transition)."""
+    exists = session.scalar(select(Notification.id).where(Notification.dedupe_key == dedupe_key))
+    if exists is not None:
+        return False
+    try:
+        with session.begin_nested():
+            session.add(
+                Notification(
+                    user_id=user_id,
+                    account_id=account_id,
+                    job_id=job_id,
+                    kind=kind,
+                    severity=severity,
+                    message=message,
+                    dedupe_key=dedupe_key,
+                )
+            )
+    except IntegrityError:
+        return False
+    return True
+
+
+def notifications(session: Session, user_id: int, *, unread_only: bool = False) -> list[dict]:
+    """The user's notifications, newest first."""
+    query = select(Notification).where(Notification.user_id == user_id)
+    if unread_only:
+        query = query.where(Notification.read_at.is_(None))
+    rows = session.scalars(query.order_by(Notification.created_at.desc(), Notification.id.desc()))
+    return [
+        {
+            "id": row.id,
+            "kind": row.kind,
+            "severity": row.severity,
+            "message": row.message,
+            "account_id": row.account_id,
+            "job_id": row.job_id,
+            "created_at": row.created_at.isoformat(),
+            "read": row.read_at is not None,
+        }
+        for row in rows
+    ]
+
+
+def mark_read(session: Session, user_id: int, notification_id: int | None = None) -> int:
+    """Mark one (or every) notification of the user as read; others' stay untouched."""
+    query = update(Notification).where(
+        Notification.user_id == user_id, Notification.read_at.is_(None)
+    )
+    if notification_id is not None:
+        query = query.where(Notification.id == notification_id)
+    return session.execute(query.values(read_at=utcnow())).rowcount
+
+
+def _lock(session: Session, account_id: int) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            select(MailAccount.id).where(MailAccount.id == account_id).with_for_update()
+        )
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=utcnow().tzinfo)
+    return moment

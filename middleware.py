@@ -1,0 +1,79 @@
+"""Mailpipe's own Dramatiq middleware; broker_config installs it (it must not import actors)."""
+
+from __future__ import annotations
+
+import logging
+
+import dramatiq
+from dramatiq.middleware import SkipMessage
+
+from mailpipe import health
+from mailpipe.failures import UNKNOWN
+
+FETCH_ACTOR = "fetch_account"
+CIRCUIT_OPEN = "circuit_open"
+CIRCUIT_OPEN_MESSAGE = "skipped: fetching this account kept failing, so it is paused for a while"
+
+logger = logging.getLogger(__name__)
+
+
+class AccountHealth(dramatiq.Middleware):
+    """After each fetch attempt, move the account between HEALTHY, DEGRADED and BROKEN.
+
+    Before a fetch, skip it while the account's circuit is open (recorded as skipped, which
+    ends the run, so the job still finalises); after the cool-down one probe goes through.
+    """
+
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        if message.actor_name != FETCH_ACTOR:
+            return
+        from actors import runtime
+        from mailpipe.runner import skip_run
+
+        job_id, account_id = message.args
+        sessions = runtime.sessions()
+        with sessions.begin() as session:
+            gate = health.circuit_gate(session, account_id)
+        if gate == health.SKIP:
+            skip_run(
+                sessions,
+                job_id=job_id,
+                account_id=account_id,
+                reason=CIRCUIT_OPEN,
+                message=CIRCUIT_OPEN_MESSAGE,
+            )
+            raise SkipMessage("circuit open")
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.Message,
+        *,
+        result: object = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if message.actor_name != FETCH_ACTOR:
+            return
+        if exception is not None:
+            error_class = getattr(exception, "error_class", UNKNOWN)
+        elif isinstance(result, dict) and result.get("attempted"):
+            error_class = result.get("error_class")
+        else:
+            return  # waited, redelivered or locked: nothing was tried, health stays
+        from actors import runtime
+
+        _job_id, account_id = message.args
+        with runtime.sessions().begin() as session:
+            change = health.record_outcome(session, account_id, error_class=error_class)
+        if (
+            change.health_before != change.health_after
+            or change.circuit_before != change.circuit_after
+        ):
+            logger.info(
+                "account %s: health %s -> %s, circuit %s -> %s",
+                account_id,
+                change.health_before,
+                change.health_after,
+                change.circuit_before,
+                change.circuit_after,
+            )
