@@ -1,0 +1,105 @@
+"""The metric objects of docs/design.md "Metrics", and the fixed vocabularies of their labels.
+
+Every label value passes through `bounded`, so a caller can never put a user, account, address or
+folder name into a series (privacy, and a bounded number of series whatever the input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Histogram
+
+from mailpipe import accounts, failures, jobs, models, observer, parse
+
+OTHER = "other"
+PROVIDERS = accounts.PROVIDERS  # includes "other", the fallback
+PHASES = (*observer.PHASES, OTHER)  # "other": an error outside any timed phase
+RUN_OUTCOMES = (*models.RUN_FINAL, OTHER)
+JOB_TYPES = (jobs.TYPE_ACCOUNT, jobs.TYPE_ALL, jobs.TYPE_SCHEDULED, OTHER)
+JOB_STATUSES = (*models.JOB_FINAL, OTHER)
+ERROR_CLASSES = failures.ERROR_CLASSES  # includes "unknown", the fallback
+PARSE_ERROR = "parse_error"
+QUARANTINE_REASONS = tuple(
+    dict.fromkeys([*parse.QUARANTINE_REASONS.values(), "not_a_message", PARSE_ERROR])
+)
+AUTH_ERROR_CLASSES = (failures.AUTH_FAILED, failures.INVALID_CREDENTIALS)
+
+# Bucket bounds include the alert thresholds (2 s and 5 s connect, 10 s and 30 s account run),
+# so histogram_quantile is exact at the lines that page someone.
+PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+RUN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+
+PHASE_DURATION = Histogram(
+    "mailpipe_phase_duration_seconds",
+    "Wall time of one timed block of a phase of an account sync (phases may repeat per run).",
+    ["phase", "provider"],
+    buckets=PHASE_BUCKETS,
+)
+ACCOUNT_RUN_DURATION = Histogram(
+    "mailpipe_account_run_duration_seconds",
+    "Wall time of the attempt that ended an account run, by its outcome.",
+    ["provider", "outcome"],
+    buckets=RUN_BUCKETS,
+)
+JOB_DURATION = Histogram(
+    "mailpipe_job_duration_seconds",
+    "Time from enqueue to the final status of a fetch job.",
+    ["type", "status"],
+    buckets=RUN_BUCKETS,
+)
+JOBS = Counter("mailpipe_jobs_total", "Fetch jobs that reached a final status.", ["type", "status"])
+ACCOUNT_RUNS = Counter(
+    "mailpipe_account_runs_total", "Account runs that ended, by outcome.", ["provider", "outcome"]
+)
+EMAILS_FETCHED = Counter(
+    "mailpipe_emails_fetched_total", "Messages fetched from IMAP servers.", ["provider"]
+)
+EMAILS_SAVED = Counter("mailpipe_emails_saved_total", "Messages stored (new, not duplicates).")
+EMAILS_QUARANTINED = Counter(
+    "mailpipe_emails_quarantined_total",
+    "Messages stored raw because they did not parse.",
+    ["reason"],
+)
+FETCHED_BYTES = Counter(
+    "mailpipe_fetched_bytes_total",
+    "Bytes of message bodies fetched from IMAP servers.",
+    ["provider"],
+)
+ERRORS = Counter(
+    "mailpipe_errors_total",
+    "Failed account-run attempts, by error class and the phase they failed in.",
+    ["error_class", "phase", "provider"],
+)
+RETRIES = Counter(
+    "mailpipe_retries_total", "Account-run attempts sent back for a retry.", ["error_class"]
+)
+
+
+def bounded(value: str | None, allowed: Iterable[str], *, fallback: str = OTHER) -> str:
+    """The value when it belongs to the fixed vocabulary, else the fallback: no free text in labels."""
+    return value if value in allowed else fallback
+
+
+def initialise() -> None:
+    """Create the counters' known series at zero, so rate() and increase() see their first event.
+
+    Only small label products are created here; histograms appear with their first observation.
+    """
+    for provider in PROVIDERS:
+        EMAILS_FETCHED.labels(provider)
+        FETCHED_BYTES.labels(provider)
+        for outcome in models.RUN_FINAL:
+            ACCOUNT_RUNS.labels(provider, outcome)
+        for error_class in AUTH_ERROR_CLASSES:  # what the auth-failure alert counts
+            ERRORS.labels(error_class, "connect", provider)
+    for job_type in JOB_TYPES[:-1]:
+        for status in models.JOB_FINAL:
+            JOBS.labels(job_type, status)
+    for error_class in failures.TRANSIENT:
+        RETRIES.labels(error_class)
+    for reason in QUARANTINE_REASONS:
+        EMAILS_QUARANTINED.labels(reason)
+
+
+initialise()

@@ -1,0 +1,75 @@
+"""Dramatiq's own Prometheus middleware, served by our exporter instead of its own HTTP fork.
+
+Stock `dramatiq.middleware.prometheus.Prometheus` starts an exposition server on port 9191 in a
+fork, and its metrics exist only after the dramatiq CLI's `process_boot`. This subclass writes the
+same metrics into the shared multiprocess directory, where `metrics.exporter` serves them beside
+mailpipe's own, and does nothing in processes that never booted (embedded workers, tests).
+This module must not import prometheus_client: the middleware imports it after boot.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dramatiq
+from dramatiq.middleware import prometheus
+
+from .multiprocess import DIRECTORY_ENV, DRAMATIQ_ENV
+
+
+class DramatiqMetrics(prometheus.Prometheus):
+    """Dramatiq's message counters and durations, without a second /metrics server."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.booted = False
+        shared = os.environ.get(DIRECTORY_ENV)
+        if shared and Path(shared).resolve() != Path(prometheus.DB_PATH).resolve():
+            raise ValueError(
+                f"{DRAMATIQ_ENV} ({prometheus.DB_PATH}) must be {DIRECTORY_ENV} ({shared}) before "
+                "Python starts, or Dramatiq's metrics land where the exporter never looks"
+            )
+
+    @property
+    def forks(self) -> list:
+        return []
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        super().after_process_boot(broker)
+        self.booted = True
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self.booted:
+            super().after_worker_shutdown(broker, worker)
+
+    def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        if self.booted:
+            super().after_nack(broker, message)
+
+    def after_enqueue(
+        self, broker: dramatiq.Broker, message: dramatiq.Message, delay: int | None
+    ) -> None:
+        if self.booted:
+            super().after_enqueue(broker, message, delay)
+
+    def before_delay_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        if self.booted:
+            super().before_delay_message(broker, message)
+
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        if self.booted:
+            super().before_process_message(broker, message)
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.Message,
+        *,
+        result: object = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if self.booted:
+            super().after_process_message(broker, message, result=result, exception=exception)
+
+    after_skip_message = after_process_message

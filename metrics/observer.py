@@ -1,0 +1,125 @@
+"""The core's observer, backed by Prometheus metrics, and the outcome records the actors make."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from mailpipe import failures, models
+from mailpipe.jobs import FinishedJob
+from mailpipe.observer import Observer
+from mailpipe.runner import DONE, RETRY, RunOutcome
+
+from . import catalogue as c
+
+
+class MetricsObserver(Observer):
+    """Feeds one account run's phase timings and batch counts into the catalogue.
+
+    It also notes the first phase that ended with an exception in flight (the core times phases
+    in `finally` blocks), so a failure can be counted under the phase it happened in.
+    """
+
+    def __init__(self, *, provider: str) -> None:
+        self.provider = c.bounded(provider, c.PROVIDERS)
+        self.failed_phase: str | None = None
+        self._ambient = sys.exc_info()[1]  # an exception already being handled is not ours
+        self._lock = threading.Lock()
+        self._fetched = c.EMAILS_FETCHED.labels(self.provider)
+        self._bytes = c.FETCHED_BYTES.labels(self.provider)
+
+    @classmethod
+    def for_account(cls, sessions: sessionmaker[Session], account_id: int) -> MetricsObserver:
+        """An observer labelled with the account's provider (one primary-key read)."""
+        with sessions() as session:
+            provider = session.scalar(
+                select(models.MailAccount.provider).where(models.MailAccount.id == account_id)
+            )
+        return cls(provider=provider or c.OTHER)
+
+    def after_phase(self, phase: str, seconds: float) -> None:
+        phase = c.bounded(phase, c.PHASES)
+        c.PHASE_DURATION.labels(phase, self.provider).observe(max(seconds, 0.0))
+        in_flight = sys.exc_info()[1]
+        if in_flight is not None and in_flight is not self._ambient:
+            with self._lock:
+                self.failed_phase = self.failed_phase or phase
+
+    def after_batch(
+        self, *, fetched: int, fetched_bytes: int, saved: int, duplicates: int, quarantined: dict
+    ) -> None:
+        self._fetched.inc(fetched)
+        self._bytes.inc(fetched_bytes)
+        c.EMAILS_SAVED.inc(saved)
+        for reason, count in quarantined.items():
+            c.EMAILS_QUARANTINED.labels(
+                c.bounded(reason, c.QUARANTINE_REASONS, fallback=c.PARSE_ERROR)
+            ).inc(count)
+
+    def record_outcome(self, outcome: RunOutcome, *, seconds: float) -> None:
+        """Count what `run_account` returned: a final run, or a failed attempt sent to retry.
+
+        Busy and duplicate deliveries are not runs and count nothing.
+        """
+        failure = outcome.failure
+        if failure is not None:
+            record_error(failure.error_class, self.failed_phase or c.OTHER, self.provider)
+        if outcome.action == RETRY and failure is not None:
+            record_retry(failure.error_class)
+        elif outcome.action == DONE:
+            if failure is not None:
+                status = models.RUN_FAILED
+            elif outcome.result is not None:
+                status = models.RUN_SUCCESS
+            else:
+                status = models.RUN_SKIPPED
+            record_account_run(self.provider, status, seconds)
+
+
+def record_account_run(provider: str, outcome: str, seconds: float) -> None:
+    """An account run ended (success, failed or skipped) after `seconds`."""
+    provider = c.bounded(provider, c.PROVIDERS)
+    outcome = c.bounded(outcome, c.RUN_OUTCOMES)
+    c.ACCOUNT_RUNS.labels(provider, outcome).inc()
+    c.ACCOUNT_RUN_DURATION.labels(provider, outcome).observe(max(seconds, 0.0))
+
+
+def record_job(type: str, status: str, seconds: float) -> None:
+    """A fetch job reached its final status `seconds` after it was enqueued."""
+    job_type = c.bounded(type, c.JOB_TYPES)
+    status = c.bounded(status, c.JOB_STATUSES)
+    c.JOBS.labels(job_type, status).inc()
+    c.JOB_DURATION.labels(job_type, status).observe(max(seconds, 0.0))
+
+
+def record_error(error_class: str, phase: str, provider: str) -> None:
+    """An account-run attempt failed with `error_class` during `phase`."""
+    c.ERRORS.labels(
+        c.bounded(error_class, c.ERROR_CLASSES, fallback=failures.UNKNOWN),
+        c.bounded(phase, c.PHASES),
+        c.bounded(provider, c.PROVIDERS),
+    ).inc()
+
+
+def record_retry(error_class: str) -> None:
+    """A transient failure sent the message back to the queue for another attempt."""
+    c.RETRIES.labels(c.bounded(error_class, c.ERROR_CLASSES, fallback=failures.UNKNOWN)).inc()
+
+
+def record_finished_job(sessions: sessionmaker[Session], finished: FinishedJob) -> None:
+    """Count a job that this process finalised, with its type and time since enqueue."""
+    with sessions() as session:
+        job = session.get(models.PipelineJob, finished.job_id)
+        if job is None:
+            return
+        ended = _utc(job.finished_at) if job.finished_at else datetime.now(UTC)
+        record_job(job.type, finished.status, (ended - _utc(job.created_at)).total_seconds())
+
+
+def _utc(moment: datetime) -> datetime:
+    """SQLite hands instants back without an offset; they are stored in UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
