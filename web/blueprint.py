@@ -1,0 +1,439 @@
+"""The JSON API a host app mounts: start fetches, follow them, see accounts and notifications.
+
+The host provides who is logged in, that user's data key and the CSRF token of their session
+(all from its own server-side session) and a `PipelineBroker`:
+
+    app.register_blueprint(create_blueprint(
+        current_user=lambda: session_user_id_or_none(),
+        current_key=lambda: session_data_key_or_none(),
+        csrf_token=lambda: session_csrf_token_or_none(),
+        pipeline=PipelineBroker(),
+        alert_token=os.environ.get("MAILPIPE_ALERT_TOKEN"),
+    ))
+
+Every route lives under `/api`. Session-authenticated POSTs need the session's CSRF token in
+the `X-CSRF-Token` header; the Alertmanager webhook authenticates with a bearer token instead.
+Anything that is not the caller's own (a job, an account, a notification) is "not found".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flask import Blueprint, Response, jsonify, request, url_for
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.exceptions import HTTPException
+
+from actors.pipeline import JOB_GRANT_TTL_SECONDS, MAX_TIMEOUT_SECONDS, PipelineBroker
+from mailpipe.accounts import account_settings
+from mailpipe.crypto import DataKey
+from mailpipe.errors import DecryptionFailed, NotFound
+from mailpipe.grants import WorkerKeyError
+from mailpipe.models import MailAccount, Notification, utcnow
+
+from . import diagnostics, present
+from .i18n import language
+from .openapi import (
+    DEFAULT_HISTORY,
+    DEFAULT_MAX_MAILS,
+    DEFAULT_NOTIFICATIONS,
+    DEFAULT_TIMEOUT_SECONDS,
+    MAX_ALERTS,
+    MAX_FINGERPRINT,
+    MAX_HISTORY,
+    MAX_ID,
+    MAX_LABEL,
+    MAX_MAILS,
+    MAX_NOTIFICATIONS,
+    OPENAPI,
+)
+
+BLUEPRINT_NAME = "mailpipe_api"
+API_PREFIX = "/api"
+CSRF_HEADER = "X-CSRF-Token"
+DEFAULT_MAX_QUEUED_JOBS = 3
+ID = f"int(min=1, max={MAX_ID})"
+FETCH_FIELDS = ("account_id", "max_mails", "timeout_seconds")
+ALERT_STATUSES = ("firing", "resolved")
+ALERT_SEVERITIES = ("critical", "warning", "info")
+ALERT_KIND = "operator_alert"
+MAX_MESSAGE = 1000
+
+
+class ApiError(Exception):
+    """An answer other than success: status, a stable code, a message and the field at fault."""
+
+    def __init__(self, status: int, code: str, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+def error_response(error: ApiError) -> Response:
+    """The one error shape of the API, so clients branch on `code` and show `field`."""
+    body = {"error": error.message, "code": error.code}
+    if error.field is not None:
+        body["field"] = error.field
+    response = jsonify(body)
+    response.status_code = error.status
+    if error.status == 401 and error.code == "alert_token":
+        response.headers["WWW-Authenticate"] = 'Bearer realm="mailpipe-alerts"'
+    return response
+
+
+def http_error_response(error: HTTPException) -> Response:
+    """Werkzeug's own errors (404, 405, 413 …) in the API's JSON shape."""
+    code = (error.name or "error").lower().replace(" ", "_")
+    return error_response(ApiError(error.code or 500, code, error.description or error.name))
+
+
+@dataclass(frozen=True)
+class _Api:
+    """The views, bound to what the host app provides."""
+
+    current_user: Callable[[], int | None]
+    current_key: Callable[[], DataKey | None]
+    csrf_token: Callable[[], str | None]
+    pipeline: PipelineBroker
+    sessions: sessionmaker[Session]
+    alert_token: str | None
+    max_queued_jobs: int
+
+    # -- guards ----------------------------------------------------------------------------
+
+    def guard(self) -> Response | None:
+        """Log-in first, then CSRF on POSTs; the public routes check what they need themselves."""
+        if request.endpoint in (f"{BLUEPRINT_NAME}.openapi", f"{BLUEPRINT_NAME}.alertmanager"):
+            return None
+        if self.current_user() is None:
+            raise ApiError(401, "unauthorized", "log in first")
+        if request.method == "POST":
+            expected = self.csrf_token()
+            given = request.headers.get(CSRF_HEADER, "")
+            if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
+                raise ApiError(403, "csrf", f"missing or wrong {CSRF_HEADER} header")
+        return None
+
+    def user(self) -> int:
+        user_id = self.current_user()
+        if user_id is None:  # the guard ran, but a host's session may end between two calls
+            raise ApiError(401, "unauthorized", "log in first")
+        return user_id
+
+    def key(self) -> DataKey:
+        """The user's data key from the host's session; fetching without it is impossible."""
+        key = self.current_key()
+        if key is None:
+            raise ApiError(401, "key_required", "log in again to unlock your data key")
+        return key
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def fetch(self) -> tuple[Response, int, dict]:
+        user_id = self.user()
+        data = _json_object()
+        unknown = sorted(set(data) - set(FETCH_FIELDS))
+        if unknown:
+            raise ApiError(400, "bad_request", f"unknown field {unknown[0]!r}", field=unknown[0])
+        account_id = _int(data, "account_id", default=None, maximum=MAX_ID)
+        max_mails = _int(data, "max_mails", default=DEFAULT_MAX_MAILS, maximum=MAX_MAILS)
+        timeout = _int(
+            data, "timeout_seconds", default=DEFAULT_TIMEOUT_SECONDS, maximum=MAX_TIMEOUT_SECONDS
+        )
+        key = self.key()
+        with self.sessions() as session:
+            queued = present.open_user_jobs(session, user_id, window_seconds=JOB_GRANT_TTL_SECONDS)
+        if queued >= self.max_queued_jobs:
+            raise ApiError(
+                429,
+                "too_many_jobs",
+                f"{queued} of your fetches are still queued or running; wait for one to finish",
+            )
+        try:
+            job_id = self.pipeline.enqueue_fetch_job(
+                user_id, account_id, key=key, max_mails=max_mails, timeout_seconds=timeout
+            )
+        except NotFound:
+            raise ApiError(404, "not_found", "account not found", field="account_id") from None
+        except WorkerKeyError:
+            raise ApiError(503, "unavailable", "the workers' key is not configured") from None
+        location = url_for(f"{BLUEPRINT_NAME}.job_status", job_id=job_id)
+        return jsonify({"job_id": job_id, "status_url": location}), 202, {"Location": location}
+
+    def job_status(self, job_id: str) -> Response:
+        user_id = self.user()
+        try:
+            status = self.pipeline.get_job_status(job_id, user_id)
+        except NotFound:
+            raise ApiError(404, "not_found", "job not found") from None
+        labels = self._labels(user_id)
+        return jsonify(present.job_status_view(status, labels=labels, lang=language(request)))
+
+    def history(self) -> Response:
+        user_id = self.user()
+        limit = _query_int("limit", default=DEFAULT_HISTORY, maximum=MAX_HISTORY)
+        listed = self.pipeline.list_jobs(user_id, limit)
+        with self.sessions() as session:
+            covered = present.job_account_ids(session, [job["job_id"] for job in listed])
+            labels = present.account_labels(session, user_id, self.current_key())
+        lang = language(request)
+        return jsonify(
+            {
+                "jobs": [
+                    present.job_summary_view(
+                        job, account_ids=covered.get(job["job_id"], []), labels=labels, lang=lang
+                    )
+                    for job in listed
+                ]
+            }
+        )
+
+    # -- accounts --------------------------------------------------------------------------
+
+    def health(self) -> Response:
+        user_id = self.user()
+        labels = self._labels(user_id)
+        lang = language(request)
+        accounts = self.pipeline.get_account_health(user_id)
+        return jsonify(
+            {"accounts": [present.account_view(a, labels=labels, lang=lang) for a in accounts]}
+        )
+
+    def diagnostics(self, account_id: int) -> Response:
+        user_id = self.user()
+        key = self.key()
+        with self.sessions() as session:
+            account = session.get(MailAccount, account_id)
+            if account is None or account.user_id != user_id:
+                raise ApiError(404, "not_found", "account not found")
+            provider = account.provider
+            try:
+                settings = account_settings(account, key)
+            except (DecryptionFailed, ValueError, TypeError):
+                raise ApiError(
+                    409, "credentials_unreadable", "the account's stored settings do not open"
+                ) from None
+        report = diagnostics.quick_check(settings)
+        message = present.error_text(report["error_class"], language(request))
+        return jsonify(
+            {"account_id": account_id, "provider": provider, **report, "message": message}
+        )
+
+    def performance(self) -> Response:
+        return jsonify(self.pipeline.get_performance_metrics(self.user()))
+
+    # -- notifications ---------------------------------------------------------------------
+
+    def notifications(self) -> Response:
+        user_id = self.user()
+        limit = _query_int("limit", default=DEFAULT_NOTIFICATIONS, maximum=MAX_NOTIFICATIONS)
+        with self.sessions() as session:
+            return jsonify(present.user_notifications(session, user_id, limit=limit))
+
+    def mark_read(self, notification_id: int) -> Response:
+        user_id = self.user()
+        with self.sessions.begin() as session:
+            row = session.scalar(
+                select(Notification).where(
+                    Notification.id == notification_id, Notification.user_id == user_id
+                )
+            )
+            if row is None:
+                raise ApiError(404, "not_found", "notification not found")
+            if row.read_at is None:
+                row.read_at = utcnow()
+            return jsonify(present.notification_view(row))
+
+    def mark_all_read(self) -> Response:
+        user_id = self.user()
+        with self.sessions.begin() as session:
+            marked = session.execute(
+                update(Notification)
+                .where(Notification.user_id == user_id, Notification.read_at.is_(None))
+                .values(read_at=utcnow())
+            ).rowcount
+        return jsonify({"marked": marked or 0})
+
+    # -- operators -------------------------------------------------------------------------
+
+    def alertmanager(self) -> Response:
+        """Alertmanager's webhook: each alert becomes one operator notification, stored once."""
+        if not self.alert_token:
+            raise ApiError(503, "unavailable", "no alert token is configured")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self.alert_token.encode()
+        ):
+            raise ApiError(401, "alert_token", "missing or wrong bearer token")
+        rows = _alert_rows(_json_object())
+        try:
+            stored = self._store_alerts(rows)
+        except IntegrityError:  # the same alert arrived twice at once: the other request won
+            stored = self._store_alerts(rows)
+        return jsonify({"received": len(rows), "stored": stored})
+
+    def _store_alerts(self, rows: list[dict]) -> int:
+        keys = list({row["dedupe_key"] for row in rows})
+        with self.sessions.begin() as session:
+            known = set(
+                session.scalars(
+                    select(Notification.dedupe_key).where(Notification.dedupe_key.in_(keys))
+                )
+            )
+            fresh = {}
+            for row in rows:
+                if row["dedupe_key"] not in known:
+                    fresh.setdefault(row["dedupe_key"], row)
+            session.add_all(Notification(**row) for row in fresh.values())
+        return len(fresh)
+
+    def openapi(self) -> Response:
+        return jsonify(OPENAPI)
+
+    def _labels(self, user_id: int) -> dict[int, str]:
+        with self.sessions() as session:
+            return present.account_labels(session, user_id, self.current_key())
+
+
+def create_blueprint(
+    *,
+    current_user: Callable[[], int | None],
+    current_key: Callable[[], DataKey | None],
+    csrf_token: Callable[[], str | None],
+    pipeline: PipelineBroker,
+    sessions: sessionmaker[Session] | None = None,
+    alert_token: str | None = None,
+    max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS,
+) -> Blueprint:
+    """The API bound to the host's session; `sessions` defaults to the pipeline's database."""
+    api = _Api(
+        current_user=current_user,
+        current_key=current_key,
+        csrf_token=csrf_token,
+        pipeline=pipeline,
+        sessions=sessions or pipeline.sessions,
+        alert_token=alert_token,
+        max_queued_jobs=max_queued_jobs,
+    )
+    blueprint = Blueprint(BLUEPRINT_NAME, __name__, url_prefix=API_PREFIX)
+    blueprint.before_request(api.guard)
+    blueprint.register_error_handler(ApiError, error_response)
+    blueprint.register_error_handler(HTTPException, http_error_response)
+    blueprint.after_request(_no_store)
+    routes = [
+        ("/jobs/fetch", "fetch", api.fetch, "POST"),
+        ("/jobs/history", "history", api.history, "GET"),
+        ("/jobs/<job_id>", "job_status", api.job_status, "GET"),
+        ("/accounts/health", "health", api.health, "GET"),
+        (f"/accounts/<{ID}:account_id>/diagnostics", "diagnostics", api.diagnostics, "POST"),
+        ("/metrics/performance", "performance", api.performance, "GET"),
+        ("/notifications", "notifications", api.notifications, "GET"),
+        (f"/notifications/<{ID}:notification_id>/read", "mark_read", api.mark_read, "POST"),
+        ("/notifications/read-all", "mark_all_read", api.mark_all_read, "POST"),
+        ("/alerts/alertmanager", "alertmanager", api.alertmanager, "POST"),
+        ("/openapi.json", "openapi", api.openapi, "GET"),
+    ]
+    for rule, endpoint, view, method in routes:
+        blueprint.add_url_rule(rule, endpoint, view, methods=[method])
+    return blueprint
+
+
+def _no_store(response: Response) -> Response:
+    """Job and account data are personal: no shared cache may keep them."""
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def _json_object() -> dict:
+    """The request body as a JSON object; an empty body counts as `{}`."""
+    if not request.get_data(cache=True):
+        return {}
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object", field="body")
+    return data
+
+
+def _int(data: dict, name: str, *, default: int | None, maximum: int) -> int | None:
+    """A whole number from 1 to `maximum`; JSON booleans and floats are refused by name."""
+    if name not in data:
+        return default
+    value = data[name]
+    if type(value) is not int or not 1 <= value <= maximum:
+        raise ApiError(
+            400, "bad_request", f"{name} must be a whole number from 1 to {maximum}", field=name
+        )
+    return value
+
+
+def _query_int(name: str, *, default: int, maximum: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
+        raise ApiError(
+            400, "bad_request", f"{name} must be a whole number from 1 to {maximum}", field=name
+        )
+    return int(raw)
+
+
+def _alert_rows(payload: dict) -> list[dict]:
+    """Validate Alertmanager's webhook payload (version 4) into notification rows."""
+    alerts = payload.get("alerts")
+    if not isinstance(alerts, list) or len(alerts) > MAX_ALERTS:
+        raise ApiError(
+            400, "bad_request", f"alerts must be a list of at most {MAX_ALERTS}", field="alerts"
+        )
+    rows = []
+    for index, alert in enumerate(alerts):
+        where = f"alerts[{index}]"
+        if not isinstance(alert, dict):
+            raise ApiError(400, "bad_request", f"{where} must be an object", field=where)
+        status = alert.get("status")
+        fingerprint = alert.get("fingerprint")
+        starts_at = alert.get("startsAt")
+        labels = alert.get("labels", {})
+        annotations = alert.get("annotations", {})
+        if status not in ALERT_STATUSES:
+            raise ApiError(
+                400, "bad_request", "status must be firing or resolved", field=f"{where}.status"
+            )
+        for name, value in (("fingerprint", fingerprint), ("startsAt", starts_at)):
+            if not isinstance(value, str) or not 0 < len(value) <= MAX_FINGERPRINT:
+                raise ApiError(
+                    400,
+                    "bad_request",
+                    f"{name} must be a non-empty string of at most {MAX_FINGERPRINT}",
+                    field=f"{where}.{name}",
+                )
+        for name, mapping in (("labels", labels), ("annotations", annotations)):
+            if not isinstance(mapping, dict) or not all(
+                isinstance(v, str) and len(v) <= MAX_LABEL for v in mapping.values()
+            ):
+                raise ApiError(
+                    400,
+                    "bad_request",
+                    f"{name} must map names to strings",
+                    field=f"{where}.{name}",
+                )
+        identity = f"{fingerprint}|{starts_at}|{status}".encode()
+        summary = annotations.get("summary") or annotations.get("description") or ""
+        name = labels.get("alertname", "alert")
+        severity = labels.get("severity")
+        rows.append(
+            {
+                "user_id": None,
+                "kind": ALERT_KIND,
+                "severity": severity if severity in ALERT_SEVERITIES else "warning",
+                "message": f"{name} ({status}): {summary}".strip(": ")[:MAX_MESSAGE],
+                "dedupe_key": "alert:" + hashlib.sha256(identity).hexdigest(),
+            }
+        )
+    return rows

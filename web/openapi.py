@@ -1,0 +1,561 @@
+"""The API's OpenAPI 3.1 document, kept as data beside the routes (a test checks they match)."""
+
+from __future__ import annotations
+
+from actors.pipeline import MAX_TIMEOUT_SECONDS
+
+MAX_ID = 2**31 - 1
+MAX_MAILS = 10_000
+DEFAULT_MAX_MAILS = 100
+DEFAULT_TIMEOUT_SECONDS = 120
+DEFAULT_HISTORY = 20
+MAX_HISTORY = 100
+DEFAULT_NOTIFICATIONS = 50
+MAX_NOTIFICATIONS = 200
+MAX_ALERTS = 1000
+MAX_FINGERPRINT = 200
+MAX_LABEL = 1000
+NULLABLE_STRING = {"type": ["string", "null"]}
+NULLABLE_NUMBER = {"type": ["number", "null"]}
+NULLABLE_INTEGER = {"type": ["integer", "null"]}
+SESSION = [{"session": []}]
+SESSION_POST = [{"session": [], "csrf": []}]
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict, description: str, headers: dict | None = None) -> dict:
+    response: dict = {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _error(description: str) -> dict:
+    return {"$ref": f"#/components/responses/{description}"}
+
+
+def _id_parameter(name: str, description: str) -> dict:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+    }
+
+
+def _limit(default: int, maximum: int) -> dict:
+    return {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": maximum, "default": default},
+    }
+
+
+LANG = {
+    "name": "lang",
+    "in": "query",
+    "required": False,
+    "description": "language of the texts meant for users (default: Accept-Language, then de)",
+    "schema": {"type": "string", "enum": ["de", "en"]},
+}
+
+JOB_SUMMARY = {
+    "type": "object",
+    "required": ["job_id", "type", "status", "final", "created_at", "emails_fetched"],
+    "properties": {
+        "job_id": {"type": "string"},
+        "type": {"type": "string", "enum": ["account", "all", "scheduled"]},
+        "status": {
+            "type": "string",
+            "enum": ["pending", "running", "retrying", "success", "partial_failure", "failed"],
+        },
+        "status_text": {"type": "string", "description": "the status in user words"},
+        "final": {"type": "boolean"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "started_at": NULLABLE_STRING,
+        "finished_at": NULLABLE_STRING,
+        "duration": {**NULLABLE_NUMBER, "description": "seconds from start to end"},
+        "emails_fetched": {"type": "integer"},
+        "emails_processed": {"type": "integer"},
+        "retry_count": {"type": "integer"},
+        "account_ids": {"type": "array", "items": {"type": "integer"}},
+        "accounts_label": {"type": "string", "description": '"alle"/"all" or account names'},
+        "errors": {"type": "array", "items": {"type": "object"}},
+        "metrics": {"type": "object"},
+        "options": {"type": "object"},
+    },
+}
+
+ACCOUNT_RUN = {
+    "type": "object",
+    "required": ["account_id", "status", "label"],
+    "properties": {
+        "account_id": {"type": "integer"},
+        "label": {"type": "string"},
+        "provider": {"type": "string"},
+        "status": {
+            "type": "string",
+            "enum": ["pending", "running", "retrying", "success", "failed", "skipped"],
+        },
+        "status_text": {"type": "string"},
+        "attempt": {"type": "integer"},
+        "started_at": NULLABLE_STRING,
+        "finished_at": NULLABLE_STRING,
+        "duration": NULLABLE_NUMBER,
+        "phases": {"type": "object", "additionalProperties": {"type": "number"}},
+        "fetched": {"type": "integer"},
+        "saved": {"type": "integer"},
+        "duplicates": {"type": "integer"},
+        "quarantined": {"type": "integer"},
+        "processed": {"type": "integer"},
+        "error_class": NULLABLE_STRING,
+        "error": {**NULLABLE_STRING, "description": "the technical cause, one line, no secret"},
+        "message": {**NULLABLE_STRING, "description": "what went wrong, in user words"},
+    },
+}
+
+ACCOUNT_HEALTH = {
+    "type": "object",
+    "required": ["account_id", "label", "health", "shown_health", "health_text"],
+    "properties": {
+        "account_id": {"type": "integer"},
+        "label": {"type": "string"},
+        "provider": {"type": "string"},
+        "enabled": {"type": "boolean"},
+        "health": {"type": "string", "enum": ["HEALTHY", "DEGRADED", "BROKEN"]},
+        "shown_health": {"type": "string", "enum": ["HEALTHY", "DEGRADED", "BROKEN", "LOCKED"]},
+        "health_text": {"type": "string"},
+        "locked": {"type": "boolean"},
+        "circuit": {"type": "string"},
+        "health_checked_at": NULLABLE_STRING,
+        "last_fetch_at": NULLABLE_STRING,
+        "last_success_at": NULLABLE_STRING,
+        "last_error_class": NULLABLE_STRING,
+        "last_error": NULLABLE_STRING,
+        "last_error_text": NULLABLE_STRING,
+        "folders": {"type": "array", "items": {"type": "string"}},
+        "sync_interval_seconds": {"type": "integer"},
+    },
+}
+
+SUMMARY = {
+    "type": ["object", "null"],
+    "properties": {
+        "count": {"type": "integer"},
+        "p50": {"type": "number"},
+        "p95": {"type": "number"},
+        "mean": {"type": "number"},
+    },
+}
+
+NOTIFICATION = {
+    "type": "object",
+    "required": ["id", "kind", "severity", "message", "created_at", "read_at"],
+    "properties": {
+        "id": {"type": "integer"},
+        "kind": {"type": "string"},
+        "severity": {"type": "string"},
+        "message": {"type": "string"},
+        "account_id": NULLABLE_INTEGER,
+        "job_id": NULLABLE_STRING,
+        "created_at": {"type": "string"},
+        "read_at": NULLABLE_STRING,
+    },
+}
+
+OPENAPI: dict = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "mailpipe web API",
+        "version": "1",
+        "description": (
+            "Start mail fetches, follow them, and see account health, performance and "
+            "notifications. Session-authenticated POSTs need the session's CSRF token in the "
+            "X-CSRF-Token header. Anything that is not the caller's own answers 404."
+        ),
+    },
+    "paths": {
+        "/api/jobs/fetch": {
+            "post": {
+                "operationId": "fetch",
+                "summary": "Start a fetch of one account or all of the user's accounts",
+                "security": SESSION_POST,
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": _ref("FetchRequest")}},
+                },
+                "responses": {
+                    "202": _json(
+                        _ref("JobAccepted"),
+                        "the job is queued",
+                        {"Location": {"schema": {"type": "string"}}},
+                    ),
+                    "400": _error("BadRequest"),
+                    "401": _error("Unauthorized"),
+                    "403": _error("Forbidden"),
+                    "404": _error("NotFound"),
+                    "429": _error("TooManyJobs"),
+                    "503": _error("Unavailable"),
+                },
+            }
+        },
+        "/api/jobs/history": {
+            "get": {
+                "operationId": "history",
+                "summary": "The user's last jobs, newest first",
+                "security": SESSION,
+                "parameters": [_limit(DEFAULT_HISTORY, MAX_HISTORY), LANG],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["jobs"],
+                            "properties": {"jobs": {"type": "array", "items": _ref("JobSummary")}},
+                        },
+                        "the jobs",
+                    ),
+                    "400": _error("BadRequest"),
+                    "401": _error("Unauthorized"),
+                },
+            }
+        },
+        "/api/jobs/{job_id}": {
+            "get": {
+                "operationId": "job_status",
+                "summary": "One job: status, per-account progress, phases, counts, errors",
+                "security": SESSION,
+                "parameters": [
+                    {
+                        "name": "job_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                    LANG,
+                ],
+                "responses": {
+                    "200": _json(_ref("JobStatus"), "the job"),
+                    "401": _error("Unauthorized"),
+                    "404": _error("NotFound"),
+                },
+            }
+        },
+        "/api/accounts/health": {
+            "get": {
+                "operationId": "health",
+                "summary": "Each account's health, last check and last error in plain words",
+                "security": SESSION,
+                "parameters": [LANG],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["accounts"],
+                            "properties": {
+                                "accounts": {"type": "array", "items": _ref("AccountHealth")}
+                            },
+                        },
+                        "the accounts",
+                    ),
+                    "401": _error("Unauthorized"),
+                },
+            }
+        },
+        "/api/accounts/{account_id}/diagnostics": {
+            "post": {
+                "operationId": "diagnostics",
+                "summary": "Log in to the account now and measure one round trip",
+                "security": SESSION_POST,
+                "parameters": [_id_parameter("account_id", "the account to check"), LANG],
+                "responses": {
+                    "200": _json(_ref("Diagnostics"), "the check ran (see ok)"),
+                    "401": _error("Unauthorized"),
+                    "403": _error("Forbidden"),
+                    "404": _error("NotFound"),
+                    "409": _error("Conflict"),
+                },
+            }
+        },
+        "/api/metrics/performance": {
+            "get": {
+                "operationId": "performance",
+                "summary": "Phase timings, durations, throughput and a 7-day trend",
+                "security": SESSION,
+                "responses": {
+                    "200": _json(_ref("Performance"), "the user's performance figures"),
+                    "401": _error("Unauthorized"),
+                },
+            }
+        },
+        "/api/notifications": {
+            "get": {
+                "operationId": "notifications",
+                "summary": "The user's notifications, newest first, and the unread count",
+                "security": SESSION,
+                "parameters": [_limit(DEFAULT_NOTIFICATIONS, MAX_NOTIFICATIONS)],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["notifications", "unread"],
+                            "properties": {
+                                "notifications": {
+                                    "type": "array",
+                                    "items": _ref("Notification"),
+                                },
+                                "unread": {"type": "integer"},
+                            },
+                        },
+                        "the notifications",
+                    ),
+                    "400": _error("BadRequest"),
+                    "401": _error("Unauthorized"),
+                },
+            }
+        },
+        "/api/notifications/{notification_id}/read": {
+            "post": {
+                "operationId": "mark_read",
+                "summary": "Mark one notification as read",
+                "security": SESSION_POST,
+                "parameters": [_id_parameter("notification_id", "the notification")],
+                "responses": {
+                    "200": _json(_ref("Notification"), "the notification, now read"),
+                    "401": _error("Unauthorized"),
+                    "403": _error("Forbidden"),
+                    "404": _error("NotFound"),
+                },
+            }
+        },
+        "/api/notifications/read-all": {
+            "post": {
+                "operationId": "mark_all_read",
+                "summary": "Mark all of the user's notifications as read",
+                "security": SESSION_POST,
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["marked"],
+                            "properties": {"marked": {"type": "integer"}},
+                        },
+                        "how many were unread",
+                    ),
+                    "401": _error("Unauthorized"),
+                    "403": _error("Forbidden"),
+                },
+            }
+        },
+        "/api/alerts/alertmanager": {
+            "post": {
+                "operationId": "alertmanager",
+                "summary": "Alertmanager webhook: store each alert once as an operator notification",
+                "security": [{"alertToken": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("AlertmanagerPayload")}},
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["received", "stored"],
+                            "properties": {
+                                "received": {"type": "integer"},
+                                "stored": {"type": "integer"},
+                            },
+                        },
+                        "alerts received and newly stored (the rest were duplicates)",
+                    ),
+                    "400": _error("BadRequest"),
+                    "401": _error("Unauthorized"),
+                    "503": _error("Unavailable"),
+                },
+            }
+        },
+        "/api/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": _json({"type": "object"}, "the OpenAPI document")},
+            }
+        },
+    },
+    "components": {
+        "securitySchemes": {
+            "session": {"type": "apiKey", "in": "cookie", "name": "mailpipe_session"},
+            "csrf": {"type": "apiKey", "in": "header", "name": "X-CSRF-Token"},
+            "alertToken": {"type": "http", "scheme": "bearer"},
+        },
+        "responses": {
+            name: _json(_ref("Error"), description)
+            for name, description in {
+                "BadRequest": "bad input; `field` names the field at fault",
+                "Unauthorized": "not logged in, data key missing, or wrong bearer token",
+                "Forbidden": "missing or wrong X-CSRF-Token",
+                "NotFound": "no such job, account or notification of this user",
+                "Conflict": "the account's stored settings cannot be opened",
+                "TooManyJobs": "too many of the user's jobs are still queued or running",
+                "Unavailable": "the workers' key or the alert token is not configured",
+            }.items()
+        },
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error", "code"],
+                "properties": {
+                    "error": {"type": "string"},
+                    "code": {"type": "string"},
+                    "field": {"type": "string"},
+                },
+            },
+            "FetchRequest": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "account_id": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_ID,
+                        "description": "one account; all enabled accounts when left out",
+                    },
+                    "max_mails": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_MAILS,
+                        "default": DEFAULT_MAX_MAILS,
+                    },
+                    "timeout_seconds": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_TIMEOUT_SECONDS,
+                        "default": DEFAULT_TIMEOUT_SECONDS,
+                    },
+                },
+            },
+            "JobAccepted": {
+                "type": "object",
+                "required": ["job_id", "status_url"],
+                "properties": {"job_id": {"type": "string"}, "status_url": {"type": "string"}},
+            },
+            "JobSummary": JOB_SUMMARY,
+            "JobStatus": {
+                "allOf": [
+                    JOB_SUMMARY,
+                    {
+                        "type": "object",
+                        "required": ["accounts", "progress"],
+                        "properties": {
+                            "accounts": {"type": "array", "items": ACCOUNT_RUN},
+                            "progress": {
+                                "type": "object",
+                                "required": ["done", "total"],
+                                "properties": {
+                                    "done": {"type": "integer"},
+                                    "total": {"type": "integer"},
+                                },
+                            },
+                        },
+                    },
+                ]
+            },
+            "AccountHealth": ACCOUNT_HEALTH,
+            "Diagnostics": {
+                "type": "object",
+                "required": ["account_id", "ok", "capabilities"],
+                "properties": {
+                    "account_id": {"type": "integer"},
+                    "provider": {"type": "string"},
+                    "ok": {"type": "boolean"},
+                    "security": {"type": "string", "enum": ["tls", "starttls", "none"]},
+                    "connect_seconds": {**NULLABLE_NUMBER, "description": "connect and log in"},
+                    "round_trip_seconds": {**NULLABLE_NUMBER, "description": "one NOOP"},
+                    "capabilities": {"type": "array", "items": {"type": "string"}},
+                    "imap4rev1": {"type": "boolean"},
+                    "error_class": NULLABLE_STRING,
+                    "error": NULLABLE_STRING,
+                    "message": {**NULLABLE_STRING, "description": "the error in user words"},
+                },
+            },
+            "Performance": {
+                "type": "object",
+                "required": ["runs", "trend"],
+                "properties": {
+                    "runs": {"type": "integer"},
+                    "failed_runs": {"type": "integer"},
+                    "phases": {"type": "object", "additionalProperties": SUMMARY},
+                    "account_run_duration": SUMMARY,
+                    "emails_per_second": NULLABLE_NUMBER,
+                    "trend": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["date", "jobs", "emails", "avg_duration"],
+                            "properties": {
+                                "date": {"type": "string", "format": "date"},
+                                "jobs": {"type": "integer"},
+                                "emails": {"type": "integer"},
+                                "avg_duration": NULLABLE_NUMBER,
+                            },
+                        },
+                    },
+                },
+            },
+            "Notification": NOTIFICATION,
+            "AlertmanagerPayload": {
+                "type": "object",
+                "required": ["alerts"],
+                "properties": {
+                    "version": {"type": "string"},
+                    "status": {"type": "string"},
+                    "receiver": {"type": "string"},
+                    "alerts": {
+                        "type": "array",
+                        "maxItems": MAX_ALERTS,
+                        "items": {
+                            "type": "object",
+                            "required": ["status", "fingerprint", "startsAt"],
+                            "properties": {
+                                "status": {"type": "string", "enum": ["firing", "resolved"]},
+                                "fingerprint": {
+                                    "type": "string",
+                                    "minLength": 1,
+                                    "maxLength": MAX_FINGERPRINT,
+                                },
+                                "startsAt": {
+                                    "type": "string",
+                                    "minLength": 1,
+                                    "maxLength": MAX_FINGERPRINT,
+                                },
+                                "endsAt": {"type": "string"},
+                                "labels": {
+                                    "type": "object",
+                                    "additionalProperties": {
+                                        "type": "string",
+                                        "maxLength": MAX_LABEL,
+                                    },
+                                },
+                                "annotations": {
+                                    "type": "object",
+                                    "additionalProperties": {
+                                        "type": "string",
+                                        "maxLength": MAX_LABEL,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}

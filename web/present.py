@@ -1,0 +1,180 @@
+"""What the API and the dashboard show of jobs, accounts and notifications, in user words."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from mailpipe import jobs
+from mailpipe.accounts import PROVIDER_NAMES, account_settings
+from mailpipe.crypto import DataKey
+from mailpipe.errors import DecryptionFailed
+from mailpipe.models import (
+    JOB_FINAL,
+    RUN_FINAL,
+    AccountRun,
+    MailAccount,
+    Notification,
+    PipelineJob,
+    utcnow,
+)
+
+from .i18n import TEXTS, text
+
+USER_JOB_TYPES = (jobs.TYPE_ACCOUNT, jobs.TYPE_ALL)
+NOTIFICATION_FIELDS = (
+    "id",
+    "kind",
+    "severity",
+    "message",
+    "account_id",
+    "job_id",
+    "created_at",
+    "read_at",
+)
+
+
+def account_labels(session: Session, user_id: int, key: DataKey | None) -> dict[int, str]:
+    """Provider and login of each account, so users with several accounts can tell them apart.
+
+    The login is decrypted with the owner's key for the owner only; without the key (or if it
+    does not open) the account is named by provider and number.
+    """
+    labels = {}
+    for account in session.scalars(select(MailAccount).where(MailAccount.user_id == user_id)):
+        name = PROVIDER_NAMES.get(account.provider, PROVIDER_NAMES["other"])
+        login = None
+        if key is not None and account.credentials_enc is not None:
+            try:
+                login = account_settings(account, key).username
+            except (DecryptionFailed, ValueError, TypeError):
+                login = None
+        labels[account.id] = f"{name} · {login}" if login else f"{name} #{account.id}"
+    return labels
+
+
+def error_text(error_class: str | None, lang: str) -> str | None:
+    """An error class in words a user can act on; the core's own message stays technical."""
+    if not error_class:
+        return None
+    key = f"error_{error_class}"
+    return text(lang, key if key in TEXTS["en"] else "error_unknown")
+
+
+def status_text(status: str, lang: str) -> str:
+    return text(lang, f"status_{status}")
+
+
+def job_account_ids(session: Session, job_ids: list[str]) -> dict[str, list[int]]:
+    """Which accounts each job covered, for the history's "account or all" column."""
+    covered: dict[str, list[int]] = defaultdict(list)
+    if job_ids:
+        rows = session.execute(
+            select(AccountRun.job_id, AccountRun.account_id)
+            .where(AccountRun.job_id.in_(job_ids))
+            .order_by(AccountRun.account_id)
+        )
+        for job_id, account_id in rows:
+            covered[job_id].append(account_id)
+    return covered
+
+
+def accounts_label(job_type: str, account_ids: list[int], labels: dict[int, str], lang: str) -> str:
+    """ "alle" for a fetch of all accounts, else the accounts' names (scheduled ones marked)."""
+    if job_type == jobs.TYPE_ALL:
+        return text(lang, "all_accounts")
+    named = ", ".join(labels.get(a, f"#{a}") for a in account_ids) or "—"
+    if job_type == jobs.TYPE_SCHEDULED:
+        return f"{named} ({text(lang, 'automatic')})"
+    return named
+
+
+def job_summary_view(
+    job: dict, *, account_ids: list[int], labels: dict[int, str], lang: str
+) -> dict:
+    """A history row: the core's summary plus accounts, duration and status in words."""
+    return {
+        **job,
+        "account_ids": account_ids,
+        "accounts_label": accounts_label(job["type"], account_ids, labels, lang),
+        "duration": (job.get("metrics") or {}).get("duration"),
+        "status_text": status_text(job["status"], lang),
+    }
+
+
+def job_status_view(status: dict, *, labels: dict[int, str], lang: str) -> dict:
+    """One job with per-account progress, each error said in user words."""
+    runs = [
+        {
+            **run,
+            "label": labels.get(run["account_id"], f"#{run['account_id']}"),
+            "status_text": status_text(run["status"], lang),
+            "message": error_text(run["error_class"], lang),
+        }
+        for run in status["accounts"]
+    ]
+    account_ids = [run["account_id"] for run in runs]
+    return {
+        **job_summary_view(status, account_ids=account_ids, labels=labels, lang=lang),
+        "accounts": runs,
+        "progress": {
+            "done": sum(run["status"] in RUN_FINAL for run in runs),
+            "total": len(runs),
+        },
+    }
+
+
+def account_view(health: dict, *, labels: dict[int, str], lang: str) -> dict:
+    """An account card: health, last check and last error in plain words."""
+    return {
+        **health,
+        "label": labels.get(health["account_id"], f"#{health['account_id']}"),
+        "health_text": text(lang, f"health_{health['shown_health']}"),
+        "last_error_text": error_text(health["last_error_class"], lang),
+    }
+
+
+def open_user_jobs(session: Session, user_id: int, *, window_seconds: int) -> int:
+    """Jobs the user started that are not final yet.
+
+    A job older than its key grant can no longer read anything and will end as skipped, so it
+    stops counting after `window_seconds`; a lost job cannot block the user for good.
+    """
+    since = utcnow() - timedelta(seconds=window_seconds)
+    return session.scalar(
+        select(func.count())
+        .select_from(PipelineJob)
+        .where(
+            PipelineJob.user_id == user_id,
+            PipelineJob.type.in_(USER_JOB_TYPES),
+            PipelineJob.status.not_in(JOB_FINAL),
+            PipelineJob.created_at >= since,
+        )
+    )
+
+
+def notification_view(row: Notification) -> dict:
+    return {name: _plain(getattr(row, name)) for name in NOTIFICATION_FIELDS}
+
+
+def user_notifications(session: Session, user_id: int, *, limit: int) -> dict:
+    """The user's own notifications, newest first, and how many are unread."""
+    rows = session.scalars(
+        select(Notification)
+        .where(Notification.user_id == user_id)
+        .order_by(Notification.created_at.desc(), Notification.id.desc())
+        .limit(limit)
+    )
+    unread = session.scalar(
+        select(func.count())
+        .select_from(Notification)
+        .where(Notification.user_id == user_id, Notification.read_at.is_(None))
+    )
+    return {"notifications": [notification_view(row) for row in rows], "unread": unread}
+
+
+def _plain(value: object) -> object:
+    return value.isoformat() if isinstance(value, datetime) else value

@@ -1,0 +1,267 @@
+// mailpipe dashboard: start a fetch, follow it live, refresh the sections, draw the trend chart.
+// No library and nothing from the internet: the page must work behind a strict CSP.
+(() => {
+  "use strict";
+
+  const POLL_MS = 1000;
+  const REFRESHED = ["jobs", "accounts", "notifications"];
+  const SVG = "http://www.w3.org/2000/svg";
+
+  let page = readPageData(document);
+  const T = page.texts;
+  const csrf = document.querySelector('meta[name="csrf-token"]').content;
+
+  function readPageData(doc) {
+    return JSON.parse(doc.getElementById("page-data").textContent);
+  }
+
+  function format(template, values) {
+    return template.replace(/\{(\w+)\}/g, (_, name) => String(values[name]));
+  }
+
+  function number(value, digits) {
+    return new Intl.NumberFormat(page.lang, {
+      minimumFractionDigits: digits,
+      maximumFractionDigits: digits,
+    }).format(value);
+  }
+
+  async function api(path, method = "GET", body = undefined) {
+    const url = new URL(path, window.location.origin);
+    url.searchParams.set("lang", page.lang);
+    const headers = { Accept: "application/json" };
+    if (method === "POST") {
+      headers["X-CSRF-Token"] = csrf;
+      headers["Content-Type"] = "application/json";
+    }
+    const response = await fetch(url, {
+      method,
+      headers,
+      credentials: "same-origin",
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const data = await response.json().catch(() => ({}));
+    return { ok: response.ok, status: response.status, data };
+  }
+
+  function errorText(result) {
+    const key = "error_" + (result.data.code || "generic");
+    return T[key] || T.error_generic;
+  }
+
+  // -- times in the reader's own time zone -------------------------------------------------
+
+  function localTimes(root) {
+    const shown = new Intl.DateTimeFormat(page.lang, { dateStyle: "short", timeStyle: "short" });
+    for (const element of root.querySelectorAll("time[datetime]")) {
+      const iso = element.getAttribute("datetime");
+      if (!iso) continue;
+      // The server stores UTC; SQLite hands instants back without an offset.
+      const stamp = /(Z|[+-]\d\d:\d\d)$/.test(iso) ? iso : iso + "Z";
+      const when = new Date(stamp);
+      if (!Number.isNaN(when.getTime())) element.textContent = shown.format(when);
+    }
+  }
+
+  // -- live progress of one job ------------------------------------------------------------
+
+  const button = document.getElementById("fetch-now");
+  const message = document.getElementById("fetch-message");
+  const progress = document.getElementById("progress");
+
+  function renderProgress(job) {
+    progress.hidden = false;
+    progress.dataset.status = job.status;
+    progress.dataset.final = String(job.final);
+    progress.dataset.job = job.job_id;
+    document.getElementById("progress-title").textContent = job.final
+      ? job.status_text
+      : T.fetch_running;
+    document.getElementById("progress-count").textContent = format(T.progress, job.progress);
+    const share = job.progress.total ? job.progress.done / job.progress.total : 1;
+    document.getElementById("progress-fill").style.width = `${Math.round(share * 100)}%`;
+    const list = document.getElementById("progress-accounts");
+    list.replaceChildren(
+      ...job.accounts.map((run) => {
+        const item = document.createElement("li");
+        item.className = `run status-${run.status}`;
+        const name = document.createElement("span");
+        name.className = "run-name";
+        name.textContent = run.label;
+        const state = document.createElement("span");
+        state.className = `badge status-${run.status}`;
+        state.textContent = run.status_text;
+        const detail = document.createElement("span");
+        detail.className = "run-detail";
+        if (run.message) {
+          detail.textContent = run.message;
+          detail.classList.add("error");
+        } else if (run.status === "success") {
+          detail.textContent = `${run.fetched} ${T.mails}`;
+          if (run.duration !== null) detail.textContent += ` · ${number(run.duration, 2)} s`;
+        }
+        item.append(name, state, detail);
+        return item;
+      }),
+    );
+  }
+
+  async function follow(jobId) {
+    button.disabled = true;
+    try {
+      for (;;) {
+        const result = await api(`/api/jobs/${encodeURIComponent(jobId)}`);
+        if (!result.ok) {
+          message.textContent = errorText(result);
+          return;
+        }
+        renderProgress(result.data);
+        if (result.data.final) return;
+        await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+      }
+    } finally {
+      button.disabled = false;
+      await refresh();
+    }
+  }
+
+  async function fetchNow() {
+    message.textContent = "";
+    button.disabled = true;
+    const result = await api("/api/jobs/fetch", "POST", {});
+    if (!result.ok) {
+      button.disabled = false;
+      message.textContent = errorText(result);
+      return;
+    }
+    await follow(result.data.job_id);
+  }
+
+  // -- refresh the server-rendered sections ------------------------------------------------
+
+  async function refresh() {
+    const response = await fetch(window.location.href, { credentials: "same-origin" });
+    if (!response.ok) return;
+    const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
+    for (const id of REFRESHED) {
+      const replacement = fresh.getElementById(id);
+      if (replacement) document.getElementById(id).replaceWith(document.adoptNode(replacement));
+    }
+    page = readPageData(fresh);
+    drawTrend(page.trend);
+    localTimes(document);
+    bindSections();
+  }
+
+  // -- account checks and notifications ----------------------------------------------------
+
+  async function checkAccount(target) {
+    const result = target.parentElement.querySelector(".check-result");
+    result.classList.remove("error");
+    result.textContent = T.checking;
+    target.disabled = true;
+    const answer = await api(`/api/accounts/${target.dataset.account}/diagnostics`, "POST");
+    target.disabled = false;
+    if (!answer.ok) {
+      result.textContent = errorText(answer);
+      result.classList.add("error");
+    } else if (answer.data.ok) {
+      result.textContent = format(T.check_ok, {
+        connect: number(answer.data.connect_seconds, 2),
+        rtt: number(answer.data.round_trip_seconds, 3),
+      });
+    } else {
+      result.textContent = format(T.check_failed, { message: answer.data.message });
+      result.classList.add("error");
+    }
+  }
+
+  async function markRead(target) {
+    const path = target.id === "mark-all-read"
+      ? "/api/notifications/read-all"
+      : `/api/notifications/${target.dataset.note}/read`;
+    const answer = await api(path, "POST");
+    if (answer.ok) await refresh();
+  }
+
+  function bindSections() {
+    for (const target of document.querySelectorAll(".check-account")) {
+      target.addEventListener("click", () => checkAccount(target));
+    }
+    for (const target of document.querySelectorAll(".mark-read, #mark-all-read")) {
+      target.addEventListener("click", () => markRead(target));
+    }
+  }
+
+  // -- 7-day trend: bars for mails, a line for the average fetch time ----------------------
+
+  function svg(name, attributes, text) {
+    const element = document.createElementNS(SVG, name);
+    for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, value);
+    if (text !== undefined) element.textContent = text;
+    return element;
+  }
+
+  function niceMax(value) {
+    if (value <= 0) return 1;
+    const magnitude = 10 ** Math.floor(Math.log10(value));
+    const steps = [1, 2, 2.5, 5, 10];
+    return steps.map((s) => s * magnitude).find((s) => s >= value);
+  }
+
+  function drawTrend(trend) {
+    const width = 560;
+    const height = 220;
+    const pad = { left: 40, right: 44, top: 14, bottom: 30 };
+    const inner = { w: width - pad.left - pad.right, h: height - pad.top - pad.bottom };
+    const maxMails = niceMax(Math.max(0, ...trend.map((d) => d.emails)));
+    const maxSeconds = niceMax(Math.max(0, ...trend.map((d) => d.avg_duration || 0)));
+    const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "trend-svg" });
+    const slot = inner.w / trend.length;
+    const y = (value, max) => pad.top + inner.h - (value / max) * inner.h;
+
+    for (let i = 0; i <= 4; i += 1) {
+      const level = pad.top + (inner.h * i) / 4;
+      chart.append(svg("line", { x1: pad.left, x2: width - pad.right, y1: level, y2: level, class: "grid" }));
+      const mails = maxMails * (1 - i / 4);
+      const seconds = maxSeconds * (1 - i / 4);
+      chart.append(svg("text", { x: pad.left - 6, y: level + 4, class: "axis mails" }, number(mails, 0)));
+      chart.append(
+        svg("text", { x: width - pad.right + 6, y: level + 4, class: "axis seconds" }, number(seconds, 1)),
+      );
+    }
+    const day = new Intl.DateTimeFormat(page.lang, { weekday: "short", day: "numeric" });
+    const points = [];
+    trend.forEach((entry, index) => {
+      const x = pad.left + slot * index;
+      const top = y(entry.emails, maxMails);
+      const bar = svg("rect", {
+        x: x + slot * 0.2,
+        y: top,
+        width: slot * 0.6,
+        height: pad.top + inner.h - top,
+        class: "bar-mails",
+      });
+      bar.append(svg("title", {}, `${entry.date}: ${entry.emails} ${T.mails}`));
+      chart.append(bar);
+      const label = day.format(new Date(`${entry.date}T12:00:00Z`));
+      chart.append(svg("text", { x: x + slot / 2, y: height - 10, class: "axis day" }, label));
+      if (entry.avg_duration !== null) points.push([x + slot / 2, y(entry.avg_duration, maxSeconds), entry]);
+    });
+    if (points.length > 1) {
+      chart.append(svg("polyline", { points: points.map((p) => `${p[0]},${p[1]}`).join(" "), class: "line-duration" }));
+    }
+    for (const [cx, cy, entry] of points) {
+      const dot = svg("circle", { cx, cy, r: 4, class: "dot-duration" });
+      dot.append(svg("title", {}, `${entry.date}: ${number(entry.avg_duration, 2)} s`));
+      chart.append(dot);
+    }
+    document.getElementById("trend-chart").replaceChildren(chart);
+  }
+
+  button.addEventListener("click", fetchNow);
+  bindSections();
+  drawTrend(page.trend);
+  localTimes(document);
+  if (page.running) follow(page.running);
+})();
