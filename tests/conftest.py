@@ -5,6 +5,7 @@ Nothing here imports `mailpipe`, so the support code works while the package is 
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -17,6 +18,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `.venv/bin/pytest` does not put the repo root on sys.path
     sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault(
+    "MAILPIPE_MIN_BACKOFF_MS", "100"
+)  # retries in tests wait 0.1-0.2 s, not 1-2 s
 
 from tests.support import postgres  # noqa: E402
 from tests.support.dovecot import DOVECOT, Dovecot  # noqa: E402
@@ -134,3 +139,7 @@ def corpus_messages() -> list[bytes]:
     except ImportError:
         pass
     return [p.read_bytes() for p in files]
+
+
+from tests.support.cluster import cluster  # noqa: E402,F401  (fixture)
+from tests.support.world import world  # noqa: E402,F401  (fixture)

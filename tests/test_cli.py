@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.test_sync import message
+from tests.support.messages import plain_message as message
 
 JSON_KEYS = {"fetched", "saved", "duplicates", "quarantined", "folders", "phases", "duration"}
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from tests.support import postgres
+from tests.support.messages import plain_message as message
 from tests.support.workers import REDIS_URL, delete_namespace, new_namespace
-from tests.test_sync import message
 
 
 def run(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from email.message import EmailMessage
 
 import pytest
 from sqlalchemy import func, select
@@ -16,18 +15,9 @@ from mailpipe.imap import ImapSettings
 from mailpipe.models import Email, FolderState
 from mailpipe.observer import Observer
 from mailpipe.sync import SyncOptions, sync_account
+from tests.support.messages import plain_message as message
 
 FAST_KDF = 1_000
-
-
-def message(i: int, *, subject: str | None = None, size: int = 200) -> bytes:
-    mail = EmailMessage()
-    mail["From"] = "Absender <absender@example.org>"
-    mail["To"] = "empfaenger@example.org"
-    mail["Subject"] = subject or f"Nachricht {i}"
-    mail["Message-ID"] = f"<m{i}@example.org>"
-    mail.set_content(f"Inhalt {i} " + "x" * size)
-    return mail.as_bytes()
 
 
 @dataclass

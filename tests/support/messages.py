@@ -11,6 +11,7 @@ import base64
 import binascii
 import random
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
 from email.utils import format_datetime
 
 EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
@@ -77,3 +78,14 @@ def synthetic_message(i: int, rnd: random.Random) -> bytes:
         )
         body = _multipart("mixed", f"mix-{i}", [body, attachment])
     return (headers + body).encode("utf-8")
+
+
+def plain_message(i: int, *, subject: str | None = None, size: int = 200) -> bytes:
+    """A small German test message numbered i, with a unique Message-ID."""
+    mail = EmailMessage()
+    mail["From"] = "Absender <absender@example.org>"
+    mail["To"] = "empfaenger@example.org"
+    mail["Subject"] = subject or f"Nachricht {i}"
+    mail["Message-ID"] = f"<m{i}@example.org>"
+    mail.set_content(f"Inhalt {i} " + "x" * size)
+    return mail.as_bytes()
