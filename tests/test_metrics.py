@@ -1,0 +1,387 @@
+"""metrics/: bounded labels, the observer's records, the multiprocess directory, the collectors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import dramatiq
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
+from prometheus_client import REGISTRY, generate_latest
+from sqlalchemy import update
+
+from mailpipe import db, grants, jobs, models
+from mailpipe.accounts import add_account, create_user
+from mailpipe.errors import MailpipeError
+from mailpipe.failures import Failure
+from mailpipe.imap import ImapSettings
+from mailpipe.jobs import FinishedJob
+from mailpipe.observer import PhaseTimer
+from mailpipe.runner import BUSY, DONE, RETRY, RunOutcome
+from mailpipe.sync import SyncResult
+from metrics import multiprocess
+from metrics.collectors import AccountCollector, QueueCollector
+from metrics.middleware import DramatiqMetrics
+from metrics.observer import MetricsObserver, record_finished_job
+from tests.support.workers import REDIS_URL, ROOT, delete_namespace, new_namespace
+
+FAST_KDF = 1_000
+PLANTED = ("planted-user", "planted-account", "planted.address@example.org", "PlantedFolder")
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def collected(collector) -> dict[tuple[str, tuple], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in collector.collect()
+        for s in family.samples
+    }
+
+
+# -- labels --------------------------------------------------------------------------------
+
+
+def test_labels_never_carry_names_or_addresses_whatever_the_caller_passes():
+    # Given an observer and records fed with a user, account, address and folder name
+    observer = MetricsObserver(provider="planted.address@example.org")
+    for planted in PLANTED:
+        observer.after_phase(planted, 0.1)
+        observer.after_batch(
+            fetched=1, fetched_bytes=10, saved=1, duplicates=0, quarantined={planted: 1}
+        )
+        observer.record_outcome(RunOutcome(DONE, failure=Failure(planted, "m")), seconds=1.0)
+        observer.record_outcome(RunOutcome(RETRY, failure=Failure(planted, "m")), seconds=1.0)
+
+    # When the metrics are exposed
+    exposition = generate_latest(REGISTRY).decode()
+
+    # Then none of the planted words appears, and the values fell back to the fixed vocabulary
+    for planted in PLANTED:
+        assert planted.lower() not in exposition.lower()
+    assert observer.provider == "other"
+    assert 'mailpipe_phase_duration_seconds_count{phase="other",provider="other"}' in exposition
+    assert 'mailpipe_emails_quarantined_total{reason="parse_error"}' in exposition
+    assert 'mailpipe_retries_total{error_class="unknown"}' in exposition
+
+
+# -- the observer --------------------------------------------------------------------------
+
+
+def test_a_failure_is_counted_under_the_phase_it_happened_in_not_the_cleanup_after_it():
+    # Given a sync whose fetch phase raises, followed (as in the core) by a timed disconnect
+    observer = MetricsObserver(provider="gmx")
+    timer = PhaseTimer(observer)
+    before = sample("mailpipe_errors_total", error_class="timeout", phase="fetch", provider="gmx")
+    retries = sample("mailpipe_retries_total", error_class="timeout")
+    with pytest.raises(TimeoutError):
+        try:
+            with timer.phase("connect"):
+                pass
+            with timer.phase("fetch"):
+                raise TimeoutError
+        finally:
+            with timer.phase("disconnect"):
+                pass
+
+    # When the runner's outcome is a retry of that timeout
+    observer.record_outcome(RunOutcome(RETRY, failure=Failure("timeout", "m")), seconds=2.0)
+
+    # Then the error counts under fetch, and the retry under its class
+    assert observer.failed_phase == "fetch"
+    errors = sample("mailpipe_errors_total", error_class="timeout", phase="fetch", provider="gmx")
+    assert errors == before + 1
+    assert sample("mailpipe_retries_total", error_class="timeout") == retries + 1
+
+
+def test_an_exception_already_being_handled_is_not_taken_for_a_failed_phase():
+    # Given an observer made while the caller handles an unrelated exception
+    try:
+        raise ValueError("not ours")
+    except ValueError:
+        observer = MetricsObserver(provider="gmx")
+        # When a phase ends normally inside that handler
+        PhaseTimer(observer).add("connect", 0.01)
+    # Then no phase counts as failed
+    assert observer.failed_phase is None
+
+
+@pytest.mark.parametrize(
+    ("outcome", "counted"),
+    [
+        (RunOutcome(DONE, result=SyncResult()), "success"),
+        (RunOutcome(DONE, failure=Failure("invalid_credentials", "m")), "failed"),
+        (RunOutcome(DONE), "skipped"),
+        (RunOutcome(BUSY), None),
+        (RunOutcome(RETRY, failure=Failure("timeout", "m")), None),
+    ],
+)
+def test_each_run_outcome_counts_once_under_its_status(outcome, counted):
+    # Given the counts of finished icloud runs
+    statuses = ("success", "failed", "skipped")
+    before = {
+        s: sample("mailpipe_account_runs_total", provider="icloud", outcome=s) for s in statuses
+    }
+    durations = {
+        s: sample("mailpipe_account_run_duration_seconds_count", provider="icloud", outcome=s)
+        for s in statuses
+    }
+
+    # When the actor records what run_account returned
+    MetricsObserver(provider="icloud").record_outcome(outcome, seconds=3.0)
+
+    # Then only a final run counts, under its status, with its duration
+    for status in statuses:
+        expected = 1 if status == counted else 0
+        runs = sample("mailpipe_account_runs_total", provider="icloud", outcome=status)
+        timed = sample(
+            "mailpipe_account_run_duration_seconds_count", provider="icloud", outcome=status
+        )
+        assert (runs - before[status], timed - durations[status]) == (expected, expected)
+
+
+def test_batches_add_to_the_throughput_counters():
+    # Given the counters for yahoo
+    fetched = sample("mailpipe_emails_fetched_total", provider="yahoo")
+    size = sample("mailpipe_fetched_bytes_total", provider="yahoo")
+    saved = sample("mailpipe_emails_saved_total")
+    quarantined = sample("mailpipe_emails_quarantined_total", reason="not_a_message")
+
+    # When one batch is committed
+    MetricsObserver(provider="yahoo").after_batch(
+        fetched=5, fetched_bytes=5000, saved=4, duplicates=1, quarantined={"not_a_message": 1}
+    )
+
+    # Then each counter moved by the batch's numbers
+    assert sample("mailpipe_emails_fetched_total", provider="yahoo") == fetched + 5
+    assert sample("mailpipe_fetched_bytes_total", provider="yahoo") == size + 5000
+    assert sample("mailpipe_emails_saved_total") == saved + 4
+    assert sample("mailpipe_emails_quarantined_total", reason="not_a_message") == quarantined + 1
+
+
+@pytest.fixture
+def sessions(tmp_path: Path):
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'metrics.db'}")
+    db.migrate(engine)
+    yield db.session_factory(engine)
+    engine.dispose()
+
+
+def test_a_finalised_job_counts_with_its_type_and_age(sessions):
+    # Given a scheduled job enqueued 42 s ago that just failed
+    with sessions.begin() as session:
+        user, _key = create_user(session, "planted-user", "pw", iterations=FAST_KDF)
+        job = jobs.create_job(
+            session, user_id=user.id, account_ids=[], type=jobs.TYPE_SCHEDULED, options={}
+        )
+        job.created_at = models.utcnow() - timedelta(seconds=42)
+        job.finished_at = models.utcnow()
+        job_id, user_id = job.id, user.id
+    labels = {"type": "scheduled", "status": "failed"}
+    before = sample("mailpipe_jobs_total", **labels)
+    under_30 = sample("mailpipe_job_duration_seconds_bucket", le="30.0", **labels)
+    under_60 = sample("mailpipe_job_duration_seconds_bucket", le="60.0", **labels)
+
+    # When the process that finalised it records it
+    record_finished_job(
+        sessions, FinishedJob(job_id=job_id, user_id=user_id, status="failed", grant_id=None)
+    )
+
+    # Then it counts once, with a duration above 30 s and at most 60 s
+    assert sample("mailpipe_jobs_total", **labels) == before + 1
+    assert sample("mailpipe_job_duration_seconds_bucket", le="30.0", **labels) == under_30
+    assert sample("mailpipe_job_duration_seconds_bucket", le="60.0", **labels) == under_60 + 1
+
+
+# -- the multiprocess directory ------------------------------------------------------------
+
+
+def test_prepare_wipes_metric_files_and_points_dramatiq_at_the_same_directory(tmp_path):
+    # Given a directory with files of an earlier run, and another file
+    (tmp_path / "counter_123.db").write_bytes(b"x")
+    (tmp_path / "histogram_124.db").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("keep")
+    environ = {multiprocess.DIRECTORY_ENV: str(tmp_path)}
+
+    # When the worker command prepares it
+    prepared = multiprocess.prepare(environ)
+
+    # Then only prometheus_client's files are gone and Dramatiq writes to the same place
+    assert prepared == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert environ[multiprocess.DRAMATIQ_ENV] == str(tmp_path)
+
+
+def test_prepare_refuses_two_different_directories(tmp_path):
+    environ = {
+        multiprocess.DIRECTORY_ENV: str(tmp_path / "a"),
+        multiprocess.DRAMATIQ_ENV: str(tmp_path / "b"),
+    }
+    with pytest.raises(MailpipeError, match="same directory"):
+        multiprocess.prepare(environ)
+
+
+def test_prepare_without_a_directory_changes_nothing():
+    environ: dict[str, str] = {}
+    assert multiprocess.prepare(environ) is None
+    assert environ == {}
+
+
+def test_dramatiq_metrics_refuse_a_directory_the_exporter_does_not_read(monkeypatch, tmp_path):
+    # Given PROMETHEUS_MULTIPROC_DIR set to somewhere Dramatiq's middleware does not write
+    monkeypatch.setenv(multiprocess.DIRECTORY_ENV, str(tmp_path))
+    # When the middleware is made, then it says so
+    with pytest.raises(ValueError, match="dramatiq_prom_db"):
+        DramatiqMetrics()
+
+
+def test_dramatiq_metrics_do_nothing_in_a_process_the_cli_did_not_boot(monkeypatch):
+    # Given an embedded broker with the middleware (no dramatiq CLI, so no process_boot)
+    monkeypatch.delenv(multiprocess.DIRECTORY_ENV, raising=False)
+    broker = StubBroker(middleware=[DramatiqMetrics()])
+    done = []
+
+    @dramatiq.actor(broker=broker, queue_name="metrics-test")
+    def work() -> None:
+        done.append(True)
+
+    # When a worker processes a message
+    worker = dramatiq.Worker(broker, worker_threads=1)
+    worker.start()
+    try:
+        work.send()
+        broker.join("metrics-test", fail_fast=True)
+        worker.join()
+    finally:
+        worker.stop()
+
+    # Then the message ran, and the middleware neither failed nor switched the process over
+    assert done == [True]
+    assert multiprocess.DIRECTORY_ENV not in os.environ
+
+
+# -- collectors ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def namespace():
+    name = new_namespace()
+    yield name
+    delete_namespace(name)
+
+
+def test_queue_depth_reads_the_redis_brokers_ready_delayed_and_dead_messages(namespace):
+    # Given a real Redis broker with 2 ready, 1 delayed and 1 dead-lettered fetch message
+    broker = RedisBroker(url=REDIS_URL, namespace=namespace, middleware=[])
+
+    @dramatiq.actor(broker=broker, queue_name="fetch")
+    def fetch_account(job_id: str, account_id: int) -> None: ...
+
+    for account in (1, 2, 3):
+        broker.enqueue(fetch_account.message("job", account))
+    broker.enqueue(fetch_account.message("job", 4), delay=600_000)
+    consumer = broker.consume("fetch", prefetch=1, timeout=1000)
+    consumer.nack(next(consumer))
+    consumer.close()
+
+    # When the collector reads the namespace
+    collector = QueueCollector(REDIS_URL, namespace=namespace, queues=["fetch", "schedule"])
+    samples = collected(collector)
+
+    # Then each state has its count, and an empty queue shows zeros rather than nothing
+    def depth(queue: str, state: str) -> float:
+        key = ("mailpipe_queue_messages", (("queue", queue), ("state", state)))
+        return samples[key]
+
+    assert (depth("fetch", "ready"), depth("fetch", "delayed"), depth("fetch", "dead")) == (2, 1, 1)
+    assert depth("schedule", "ready") == 0
+    assert samples[("mailpipe_exporter_source_up", (("source", "redis"),))] == 1
+
+
+def test_an_unreachable_redis_shows_as_a_down_source():
+    collector = QueueCollector("redis://127.0.0.1:1/0", namespace="x", queues=["fetch"])
+    assert collected(collector) == {("mailpipe_exporter_source_up", (("source", "redis"),)): 0}
+
+
+def test_account_gauges_count_enabled_accounts_and_the_stalest_due_one(sessions):
+    # Given two users; only the first holds a background grant
+    public = grants.public_key_bytes(X25519PrivateKey.generate())
+    settings = ImapSettings(host="imap.gmx.net", port=993, username="u", password="p")
+    now = models.utcnow()
+    with sessions.begin() as session:
+        synced, key = create_user(session, "planted-user", "pw", iterations=FAST_KDF)
+        locked, other_key = create_user(session, "locked-user", "pw", iterations=FAST_KDF)
+        grants.grant_background(
+            session, user_id=synced.id, key=key, public_key=public, ttl_seconds=3600
+        )
+        fresh = add_account(session, synced, key, settings)
+        stale = add_account(session, synced, key, settings)
+        broken = add_account(session, synced, key, settings)
+        disabled = add_account(session, synced, key, settings)
+        never = add_account(session, locked, other_key, settings)
+        values = {
+            fresh.id: {"last_success_at": now - timedelta(seconds=60)},
+            stale.id: {
+                "last_success_at": now - timedelta(seconds=1200),
+                "health_status": models.DEGRADED,
+                "circuit_state": models.CIRCUIT_HALF_OPEN,
+            },
+            broken.id: {
+                "last_success_at": now - timedelta(days=3),
+                "health_status": models.BROKEN,
+                "circuit_state": models.CIRCUIT_OPEN,
+            },
+            disabled.id: {"enabled": False, "last_success_at": now - timedelta(days=9)},
+            never.id: {"created_at": now - timedelta(days=30)},  # LOCKED: not late
+        }
+        for account_id, row in values.items():
+            session.execute(
+                update(models.MailAccount).where(models.MailAccount.id == account_id).values(**row)
+            )
+
+    # When the collector reads the database
+    samples = collected(AccountCollector(sessions.kw["bind"]))
+
+    # Then disabled accounts are left out, and staleness covers only accounts due for sync
+    def gauge(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert gauge("mailpipe_accounts", health="healthy") == 2
+    assert gauge("mailpipe_accounts", health="degraded") == 1
+    assert gauge("mailpipe_accounts", health="broken") == 1
+    assert gauge("mailpipe_circuits", state="closed") == 2
+    assert gauge("mailpipe_circuits", state="half_open") == 1
+    assert gauge("mailpipe_circuits", state="open") == 1
+    assert 1200 <= gauge("mailpipe_last_success_age_seconds") < 1260
+    assert gauge("mailpipe_exporter_source_up", source="database") == 1
+
+
+def test_a_database_without_the_schema_shows_as_a_down_source(tmp_path):
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+    samples = collected(AccountCollector(engine))
+    assert samples == {("mailpipe_exporter_source_up", (("source", "database"),)): 0}
+
+
+def test_the_exporter_says_in_one_line_that_it_needs_the_directory():
+    env = {k: v for k, v in os.environ.items() if k != multiprocess.DIRECTORY_ENV}
+    result = subprocess.run(
+        [sys.executable, "-m", "metrics.exporter", "--port", "0", "--host", "127.0.0.1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "metrics.exporter: set PROMETHEUS_MULTIPROC_DIR to the workers' metrics directory "
+        "(an existing one)"
+    ]
