@@ -95,10 +95,15 @@ class PipelineBroker:
 
     def _send(self, job_id: str, account_ids: list[int], timeout_seconds: int) -> None:
         time_limit = min(DEFAULT_TIME_LIMIT_MS, timeout_seconds * 1000 + TIME_LIMIT_MARGIN_MS)
-        for account_id in account_ids:
-            self.broker.enqueue(
-                fetch_account.message_with_options(args=(job_id, account_id), time_limit=time_limit)
-            )
+        messages = [
+            fetch_account.message_with_options(args=(job_id, account_id), time_limit=time_limit)
+            for account_id in account_ids
+        ]
+        if isinstance(self.broker, RedisBroker):
+            enqueue_pipelined(self.broker, messages)
+        else:
+            for message in messages:
+                self.broker.enqueue(message)
 
     def get_job_status(self, job_id: str, user_id: int) -> dict:
         with self.sessions() as session:
