@@ -64,10 +64,13 @@ class Failure:
 def classify(error: BaseException, *, host: str | None = None) -> Failure:
     """Map an exception (and the server's response code in it) to an error class."""
     where = f" {host}" if host else ""
+    server = f"server {host}" if host else "the server"
     if isinstance(error, ssl.SSLCertVerificationError):
-        return Failure(TLS_ERROR, f"TLS certificate of{where} not trusted: {error.verify_message}")
+        reason = getattr(error, "verify_message", None) or "certificate verify failed"
+        return Failure(TLS_ERROR, f"TLS certificate of {server} not trusted: {reason}")
     if isinstance(error, ssl.SSLError):
-        return Failure(TLS_ERROR, f"TLS handshake with{where} failed ({error.reason or 'error'})")
+        reason = getattr(error, "reason", None) or "error"
+        return Failure(TLS_ERROR, f"TLS handshake with {server} failed ({reason})")
     if isinstance(error, TimeoutError | socket.timeout):
         return Failure(TIMEOUT, f"server{where} did not answer in time")
     if isinstance(error, socket.gaierror):
@@ -78,12 +81,17 @@ def classify(error: BaseException, *, host: str | None = None) -> Failure:
         return Failure(CONNECTION_RESET, f"connection to{where} was reset")
     if isinstance(error, LoginError):
         code = _response_code(error)
-        error_class = CODE_CLASSES.get(code, INVALID_CREDENTIALS) if code else INVALID_CREDENTIALS
-        return Failure(error_class, _login_message(error_class, where))
+        if code == b"ALERT" and _too_many_connections(error):
+            error_class = TEMPORARILY_UNAVAILABLE
+        else:
+            error_class = CODE_CLASSES.get(code, INVALID_CREDENTIALS)
+        return Failure(error_class, _login_message(error_class, f" to {host}" if host else ""))
     if isinstance(error, IMAPClientAbortError):
         return Failure(CONNECTION_RESET, f"server{where} closed the connection")
     if isinstance(error, IMAPClientError):
         code = _response_code(error)
+        if code == b"ALERT" and _too_many_connections(error):
+            return Failure(TEMPORARILY_UNAVAILABLE, f"server{where} has too many connections open")
         if code in CODE_CLASSES:
             return Failure(CODE_CLASSES[code], f"server{where} refused: {code.decode()}")
         return Failure(UNKNOWN, f"server{where} answered with an error")
@@ -102,13 +110,19 @@ def _response_code(error: BaseException) -> bytes | None:
     return match.group(1) if match else None
 
 
+def _too_many_connections(error: BaseException) -> bool:
+    """[ALERT] carries free text; providers use it for connection limits (GMX, Gmail, iCloud)."""
+    text = str(error).lower()
+    return "too many" in text or "maximum number of connections" in text
+
+
 def _login_message(error_class: str, where: str) -> str:
     if error_class == INVALID_CREDENTIALS:
-        return f"login to{where} failed: wrong user name or password"
+        return f"login{where} failed: wrong user name or password"
     if error_class == ACCOUNT_DISABLED:
-        return f"login to{where} refused: the account is disabled at the provider"
+        return f"login{where} refused: the account is disabled at the provider"
     if error_class == TLS_ERROR:
-        return f"login to{where} refused without TLS"
+        return f"login{where} refused without TLS"
     if error_class == TEMPORARILY_UNAVAILABLE:
-        return f"login to{where} temporarily unavailable"
-    return f"login to{where} not permitted"
+        return f"login{where} temporarily unavailable"
+    return f"login{where} not permitted"
