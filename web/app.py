@@ -337,7 +337,7 @@ def _when(value: str | None) -> str:
     """A stored UTC instant as text; the page's script shows it in the reader's own time zone."""
     if not value:
         return "—"
-    return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M UTC")  # already UTC
 
 
 def serve(*, host: str, port: int) -> int:

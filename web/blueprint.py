@@ -362,10 +362,12 @@ def _json_object() -> dict:
 
 
 def _int(data: dict, name: str, *, default: int | None, maximum: int) -> int | None:
-    """A whole number from 1 to `maximum`; JSON booleans and floats are refused by name."""
+    """A whole number from 1 to `maximum`; booleans and fractions are refused by name."""
     if name not in data:
         return default
     value = data[name]
+    if isinstance(value, float) and value.is_integer():  # JSON Schema counts 5.0 as an integer
+        value = int(value)
     if type(value) is not int or not 1 <= value <= maximum:
         raise ApiError(
             400, "bad_request", f"{name} must be a whole number from 1 to {maximum}", field=name

@@ -16,6 +16,8 @@ MAX_ALERTS = 1000
 MAX_FINGERPRINT = 200
 MAX_LABEL = 1000
 NULLABLE_STRING = {"type": ["string", "null"]}
+INSTANT = {"type": "string", "format": "date-time"}
+NULLABLE_INSTANT = {"type": ["string", "null"], "format": "date-time"}
 NULLABLE_NUMBER = {"type": ["number", "null"]}
 NULLABLE_INTEGER = {"type": ["integer", "null"]}
 SESSION = [{"session": []}]
@@ -79,9 +81,9 @@ JOB_SUMMARY = {
         },
         "status_text": {"type": "string", "description": "the status in user words"},
         "final": {"type": "boolean"},
-        "created_at": {"type": "string", "format": "date-time"},
-        "started_at": NULLABLE_STRING,
-        "finished_at": NULLABLE_STRING,
+        "created_at": INSTANT,
+        "started_at": NULLABLE_INSTANT,
+        "finished_at": NULLABLE_INSTANT,
         "duration": {**NULLABLE_NUMBER, "description": "seconds from start to end"},
         "emails_fetched": {"type": "integer"},
         "emails_processed": {"type": "integer"},
@@ -107,8 +109,8 @@ ACCOUNT_RUN = {
         },
         "status_text": {"type": "string"},
         "attempt": {"type": "integer"},
-        "started_at": NULLABLE_STRING,
-        "finished_at": NULLABLE_STRING,
+        "started_at": NULLABLE_INSTANT,
+        "finished_at": NULLABLE_INSTANT,
         "duration": NULLABLE_NUMBER,
         "phases": {"type": "object", "additionalProperties": {"type": "number"}},
         "fetched": {"type": "integer"},
@@ -135,9 +137,9 @@ ACCOUNT_HEALTH = {
         "health_text": {"type": "string"},
         "locked": {"type": "boolean"},
         "circuit": {"type": "string"},
-        "health_checked_at": NULLABLE_STRING,
-        "last_fetch_at": NULLABLE_STRING,
-        "last_success_at": NULLABLE_STRING,
+        "health_checked_at": NULLABLE_INSTANT,
+        "last_fetch_at": NULLABLE_INSTANT,
+        "last_success_at": NULLABLE_INSTANT,
         "last_error_class": NULLABLE_STRING,
         "last_error": NULLABLE_STRING,
         "last_error_text": NULLABLE_STRING,
@@ -166,8 +168,8 @@ NOTIFICATION = {
         "message": {"type": "string"},
         "account_id": NULLABLE_INTEGER,
         "job_id": NULLABLE_STRING,
-        "created_at": {"type": "string"},
-        "read_at": NULLABLE_STRING,
+        "created_at": INSTANT,
+        "read_at": NULLABLE_INSTANT,
     },
 }
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -25,6 +25,8 @@ from mailpipe.models import (
 from .i18n import TEXTS, text
 
 USER_JOB_TYPES = (jobs.TYPE_ACCOUNT, jobs.TYPE_ALL)
+JOB_INSTANTS = ("created_at", "started_at", "finished_at")
+ACCOUNT_INSTANTS = ("health_checked_at", "last_fetch_at", "last_success_at")
 NOTIFICATION_FIELDS = (
     "id",
     "kind",
@@ -98,6 +100,7 @@ def job_summary_view(
     """A history row: the core's summary plus accounts, duration and status in words."""
     return {
         **job,
+        **_utc_fields(job, JOB_INSTANTS),
         "account_ids": account_ids,
         "accounts_label": accounts_label(job["type"], account_ids, labels, lang),
         "duration": (job.get("metrics") or {}).get("duration"),
@@ -110,6 +113,7 @@ def job_status_view(status: dict, *, labels: dict[int, str], lang: str) -> dict:
     runs = [
         {
             **run,
+            **_utc_fields(run, JOB_INSTANTS[1:]),
             "label": labels.get(run["account_id"], f"#{run['account_id']}"),
             "status_text": status_text(run["status"], lang),
             "message": error_text(run["error_class"], lang),
@@ -131,6 +135,7 @@ def account_view(health: dict, *, labels: dict[int, str], lang: str) -> dict:
     """An account card: health, last check and last error in plain words."""
     return {
         **health,
+        **_utc_fields(health, ACCOUNT_INSTANTS),
         "label": labels.get(health["account_id"], f"#{health['account_id']}"),
         "health_text": text(lang, f"health_{health['shown_health']}"),
         "last_error_text": error_text(health["last_error_class"], lang),
@@ -176,5 +181,19 @@ def user_notifications(session: Session, user_id: int, *, limit: int) -> dict:
     return {"notifications": [notification_view(row) for row in rows], "unread": unread}
 
 
+def utc_iso(value: datetime | str | None) -> str | None:
+    """RFC 3339 with its offset: SQLite hands instants back naive, and they are all UTC."""
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat()
+
+
+def _utc_fields(record: dict, names: tuple[str, ...]) -> dict:
+    return {name: utc_iso(record.get(name)) for name in names}
+
+
 def _plain(value: object) -> object:
-    return value.isoformat() if isinstance(value, datetime) else value
+    return utc_iso(value) if isinstance(value, datetime) else value

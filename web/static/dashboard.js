@@ -56,9 +56,7 @@
     for (const element of root.querySelectorAll("time[datetime]")) {
       const iso = element.getAttribute("datetime");
       if (!iso) continue;
-      // The server stores UTC; SQLite hands instants back without an offset.
-      const stamp = /(Z|[+-]\d\d:\d\d)$/.test(iso) ? iso : iso + "Z";
-      const when = new Date(stamp);
+      const when = new Date(iso);
       if (!Number.isNaN(when.getTime())) element.textContent = shown.format(when);
     }
   }
