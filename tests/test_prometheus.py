@@ -1,0 +1,739 @@
+"""Prometheus, Alertmanager and Grafana files, checked by their own tools and by the real programs.
+
+The static checks run promtool and amtool on the repository's files. The stack test syncs real
+Dovecot accounts through `run_account` with `MetricsObserver` in a process whose
+PROMETHEUS_MULTIPROC_DIR was set before Python started, serves the result with the real exporter,
+and lets a real Prometheus scrape it (the repository's prometheus.yml with targets on this test's
+ports): every dashboard query must return a series, the recording rules must evaluate, and an
+alert must travel through a real Alertmanager (the repository's alertmanager.yml) to a webhook.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dramatiq
+import pytest
+import yaml
+from dramatiq.brokers.redis import RedisBroker
+
+from metrics import multiprocess
+from tests.support.dovecot import free_ports
+from tests.support.workers import REDIS_URL, ROOT, delete_namespace, new_namespace
+
+PROMTOOL = shutil.which("promtool")
+AMTOOL = shutil.which("amtool")
+PROMETHEUS = shutil.which("prometheus")
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+MISSING = (
+    "is missing: `make test` installs the Debian packages prometheus and prometheus-alertmanager"
+)
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason=f"promtool {MISSING}")
+needs_amtool = pytest.mark.skipif(AMTOOL is None, reason=f"amtool {MISSING}")
+needs_servers = pytest.mark.skipif(
+    PROMETHEUS is None or ALERTMANAGER is None, reason=f"prometheus or alertmanager {MISSING}"
+)
+
+RULES = ROOT / "prometheus" / "rules"
+ALERT_RULES = RULES / "mailpipe-alerts.yml"
+RULE_TESTS = ROOT / "prometheus" / "tests"
+DASHBOARDS = ROOT / "grafana" / "dashboards"
+RUNBOOK = ROOT / "docs" / "runbook.md"
+FAST_KDF = 1_000
+PROVIDER = "gmx"
+# What Grafana puts in place of its variables when it sends a query.
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$__range": "5m",
+    "$provider": PROVIDER,
+}
+STARTUP_SECONDS = 30
+ALERT_SECONDS = 40
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PROMTOOL, *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def alert_rules() -> list[dict]:
+    return [
+        rule
+        for group in yaml.safe_load(ALERT_RULES.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
+
+
+def dashboards() -> dict[str, dict]:
+    return {path.name: json.loads(path.read_text()) for path in sorted(DASHBOARDS.glob("*.json"))}
+
+
+def panels(board: dict) -> Iterator[dict]:
+    for panel in board["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def grafana_expr(expr: str) -> str:
+    for name, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(name, value)
+    assert "$" not in expr.replace("$1", ""), f"unsubstituted variable in {expr}"
+    return expr
+
+
+# -- static checks -------------------------------------------------------------------------
+
+
+@needs_promtool
+def test_promtool_accepts_the_config_and_its_rule_files():
+    result = promtool("check", "config", "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 rule files found" in result.stdout
+
+
+@needs_promtool
+def test_promtool_accepts_every_rule_file():
+    result = promtool("check", "rules", *map(str, sorted(RULES.glob("*.yml"))))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_unit_tests_pass():
+    result = promtool("test", "rules", *map(str, sorted(RULE_TESTS.glob("*.yml"))))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_amtool
+def test_amtool_accepts_the_alertmanager_config():
+    result = subprocess.run(
+        [AMTOOL, "check-config", "alertmanager.yml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 inhibit rules" in result.stdout
+
+
+def test_every_alert_is_described_and_links_to_its_runbook_section():
+    anchors = {
+        re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in RUNBOOK.read_text().splitlines()
+        if line.startswith("#")
+    }
+    for rule in alert_rules():
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        annotations = rule["annotations"]
+        assert annotations["summary"] and annotations["description"], rule["alert"]
+        page, _, anchor = annotations["runbook_url"].partition("#")
+        assert (page, anchor) == ("docs/runbook.md", rule["alert"].lower())
+        assert anchor in anchors, f"docs/runbook.md has no section for {rule['alert']}"
+
+
+def test_every_alert_has_a_unit_test_where_it_fires_and_one_where_it_stays_silent():
+    fires: set[str] = set()
+    silent: set[str] = set()
+    for path in RULE_TESTS.glob("*.yml"):
+        for case in yaml.safe_load(path.read_text())["tests"]:
+            for check in case.get("alert_rule_test", []):
+                (fires if check.get("exp_alerts") else silent).add(check["alertname"])
+    names = {rule["alert"] for rule in alert_rules()}
+    assert names - fires == set()
+    assert names - silent == set()
+
+
+def test_the_generator_reproduces_the_committed_dashboards():
+    result = subprocess.run(
+        [sys.executable, "grafana/build.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(dashboards()) == {"mailpipe-health.json", "mailpipe-performance.json"}
+
+
+def test_dashboards_have_units_the_provider_variable_and_link_to_each_other():
+    boards = {board["uid"]: board for board in dashboards().values()}
+    provisioned = yaml.safe_load(
+        (ROOT / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
+    datasource_uid = provisioned["datasources"][0]["uid"]
+    assert {b["title"] for b in boards.values()} == {"Mailpipe / Performance", "Mailpipe / Health"}
+    for uid, board in boards.items():
+        [variable] = board["templating"]["list"]
+        assert (variable["name"], variable["includeAll"]) == ("provider", True)
+        links = {link["url"] for link in board["links"]}
+        assert links == {f"/d/{other}" for other in boards if other != uid}
+        ids = [panel["id"] for panel in panels(board)]
+        assert len(ids) == len(set(ids))
+        for panel in panels(board):
+            if panel["type"] == "row":
+                continue
+            assert panel["fieldConfig"]["defaults"].get("unit"), panel["title"]
+            assert panel["datasource"]["uid"] == datasource_uid
+            assert panel["targets"], panel["title"]
+
+
+# -- the real stack ------------------------------------------------------------------------
+
+
+def run_child(spec: dict) -> None:
+    """Sync accounts as a worker process would, recording metrics into the shared directory.
+
+    Runs in its own interpreter (see `synced_directory`); it wires MetricsObserver and
+    DramatiqMetrics itself, as the actors and broker_config do.
+    """
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from dramatiq.brokers.stub import StubBroker
+    from dramatiq.middleware import Retries
+
+    from mailpipe import db, grants, jobs
+    from mailpipe.accounts import add_account, create_user
+    from mailpipe.imap import ImapSettings
+    from mailpipe.runner import RETRY, run_account
+    from metrics.middleware import DramatiqMetrics
+    from metrics.observer import MetricsObserver, record_finished_job
+
+    engine = db.make_engine(spec["db_url"])
+    db.migrate(engine)
+    sessions = db.session_factory(engine)
+    private = X25519PrivateKey.generate()
+    public = grants.public_key_bytes(private)
+    with sessions.begin() as session:
+        user, key = create_user(session, spec["user"], "pw", iterations=FAST_KDF)
+        grants.grant_background(
+            session, user_id=user.id, key=key, public_key=public, ttl_seconds=3600
+        )
+        account_ids = [
+            add_account(
+                session,
+                user,
+                key,
+                ImapSettings(
+                    host=spec["host"], port=port, username=login, password=pw, security="none"
+                ),
+                folders=["INBOX", spec["folder"]],
+                provider=PROVIDER,
+            ).id
+            for login, pw, port in spec["accounts"]
+        ]
+        job_id = jobs.new_job_id()
+        grant = grants.grant_for_job(
+            session, user_id=user.id, job_id=job_id, key=key, public_key=public, ttl_seconds=600
+        )
+        jobs.create_job(
+            session,
+            job_id=job_id,
+            user_id=user.id,
+            account_ids=account_ids,
+            type=jobs.TYPE_ALL,
+            options={"max_mails": None, "timeout_seconds": 30},
+            grant_id=grant.id,
+        )
+    for account_id in account_ids:
+        for attempt in (1, 2):
+            observer = MetricsObserver.for_account(sessions, account_id)
+            started = time.perf_counter()
+            outcome = run_account(
+                sessions,
+                job_id=job_id,
+                account_id=account_id,
+                attempt=attempt,
+                may_retry=attempt == 1,
+                private_key=private,
+                observer=observer,
+            )
+            observer.record_outcome(outcome, seconds=time.perf_counter() - started)
+            if outcome.finished is not None:
+                record_finished_job(sessions, outcome.finished)
+            if outcome.action != RETRY:
+                break
+
+    # Dramatiq's own metrics, as a booted worker process writes them.
+    broker = StubBroker(
+        middleware=[DramatiqMetrics(), Retries(max_retries=1, min_backoff=10, max_backoff=20)]
+    )
+    broker.emit_after("process_boot")
+
+    @dramatiq.actor(broker=broker, queue_name="fetch")
+    def fetch_account() -> None: ...
+
+    @dramatiq.actor(broker=broker, queue_name="fetch", max_retries=1)
+    def crashing() -> None:
+        raise RuntimeError("this actor always fails")
+
+    worker = dramatiq.Worker(broker, worker_threads=2)
+    worker.start()
+    fetch_account.send()
+    crashing.send()
+    broker.join("fetch", fail_fast=False)
+    worker.join()
+    worker.stop()
+    engine.dispose()
+
+
+@dataclass
+class Planted:
+    """Names a label must never carry: they all take part in the synced run."""
+
+    user: str = "planted-user-7f3a"
+    address: str = "planted.address@example.org"
+    folder: str = "PlantedFolder"
+    logins: list[str] = field(default_factory=list)
+
+    def words(self) -> list[str]:
+        return [self.user, self.address, self.folder, *self.logins]
+
+
+def mail(i: int, planted: Planted) -> bytes:
+    return (
+        f"From: Planted <{planted.address}>\r\nTo: {planted.address}\r\n"
+        f"Subject: Nachricht {i}\r\nMessage-ID: <p{i}@example.org>\r\n\r\nInhalt {i}\r\n"
+    ).encode()
+
+
+@pytest.fixture(scope="module")
+def planted() -> Planted:
+    return Planted()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("observability")
+
+
+@pytest.fixture(scope="module")
+def namespace() -> Iterator[str]:
+    name = new_namespace()
+    yield name
+    delete_namespace(name)
+
+
+@pytest.fixture(scope="module")
+def queued(namespace: str) -> None:
+    """Two ready fetch messages, one delayed, one dead-lettered, in the real Redis broker."""
+    broker = RedisBroker(url=REDIS_URL, namespace=namespace, middleware=[])
+
+    @dramatiq.actor(broker=broker, queue_name="fetch")
+    def fetch_account(job_id: str, account_id: int) -> None: ...
+
+    for account_id in (1, 2, 3):
+        broker.enqueue(fetch_account.message("job", account_id))
+    broker.enqueue(fetch_account.message("job", 4), delay=600_000)
+    consumer = broker.consume("fetch", prefetch=1, timeout=1000)
+    consumer.nack(next(consumer))
+    consumer.close()
+    broker.close()
+
+
+def environment(workdir: Path, namespace: str) -> dict[str, str]:
+    metrics_dir = workdir / "metrics"
+    metrics_dir.mkdir(exist_ok=True)
+    return {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "dramatiq_prom_db": str(metrics_dir),
+        "MAILPIPE_DATABASE_URL": f"sqlite:///{workdir / 'mailpipe.db'}",
+        "MAILPIPE_DATA_DIR": str(workdir / "data"),
+        "MAILPIPE_BROKER_URL": REDIS_URL,
+        "MAILPIPE_REDIS_NAMESPACE": namespace,
+    }
+
+
+@pytest.fixture(scope="module")
+def synced(dovecot, workdir: Path, namespace: str, planted: Planted, queued) -> dict[str, str]:
+    """A worker-like process synced three accounts: one good, one wrong password, one refused."""
+    good, good_password = dovecot.new_user()
+    bad, _ = dovecot.new_user()
+    planted.logins += [good, bad]
+    dovecot.append(good, good_password, [mail(i, planted) for i in range(3)])
+    dovecot.append(good, good_password, [b"no header block\r\n\r\nbody\r\n"])
+    dovecot.append(good, good_password, [mail(i, planted) for i in (3, 4)], folder=planted.folder)
+    [refused_port] = free_ports(1)
+    spec = {
+        "db_url": f"sqlite:///{workdir / 'mailpipe.db'}",
+        "host": dovecot.host,
+        "user": planted.user,
+        "folder": planted.folder,
+        "accounts": [
+            [good, good_password, dovecot.port],
+            [bad, "wrong password", dovecot.port],
+            [good, good_password, refused_port],
+        ],
+    }
+    env = environment(workdir, namespace)
+    multiprocess.prepare(env)  # an empty directory, as `mailpipe worker` leaves it
+    code = "import json, sys; from tests.test_prometheus import run_child; run_child(json.loads(sys.argv[1]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(spec)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return env
+
+
+class Server:
+    """A program started by the test, stopped (only it) at the end."""
+
+    def __init__(self, args: list[str], *, env: dict[str, str] | None = None, log: Path) -> None:
+        self.log = log
+        self.handle = open(log, "wb")  # noqa: SIM115  (closed in stop)
+        self.process = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=self.handle, stderr=subprocess.STDOUT
+        )
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.handle.close()
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def http_get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read()
+
+
+def wait_for(check: Callable[[], object], *, seconds: float, what: str, server=None) -> object:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            value = check()
+        except OSError:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{server.tail() if server else ''}")
+        time.sleep(0.25)
+
+
+class Webhook:
+    """The receiving end of Alertmanager's webhook: records each POST."""
+
+    def __init__(self) -> None:
+        self.posts: list[dict] = []
+        posts = self.posts
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                posts.append(
+                    {
+                        "path": self.path,
+                        "authorization": self.headers.get("Authorization"),
+                        "payload": json.loads(body),
+                    }
+                )
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def alerts(self, name: str) -> list[dict]:
+        return [p for p in self.posts if p["payload"]["commonLabels"].get("alertname") == name]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class Stack:
+    exporter_url: str
+    prometheus_url: str
+    alertmanager_url: str
+    webhook: Webhook
+    token: str
+    servers: dict[str, Server]
+
+    def query(self, expr: str) -> list[dict]:
+        url = f"{self.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        answer = json.loads(http_get(url))
+        assert answer["status"] == "success", answer
+        return answer["data"]["result"]
+
+
+def prometheus_config(
+    workdir: Path, *, exporter: int, dead_worker: int, web: int, alertmanager: int, prom: int
+) -> Path:
+    """prometheus.yml with this test's ports, a 1 s rhythm, and alerts that need no waiting."""
+    config = yaml.safe_load((ROOT / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    targets = {
+        "mailpipe-worker": [f"127.0.0.1:{exporter}", f"127.0.0.1:{dead_worker}"],
+        "mailpipe-web": [f"127.0.0.1:{web}"],
+        "alertmanager": [f"127.0.0.1:{alertmanager}"],
+        "prometheus": [f"127.0.0.1:{prom}"],
+    }
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": targets.pop(job["job_name"])}]
+    assert targets == {}, f"prometheus.yml lacks the jobs {sorted(targets)}"
+    [alerting] = config["alerting"]["alertmanagers"]
+    alerting["static_configs"] = [{"targets": [f"127.0.0.1:{alertmanager}"]}]
+    alerts = yaml.safe_load(ALERT_RULES.read_text())
+    for group in alerts["groups"]:
+        for rule in group["rules"]:
+            rule["for"] = "0s"  # the fault is already there: no need to wait minutes for it
+    variant = workdir / "alerts-now.yml"
+    variant.write_text(yaml.safe_dump(alerts))
+    config["rule_files"] = [str(RULES / "mailpipe-recording.yml"), str(variant)]
+    path = workdir / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def alertmanager_config(workdir: Path, *, webhook: int, token_file: Path) -> Path:
+    """alertmanager.yml with the webhook on this test's port, its token file, short waits."""
+    config = yaml.safe_load((ROOT / "alertmanager.yml").read_text())
+    routes = [config["route"], *config["route"].get("routes", [])]
+    for route in routes:
+        route["group_wait"] = "1s"
+        route["group_interval"] = "1s"
+    [receiver] = config["receivers"]
+    [hook] = receiver["webhook_configs"]
+    url = urllib.parse.urlsplit(hook["url"])
+    hook["url"] = f"http://127.0.0.1:{webhook}{url.path}"
+    hook["http_config"]["authorization"]["credentials_file"] = str(token_file)
+    path = workdir / "alertmanager.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(workdir: Path, synced: dict[str, str]) -> Iterator[Stack]:
+    if PROMETHEUS is None or ALERTMANAGER is None:
+        pytest.skip(f"prometheus or alertmanager {MISSING}")
+    exporter_port, dead_worker, web, am_port, am_cluster, prom_port = free_ports(6)
+    del am_cluster
+    token = "test-token-" + os.urandom(8).hex()
+    token_file = workdir / "webhook-token"
+    token_file.write_text(token)
+    webhook = Webhook()
+    servers: dict[str, Server] = {}
+    try:
+        servers["exporter"] = Server(
+            [
+                sys.executable,
+                "-m",
+                "metrics.exporter",
+                "--host=127.0.0.1",
+                f"--port={exporter_port}",
+            ],
+            env=synced,
+            log=workdir / "exporter.log",
+        )
+        exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
+        wait_for(
+            lambda: http_get(exporter_url),
+            seconds=STARTUP_SECONDS,
+            what="the exporter",
+            server=servers["exporter"],
+        )
+        am_config = alertmanager_config(workdir, webhook=webhook.port, token_file=token_file)
+        servers["alertmanager"] = Server(
+            [
+                ALERTMANAGER,
+                f"--config.file={am_config}",
+                f"--storage.path={workdir / 'alertmanager'}",
+                f"--web.listen-address=127.0.0.1:{am_port}",
+                "--cluster.listen-address=",
+            ],
+            log=workdir / "alertmanager.log",
+        )
+        prom_config = prometheus_config(
+            workdir,
+            exporter=exporter_port,
+            dead_worker=dead_worker,
+            web=web,
+            alertmanager=am_port,
+            prom=prom_port,
+        )
+        servers["prometheus"] = Server(
+            [
+                PROMETHEUS,
+                f"--config.file={prom_config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+            ],
+            log=workdir / "prometheus.log",
+        )
+        built = Stack(
+            exporter_url=exporter_url,
+            prometheus_url=f"http://127.0.0.1:{prom_port}",
+            alertmanager_url=f"http://127.0.0.1:{am_port}",
+            webhook=webhook,
+            token=token,
+            servers=servers,
+        )
+        wait_for(
+            lambda: http_get(f"{built.alertmanager_url}/-/ready"),
+            seconds=STARTUP_SECONDS,
+            what="Alertmanager",
+            server=servers["alertmanager"],
+        )
+        scraped = f'count_over_time(up{{instance="127.0.0.1:{exporter_port}"}}[1m]) >= 3'
+        wait_for(
+            lambda: built.query(scraped),
+            seconds=STARTUP_SECONDS,
+            what="three scrapes of the exporter",
+            server=servers["prometheus"],
+        )
+        yield built
+    finally:
+        for server in servers.values():
+            server.stop()
+        webhook.stop()
+
+
+def test_the_exporter_serves_the_run_without_a_name_in_any_label(stack: Stack, planted: Planted):
+    # Given the exporter over the directory of a real sync run with planted names
+    text = http_get(stack.exporter_url).decode()
+
+    # Then the run's metrics are there, by provider, and no planted name is
+    assert 'mailpipe_account_runs_total{outcome="success",provider="gmx"} 1.0' in text
+    assert 'mailpipe_account_runs_total{outcome="failed",provider="gmx"} 2.0' in text
+    assert 'mailpipe_emails_fetched_total{provider="gmx"} 6.0' in text
+    assert 'mailpipe_emails_quarantined_total{reason="not_a_message"} 1.0' in text
+    assert (
+        'mailpipe_errors_total{error_class="invalid_credentials",phase="connect",provider="gmx"}'
+        in text
+    )
+    assert 'mailpipe_retries_total{error_class="temporarily_unavailable"} 1.0' in text
+    assert 'mailpipe_jobs_total{status="partial_failure",type="all"} 1.0' in text
+    assert 'mailpipe_queue_messages{queue="fetch",state="dead"} 1.0' in text
+    assert 'dramatiq_message_rejects_total{actor_name="crashing",queue_name="fetch"} 1.0' in text
+    for word in planted.words():
+        assert word.lower() not in text.lower(), word
+
+
+def test_every_dashboard_query_returns_a_series(stack: Stack):
+    # Given every query of every panel, with Grafana's variables filled in as Grafana would
+    queries = [
+        (name, panel["title"], grafana_expr(target["expr"]))
+        for name, board in dashboards().items()
+        for panel in panels(board)
+        for target in panel.get("targets", [])
+    ]
+    assert len(queries) >= 20
+
+    # When Prometheus evaluates each, then each returns at least one series
+    empty = [(name, title, expr) for name, title, expr in queries if not stack.query(expr)]
+    assert empty == []
+
+
+def test_the_provider_variable_lists_the_synced_provider(stack: Stack):
+    for board in dashboards().values():
+        [variable] = board["templating"]["list"]
+        metric = re.fullmatch(r"label_values\((\w+), provider\)", variable["query"]).group(1)
+        url = f"{stack.prometheus_url}/api/v1/label/provider/values?match[]={metric}"
+        assert PROVIDER in json.loads(http_get(url))["data"]
+
+
+def test_the_recording_rules_evaluate_to_series(stack: Stack):
+    # Given the recording rules Prometheus loaded from the repository
+    def rules() -> list[dict]:
+        answer = json.loads(http_get(f"{stack.prometheus_url}/api/v1/rules?type=record"))
+        return [rule for group in answer["data"]["groups"] for rule in group["rules"]]
+
+    # When each has been evaluated at least once
+    def evaluated() -> list[dict]:
+        now = rules()
+        done = all(r["health"] == "ok" and not r["lastEvaluation"].startswith("0001") for r in now)
+        return now if done else []
+
+    loaded = wait_for(evaluated, seconds=10, what="the recording rules to evaluate")
+
+    # Then every recorded series exists
+    assert len(loaded) == 10
+    assert {r["name"] for r in loaded if not stack.query(r["name"])} == set()
+
+
+def test_a_dead_letter_alert_reaches_the_webhook_with_the_bearer_token(stack: Stack):
+    # Given a dead-lettered fetch message in Redis, scraped by Prometheus
+
+    # When the alert fires and Alertmanager delivers it
+    wait_for(
+        lambda: stack.webhook.alerts("MailpipeDeadLetters"),
+        seconds=ALERT_SECONDS,
+        what="MailpipeDeadLetters at the webhook",
+        server=stack.servers["alertmanager"],
+    )
+    [post, *_] = stack.webhook.alerts("MailpipeDeadLetters")
+
+    # Then it came to the web app's path with the token from the credentials file
+    assert post["path"] == "/api/alerts/alertmanager"
+    assert post["authorization"] == f"Bearer {stack.token}"
+    payload = post["payload"]
+    assert (payload["receiver"], payload["status"]) == ("mailpipe-web", "firing")
+    assert payload["groupLabels"] == {"alertname": "MailpipeDeadLetters", "queue": "fetch"}
+    [alert] = payload["alerts"]
+    assert alert["labels"]["severity"] == "warning"
+    assert alert["annotations"] == {
+        "summary": "Dead-lettered messages in queue fetch",
+        "description": "1 messages of queue fetch failed every retry and were dead-lettered.",
+        "runbook_url": "docs/runbook.md#mailpipedeadletters",
+    }
+
+
+def test_a_down_worker_host_silences_the_stalled_queue_it_causes(stack: Stack):
+    # Given two worker hosts, one of them down, and fetch messages waiting that nobody completes
+    wait_for(
+        lambda: stack.webhook.alerts("MailpipeWorkerDown"),
+        seconds=ALERT_SECONDS,
+        what="MailpipeWorkerDown at the webhook",
+        server=stack.servers["alertmanager"],
+    )
+
+    # When Alertmanager has MailpipeQueueStalled as well
+    def stalled() -> list[dict]:
+        query = urllib.parse.quote('alertname="MailpipeQueueStalled"')
+        url = f"{stack.alertmanager_url}/api/v2/alerts?filter={query}"
+        return json.loads(http_get(url))
+
+    [alert] = wait_for(stalled, seconds=ALERT_SECONDS, what="MailpipeQueueStalled in Alertmanager")
+
+    # Then it is inhibited by the worker-down alert and never reaches the webhook
+    assert alert["labels"]["queue"] == "fetch"
+    assert alert["status"]["state"] == "suppressed"
+    assert alert["status"]["inhibitedBy"]
+    time.sleep(2)  # two more group intervals
+    assert stack.webhook.alerts("MailpipeQueueStalled") == []
