@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import dramatiq
 from dramatiq.middleware import SkipMessage
@@ -15,6 +16,12 @@ CIRCUIT_OPEN = "circuit_open"
 CIRCUIT_OPEN_MESSAGE = "skipped: fetching this account kept failing, so it is paused for a while"
 
 logger = logging.getLogger(__name__)
+_attempt = threading.local()
+
+
+def report_attempt(*, attempted: bool, error_class: str | None) -> None:
+    """Called by the fetch actor: what this attempt did, for after_process_message to read."""
+    _attempt.value = {"attempted": attempted, "error_class": error_class}
 
 
 class AccountHealth(dramatiq.Middleware):
@@ -27,6 +34,7 @@ class AccountHealth(dramatiq.Middleware):
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
         if message.actor_name != FETCH_ACTOR:
             return
+        _attempt.value = None
         from actors import runtime
         from mailpipe.runner import skip_run
 
@@ -54,10 +62,12 @@ class AccountHealth(dramatiq.Middleware):
     ) -> None:
         if message.actor_name != FETCH_ACTOR:
             return
+        attempt = getattr(_attempt, "value", None)
+        _attempt.value = None
         if exception is not None:
             error_class = getattr(exception, "error_class", UNKNOWN)
-        elif isinstance(result, dict) and result.get("attempted"):
-            error_class = result.get("error_class")
+        elif attempt is not None and attempt["attempted"]:
+            error_class = attempt["error_class"]
         else:
             return  # waited, redelivered or locked: nothing was tried, health stays
         from actors import runtime

@@ -10,6 +10,7 @@ from dramatiq.middleware import CurrentMessage, TimeLimitExceeded
 import broker_config
 from actors import runtime
 from mailpipe.runner import BUSY, RETRY, record_crash, run_account
+from middleware import report_attempt
 
 QUEUE = "fetch"
 BUSY_DELAY_MS = (1_000, 3_000)
@@ -39,7 +40,7 @@ def retry_when(retries: int, error: BaseException) -> bool:
     time_limit=DEFAULT_TIME_LIMIT_MS,
     on_retry_exhausted="fetch_exhausted",
 )
-def fetch_account(job_id: str, account_id: int) -> dict:
+def fetch_account(job_id: str, account_id: int) -> None:
     """Sync one account for one job; the core records the outcome and finalises the job."""
     message = CurrentMessage.get_current_message()
     retries = message.options.get("retries", 0) if message else 0
@@ -54,6 +55,10 @@ def fetch_account(job_id: str, account_id: int) -> dict:
         connection_slot=runtime.host_slot,
         timeouts=(TimeLimitExceeded,),
     )
+    report_attempt(
+        attempted=outcome.attempted,
+        error_class=outcome.failure.error_class if outcome.failure else None,
+    )
     if outcome.action == RETRY:
         raise TransientFailure(outcome.failure.error_class) from None
     if outcome.action == BUSY:
@@ -64,11 +69,6 @@ def fetch_account(job_id: str, account_id: int) -> dict:
             delay=random.randint(*BUSY_DELAY_MS),
             **({"time_limit": limit} if limit else {}),
         )
-    return {
-        "action": outcome.action,
-        "attempted": outcome.attempted,
-        "error_class": outcome.failure.error_class if outcome.failure else None,
-    }
 
 
 @dramatiq.actor(queue_name=QUEUE, max_retries=broker_config.MAX_RETRIES)

@@ -78,6 +78,7 @@ def circuit_gate(session: Session, account_id: int, *, now: datetime | None = No
                 MailAccount.circuit_opened_at <= cooled,
             )
             .values(circuit_state=CIRCUIT_HALF_OPEN)
+            .execution_options(synchronize_session=False)
         )
         return PROBE if won.rowcount == 1 else SKIP
     return SKIP  # half-open: a probe is already under way

@@ -54,7 +54,7 @@ class World:
             port=kw.pop("port", self.dovecot.port),
             username=login,
             password=password or real_password,
-            security="none",
+            security=kw.pop("security", "none"),
         )
         with self.sessions.begin() as session:
             owner = session.get_one(UserRow, user.id)
