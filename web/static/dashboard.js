@@ -200,11 +200,19 @@
     return element;
   }
 
-  function niceMax(value) {
-    if (value <= 0) return 1;
-    const magnitude = 10 ** Math.floor(Math.log10(value));
-    const steps = [1, 2, 2.5, 5, 10];
-    return steps.map((s) => s * magnitude).find((s) => s >= value);
+  // Four grid steps of a round size (1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 times a power of ten).
+  function niceStep(max, whole) {
+    if (max <= 0) return whole ? 1 : 0.5;
+    const raw = max / 4;
+    const magnitude = 10 ** Math.floor(Math.log10(raw));
+    const step = [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10].map((s) => s * magnitude).find((s) => s >= raw);
+    return whole ? Math.max(1, Math.ceil(step)) : step;
+  }
+
+  function decimals(step) {
+    const isWhole = (value) => Math.abs(value - Math.round(value)) < 1e-9;
+    if (isWhole(step)) return 0;
+    return isWhole(step * 10) ? 1 : 2;
   }
 
   function drawTrend(trend) {
@@ -212,8 +220,10 @@
     const height = 220;
     const pad = { left: 40, right: 44, top: 14, bottom: 30 };
     const inner = { w: width - pad.left - pad.right, h: height - pad.top - pad.bottom };
-    const maxMails = niceMax(Math.max(0, ...trend.map((d) => d.emails)));
-    const maxSeconds = niceMax(Math.max(0, ...trend.map((d) => d.avg_duration || 0)));
+    const mailStep = niceStep(Math.max(0, ...trend.map((d) => d.emails)), true);
+    const secondStep = niceStep(Math.max(0, ...trend.map((d) => d.avg_duration || 0)), false);
+    const maxMails = mailStep * 4;
+    const maxSeconds = secondStep * 4;
     const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "trend-svg" });
     const slot = inner.w / trend.length;
     const y = (value, max) => pad.top + inner.h - (value / max) * inner.h;
@@ -221,11 +231,15 @@
     for (let i = 0; i <= 4; i += 1) {
       const level = pad.top + (inner.h * i) / 4;
       chart.append(svg("line", { x1: pad.left, x2: width - pad.right, y1: level, y2: level, class: "grid" }));
-      const mails = maxMails * (1 - i / 4);
-      const seconds = maxSeconds * (1 - i / 4);
+      const mails = mailStep * (4 - i);
+      const seconds = secondStep * (4 - i);
       chart.append(svg("text", { x: pad.left - 6, y: level + 4, class: "axis mails" }, number(mails, 0)));
       chart.append(
-        svg("text", { x: width - pad.right + 6, y: level + 4, class: "axis seconds" }, number(seconds, 1)),
+        svg(
+          "text",
+          { x: width - pad.right + 6, y: level + 4, class: "axis seconds" },
+          number(seconds, decimals(secondStep)),
+        ),
       );
     }
     const day = new Intl.DateTimeFormat(page.lang, { weekday: "short", day: "numeric" });
