@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
+from dramatiq.common import q_name
 from prometheus_client import REGISTRY, generate_latest
 from sqlalchemy import update
 
@@ -25,7 +26,7 @@ from mailpipe.jobs import FinishedJob
 from mailpipe.observer import PhaseTimer
 from mailpipe.runner import BUSY, DONE, RETRY, RunOutcome
 from mailpipe.sync import SyncResult
-from metrics import multiprocess
+from metrics import exporter, multiprocess
 from metrics.collectors import AccountCollector, QueueCollector
 from metrics.middleware import DramatiqMetrics
 from metrics.observer import MetricsObserver, record_finished_job
@@ -368,6 +369,29 @@ def test_a_database_without_the_schema_shows_as_a_down_source(tmp_path):
     engine = db.make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
     samples = collected(AccountCollector(engine))
     assert samples == {("mailpipe_exporter_source_up", (("source", "database"),)): 0}
+
+
+def test_the_exporter_watches_every_queue_the_actors_declare():
+    import actors  # noqa: F401  (declares the actors on the broker)
+    import broker_config
+
+    declared = {q_name(queue) for queue in broker_config.broker.get_declared_queues()}
+    assert set(exporter.QUEUES) == declared
+
+
+def test_the_exporter_writes_no_metric_files_of_its_own(tmp_path):
+    # Given an empty multiprocess directory and an exporter reading it
+    env = {
+        **os.environ,
+        multiprocess.DIRECTORY_ENV: str(tmp_path),
+        multiprocess.DRAMATIQ_ENV: str(tmp_path),
+        "MAILPIPE_DATABASE_URL": f"sqlite:///{tmp_path / 'x.sqlite'}",
+    }
+    code = "from metrics import exporter; exporter.build_registry().collect()"
+    # When it builds its registry and collects once
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=60)
+    # Then the directory still holds no file of prometheus_client's
+    assert list(tmp_path.glob(multiprocess.FILE_PATTERN)) == []
 
 
 def test_the_exporter_says_in_one_line_that_it_needs_the_directory():
