@@ -29,7 +29,7 @@ from actors import runtime
 from actors.pipeline import PipelineBroker
 from mailpipe import db, grants
 from mailpipe.accounts import unlock_user
-from mailpipe.crypto import KDF_ITERATIONS, SALT_BYTES, KdfParams, derive_kek
+from mailpipe.crypto import KDF_ITERATIONS, SALT_BYTES, DataKey, KdfParams, derive_kek
 from mailpipe.errors import NotFound, WrongPassword
 from mailpipe.models import JOB_FINAL
 
@@ -268,7 +268,7 @@ def _login_page(lang: str, *, error: str | None = None, status: int = 200) -> Re
     return response
 
 
-def _unlock(state: WebState, name: str, password: str):
+def _unlock(state: WebState, name: str, password: str) -> tuple[int, str, DataKey] | None:
     """(user id, name, data key), or None for any wrong name or password alike."""
     with state.sessions() as session:
         try:

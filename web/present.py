@@ -67,6 +67,7 @@ def error_text(error_class: str | None, lang: str) -> str | None:
 
 
 def status_text(status: str, lang: str) -> str:
+    """A job or run status as the page shows it."""
     return text(lang, f"status_{status}")
 
 
@@ -162,6 +163,7 @@ def open_user_jobs(session: Session, user_id: int, *, window_seconds: int) -> in
 
 
 def notification_view(row: Notification) -> dict:
+    """A notification as plain JSON values, instants in UTC with their offset."""
     return {name: _plain(getattr(row, name)) for name in NOTIFICATION_FIELDS}
 
 
