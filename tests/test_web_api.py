@@ -35,7 +35,7 @@ from mailpipe.imap import ImapSettings
 from mailpipe.models import MailAccount, Notification
 from mailpipe.models import User as UserRow
 from tests.test_sync import message
-from web.app import SESSION_COOKIE, alert_token, create_app
+from web.app import SESSION_COOKIE, alert_token, config_from_env, create_app
 from web.blueprint import create_blueprint
 from web.openapi import OPENAPI
 from web.sessions import SessionStore
@@ -696,6 +696,25 @@ def test_alert_token_comes_from_the_variable_or_the_file(tmp_path):
     assert alert_token({"MAILPIPE_ALERT_TOKEN_FILE": str(path)}) == "from-file"
     assert alert_token({"MAILPIPE_ALERT_TOKEN": "set", "MAILPIPE_ALERT_TOKEN_FILE": path}) == "set"
     assert alert_token({}) is None
+
+
+def test_settings_come_from_mailpipe_variables():
+    found = config_from_env(
+        {
+            "MAILPIPE_MAX_QUEUED_JOBS": "5",
+            "MAILPIPE_COOKIE_SECURE": "true",
+            "MAILPIPE_ALERT_TOKEN": "t",
+            "MAILPIPE_SESSION_IDLE_SECONDS": "",
+            "MAX_CONTENT_LENGTH": "1",
+        }
+    )
+    assert found == {
+        "MAILPIPE_MAX_QUEUED_JOBS": 5.0,
+        "MAILPIPE_COOKIE_SECURE": True,
+        "MAILPIPE_ALERT_TOKEN": "t",
+    }
+    with pytest.raises(ValueError, match="MAILPIPE_MAX_QUEUED_JOBS must be a number"):
+        config_from_env({"MAILPIPE_MAX_QUEUED_JOBS": "many"})
 
 
 # -- the page, /metrics, the OpenAPI document ---------------------------------------------

@@ -91,7 +91,7 @@ class WebState:
 def config_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """The app's settings from `MAILPIPE_*` variables; numbers are checked here, not later."""
     found: dict[str, Any] = {}
-    for name in DEFAULTS:
+    for name in (setting for setting in DEFAULTS if setting.startswith("MAILPIPE_")):
         value = environ.get(name)
         if value in (None, ""):
             continue
