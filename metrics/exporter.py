@@ -59,11 +59,18 @@ def serve(port: int, *, host: str = DEFAULT_HOST) -> None:
     thread.join()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m metrics.exporter", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from `main` so docker-compose.yml's command can be checked."""
+    parser = argparse.ArgumentParser(
+        prog="python -m metrics.exporter", description=__doc__, allow_abbrev=False
+    )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--host", default=DEFAULT_HOST)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         serve(args.port, host=args.host)

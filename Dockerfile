@@ -1,0 +1,27 @@
+# The mailpipe image: worker, scheduler, web app and metrics exporter (see docker-compose.yml).
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONPATH=/app \
+    TZ=UTC \
+    MAILPIPE_DATA_DIR=/var/lib/mailpipe
+
+WORKDIR /app
+COPY requirements.lock ./
+RUN pip install --no-cache-dir -r requirements.lock
+
+COPY pyproject.toml README.md broker_config.py middleware.py ./
+COPY mailpipe ./mailpipe
+COPY actors ./actors
+COPY metrics ./metrics
+COPY web ./web
+RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
+    && useradd --system --uid 10001 --home-dir /var/lib/mailpipe mailpipe \
+    && mkdir -p /var/lib/mailpipe/keys /run/mailpipe/metrics \
+    && chown -R mailpipe /var/lib/mailpipe /run/mailpipe \
+    && chmod 0700 /var/lib/mailpipe/keys
+
+USER mailpipe
+CMD ["mailpipe", "--help"]
