@@ -108,10 +108,10 @@ class _Api:
 
     # -- guards ----------------------------------------------------------------------------
 
-    def guard(self) -> Response | None:
+    def guard(self) -> None:
         """Log-in first, then CSRF on POSTs; the public routes check what they need themselves."""
         if request.endpoint in (f"{BLUEPRINT_NAME}.openapi", f"{BLUEPRINT_NAME}.alertmanager"):
-            return None
+            return
         if self.current_user() is None:
             raise ApiError(401, "unauthorized", "log in first")
         if request.method == "POST":
@@ -119,7 +119,6 @@ class _Api:
             given = request.headers.get(CSRF_HEADER, "")
             if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
                 raise ApiError(403, "csrf", f"missing or wrong {CSRF_HEADER} header")
-        return None
 
     def user(self) -> int:
         user_id = self.current_user()
