@@ -155,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--threads", type=int, default=8)
     worker.add_argument("extra", nargs="*", help="more options for dramatiq, after --")
     worker.set_defaults(run=_queue_command("run_worker"))
+    web = commands.add_parser("web", help="mailpipe's own web app: dashboard and JSON API")
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=8000)
+    web.set_defaults(run=run_web)
+
     worker_key = commands.add_parser(
         "worker-key", help="print the workers' public key (base64); --generate makes the pair"
     )
@@ -214,6 +219,13 @@ def find_user(session, name: str) -> User:
     if user is None:
         raise NotFound(f"no user named {name!r}")
     return user
+
+
+def run_web(args: argparse.Namespace) -> int:
+    """The web layer imports the broker, so the core loads it only when asked."""
+    from web.app import serve
+
+    return serve(host=args.host, port=args.port)
 
 
 def run_worker_key(args: argparse.Namespace) -> int:
