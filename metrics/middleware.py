@@ -3,8 +3,9 @@
 Stock `dramatiq.middleware.prometheus.Prometheus` starts an exposition server on port 9191 in a
 fork, and its metrics exist only after the dramatiq CLI's `process_boot`. This subclass writes the
 same metrics into the shared multiprocess directory, where `metrics.exporter` serves them beside
-mailpipe's own, and does nothing in processes that never booted (embedded workers, tests).
-This module must not import prometheus_client: the middleware imports it after boot.
+mailpipe's own. It stays dormant in processes the CLI never booted (embedded workers, tests) and
+where `PROMETHEUS_MULTIPROC_DIR` is unset: the stock middleware would then write to a directory
+under /tmp that nobody serves or empties. This module must not import prometheus_client.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ class DramatiqMetrics(prometheus.Prometheus):
         return []
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        super().after_process_boot(broker)
-        self.booted = True
+        if os.environ.get(DIRECTORY_ENV):
+            super().after_process_boot(broker)
+            self.booted = True
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if self.booted:

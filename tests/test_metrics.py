@@ -244,10 +244,13 @@ def test_dramatiq_metrics_refuse_a_directory_the_exporter_does_not_read(monkeypa
         DramatiqMetrics()
 
 
-def test_dramatiq_metrics_do_nothing_in_a_process_the_cli_did_not_boot(monkeypatch):
-    # Given an embedded broker with the middleware (no dramatiq CLI, so no process_boot)
+@pytest.mark.parametrize("boot", [False, True], ids=["never booted", "no directory"])
+def test_dramatiq_metrics_stay_dormant_without_boot_or_directory(monkeypatch, boot):
+    # Given a broker with the middleware, never booted by the CLI or booted without a directory
     monkeypatch.delenv(multiprocess.DIRECTORY_ENV, raising=False)
     broker = StubBroker(middleware=[DramatiqMetrics()])
+    if boot:
+        broker.emit_after("process_boot")
     done = []
 
     @dramatiq.actor(broker=broker, queue_name="metrics-test")
@@ -255,7 +258,7 @@ def test_dramatiq_metrics_do_nothing_in_a_process_the_cli_did_not_boot(monkeypat
         done.append(True)
 
     # When a worker processes a message
-    worker = dramatiq.Worker(broker, worker_threads=1)
+    worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=50)
     worker.start()
     try:
         work.send()
