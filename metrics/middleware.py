@@ -25,21 +25,23 @@ class DramatiqMetrics(prometheus.Prometheus):
     def __init__(self) -> None:
         super().__init__()
         self.booted = False
-        shared = os.environ.get(DIRECTORY_ENV)
-        if shared and Path(shared).resolve() != Path(prometheus.DB_PATH).resolve():
-            raise ValueError(
-                f"{DRAMATIQ_ENV} ({prometheus.DB_PATH}) must be {DIRECTORY_ENV} ({shared}) before "
-                "Python starts, or Dramatiq's metrics land where the exporter never looks"
-            )
 
     @property
     def forks(self) -> list:
         return []
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        if os.environ.get(DIRECTORY_ENV):
-            super().after_process_boot(broker)
-            self.booted = True
+        shared = os.environ.get(DIRECTORY_ENV)
+        if not shared:
+            return
+        if Path(shared).resolve() != Path(prometheus.DB_PATH).resolve():
+            raise ValueError(
+                f"{DRAMATIQ_ENV} ({prometheus.DB_PATH}) must be {DIRECTORY_ENV} ({shared}) before "
+                "Python starts (`mailpipe worker` sees to it), or Dramatiq's metrics land where "
+                "the exporter never looks"
+            )
+        super().after_process_boot(broker)
+        self.booted = True
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if self.booted:

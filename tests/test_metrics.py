@@ -239,9 +239,11 @@ def test_prepare_without_a_directory_changes_nothing():
 def test_dramatiq_metrics_refuse_a_directory_the_exporter_does_not_read(monkeypatch, tmp_path):
     # Given PROMETHEUS_MULTIPROC_DIR set to somewhere Dramatiq's middleware does not write
     monkeypatch.setenv(multiprocess.DIRECTORY_ENV, str(tmp_path))
-    # When the middleware is made, then it says so
+    middleware = DramatiqMetrics()
+    # When the dramatiq CLI boots the worker process, then the middleware refuses to start
     with pytest.raises(ValueError, match="dramatiq_prom_db"):
-        DramatiqMetrics()
+        middleware.after_process_boot(StubBroker(middleware=[]))
+    assert not middleware.booted
 
 
 @pytest.mark.parametrize("boot", [False, True], ids=["never booted", "no directory"])
