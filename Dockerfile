@@ -9,15 +9,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MAILPIPE_DATA_DIR=/var/lib/mailpipe
 
 WORKDIR /app
-COPY requirements.lock ./
-RUN pip install --no-cache-dir -r requirements.lock
-
-COPY pyproject.toml README.md broker_config.py middleware.py ./
+COPY requirements.lock pyproject.toml README.md broker_config.py middleware.py ./
 COPY mailpipe ./mailpipe
 COPY actors ./actors
 COPY metrics ./metrics
 COPY web ./web
-RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
+# The runtime dependencies only (not the test tools), at the versions of requirements.lock.
+RUN pip install --no-cache-dir --constraint requirements.lock . \
     && useradd --system --uid 10001 --home-dir /var/lib/mailpipe mailpipe \
     && mkdir -p /var/lib/mailpipe/keys /run/mailpipe/metrics \
     && chown -R mailpipe /var/lib/mailpipe /run/mailpipe \
