@@ -4,6 +4,7 @@ Import this module before any actor is declared (`dramatiq broker_config actors`
 middleware adds actor options, and Dramatiq only knows those options once it is installed.
 
 Middleware order, outermost first:
+  0. DramatiqMetrics       Dramatiq's own Prometheus metrics, into the multiprocess directory
   1. AgeLimit              drop messages older than their max_age (none by default)
   2. TimeLimit             interrupt a message that runs past its time limit
   3. ShutdownNotifications let a running message notice a worker shutdown
@@ -35,6 +36,7 @@ from dramatiq.middleware import (
 from dramatiq.rate_limits.backends import RedisBackend, StubBackend
 from periodiq import PeriodiqMiddleware
 
+from metrics.middleware import DramatiqMetrics
 from middleware import AccountHealth
 
 BROKER_URL = os.environ.get("MAILPIPE_BROKER_URL", "stub")
@@ -50,6 +52,7 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 def middleware_stack() -> list[dramatiq.Middleware]:
     """The middleware, in the documented order."""
     return [
+        DramatiqMetrics(),
         AgeLimit(),
         TimeLimit(),
         ShutdownNotifications(),

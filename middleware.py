@@ -50,6 +50,10 @@ class AccountHealth(dramatiq.Middleware):
                 reason=CIRCUIT_OPEN,
                 message=CIRCUIT_OPEN_MESSAGE,
             )
+            from metrics.observer import MetricsObserver, record_account_run
+
+            provider = MetricsObserver.for_account(sessions, account_id).provider
+            record_account_run(provider, "skipped", 0.0)
             raise SkipMessage("circuit open")
 
     def after_process_message(

@@ -71,6 +71,9 @@ def run_worker(args: argparse.Namespace) -> int:
     """Exec the stock Dramatiq CLI on our broker and actors, with UTC and sane defaults."""
     if broker_config.BROKER_URL == "stub":
         raise MailpipeError("workers need a shared broker: set MAILPIPE_BROKER_URL=redis://...")
+    from metrics import multiprocess
+
+    multiprocess.prepare()  # empties PROMETHEUS_MULTIPROC_DIR, points dramatiq_prom_db at it
     command = [
         _tool("dramatiq"),
         "broker_config",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import random
+import time
 
 import dramatiq
 from dramatiq.middleware import CurrentMessage, TimeLimitExceeded
@@ -10,11 +12,18 @@ from dramatiq.middleware import CurrentMessage, TimeLimitExceeded
 import broker_config
 from actors import runtime
 from mailpipe.runner import BUSY, RETRY, record_crash, run_account
+from metrics.observer import (
+    MetricsObserver,
+    record_account_run,
+    record_error,
+    record_finished_job,
+)
 from middleware import report_attempt
 
 QUEUE = "fetch"
 BUSY_DELAY_MS = (1_000, 3_000)
 DEFAULT_TIME_LIMIT_MS = 180_000
+SLOT_MARGIN_MS = 60_000  # a blocking IMAP read may outlast the time limit by its own timeout
 
 
 class TransientFailure(Exception):
@@ -44,6 +53,10 @@ def fetch_account(job_id: str, account_id: int) -> None:
     """Sync one account for one job; the core records the outcome and finalises the job."""
     message = CurrentMessage.get_current_message()
     retries = message.options.get("retries", 0) if message else 0
+    time_limit = (message.options.get("time_limit") if message else None) or DEFAULT_TIME_LIMIT_MS
+    slot_ttl = min(runtime.HOST_SLOT_TTL_MS, time_limit + SLOT_MARGIN_MS)
+    observer = MetricsObserver.for_account(runtime.sessions(), account_id)
+    started = time.perf_counter()
     outcome = run_account(
         runtime.sessions(),
         job_id=job_id,
@@ -52,9 +65,13 @@ def fetch_account(job_id: str, account_id: int) -> None:
         may_retry=retries < broker_config.MAX_RETRIES,
         private_key=runtime.private_key(),
         processors=runtime.processors(),
-        connection_slot=runtime.host_slot,
+        connection_slot=functools.partial(runtime.host_slot, ttl_ms=slot_ttl),
         timeouts=(TimeLimitExceeded,),
+        observer=observer,
     )
+    observer.record_outcome(outcome, seconds=time.perf_counter() - started)
+    if outcome.finished is not None:
+        record_finished_job(runtime.sessions(), outcome.finished)
     report_attempt(
         attempted=outcome.attempted,
         error_class=outcome.failure.error_class if outcome.failure else None,
@@ -75,4 +92,10 @@ def fetch_account(job_id: str, account_id: int) -> None:
 def fetch_exhausted(message: dict, retry_info: dict) -> None:
     """A fetch that kept crashing outside the sync still ends its run, so the job finalises."""
     job_id, account_id = message["args"]
-    record_crash(runtime.sessions(), job_id=job_id, account_id=account_id)
+    sessions = runtime.sessions()
+    finished = record_crash(sessions, job_id=job_id, account_id=account_id)
+    provider = MetricsObserver.for_account(sessions, account_id).provider
+    record_error("unknown", "other", provider)
+    record_account_run(provider, "failed", 0.0)
+    if finished is not None:
+        record_finished_job(sessions, finished)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import secrets
 import threading
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 
 from dramatiq.rate_limits import ConcurrentRateLimiter
+from dramatiq.rate_limits.backends import RedisBackend
 from sqlalchemy.orm import Session, sessionmaker
 
 import broker_config
@@ -16,6 +19,24 @@ from mailpipe.processors import Processor, load_processors
 
 MAX_CONNECTIONS_PER_HOST = config.int_setting("MAILPIPE_MAX_CONNECTIONS_PER_HOST", 10)
 HOST_SLOT_TTL_MS = config.int_setting("MAILPIPE_HOST_SLOT_TTL_MS", 15 * 60 * 1000)
+# Each holder is a member of a sorted set scored by when its claim lapses, so the slot of a
+# SIGKILLed worker frees itself when its own claim ends. (ConcurrentRateLimiter keeps one counter
+# whose TTL every acquire and release renews: a crashed holder's count never expired while the
+# host stayed busy, and ten crashes blocked the host for good.)
+ACQUIRE_SLOT = """
+local now = redis.call('time')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('zremrangebyscore', KEYS[1], '-inf', now_ms)
+if redis.call('zcard', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('zadd', KEYS[1], now_ms + ttl, ARGV[3])
+if redis.call('pttl', KEYS[1]) < ttl then
+  redis.call('pexpire', KEYS[1], ttl)
+end
+return 1
+"""
 
 
 _SETUP = threading.Lock()
@@ -64,16 +85,36 @@ def _limiter_backend():
     return broker_config.rate_limiter_backend()
 
 
-def host_slot(host: str) -> AbstractContextManager[bool]:
+@contextlib.contextmanager
+def host_slot(host: str, *, ttl_ms: int = HOST_SLOT_TTL_MS) -> Iterator[bool]:
     """One of the per-host connection slots shared by all workers; yields False when none is free.
 
-    The key holds a digest of the host name, never the name, and carries the broker namespace.
+    The claim lapses after `ttl_ms` (the fetch passes its time limit plus a margin), so a worker
+    killed while holding a slot gives it back then. The key holds a digest of the host name,
+    never the name, and carries the broker namespace.
     """
     digest = hashlib.sha256(host.lower().encode()).hexdigest()[:16]
-    limiter = ConcurrentRateLimiter(
-        _limiter_backend(),
-        f"{broker_config.NAMESPACE}:host-connections:{digest}",
-        limit=MAX_CONNECTIONS_PER_HOST,
-        ttl=HOST_SLOT_TTL_MS,
-    )
-    return limiter.acquire(raise_on_failure=False)
+    backend = _limiter_backend()
+    if not isinstance(backend, RedisBackend):  # the in-process stub: no other process to outlive
+        limiter = ConcurrentRateLimiter(
+            backend,
+            f"{broker_config.NAMESPACE}:host-connections:{digest}",
+            limit=MAX_CONNECTIONS_PER_HOST,
+            ttl=ttl_ms,
+        )
+        with limiter.acquire(raise_on_failure=False) as acquired:
+            yield acquired
+        return
+    key = f"{broker_config.NAMESPACE}:host-slots:{digest}"
+    holder = secrets.token_hex(8)
+    acquired = bool(_acquire_slot()(keys=[key], args=[MAX_CONNECTIONS_PER_HOST, ttl_ms, holder]))
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            backend.client.zrem(key, holder)
+
+
+@functools.cache
+def _acquire_slot():
+    return _limiter_backend().client.register_script(ACQUIRE_SLOT)

@@ -196,16 +196,18 @@ def skip_run(
     _finish(sessions, job_id, account_id, RUN_SKIPPED, error_class=reason, message=message)
 
 
-def record_crash(sessions: sessionmaker[Session], *, job_id: str, account_id: int) -> None:
+def record_crash(
+    sessions: sessionmaker[Session], *, job_id: str, account_id: int
+) -> jobs.FinishedJob | None:
     """End a run whose every attempt crashed before it could record anything itself."""
-    _finish(
+    return _finish(
         sessions,
         job_id,
         account_id,
         RUN_FAILED,
         error_class=UNKNOWN,
         message="the fetch failed repeatedly for an internal reason; operators have been told",
-    )
+    ).finished
 
 
 def _finish(
