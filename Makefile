@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-## demo: run mailpipe on embedded defaults (built-in IMAP server, SQLite), no services needed
+## demo: the whole system on embedded defaults (built-in IMAP server, SQLite, web on :8000)
 demo: $(STAMP)
 	$(BIN)/mailpipe demo
 

@@ -104,4 +104,4 @@ def _tool(name: str) -> str:
 def run_demo(args: argparse.Namespace) -> int:
     from actors.demo import run_demo as demo
 
-    return demo()
+    return demo(once=args.once)

@@ -1,45 +1,72 @@
-"""`mailpipe demo`: the pipeline on embedded defaults, against a built-in IMAP server.
+"""`mailpipe demo`: the whole system on embedded defaults, with no service installed.
 
-No service is needed: pymap serves demo mail on loopback, the stub broker and an in-process
-worker run the jobs, SQLite stores the mail. Two rounds show a full fetch, then an incremental one.
+A built-in IMAP server (pymap) holds three demo mailboxes: anna's is healthy and gets new mail
+every round; ben's password is stored wrong, so his account goes BROKEN and he is notified;
+clara's sits behind a slow, flaky link that breaks her first attempt each round, which is
+retried and recovers. The stub broker and an in-process worker run the jobs, SQLite stores the
+mail, and the web dashboard with /metrics is served on http://127.0.0.1:8000 (log in as
+demo/demo). `--once` runs one round, prints a summary and exits 0 when it behaved as designed.
 """
 
 from __future__ import annotations
 
-import os
+import threading
+import time
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
 
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
+from werkzeug.serving import make_server
 
 import broker_config
 from actors import runtime
-from actors.commands import wait_for
 from actors.pipeline import PipelineBroker
-from mailpipe import config, db, grants
+from mailpipe import config, db, grants, health
 from mailpipe.accounts import add_account, create_user
 from mailpipe.demo_server import DemoServer, demo_messages
+from mailpipe.errors import MailpipeError
+from mailpipe.faultproxy import FaultProxy
 from mailpipe.imap import ImapSettings
 from mailpipe.models import utcnow
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"
+MAILBOXES = {"anna": "anna-pw", "ben": "ben-pw", "clara": "clara-pw"}
+WRONG_PASSWORD = "not-bens-password"
+FLAKY_LATENCY = 0.15  # seconds each way, a distant provider
+FLAKY_BREAK_AFTER = 3_000  # server bytes before the link breaks on the first attempt
+WEB_HOST = "127.0.0.1"
+WEB_PORT = 8000
+ROUND_SECONDS = 30
+JOB_SECONDS = 120
+POLL_SECONDS = 0.25
 WORKER_THREADS = 4
-JOB_SECONDS = 60
+RUN_MARKS = {"success": "ok", "failed": "FAILED", "skipped": "skipped"}
 
 
-def run_demo() -> int:
-    """Two fetch rounds against the demo server; exit 0 when both behaved as designed."""
+@dataclass
+class Demo:
+    sessions: object
+    pipeline: PipelineBroker
+    server: DemoServer
+    link: FaultProxy
+    user_id: int
+    key: object
+    accounts: dict[str, int]
+
+
+def run_demo(*, once: bool) -> int:
+    """Start everything, run rounds (one with --once), stop everything."""
     if not isinstance(broker_config.broker, StubBroker):
         print("mailpipe demo runs on the embedded broker: unset MAILPIPE_BROKER_URL")
         return 2
-    data = config.data_dir()
-    database = data / "demo.db"
+    data = config.data_dir().resolve()
     for stale in data.glob("demo.db*"):
         stale.unlink()
-    engine = db.make_engine(f"sqlite:///{database.resolve()}")
+    engine = db.make_engine(f"sqlite:///{data / 'demo.db'}")
     db.migrate(engine)
     sessions = db.session_factory(engine)
     grants.ensure_worker_key()
@@ -47,67 +74,160 @@ def run_demo() -> int:
     worker = dramatiq.Worker(broker_config.broker, worker_threads=WORKER_THREADS)
     worker.start()
     try:
-        with DemoServer(workdir=data, users={DEMO_USER: DEMO_PASSWORD}) as server:
-            return _rounds(sessions, server, database)
+        with (
+            DemoServer(workdir=data, users=MAILBOXES) as server,
+            FaultProxy(upstream=(server.host, server.port)) as link,
+        ):
+            demo = _setup(sessions, server, link)
+            web = _start_web(demo) if not once else None
+            try:
+                return _rounds(demo, once=once, database=data / "demo.db")
+            finally:
+                if web is not None:
+                    web.shutdown()
     finally:
         worker.stop()
         engine.dispose()
 
 
-def _rounds(sessions, server: DemoServer, database: Path) -> int:
+def _setup(sessions, server: DemoServer, link: FaultProxy) -> Demo:
+    link.latency(FLAKY_LATENCY)
     with sessions.begin() as session:
         user, key = create_user(session, DEMO_USER, DEMO_PASSWORD)
-        settings = ImapSettings(
-            host=server.host,
-            port=server.port,
-            username=DEMO_USER,
-            password=DEMO_PASSWORD,
-            security="none",
+        accounts = {}
+        for name, password in MAILBOXES.items():
+            settings = ImapSettings(
+                host=server.host,
+                port=link.port if name == "clara" else server.port,
+                username=name,
+                password=WRONG_PASSWORD if name == "ben" else password,
+                security="none",
+            )
+            provider = {"anna": "gmx", "ben": "outlook", "clara": "other"}[name]
+            accounts[name] = add_account(session, user, key, settings, provider=provider).id
+        grants.grant_background(
+            session,
+            user_id=user.id,
+            key=key,
+            public_key=grants.worker_public_key(),
+            ttl_seconds=24 * 3600,
         )
-        add_account(session, user, key, settings, provider="other")
         user_id = user.id
-    pipeline = PipelineBroker(sessions)
-    expected = len(demo_messages())
-    print(f"demo IMAP server on {server.host}:{server.port}, {expected} messages in INBOX")
+    return Demo(sessions, PipelineBroker(sessions), server, link, user_id, key, accounts)
+
+
+def _start_web(demo: Demo):
+    """The dashboard and /metrics in a thread; the demo goes on without it if the port is taken."""
+    from web.app import create_app
+
+    app = create_app({"MAILPIPE_DATABASE_URL": "unused"}, pipeline=demo.pipeline)
+    try:
+        server = make_server(WEB_HOST, WEB_PORT, app, threaded=True)
+    except OSError as error:
+        print(f"web dashboard not started ({WEB_HOST}:{WEB_PORT}: {error.strerror})")
+        return None
+    threading.Thread(target=server.serve_forever, name="mailpipe-web", daemon=True).start()
+    print(f"dashboard: http://{WEB_HOST}:{WEB_PORT}/  (log in as {DEMO_USER}/{DEMO_PASSWORD})")
+    print(f"metrics:   http://{WEB_HOST}:{WEB_PORT}/metrics")
+    return server
+
+
+def _rounds(demo: Demo, *, once: bool, database: Path) -> int:
+    print(f"demo IMAP server on {demo.server.host}:{demo.server.port}; clara via a flaky link")
     print(f"database: {database}\n")
+    number = 0
+    while True:
+        number += 1
+        status = _round(demo, number)
+        as_designed = _check(demo, status, first=number == 1)
+        _summary(demo, status, as_designed)
+        if once:
+            return 0 if as_designed else 1
+        print(f"next round in {ROUND_SECONDS} s (Ctrl-C to stop)\n")
+        try:
+            time.sleep(ROUND_SECONDS)
+        except KeyboardInterrupt:
+            return 0
+        demo.server.deliver("anna", _new_mail(number))
 
-    first = _round(pipeline, user_id, key, "round 1: first fetch of the mailbox")
-    server.deliver(DEMO_USER, _new_mail())
-    second = _round(pipeline, user_id, key, "round 2: one new message has arrived")
 
-    [health] = pipeline.get_account_health(user_id)
-    print(f"account health: {health['health']}, last success {health['last_success_at']}")
-    as_designed = (
-        first["status"] == "success"
-        and first["accounts"][0]["saved"] == expected
-        and first["accounts"][0]["quarantined"] >= 1
-        and second["status"] == "success"
-        and second["accounts"][0]["saved"] == 1
+def _round(demo: Demo, number: int) -> dict:
+    """One fetch job for all accounts, followed live in the terminal."""
+    demo.link.reset_after(FLAKY_BREAK_AFTER, times=1)
+    job_id = demo.pipeline.enqueue_fetch_job(demo.user_id, key=demo.key, max_mails=None)
+    print(f"round {number}: job {job_id[:8]} for {len(demo.accounts)} accounts")
+    names = {account_id: name for name, account_id in demo.accounts.items()}
+    shown: dict[int, tuple] = {}
+    deadline = time.monotonic() + JOB_SECONDS
+    while True:
+        status = demo.pipeline.get_job_status(job_id, demo.user_id)
+        for run in status["accounts"]:
+            state = (run["status"], run["attempt"], run["error_class"])
+            if shown.get(run["account_id"]) != state:
+                shown[run["account_id"]] = state
+                why = f" ({run['error_class']})" if run["error_class"] else ""
+                print(
+                    f"  {time.strftime('%H:%M:%S')} {names[run['account_id']]:<6}"
+                    f" {run['status']:<9} attempt {run['attempt']}{why}"
+                )
+        if status["final"]:
+            return status
+        if time.monotonic() > deadline:
+            raise MailpipeError(f"demo job {job_id} did not finish in {JOB_SECONDS} s")
+        time.sleep(POLL_SECONDS)
+
+
+def _check(demo: Demo, status: dict, *, first: bool) -> bool:
+    """anna fetched (all demo mail in round 1), ben BROKEN and told, clara recovered by a retry."""
+    runs = {run["account_id"]: run for run in status["accounts"]}
+    anna, ben, clara = (runs[demo.accounts[name]] for name in ("anna", "ben", "clara"))
+    health_by_id = {
+        a["account_id"]: a["health"] for a in demo.pipeline.get_account_health(demo.user_id)
+    }
+    with demo.sessions() as session:
+        told = [n["kind"] for n in health.notifications(session, demo.user_id)]
+    return (
+        anna["status"] == "success"
+        and (not first or anna["saved"] == len(demo_messages()))
+        and ben["status"] == "failed"
+        and ben["error_class"] == "invalid_credentials"
+        and health_by_id[demo.accounts["ben"]] == "BROKEN"
+        and told.count("account_broken") == 1
+        and clara["status"] == "success"
+        and clara["attempt"] >= 2
+        and health_by_id[demo.accounts["clara"]] == "HEALTHY"
+        and status["status"] == "partial_failure"
     )
+
+
+def _summary(demo: Demo, status: dict, as_designed: bool) -> None:
+    names = {account_id: name for name, account_id in demo.accounts.items()}
+    health_by_id = {a["account_id"]: a for a in demo.pipeline.get_account_health(demo.user_id)}
+    print(f"job {status['job_id'][:8]}: {status['status']}, {status['emails_fetched']} mails")
+    for run in status["accounts"]:
+        account = health_by_id[run["account_id"]]
+        phases = ", ".join(f"{p} {s * 1000:.0f} ms" for p, s in run["phases"].items())
+        print(
+            f"  {names[run['account_id']]:<6} {RUN_MARKS.get(run['status'], run['status']):<8}"
+            f" health {account['health']:<9} saved {run['saved']:>3}"
+            f" quarantined {run['quarantined']}  attempts {run['attempt']}"
+        )
+        if phases:
+            print(f"         phases: {phases}")
+        if run["error"]:
+            print(f"         error: {run['error']}")
+    with demo.sessions() as session:
+        for note in health.notifications(session, demo.user_id, unread_only=True):
+            print(f"  notification: {note['message']}")
     print("demo behaved as designed" if as_designed else "demo did NOT behave as designed")
-    return 0 if as_designed else 1
 
 
-def _round(pipeline: PipelineBroker, user_id: int, key, title: str) -> dict:
-    job_id = pipeline.enqueue_fetch_job(user_id, key=key, max_mails=None)
-    status = wait_for(pipeline, job_id, user_id, seconds=JOB_SECONDS)
-    [run] = status["accounts"]
-    phases = ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in run["phases"].items())
-    print(title)
-    print(
-        f"  job {status['job_id'][:8]}: {status['status']}: fetched {run['fetched']}, "
-        f"saved {run['saved']}, quarantined {run['quarantined']}, processed {run['processed']}"
-    )
-    print(f"  phases: {phases}\n")
-    return status
-
-
-def _new_mail() -> bytes:
+def _new_mail(number: int) -> bytes:
     mail = EmailMessage()
     mail["From"] = "Paketdienst <versand@example.de>"
-    mail["To"] = f"{DEMO_USER}@example.de"
-    mail["Subject"] = "Ihr Paket kommt heute"
+    mail["To"] = "anna@example.de"
+    mail["Subject"] = f"Ihr Paket kommt heute (Sendung {number})"
     mail["Date"] = format_datetime(utcnow())
     mail["Message-ID"] = make_msgid(domain="example.de")
-    mail.set_content(f"Zustellung zwischen 14 und 16 Uhr. ({os.getpid()})")
+    mail.set_content("Zustellung zwischen 14 und 16 Uhr.")
     return mail.as_bytes()

@@ -26,8 +26,9 @@ DEFAULT_TIME_LIMIT_MS = 180_000
 SLOT_MARGIN_MS = 60_000  # a blocking IMAP read may outlast the time limit by its own timeout
 
 
-class TransientFailure(Exception):
-    """Raised for Dramatiq's Retries middleware; carries only the error class."""
+class TransientFailure(dramatiq.Retry):
+    """Asks Dramatiq's Retries middleware for a retry with backoff (logged as a retry, not an
+    error); carries only the error class."""
 
     def __init__(self, error_class: str) -> None:
         super().__init__(error_class)

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="the pipeline on embedded defaults, with a demo mailbox"
     )
+    demo.add_argument("--once", action="store_true", help="one round, a summary, then exit")
     demo.set_defaults(run=_queue_command("run_demo"))
 
     user = commands.add_parser("user", help="mailpipe users").add_subparsers(

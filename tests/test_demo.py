@@ -1,14 +1,15 @@
-"""`make demo` runs `mailpipe demo`: the whole pipeline on embedded defaults, no services."""
+"""`mailpipe demo --once`: the whole system on embedded defaults, with no services."""
 
 import os
 import subprocess
 import sys
 
 
-def test_demo_runs_two_rounds_as_designed(tmp_path):
+def test_demo_round_behaves_as_designed(tmp_path):
+    """anna fetched, ben BROKEN and notified, clara retried over her flaky link and recovered."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")}
     result = subprocess.run(
-        [sys.executable, "-m", "mailpipe", "demo"],
+        [sys.executable, "-m", "mailpipe", "demo", "--once"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -17,6 +18,8 @@ def test_demo_runs_two_rounds_as_designed(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "demo behaved as designed" in result.stdout
-    assert "saved 1, quarantined 0" in result.stdout  # round 2 took only the new message
+    assert (
+        "BROKEN" in result.stdout and "login failed, please re-enter the password" in result.stdout
+    )
     assert (tmp_path / "data" / "demo.db").exists()
     assert "Traceback" not in result.stderr
