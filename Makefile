@@ -22,9 +22,11 @@ test: $(STAMP) system
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
-## bench: benchmarks against a 10,000-message Dovecot mailbox (not part of `make test`)
+## bench: the benchmarks (not part of `make test`): sync, orchestration, metrics overhead, crashes
 bench: $(STAMP) system
 	$(BIN)/python -m bench.sync
+	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.metrics
 
 system:
 	bash scripts/ensure-system.sh
