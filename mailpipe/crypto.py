@@ -94,7 +94,7 @@ class DataKey:
 
     def content_hash(self, data: bytes) -> bytes:
         """A keyed digest for finding the same message again without revealing its content."""
-        return hmac.new(self._hash_key, data, hashlib.sha256).digest()
+        return hmac.digest(self._hash_key, data, "sha256")
 
     def export(self) -> bytes:
         """The raw key, only for wrapping or sealing it; never store the result in the clear."""

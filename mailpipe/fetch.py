@@ -7,10 +7,11 @@ itself still goes through IMAPClient.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 from imapclient.datetime_util import parse_to_datetime
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
@@ -19,6 +20,17 @@ LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r\n\Z")
 TOKEN = re.compile(rb'\(|\)|"(?:[^"\\]|\\.)*"|[^\s()"]+')
 FETCH_START = re.compile(rb"\* \d+ FETCH \(", re.IGNORECASE)
 NIL = b"NIL"
+UID_ITEM = re.compile(rb"[ (]UID (\d+)", re.IGNORECASE)
+SIZE_ITEM = re.compile(rb"RFC822\.SIZE (\d+)", re.IGNORECASE)
+FLAGS_ITEM = re.compile(rb"FLAGS \(([^)]*)\)", re.IGNORECASE)
+DATE_ITEM = re.compile(rb'INTERNALDATE "([^"]*)"', re.IGNORECASE)
+BODY_NIL = re.compile(rb"BODY\[\] NIL", re.IGNORECASE)
+MONTHS = {
+    name.encode(): number
+    for number, name in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
+    )
+}
 
 
 @dataclass(slots=True)
@@ -88,6 +100,38 @@ def _read_response(imap) -> list[bytes]:
 
 
 def _fetched(parts: list[bytes]) -> FetchedMessage | None:
+    """The common shapes (one literal, the BODY[] one; no quoted string but INTERNALDATE) are
+    read with a few regular expressions; anything else goes through the general tokeniser."""
+    text = parts[0] if len(parts) == 1 else parts[0] + b" " + parts[-1]
+    if len(parts) <= 3 and text.count(b'"') <= 2 and (len(parts) == 1 or _body_follows(parts[0])):
+        return _fetched_fast(parts, text)
+    return _fetched_general(parts)
+
+
+def _body_follows(head: bytes) -> bool:
+    return head.rstrip().upper().endswith(b"BODY[]")
+
+
+def _fetched_fast(parts: list[bytes], text: bytes) -> FetchedMessage | None:
+    uid = UID_ITEM.search(text)
+    size = SIZE_ITEM.search(text)
+    body = parts[1] if len(parts) == 3 else b""
+    if uid is None or (size is None and not body and not BODY_NIL.search(text)):
+        return _fetched_general(parts)
+    if size is None and not body:
+        return None  # BODY[] NIL: the message is gone
+    flags = FLAGS_ITEM.search(text)
+    date = DATE_ITEM.search(text)
+    return FetchedMessage(
+        uid=int(uid.group(1)),
+        body=bytes(body),
+        flags=tuple(flags.group(1).split()) if flags else (),
+        internal_date=internal_date(date.group(1)) if date else None,
+        size=int(size.group(1)) if size else len(body),
+    )
+
+
+def _fetched_general(parts: list[bytes]) -> FetchedMessage | None:
     items = _parse_items(parts)
     fields = dict(zip(items[::2], items[1::2], strict=False))
     uid = fields.get(b"UID")
@@ -101,9 +145,36 @@ def _fetched(parts: list[bytes]) -> FetchedMessage | None:
         uid=int(uid),
         body=bytes(body) if body else b"",
         flags=tuple(flags) if isinstance(flags, list) else (),
-        internal_date=parse_to_datetime(date, normalise=False) if date else None,
+        internal_date=internal_date(date) if date else None,
         size=int(size) if size is not None else len(body),
     )
+
+
+def internal_date(value: bytes) -> datetime | None:
+    """INTERNALDATE ("28-Nov-2026 20:56:56 +0100"), read without the email package's parser."""
+    try:
+        day, month, rest = value.strip().split(b"-", 2)
+        year, clock, zone = rest.split(b" ")
+        hour, minute, second = clock.split(b":")
+        return datetime(
+            int(year),
+            MONTHS[month.title()],
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            tzinfo=_zone(zone),
+        )
+    except (ValueError, KeyError):
+        return parse_to_datetime(value, normalise=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _zone(zone: bytes) -> timezone:
+    sign = -1 if zone[:1] == b"-" else 1
+    if len(zone) != 5 or zone[:1] not in b"+-":
+        raise ValueError("not a +HHMM zone")
+    return timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[3:5])))
 
 
 def _parse_items(parts: list[bytes]) -> list:
