@@ -161,6 +161,7 @@ def finish_run(
     status: str,
     counts: dict | None = None,
     phases: dict | None = None,
+    profile: dict | None = None,
     duration: float | None = None,
     error_class: str | None = None,
     message: str | None = None,
@@ -184,6 +185,8 @@ def finish_run(
         values.update({name: counts.get(name, 0) for name in COUNTERS})
     if phases is not None:
         values["phases"] = phases
+    if profile is not None:
+        values["profile"] = profile
     if duration is not None:
         values["duration"] = duration
     ended = session.execute(

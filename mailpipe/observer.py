@@ -28,6 +28,9 @@ class Observer:
     def after_phase(self, phase: str, seconds: float) -> None:
         """A phase of one account's sync took `seconds` of wall time (phases may repeat)."""
 
+    def after_phase_cpu(self, phase: str, seconds: float) -> None:
+        """The same phase used `seconds` of CPU in the thread that ran it (told just before)."""
+
     def after_batch(
         self, *, fetched: int, fetched_bytes: int, saved: int, duplicates: int, quarantined: dict
     ) -> None:
@@ -44,13 +47,21 @@ class Observers(Observer):
         for observer in self.observers:
             observer.after_phase(phase, seconds)
 
+    def after_phase_cpu(self, phase: str, seconds: float) -> None:
+        for observer in self.observers:
+            observer.after_phase_cpu(phase, seconds)
+
     def after_batch(self, **counts) -> None:
         for observer in self.observers:
             observer.after_batch(**counts)
 
 
 class PhaseTimer:
-    """Adds up wall time per phase and tells the observer as each phase ends."""
+    """Adds up wall time per phase and tells the observer as each phase ends.
+
+    It also measures the CPU time of the thread running the phase (inside the wall interval,
+    so CPU never exceeds wall) and passes it to `after_phase_cpu` before `after_phase`.
+    """
 
     def __init__(self, observer: Observer | None = None) -> None:
         self.observer = observer or Observer()
@@ -60,12 +71,17 @@ class PhaseTimer:
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
+        cpu_start = time.thread_time()
         try:
             yield
         finally:
-            self.add(name, time.perf_counter() - start)
+            cpu = time.thread_time() - cpu_start
+            self.add(name, time.perf_counter() - start, cpu_seconds=cpu)
 
-    def add(self, name: str, seconds: float) -> None:
+    def add(self, name: str, seconds: float, *, cpu_seconds: float | None = None) -> None:
+        """Count a phase's wall time, and its CPU time when it was measured."""
         with self._lock:
             self.totals[name] = self.totals.get(name, 0.0) + seconds
+        if cpu_seconds is not None:
+            self.observer.after_phase_cpu(name, cpu_seconds)
         self.observer.after_phase(name, seconds)

@@ -24,8 +24,9 @@ from .models import (
     PipelineJob,
     utcnow,
 )
-from .observer import Observer
+from .observer import Observer, Observers, PhaseTimer
 from .processors import Processor, process_new_mail
+from .profiler import Profiler
 from .sync import SyncOptions, SyncResult, sync_account
 
 LEASE_MARGIN_SECONDS = 60
@@ -88,6 +89,8 @@ def run_account(
             return RunOutcome(DUPLICATE)
         grant_id = job.grant_id
     started = time.perf_counter()
+    profiler = Profiler()
+    observers = profiler if observer is None else Observers(observer, profiler)
     try:
         with sessions() as session:
             try:
@@ -110,32 +113,33 @@ def run_account(
                 command_timeout=min(COMMAND_TIMEOUT, timeout),
             )
         slot = connection_slot(settings.host) if connection_slot else contextlib.nullcontext(True)
-        with slot as acquired:
-            if not acquired:
-                raise HostBusy("too many connections to this mail server; waiting for a free one")
-            result = sync_account(
-                sessions,
-                account_id=account_id,
-                key=key,
-                settings=settings,
-                options=SyncOptions(max_mails=options.get("max_mails")),
-                observer=observer,
-            )
-        processed = 0
-        if processors:
-            begun = time.perf_counter()
-            outcome = process_new_mail(
-                sessions,
-                account_id=account_id,
-                key=key,
-                email_ids=result.new_email_ids,
-                processors=processors,
-            )
-            seconds = time.perf_counter() - begun
-            result.phases["process"] = seconds
-            if observer is not None:
-                observer.after_phase("process", seconds)
-            processed = outcome.processed
+        with profiler:
+            with slot as acquired:
+                if not acquired:
+                    raise HostBusy(
+                        "too many connections to this mail server; waiting for a free one"
+                    )
+                result = sync_account(
+                    sessions,
+                    account_id=account_id,
+                    key=key,
+                    settings=settings,
+                    options=SyncOptions(max_mails=options.get("max_mails")),
+                    observer=observers,
+                )
+            processed = 0
+            if processors:
+                timer = PhaseTimer(observers)
+                with timer.phase("process"):
+                    outcome = process_new_mail(
+                        sessions,
+                        account_id=account_id,
+                        key=key,
+                        email_ids=result.new_email_ids,
+                        processors=processors,
+                    )
+                result.phases["process"] = timer.totals["process"]
+                processed = outcome.processed
         counts = {
             "fetched": result.fetched,
             "saved": result.saved,
@@ -150,6 +154,7 @@ def run_account(
             RUN_SUCCESS,
             counts=counts,
             phases=result.phases,
+            profile=profiler.to_json(),
             duration=time.perf_counter() - started,
         ).finished
         return RunOutcome(DONE, result=result, finished=finished, attempted=True)
@@ -179,6 +184,7 @@ def run_account(
             RUN_FAILED,
             error_class=failure.error_class,
             message=failure.message,
+            profile=profiler.to_json(),
             duration=time.perf_counter() - started,
         )
         outcome.failure = failure
