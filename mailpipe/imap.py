@@ -53,23 +53,33 @@ def tls_context(settings: ImapSettings) -> ssl.SSLContext:
 
 def connect(settings: ImapSettings) -> IMAPClient:
     """Open, secure and authenticate a connection; the caller logs out."""
+    client = open_connection(settings)
+    try:
+        start_tls(client, settings)
+        authenticate(client, settings)
+    except BaseException:
+        shutdown(client)
+        raise
+    return client
+
+
+def open_connection(settings: ImapSettings) -> IMAPClient:
+    """Connect and read the greeting (TLS already, when implicit), so each step can be diagnosed."""
     timeout = SocketTimeout(connect=settings.connect_timeout, read=settings.command_timeout)
     implicit_tls = settings.security == "tls"
-    client = IMAPClient(
+    return IMAPClient(
         settings.host,
         port=settings.effective_port,
         ssl=implicit_tls,
         ssl_context=tls_context(settings) if implicit_tls else None,
         timeout=timeout,
     )
-    try:
-        if settings.security == "starttls":
-            client.starttls(tls_context(settings))
-        authenticate(client, settings)
-    except BaseException:
-        shutdown(client)
-        raise
-    return client
+
+
+def start_tls(client: IMAPClient, settings: ImapSettings) -> None:
+    """Upgrade a plain connection with STARTTLS when the settings ask for it."""
+    if settings.security == "starttls":
+        client.starttls(tls_context(settings))
 
 
 def authenticate(client: IMAPClient, settings: ImapSettings) -> None:
