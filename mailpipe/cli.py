@@ -8,17 +8,23 @@ import getpass
 import json
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
 
-from . import db, grants, jobs, reports
+from . import db, diagnostics, grants, jobs, reports
 from .accounts import PROVIDERS, account_settings, add_account, create_user, unlock_user
+from .crypto import DataKey
 from .errors import MailpipeError, NotFound
 from .failures import classify
 from .imap import SECURITY_MODES, ImapSettings
 from .models import MailAccount, PipelineJob, User
+from .observer import Observer
+from .profiler import MEMORY_METHODS, RU_MAXRSS, Profiler
 from .sync import BATCH_BYTES, SyncOptions, SyncResult, sync_account
 
 STRICT_PARSER = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
@@ -47,32 +53,51 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", parser_class=STRICT_PARSER)
 
     sync = commands.add_parser("sync", help="one-shot incremental sync of one account")
-    sync.add_argument("--host", required=True)
-    sync.add_argument("--port", type=int)
-    sync.add_argument("--user", required=True, help="IMAP login name")
-    sync.add_argument(
-        "--password-env",
-        required=True,
-        metavar="VAR",
-        help="environment variable with the password",
-    )
-    sync.add_argument("--security", choices=SECURITY_MODES, default="tls")
-    sync.add_argument("--ca-file", help="trust this CA bundle instead of the system's")
-    sync.add_argument("--folder", action="append", dest="folders", metavar="F")
-    sync.add_argument("--max-mails", type=int)
-    sync.add_argument("--timeout", type=float, default=60.0, help="seconds per IMAP command")
-    sync.add_argument(
-        "--batch-bytes", type=int, default=BATCH_BYTES, help="bound on message bytes per batch"
-    )
-    sync.add_argument("--db", help="database URL (default: MAILPIPE_DATABASE_URL or SQLite)")
-    sync.add_argument("--owner", default="operator", help="mailpipe user who owns the mail")
-    sync.add_argument(
-        "--owner-password-env",
-        metavar="VAR",
-        help="variable with the owner's password (default: the IMAP password's)",
-    )
-    sync.add_argument("--json", action="store_true", help="print one JSON object")
+    _sync_options(sync, db_help="database URL (default: MAILPIPE_DATABASE_URL or SQLite)")
     sync.set_defaults(run=run_sync)
+
+    profile = commands.add_parser(
+        "profile", help="sync one account and show per phase wall and CPU time, memory, counts"
+    )
+    _sync_options(
+        profile,
+        db_help="database URL (default: a new temporary SQLite, so the whole mailbox is synced)",
+    )
+    profile.add_argument(
+        "--memory",
+        choices=MEMORY_METHODS,
+        default=RU_MAXRSS,
+        help="peak memory from the process's resident high-water mark (cheap) or tracemalloc "
+        "(Python allocations only, and slows the run down)",
+    )
+    profile.set_defaults(run=run_profile)
+
+    diagnose = commands.add_parser(
+        "diagnose",
+        help="check one IMAP connection step by step: --host ... for any server, "
+        "or --account ID for a stored account",
+    )
+    diagnose.add_argument("--host", help="IMAP server (with --user as the IMAP login name)")
+    diagnose.add_argument("--port", type=int)
+    diagnose.add_argument(
+        "--user", required=True, help="IMAP login name, or with --account the mailpipe user"
+    )
+    diagnose.add_argument(
+        "--account", type=int, dest="account_id", help="a stored account of the mailpipe user"
+    )
+    diagnose.add_argument(
+        "--password-env",
+        metavar="VAR",
+        help="variable with the IMAP password, or with --account the mailpipe user's "
+        "(default: prompt)",
+    )
+    diagnose.add_argument("--security", choices=SECURITY_MODES, help="default: tls")
+    diagnose.add_argument("--ca-file", help="trust this CA bundle instead of the system's")
+    diagnose.add_argument(
+        "--timeout", type=float, default=diagnostics.DIAGNOSE_TIMEOUT, help="seconds per step"
+    )
+    diagnose.add_argument("--json", action="store_true", help="print one JSON object")
+    diagnose.set_defaults(run=run_diagnose)
 
     demo = commands.add_parser(
         "demo", help="the pipeline on embedded defaults, with a demo mailbox"
@@ -177,6 +202,35 @@ def _password_option(parser: argparse.ArgumentParser) -> None:
         metavar="VAR",
         help="variable with the mailpipe user's password (default: prompt)",
     )
+
+
+def _sync_options(parser: argparse.ArgumentParser, *, db_help: str) -> None:
+    """The connection and run options `sync` and `profile` share."""
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--user", required=True, help="IMAP login name")
+    parser.add_argument(
+        "--password-env",
+        required=True,
+        metavar="VAR",
+        help="environment variable with the password",
+    )
+    parser.add_argument("--security", choices=SECURITY_MODES, default="tls")
+    parser.add_argument("--ca-file", help="trust this CA bundle instead of the system's")
+    parser.add_argument("--folder", action="append", dest="folders", metavar="F")
+    parser.add_argument("--max-mails", type=int)
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per IMAP command")
+    parser.add_argument(
+        "--batch-bytes", type=int, default=BATCH_BYTES, help="bound on message bytes per batch"
+    )
+    parser.add_argument("--db", help=db_help)
+    parser.add_argument("--owner", default="operator", help="mailpipe user who owns the mail")
+    parser.add_argument(
+        "--owner-password-env",
+        metavar="VAR",
+        help="variable with the owner's password (default: the IMAP password's)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _queue_command(name: str):
@@ -369,6 +423,91 @@ def _secret(variable: str) -> str:
 
 def run_sync(args: argparse.Namespace) -> int:
     """Sync one account straight from the command line, with no queue in between."""
+    engine, target = _sync_target(args, args.db)
+    try:
+        result = target.sync()
+    except Exception as error:  # every failure becomes one line naming its cause
+        return _one_line_failure("sync", error, host=args.host)
+    finally:
+        engine.dispose()
+    print(json.dumps(result.to_json()) if args.json else summary(result))
+    return 0
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    """A sync under the profiler; by default into a new database, so every message is synced."""
+    with tempfile.TemporaryDirectory(prefix="mailpipe-profile-") as scratch:
+        engine, target = _sync_target(args, args.db or f"sqlite:///{scratch}/profile.db")
+        profiler = Profiler(memory=args.memory)
+        try:
+            with profiler:
+                result = target.sync(observer=profiler)
+        except Exception as error:
+            return _one_line_failure("profile", error, host=args.host)
+        finally:
+            engine.dispose()
+    profile = profiler.to_json()
+    if args.json:
+        print(json.dumps({**result.to_json(), "profile": profile}))
+    else:
+        print(f"{summary(result)}\n{profile_summary(profile)}")
+    return 0
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    """Diagnose any server from its address, or a stored account unlocked by its owner."""
+    if (args.host is None) == (args.account_id is None):
+        raise MailpipeError("give --host (any server) or --account (a stored account)")
+    if args.account_id is None:
+        settings = ImapSettings(
+            host=args.host,
+            port=args.port,
+            username=args.user,
+            password=secret(args.password_env, f"IMAP password for {args.user}: "),
+            security=args.security or "tls",
+            ca_file=args.ca_file,
+        )
+        diagnosis = diagnostics.diagnose(settings, timeout=args.timeout)
+    else:
+        if args.port is not None or args.security is not None or args.ca_file is not None:
+            raise MailpipeError("--port, --security and --ca-file go with --host, not --account")
+        sessions = sessions_from_env()
+        user, key = unlock(sessions, args.user, args.password_env)
+        with sessions() as session:
+            account = session.get(MailAccount, args.account_id)
+            if account is None or account.user_id != user.id:
+                raise NotFound(f"account {args.account_id} not found")
+            settings = account_settings(account, key)
+        diagnosis = diagnostics.diagnose(
+            settings, sessions=sessions, account_id=args.account_id, timeout=args.timeout
+        )
+    print(json.dumps(diagnosis.to_json()) if args.json else describe_diagnosis(diagnosis))
+    return 0 if diagnosis.ok else EXIT_FAILURE
+
+
+@dataclass(frozen=True)
+class _SyncTarget:
+    """The account named on the command line, ready to sync."""
+
+    sessions: sessionmaker[Session]
+    account_id: int
+    key: DataKey
+    settings: ImapSettings
+    options: SyncOptions
+
+    def sync(self, *, observer: Observer | None = None) -> SyncResult:
+        return sync_account(
+            self.sessions,
+            account_id=self.account_id,
+            key=self.key,
+            settings=self.settings,
+            options=self.options,
+            observer=observer,
+        )
+
+
+def _sync_target(args: argparse.Namespace, url: str | None) -> tuple[Engine, _SyncTarget]:
+    """The database (migrated), its owner's key and the account, created on first use."""
     password = _secret(args.password_env)
     owner_password = _secret(args.owner_password_env) if args.owner_password_env else password
     settings = ImapSettings(
@@ -381,7 +520,7 @@ def run_sync(args: argparse.Namespace) -> int:
         command_timeout=args.timeout,
         connect_timeout=min(args.timeout, 15.0),
     )
-    engine = db.make_engine(args.db)
+    engine = db.make_engine(url)
     db.migrate(engine)
     sessions = db.session_factory(engine)
     with sessions.begin() as session:
@@ -393,20 +532,15 @@ def run_sync(args: argparse.Namespace) -> int:
     options = SyncOptions(
         folders=args.folders, max_mails=args.max_mails, batch_bytes=args.batch_bytes
     )
-    try:
-        result = sync_account(
-            sessions, account_id=account_id, key=key, settings=settings, options=options
-        )
-    except Exception as error:  # every failure becomes one line naming its cause
-        if os.environ.get("MAILPIPE_DEBUG"):
-            traceback.print_exc()
-        failure = classify(error, host=args.host)
-        print(f"mailpipe: sync failed ({failure.error_class}): {failure.message}", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        engine.dispose()
-    print(json.dumps(result.to_json()) if args.json else summary(result))
-    return 0
+    return engine, _SyncTarget(sessions, account_id, key, settings, options)
+
+
+def _one_line_failure(command: str, error: Exception, *, host: str) -> int:
+    if os.environ.get("MAILPIPE_DEBUG"):
+        traceback.print_exc()
+    failure = classify(error, host=host)
+    print(f"mailpipe: {command} failed ({failure.error_class}): {failure.message}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def _find_or_add_account(session, user, key, settings: ImapSettings, folders) -> int:
@@ -431,3 +565,32 @@ def summary(result: SyncResult) -> str:
         f"quarantined {result.quarantined} in {result.duration:.3f} s\n"
         f"phases: {phases}"
     )
+
+
+def profile_summary(profile: dict) -> str:
+    """Per phase: wall and CPU time and what bound it; then memory and mail counts."""
+    lines = [f"{'phase':<12}{'wall ms':>10}{'cpu ms':>10}{'cpu/wall':>10}  bound  calls"]
+    for name, phase in profile["phases"].items():
+        lines.append(
+            f"{name:<12}{phase['wall_seconds'] * 1000:>10.1f}{phase['cpu_seconds'] * 1000:>10.1f}"
+            f"{phase['cpu_ratio']:>10.2f}  {phase['bound']:<6}{phase['calls']:>6}"
+        )
+    memory, mail = profile["memory"], profile["mail"]
+    lines.append(
+        f"run {profile['wall_seconds'] * 1000:.0f} ms wall, {profile['cpu_seconds'] * 1000:.0f} ms "
+        f"CPU; peak memory {(memory['peak_bytes'] or 0) / 2**20:.1f} MiB ({memory['method']}); "
+        f"{mail['fetched']} mails ({mail['fetched_bytes'] / 2**20:.1f} MiB) in "
+        f"{mail['batches']} batch(es)"
+    )
+    return "\n".join(lines)
+
+
+def describe_diagnosis(diagnosis: diagnostics.Diagnosis) -> str:
+    """One line per check, then the verdict and, on failure, what to act on."""
+    lines = [
+        f"{check.status:<8} {check.name:<17} {diagnostics.summarise(check)}"
+        for check in diagnosis.checks
+    ]
+    failure = diagnosis.failure
+    lines.append(f"failed at {failure.name}: {failure.reason}" if failure else "every check passed")
+    return "\n".join(lines)

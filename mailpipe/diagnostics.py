@@ -301,6 +301,63 @@ def run_checks(
     )
 
 
+def summarise(check: Check) -> str:
+    """One line for people: the reason when it did not pass, the main figures when it did."""
+    if check.status != OK:
+        return check.reason or ""
+    d = check.details
+    describe = {
+        CONNECTION: lambda: f"greeting {d['greeting']!r}",
+        TLS: lambda: _tls_summary(d),
+        LOGIN_MECHANISMS: lambda: (
+            f"{', '.join(d['mechanisms']) or 'no AUTH='}"
+            + ("" if d["login_command"] else ", LOGIN disabled")
+            + (f"; uses {d['will_use']}" if "will_use" in d else "")
+        ),
+        LOGIN: lambda: "logged in",
+        CAPABILITIES: lambda: (
+            f"has {' '.join(n for n, on in d['features'].items() if on) or 'none of the checked'}"
+            f"; lacks {' '.join(n for n, on in d['features'].items() if not on) or 'nothing'}"
+        ),
+        NAMESPACE: lambda: ", ".join(
+            f"{kind} {entry['prefix']!r} ({entry['delimiter']})"
+            for kind in ("personal", "other", "shared")
+            for entry in d[kind]
+        ),
+        INBOX: lambda: (
+            f"{d['exists']} messages, UIDVALIDITY {d['uidvalidity']}, UIDNEXT {d['uidnext']}"
+        ),
+        FOLDERS: lambda: (
+            f"{d['count']} folder(s); special use: "
+            + (", ".join(f"{use} {name!r}" for use, name in d["special_use"].items()) or "none")
+        ),
+        SERVER_ID: lambda: (
+            " ".join(f"{key}={value}" for key, value in d["fields"].items())
+            + f"; provider {d['provider']}"
+        ),
+        ROUND_TRIP: lambda: (
+            f"{d['command']} x{d['count']}: min {d['min_ms']:.2f}, "
+            f"median {d['median_ms']:.2f}, max {d['max_ms']:.2f} ms"
+        ),
+        QUOTA: lambda: (
+            ", ".join(f"{r['resource']} {r['usage']} of {r['limit']}" for r in d["resources"])
+            or "no limits"
+        ),
+        DATABASE: lambda: (
+            ", ".join(f"{n} {state}" for state, n in d["counts"].items()) or "no folders"
+        ),
+    }
+    return describe[check.name]()
+
+
+def _tls_summary(details: dict) -> str:
+    certificate = details["certificate"] or {}
+    return (
+        f"{details['protocol']} {details['cipher']}; certificate {certificate.get('subject')} "
+        f"from {certificate.get('issuer')}, {certificate.get('expires_in_days')} days left"
+    )
+
+
 # -- steps before login --------------------------------------------------------------------
 
 

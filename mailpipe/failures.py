@@ -64,6 +64,7 @@ class Failure:
 def classify(error: BaseException, *, host: str | None = None) -> Failure:
     """Map an exception (and the server's response code in it) to an error class."""
     where = f" {host}" if host else ""
+    to = f" to {host}" if host else ""
     server = f"server {host}" if host else "the server"
     if isinstance(error, ssl.SSLCertVerificationError):
         reason = getattr(error, "verify_message", None) or "certificate verify failed"
@@ -76,9 +77,9 @@ def classify(error: BaseException, *, host: str | None = None) -> Failure:
     if isinstance(error, socket.gaierror):
         return Failure(TEMPORARILY_UNAVAILABLE, f"host{where} not found (DNS)")
     if isinstance(error, ConnectionRefusedError):
-        return Failure(TEMPORARILY_UNAVAILABLE, f"connection to{where} refused")
+        return Failure(TEMPORARILY_UNAVAILABLE, f"connection{to} refused")
     if isinstance(error, ConnectionResetError | BrokenPipeError | EOFError):
-        return Failure(CONNECTION_RESET, f"connection to{where} was reset")
+        return Failure(CONNECTION_RESET, f"connection{to} was reset")
     if isinstance(error, LoginError):
         code = _response_code(error)
         if code == b"ALERT" and _too_many_connections(error):
@@ -96,7 +97,7 @@ def classify(error: BaseException, *, host: str | None = None) -> Failure:
             return Failure(CODE_CLASSES[code], f"server{where} refused: {code.decode()}")
         return Failure(UNKNOWN, f"server{where} answered with an error")
     if isinstance(error, OSError):
-        return Failure(CONNECTION_RESET, f"network error talking to{where}: {error.strerror}")
+        return Failure(CONNECTION_RESET, f"network error talking{to}: {error.strerror}")
     if isinstance(error, DecryptionFailed):
         return Failure(UNKNOWN, str(error))
     if isinstance(error, MailpipeError):

@@ -3,7 +3,9 @@
 A `Profiler` is an `Observer`, so it rides along with the metrics observer at no extra round
 trip. CPU time is the CPU of the thread that ran the phase (the sync parses and saves in its
 storage thread), so a phase's CPU/wall ratio says whether it waited (I/O, or the GIL held by the
-other thread) or computed. Memory is measured one of two ways, named in the output:
+other thread) or computed. Work a phase hands to native threads of their own (fast-mail-parser's
+`parse_many`) is not in its CPU time, so such a phase can look I/O bound.
+Memory is measured one of two ways, named in the output:
 `ru_maxrss` (the process's resident high-water mark, how far this run raised it; cheap, so every
 account run keeps it, but shared with whatever else the process runs at the time) or
 `tracemalloc` (the peak of Python's own allocations during the run, without native buffers;

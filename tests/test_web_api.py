@@ -518,12 +518,18 @@ def test_diagnostics_logs_in_and_tells_nothing_secret(site, dovecot):
     ok = answers[good].json
     assert ok["ok"] and ok["imap4rev1"] and "IMAP4REV1" in ok["capabilities"]
     assert ok["round_trip_seconds"] > 0 and ok["connect_seconds"] > 0
+    statuses = {check["name"]: check["status"] for check in ok["checks"]}
+    assert statuses["inbox"] == statuses["round_trip"] == "ok"
+    assert statuses["database"] == "ok"  # the account's folders compared with the server's
     assert (answers[wrong].json["ok"], answers[wrong].json["error_class"]) == (
         False,
         "invalid_credentials",
     )
     assert answers[wrong].json["message"].startswith("Anmeldung fehlgeschlagen")
+    failed = {c["name"]: c["status"] for c in answers[wrong].json["checks"]}
+    assert (failed["login"], failed["inbox"]) == ("failed", "skipped")
     assert answers[refused].json["error_class"] == "temporarily_unavailable"
+    assert answers[refused].json["error"] == "connection refused"
     for answer in answers.values():
         assert answer.status_code == 200
         for secret in (imap_password, "not-it", login_name, dovecot.host):

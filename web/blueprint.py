@@ -219,7 +219,7 @@ class _Api:
                 raise ApiError(
                     409, "credentials_unreadable", "the account's stored settings do not open"
                 ) from None
-        report = diagnostics.quick_check(settings)
+        report = diagnostics.check_account(settings, sessions=self.sessions, account_id=account_id)
         message = present.error_text(report["error_class"], language(request))
         return jsonify(
             {"account_id": account_id, "provider": provider, **report, "message": message}

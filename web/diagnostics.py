@@ -1,82 +1,51 @@
-"""A quick connection check a user can run on one account, answered while they wait.
+"""The account check a user runs from the dashboard, answered while they wait.
 
-It is deliberately small: connect, log in, one NOOP, log out. The answer says whether that
-worked, how long it took and what the server offers; never the host, login, secret or any mail.
+It is the core's full diagnostics suite (`mailpipe.diagnostics`) with a short timeout, plus the
+few summary figures the dashboard shows. The answer never holds the host, login, secret or any
+mail: the suite leaves them out and redacts server texts that repeat them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
-from dataclasses import replace
+from sqlalchemy.orm import Session, sessionmaker
 
-from mailpipe import imap
-from mailpipe.failures import classify
+from mailpipe.diagnostics import CAPABILITIES, CONNECTION, LOGIN, OK, ROUND_TRIP, TLS, diagnose
 from mailpipe.imap import ImapSettings
 
 CHECK_TIMEOUT_SECONDS = 10.0
-MAX_CAPABILITIES = 64
-MAX_CAPABILITY_LENGTH = 64
-REQUIRED_CAPABILITY = "IMAP4REV1"
+CONNECT_STEPS = (CONNECTION, TLS, LOGIN)  # connect, secure, log in: what "connect" means here
 
 
-def quick_check(settings: ImapSettings, *, timeout: float = CHECK_TIMEOUT_SECONDS) -> dict:
-    """Log in and measure one round trip, so a user sees at once whether an account works."""
-    settings = replace(
-        settings,
-        connect_timeout=min(settings.connect_timeout, timeout),
-        command_timeout=min(settings.command_timeout, timeout),
-    )
-    report: dict = {
-        "ok": False,
-        "security": settings.security,
-        "connect_seconds": None,
-        "round_trip_seconds": None,
-        "capabilities": [],
-        "imap4rev1": False,
-        "error_class": None,
-        "error": None,
+def check_account(
+    settings: ImapSettings,
+    *,
+    sessions: sessionmaker[Session],
+    account_id: int,
+    timeout: float = CHECK_TIMEOUT_SECONDS,
+) -> dict:
+    """Every check, and first the figures the dashboard shows (connect time, round trip)."""
+    diagnosis = diagnose(settings, sessions=sessions, account_id=account_id, timeout=timeout)
+    report = diagnosis.to_json()
+    connect = [diagnosis.check(name) for name in CONNECT_STEPS]
+    capabilities = diagnosis.check(CAPABILITIES)
+    round_trip = diagnosis.check(ROUND_TRIP)
+    logged_in = diagnosis.check(LOGIN).status == OK
+    return {
+        "ok": report["ok"],
+        "security": report["security"],
+        "connect_seconds": (
+            round(sum(check.duration_ms or 0.0 for check in connect) / 1000, 4)
+            if logged_in
+            else None
+        ),
+        "round_trip_seconds": (
+            round(round_trip.details["median_ms"] / 1000, 4) if round_trip.status == OK else None
+        ),
+        "capabilities": capabilities.details.get("offered", []),
+        "imap4rev1": bool(capabilities.details.get("imap4rev1")),
+        "error_class": report["error_class"],
+        "error": report["reason"],
+        "provider_guess": report["provider"],
+        "duration_ms": report["duration_ms"],
+        "checks": report["checks"],
     }
-    started = time.perf_counter()
-    try:
-        client = imap.connect(settings)
-    except Exception as error:
-        return _failed(report, error)
-    try:
-        report["connect_seconds"] = round(time.perf_counter() - started, 4)
-        capabilities = [_text(c) for c in client.capabilities()][:MAX_CAPABILITIES]
-        report["capabilities"] = sorted(c[:MAX_CAPABILITY_LENGTH] for c in capabilities)
-        report["imap4rev1"] = REQUIRED_CAPABILITY in (c.upper() for c in capabilities)
-        begun = time.perf_counter()
-        client.noop()
-        report["round_trip_seconds"] = round(time.perf_counter() - begun, 4)
-        if not report["imap4rev1"]:
-            return {
-                **report,
-                "error_class": "unknown",
-                "error": "the server does not offer IMAP4rev1",
-            }
-        report["ok"] = True
-    except Exception as error:
-        return _failed(report, error)
-    finally:
-        _logout(client)
-    return report
-
-
-def _failed(report: dict, error: Exception) -> dict:
-    """Only the error class and the core's one-line cause, which hold no secret by design."""
-    failure = classify(error)
-    return {**report, "ok": False, "error_class": failure.error_class, "error": failure.message}
-
-
-def _text(capability: bytes | str) -> str:
-    return capability.decode("ascii", "replace") if isinstance(capability, bytes) else capability
-
-
-def _logout(client) -> None:
-    try:
-        client.logout()
-    except Exception:
-        with contextlib.suppress(Exception):
-            imap.shutdown(client)

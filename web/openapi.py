@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from actors.pipeline import MAX_TIMEOUT_SECONDS
+from mailpipe import diagnostics
 
 MAX_ID = 2**31 - 1
 MAX_MAILS = 10_000
@@ -473,19 +474,46 @@ OPENAPI: dict = {
             "AccountHealth": ACCOUNT_HEALTH,
             "Diagnostics": {
                 "type": "object",
-                "required": ["account_id", "ok", "capabilities"],
+                "required": ["account_id", "ok", "capabilities", "checks"],
                 "properties": {
                     "account_id": {"type": "integer"},
                     "provider": {"type": "string"},
-                    "ok": {"type": "boolean"},
+                    "ok": {"type": "boolean", "description": "no check failed"},
                     "security": {"type": "string", "enum": ["tls", "starttls", "none"]},
-                    "connect_seconds": {**NULLABLE_NUMBER, "description": "connect and log in"},
-                    "round_trip_seconds": {**NULLABLE_NUMBER, "description": "one NOOP"},
+                    "connect_seconds": {
+                        **NULLABLE_NUMBER,
+                        "description": "connect, secure and log in",
+                    },
+                    "round_trip_seconds": {**NULLABLE_NUMBER, "description": "median NOOP"},
                     "capabilities": {"type": "array", "items": {"type": "string"}},
                     "imap4rev1": {"type": "boolean"},
-                    "error_class": NULLABLE_STRING,
-                    "error": NULLABLE_STRING,
+                    "error_class": {**NULLABLE_STRING, "description": "of the first failed check"},
+                    "error": {**NULLABLE_STRING, "description": "why the first check failed"},
                     "message": {**NULLABLE_STRING, "description": "the error in user words"},
+                    "provider_guess": {
+                        "type": "string",
+                        "description": "from the host name, the server's ID or its greeting",
+                    },
+                    "duration_ms": {"type": "number"},
+                    "checks": {"type": "array", "items": _ref("DiagnosticCheck")},
+                },
+            },
+            "DiagnosticCheck": {
+                "type": "object",
+                "required": ["name", "status", "details"],
+                "properties": {
+                    "name": {"type": "string", "enum": list(diagnostics.CHECKS)},
+                    "status": {
+                        "type": "string",
+                        "enum": [diagnostics.OK, diagnostics.FAILED, diagnostics.SKIPPED],
+                    },
+                    "reason": {
+                        **NULLABLE_STRING,
+                        "description": "why it failed or was skipped, in plain words",
+                    },
+                    "error_class": NULLABLE_STRING,
+                    "duration_ms": NULLABLE_NUMBER,
+                    "details": {"type": "object", "description": "what the check found"},
                 },
             },
             "Performance": {
