@@ -10,7 +10,8 @@ Middleware order, outermost first:
   3. ShutdownNotifications let a running message notice a worker shutdown
   4. Callbacks             on_success / on_failure actors
   5. Pipelines             pipe results into the next message
-  6. Retries               transient failures come back with 1 s, 2 s, 4 s backoff plus jitter
+  6. DurableRetries        transient failures come back with 1 s, 2 s, 4 s backoff plus jitter
+                           (Dramatiq's Retries, whose retry survives a Redis outage)
   7. CurrentMessage        actors read their own retry count
   8. PeriodiqMiddleware    periodic actors (the scheduler) and their skip of stale ticks
   9. AccountHealth         skip fetches of accounts whose circuit is open; after each attempt,
@@ -22,14 +23,15 @@ from __future__ import annotations
 import os
 
 import dramatiq
+import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
+from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
     CurrentMessage,
     Pipelines,
-    Retries,
     ShutdownNotifications,
     TimeLimit,
 )
@@ -37,7 +39,7 @@ from dramatiq.rate_limits.backends import RedisBackend, StubBackend
 from periodiq import PeriodiqMiddleware
 
 from metrics.middleware import DramatiqMetrics
-from middleware import AccountHealth
+from middleware import AccountHealth, DurableRetries
 
 BROKER_URL = os.environ.get("MAILPIPE_BROKER_URL", "stub")
 NAMESPACE = os.environ.get("MAILPIPE_REDIS_NAMESPACE", "mailpipe")
@@ -47,6 +49,30 @@ MAX_BACKOFF_MS = int(os.environ.get("MAILPIPE_MAX_BACKOFF_MS", "30000"))
 HEARTBEAT_TIMEOUT_MS = int(os.environ.get("MAILPIPE_REDIS_HEARTBEAT_MS", "60000"))
 MAINTENANCE_CHANCE = int(os.environ.get("MAILPIPE_REDIS_MAINTENANCE_CHANCE", "1000"))
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+DELAY_QUEUE_SUFFIX = ".DQ"
+
+
+class MailpipeRedisBroker(RedisBroker):
+    """RedisBroker that takes back the delayed messages a worker dropped on a connection error.
+
+    On a Redis connection error Dramatiq's consumer thread discards the delayed messages it holds
+    in memory (retries waiting out their backoff, fetches of busy accounts sent again later), yet
+    they stay in its worker's acks set; the worker lives on and keeps its heartbeat, so Redis
+    maintenance never requeues them and their runs never end (Bogdanp/dramatiq#527, 2.2.1). A new
+    consumer of a delay queue requeues what its worker still holds there: no one else holds it.
+    """
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000):
+        if queue_name.endswith(DELAY_QUEUE_SUFFIX):
+            try:
+                held = self.client.smembers(
+                    f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
+                )
+                if held:
+                    self.do_requeue(queue_name, *held)
+            except redis.ConnectionError as error:
+                raise ConnectionClosed(error) from None
+        return super().consume(queue_name, prefetch, timeout)
 
 
 def middleware_stack() -> list[dramatiq.Middleware]:
@@ -58,7 +84,9 @@ def middleware_stack() -> list[dramatiq.Middleware]:
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
-        Retries(max_retries=MAX_RETRIES, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS),
+        DurableRetries(
+            max_retries=MAX_RETRIES, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS
+        ),
         CurrentMessage(),
         PeriodiqMiddleware(),
         AccountHealth(),
@@ -70,7 +98,7 @@ def build_broker(url: str = BROKER_URL, *, namespace: str = NAMESPACE) -> dramat
     if url == "stub":
         built: dramatiq.Broker = StubBroker(middleware=[])
     elif url.startswith(REDIS_SCHEMES):
-        built = RedisBroker(
+        built = MailpipeRedisBroker(
             url=url,
             namespace=namespace,
             middleware=[],

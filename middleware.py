@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import dramatiq
-from dramatiq.middleware import SkipMessage
+import redis
+from dramatiq.errors import BrokerConnectionError
+from dramatiq.middleware import Retries, SkipMessage
 
 from mailpipe import health
 from mailpipe.failures import UNKNOWN
@@ -15,8 +18,43 @@ FETCH_ACTOR = "fetch_account"
 CIRCUIT_OPEN = "circuit_open"
 CIRCUIT_OPEN_MESSAGE = "skipped: fetching this account kept failing, so it is paused for a while"
 
+REENQUEUE_DELAY_SECONDS = 1.0
+REENQUEUE_PATIENCE_SECONDS = 600.0
+
 logger = logging.getLogger(__name__)
 _attempt = threading.local()
+
+
+class DurableRetries(Retries):
+    """Retries whose re-enqueue waits out a broker outage instead of dropping the retry.
+
+    Stock Retries sends the retry from after_process_message; when Redis is down at that moment
+    the error is only logged, the message is acked once Redis is back, and the retry is gone, so
+    its run stays "retrying" and its job never ends. Here the send is tried again, as Dramatiq
+    itself does with acks, each time from the message's options as they were.
+    """
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.Message,
+        *,
+        result: object = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        options = dict(message.options)
+        deadline = time.monotonic() + REENQUEUE_PATIENCE_SECONDS
+        while True:
+            try:
+                super().after_process_message(broker, message, result=result, exception=exception)
+                return
+            except (BrokerConnectionError, redis.ConnectionError) as error:
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning("retry of %s not sent yet (%s); trying again", message, error)
+                message.options.clear()
+                message.options.update(options)
+                time.sleep(REENQUEUE_DELAY_SECONDS)
 
 
 def report_attempt(*, attempted: bool, error_class: str | None) -> None:

@@ -3,9 +3,12 @@ PostgreSQL, and the real Dovecot; each in a namespace or database of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -34,6 +37,9 @@ class Cluster:
     pipeline: PipelineBroker
     dovecot: object
     workers: Workers
+    namespace: str = ""
+    database: str = ""
+    redis_url: str = REDIS_URL
 
     def user(self, name: str):
         with self.sessions.begin() as session:
@@ -51,8 +57,8 @@ class Cluster:
             owner = session.get_one(UserRow, user_id)
             return add_account(session, owner, key, settings).id
 
-    def wait(self, job_id: str, user_id: int) -> dict:
-        deadline = time.monotonic() + JOB_WAIT_SECONDS
+    def wait(self, job_id: str, user_id: int, *, seconds: float = JOB_WAIT_SECONDS) -> dict:
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             status = self.pipeline.get_job_status(job_id, user_id)
             if status["final"]:
@@ -64,9 +70,26 @@ class Cluster:
         with self.sessions() as session:
             return list(session.scalars(select(AccountRun).where(AccountRun.job_id == job_id)))
 
+    def restart_workers(self) -> Workers:
+        """Stop (or reap) the worker group and start a fresh one with the same settings."""
+        self.workers.stop()
+        self.workers = Workers(
+            self.env, processes=self.workers.processes, threads=self.workers.threads
+        ).start()
+        return self.workers
 
-@pytest.fixture
-def cluster(dovecot, tmp_path) -> Cluster:
+
+@contextlib.contextmanager
+def running_cluster(
+    dovecot,
+    tmp_path: Path,
+    *,
+    redis_url: str = REDIS_URL,
+    extra_env: Mapping[str, str] | None = None,
+    processes: int = 2,
+    threads: int = 4,
+) -> Iterator[Cluster]:
+    """Start a cluster (own namespace, own database, own workers) and remove all of it after."""
     namespace = new_namespace()
     name = postgres.create_database()
     url = postgres.database_url(postgres.ADMIN_URL, name)
@@ -74,30 +97,49 @@ def cluster(dovecot, tmp_path) -> Cluster:
     public_key = grants.generate_worker_key(key_file)
     env = {
         **os.environ,
-        "MAILPIPE_BROKER_URL": REDIS_URL,
+        "MAILPIPE_BROKER_URL": redis_url,
         "MAILPIPE_REDIS_NAMESPACE": namespace,
         "MAILPIPE_DATABASE_URL": url,
         "MAILPIPE_WORKER_KEY_FILE": str(key_file),
         "MAILPIPE_DATA_DIR": str(tmp_path),
         "MAILPIPE_MIN_BACKOFF_MS": "200",
         "TZ": "UTC",
+        **(extra_env or {}),
     }
     engine = db.make_engine(url)
-    db.migrate(engine)
-    sessions = db.session_factory(engine)
-    broker = broker_config.build_broker(REDIS_URL, namespace=namespace)
-    workers = Workers(env).start()
+    broker = None
+    workers = None
+    cluster: Cluster | None = None
     try:
-        yield Cluster(
+        db.migrate(engine)
+        sessions = db.session_factory(engine)
+        broker = broker_config.build_broker(redis_url, namespace=namespace)
+        workers = Workers(env, processes=processes, threads=threads).start()
+        cluster = Cluster(
             env,
             sessions,
             PipelineBroker(sessions, public_key=public_key, broker=broker),
             dovecot,
             workers,
+            namespace=namespace,
+            database=name,
+            redis_url=redis_url,
         )
+        yield cluster
     finally:
-        workers.stop()
-        broker.close()
+        if cluster is not None:
+            cluster.workers.stop()  # the cluster may have restarted its workers
+        if workers is not None:
+            workers.stop()
+        if broker is not None:
+            broker.close()
         engine.dispose()
-        delete_namespace(namespace)
+        with contextlib.suppress(Exception):  # a Redis the test stopped has nothing to clean
+            delete_namespace(namespace, redis_url)
         postgres.drop_database(name)
+
+
+@pytest.fixture
+def cluster(dovecot, tmp_path) -> Iterator[Cluster]:
+    with running_cluster(dovecot, tmp_path) as running:
+        yield running
