@@ -34,12 +34,12 @@ def check_account(
         "ok": report["ok"],
         "security": report["security"],
         "connect_seconds": (
-            round(sum(check.duration_ms or 0.0 for check in connect) / 1000, 4)
+            round(sum(check.duration_ms or 0.0 for check in connect) / 1000, 6)
             if logged_in
             else None
         ),
         "round_trip_seconds": (
-            round(round_trip.details["median_ms"] / 1000, 4) if round_trip.status == OK else None
+            round(round_trip.details["median_ms"] / 1000, 6) if round_trip.status == OK else None
         ),
         "capabilities": capabilities.details.get("offered", []),
         "imap4rev1": bool(capabilities.details.get("imap4rev1")),
