@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import func, select
 
 from actors.diagnose import request_diagnosis
@@ -29,6 +34,7 @@ from mailpipe.diagnostics import (
 )
 from mailpipe.errors import NotFound
 from mailpipe.imap import ImapSettings
+from mailpipe.models import Base
 from mailpipe.sync import sync_account
 from tests.support.dovecot import Dovecot
 from tests.support.faultproxy import FaultProxy
@@ -362,9 +368,9 @@ def test_the_actor_runs_a_requested_diagnosis_with_a_key_grant_for_it_alone(worl
     assert checks["database"]["status"] == OK
     # And the key grant is gone, and the row keeps nothing readable of the account
     assert left == 0
-    stored = repr((row.report_enc, row.error_message, row.error_class))
+    kept = repr((row.report_enc, row.error_message, row.error_class))
     for secret in (login, password, world.dovecot.host, "Dovecot"):
-        assert secret not in stored
+        assert secret not in kept
     # And nobody else can read it
     bob = world.user("bob")
     with world.sessions() as session, pytest.raises(NotFound):
@@ -372,13 +378,16 @@ def test_the_actor_runs_a_requested_diagnosis_with_a_key_grant_for_it_alone(worl
 
 
 def test_the_actor_records_a_failed_login_and_refuses_other_peoples_accounts(world):
+    # Given alice's account with a wrong password
     alice, bob = world.user("alice"), world.user("bob")
     account = world.account(alice, password="wrong")
     public_key = grants.public_key_bytes(world.private_key)
+    # When she has it diagnosed
     request_id = request_diagnosis(
         world.sessions, user_id=alice.id, account_id=account, key=alice.key, public_key=public_key
     )
     world.wait()
+    # Then the diagnosis ran and says the login failed
     with world.sessions() as session:
         result = diagnosis_result(session, request_id, user_id=alice.id, key=alice.key)
     assert (result["status"], result["ok"], result["error_class"]) == (
@@ -386,6 +395,7 @@ def test_the_actor_records_a_failed_login_and_refuses_other_peoples_accounts(wor
         False,
         "invalid_credentials",
     )
+    # And bob cannot have her account diagnosed
     with pytest.raises(NotFound):
         request_diagnosis(
             world.sessions, user_id=bob.id, account_id=account, key=bob.key, public_key=public_key
@@ -415,3 +425,83 @@ def test_a_request_whose_grant_has_gone_fails_in_words_without_connecting(world)
         result = diagnosis_result(session, request_id, user_id=alice.id, key=alice.key)
     assert (result["status"], result["error"]) == ("failed", grants.MISSING_GRANT)
     assert result["report"] is None
+
+
+# -- mailpipe diagnose ---------------------------------------------------------------------
+
+
+def mailpipe(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mailpipe", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_mailpipe_diagnose_a_server_by_its_address(dovecot, imap_user):
+    # Given a server reached over implicit TLS with the test CA
+    login, password = imap_user
+    args = ["diagnose", "--host", dovecot.host, "--port", str(dovecot.tls_port), "--user", login]
+    args += ["--password-env", "IMAP_PASSWORD", "--ca-file", str(dovecot.ca_file)]
+    # When it is diagnosed as JSON, and with the wrong password for people
+    good = mailpipe(*args, "--json", env={"IMAP_PASSWORD": password})
+    wrong = mailpipe(*args, env={"IMAP_PASSWORD": "not-the-password"})
+    # Then the JSON is the whole diagnosis, and the failure is one line per check and a verdict
+    assert good.returncode == 0, good.stderr
+    report = json.loads(good.stdout)
+    assert report["ok"] and [check["name"] for check in report["checks"]] == list(CHECKS)
+    assert wrong.returncode == 1 and wrong.stderr == ""
+    lines = wrong.stdout.strip().splitlines()
+    assert len(lines) == len(CHECKS) + 1
+    assert " ".join(lines[3].split()) == "failed login login failed: wrong user name or password"
+    assert lines[-1] == "failed at login: login failed: wrong user name or password"
+    for output in (good.stdout, wrong.stdout):
+        assert password not in output and "not-the-password" not in output
+        assert login not in output
+
+
+def test_mailpipe_diagnose_a_stored_account_with_its_owners_password(dovecot, imap_user, tmp_path):
+    # Given a stored account of the user alice, synced once
+    login, password = imap_user
+    dovecot.append(login, password, [message(1)])
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    engine = db.make_engine(url)
+    db.migrate(engine)
+    sessions = db.session_factory(engine)
+    settings = settings_for(dovecot, login, password)
+    with sessions.begin() as session:
+        user, key = create_user(session, "alice", "alice-pw", iterations=FAST_KDF)
+        account_id = add_account(session, user, key, settings).id
+    sync_account(sessions, account_id=account_id, key=key, settings=settings)
+    engine.dispose()
+    env = {"MAILPIPE_DATABASE_URL": url, "ALICE_PASSWORD": "alice-pw"}
+    stored = ["diagnose", "--user", "alice", "--account", str(account_id)]
+    stored += ["--password-env", "ALICE_PASSWORD"]
+    # When she diagnoses it, when she names no account, and when she names someone else's
+    result = mailpipe(*stored, "--json", env=env)
+    neither = mailpipe("diagnose", "--user", "alice", env=env)
+    missing = mailpipe(*stored[:3], "--account", str(account_id + 1), *stored[5:], env=env)
+    # Then the stored settings are used and the database's view is compared with the server's
+    assert result.returncode == 0, result.stderr
+    checks = {check["name"]: check for check in json.loads(result.stdout)["checks"]}
+    assert checks["database"]["details"]["counts"] == {IN_SYNC: 1}
+    # And the mistakes end in one line each
+    assert (neither.returncode, neither.stderr.strip()) == (
+        1,
+        "mailpipe: give --host (any server) or --account (a stored account)",
+    )
+    assert missing.stderr.strip() == f"mailpipe: account {account_id + 1} not found"
+
+
+def test_the_migration_matches_the_diagnostics_results_model(db_url):
+    # Given a database migrated to head
+    engine = db.make_engine(db_url)
+    db.migrate(engine)
+    # When it is compared with the model
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    engine.dispose()
+    # Then nothing about diagnostics_results is left to migrate
+    assert [d for d in differences if diagnostics.REPORT_TABLE in repr(d)] == []
