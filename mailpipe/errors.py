@@ -15,3 +15,7 @@ class DecryptionFailed(MailpipeError):
 
 class NotFound(MailpipeError):
     """A user, account or job does not exist, or belongs to someone else."""
+
+
+class ProtocolError(MailpipeError):
+    """The server does not speak the IMAP we need, or sent a response that is not valid IMAP."""

@@ -16,10 +16,13 @@ from datetime import datetime, timedelta, timezone
 from imapclient.datetime_util import parse_to_datetime
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
+from .errors import ProtocolError
+
 LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r\n\Z")
 TOKEN = re.compile(rb'\(|\)|"(?:[^"\\]|\\.)*"|[^\s()"]+')
 FETCH_START = re.compile(rb"\* \d+ FETCH \(", re.IGNORECASE)
 NIL = b"NIL"
+MALFORMED_FETCH = "the server sent a FETCH response that is not valid IMAP"
 UID_ITEM = re.compile(rb"[ (]UID (\d+)", re.IGNORECASE)
 SIZE_ITEM = re.compile(rb"RFC822\.SIZE (\d+)", re.IGNORECASE)
 FLAGS_ITEM = re.compile(rb"FLAGS \(([^)]*)\)", re.IGNORECASE)
@@ -73,7 +76,10 @@ def fetch_messages(imap, uids: Sequence[int] | str, items: str) -> dict[int, Fet
             if head.startswith(b"* BYE"):
                 raise IMAPClientAbortError(head.decode(errors="replace").strip())
             if FETCH_START.match(head):
-                message = _fetched(parts)
+                try:
+                    message = _fetched(parts)
+                except (ValueError, KeyError, IndexError, TypeError):
+                    raise ProtocolError(MALFORMED_FETCH) from None
                 if message is not None:
                     messages[message.uid] = message
     finally:

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from . import imap, store
 from .accounts import account_settings
 from .crypto import DataKey
+from .errors import ProtocolError
 from .fetch import FetchedMessage, fetch_messages
 from .imap import ImapSettings
 from .models import MailAccount
@@ -92,10 +93,6 @@ class SyncResult:
             "phases": {name: round(seconds, 6) for name, seconds in self.phases.items()},
             "duration": round(self.duration, 6),
         }
-
-
-class ProtocolError(Exception):
-    """The server does not speak the IMAP we need."""
 
 
 def sync_account(
