@@ -13,12 +13,14 @@ import sys
 import time
 
 import dramatiq
+import psycopg
 import pytest
 import redis
 from dramatiq.brokers.stub import StubBroker
 
 import broker_config
 import middleware
+from tests.support import postgres
 from tests.support.cluster import running_cluster
 from tests.support.crash import CRASH_ENV, PER_ROUND, CrashReport, Drill, kill_loop, wait_for
 from tests.support.faultproxy import FaultProxy
@@ -201,3 +203,45 @@ def test_a_killed_workers_connection_slot_frees_itself(namespace):
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+def drop_saving_connections(database: str, *, seconds: float = 30.0) -> int:
+    """Wait for a worker's INSERT of mail into `database`, then terminate its connection."""
+    deadline = time.monotonic() + seconds
+    with psycopg.connect(postgres.libpq_url(postgres.ADMIN_URL), autocommit=True) as admin:
+        while time.monotonic() < deadline:
+            dropped = admin.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()"
+                " AND state IN ('active', 'idle in transaction')"
+                " AND query ILIKE 'INSERT INTO emails%%'",
+                (database,),
+            ).fetchone()[0]
+            if dropped:
+                return dropped
+            time.sleep(0.002)
+    return 0
+
+
+def test_postgres_connections_dropped_mid_save_jobs_still_finish(crash_cluster, dovecot, capsys):
+    # Given three accounts whose syncs save mail in more than one batch
+    with FaultProxy(upstream=(dovecot.host, dovecot.port)) as link:
+        link.latency(LINK_LATENCY)
+        drill = Drill(crash_cluster, port=link.port, accounts=3, rng=random.Random(3))
+        drill.deliver(PER_ROUND)
+        drill.enqueue()
+        # When the database connection is killed in the middle of saving a batch, twice
+        dropped = [drop_saving_connections(crash_cluster.database) for _ in range(2)]
+        drill.settle()
+    report = drill.report(CrashReport())
+    with capsys.disabled():
+        print(f"\npostgres connections dropped mid-save {dropped}: {report.line()}")
+    # Then the job still succeeds, the interrupted runs took another attempt, nothing is doubled
+    assert all(dropped), "no save was caught in the middle"
+    [job_id] = drill.jobs
+    runs = crash_cluster.runs(job_id)
+    assert report.statuses == {"success": 1}
+    assert report.open_runs == 0
+    assert 1 < max(run.attempt for run in runs) <= broker_config.MAX_RETRIES + 1
+    assert (report.lost, report.duplicates) == (0, 0)
+    assert report.stored == report.expected == 3 * PER_ROUND

@@ -64,9 +64,14 @@ class CrashReport:
 
     def line(self) -> str:
         """One line for logs and the benchmark's output."""
-        return (
+        kills = (
             f"kills survived {self.kills} ({self.processes_killed} worker processes), "
-            f"jobs {self.final_jobs}/{self.jobs} final {self.statuses}, open runs {self.open_runs}, "
+            if self.kills
+            else ""
+        )
+        return (
+            f"{kills}jobs {self.final_jobs}/{self.jobs} final {self.statuses}, "
+            f"open runs {self.open_runs}, "
             f"messages {self.stored}/{self.expected} stored, lost {self.lost}, "
             f"duplicates {self.duplicates}, {self.seconds:.1f} s"
         )
