@@ -216,7 +216,8 @@ def diagnose(
     started_at, began = utcnow(), time.perf_counter()
     checks: list[Check] = []
 
-    def report(provider: str, *, skip_reason: str) -> Diagnosis:
+    def report(provider: str, *, skip_reason: str | None = None) -> Diagnosis:
+        """The checks so far, and the rest skipped for `skip_reason` (a step failed)."""
         done = {check.name for check in checks}
         checks.extend(_skipped(name, skip_reason) for name in CHECKS if name not in done)
         return Diagnosis(
@@ -256,7 +257,7 @@ def diagnose(
         if checks[-1].status == FAILED:
             return report(probe.provider, skip_reason=NOT_LOGGED_IN)
         checks.extend(_after_login(probe))
-        return report(probe.provider, skip_reason=NOT_LOGGED_IN)
+        return report(probe.provider)
     finally:
         _logout(client)
 

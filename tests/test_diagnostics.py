@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from actors.diagnose import request_diagnosis
 from mailpipe import db, diagnostics, grants, imap
 from mailpipe.accounts import add_account, create_user
+from mailpipe.cli import describe_diagnosis
 from mailpipe.diagnostics import (
     CHECKS,
     FAILED,
@@ -160,6 +161,17 @@ def test_a_server_with_quota_and_special_use_folders_shows_them(gmail_like):
     # And the greeting is shown without the host name it carried
     assert diagnosis.check("connection").details["greeting"] == "[redacted] IMAP ready"
     assert_nothing_secret(diagnosis, gmail_like.host, login, password)
+    # And people read one line per check
+    lines = dict(
+        line.split(maxsplit=2)[1:] for line in describe_diagnosis(diagnosis).splitlines()[:-1]
+    )
+    assert lines["quota"] == "STORAGE 0 of 10240"
+    assert lines["folders"] == "3 folder(s); special use: \\Sent 'Sent', \\Trash 'Trash'"
+    assert lines["server_id"] == "name=GImap vendor=Google, Inc.; provider gmail"
+    assert (
+        lines["tls"]
+        == "the connection is not encrypted (security none): the password travels in clear"
+    )
 
 
 # -- failures, in plain words --------------------------------------------------------------
