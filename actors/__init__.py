@@ -4,8 +4,15 @@
 """
 
 import broker_config  # noqa: F401  (the broker and its middleware come before any actor)
+from actors.diagnose import diagnose_account
 from actors.fetch import fetch_account, fetch_exhausted
 from actors.pipeline import PipelineBroker
 from actors.schedule import schedule_due
 
-__all__ = ["PipelineBroker", "fetch_account", "fetch_exhausted", "schedule_due"]
+__all__ = [
+    "PipelineBroker",
+    "diagnose_account",
+    "fetch_account",
+    "fetch_exhausted",
+    "schedule_due",
+]
