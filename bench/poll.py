@@ -1,0 +1,74 @@
+"""CPU per no-change account run through the whole pipeline (for docs/capacity.md).
+
+Run from the repository root: `python -m bench.poll [ACCOUNTS]`. One job covers every account
+(3 messages each), run by an in-process worker on PostgreSQL; rounds 2 and 3 find nothing new.
+Prints the worker CPU time and wall time per account run for each round.
+"""
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import dramatiq
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+import broker_config
+from actors import PipelineBroker, runtime
+from mailpipe import db, grants
+from mailpipe.accounts import add_account, create_user
+from mailpipe.imap import ImapSettings
+from tests.support import postgres
+from tests.support.dovecot import Dovecot
+
+ROUNDS = 3
+
+
+def main() -> int:
+    accounts = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+    with Dovecot.start(Path(tempfile.gettempdir())) as server:
+        boxes = [server.new_user() for _ in range(accounts)]
+        for login, _password in boxes:
+            server.seed_maildir(login, 3)
+        name = postgres.create_database()
+        engine = db.make_engine(postgres.database_url(postgres.ADMIN_URL, name))
+        try:
+            db.migrate(engine)
+            sessions = db.session_factory(engine)
+            private_key = X25519PrivateKey.generate()
+            runtime.embed(sessions=sessions, private_key=private_key)
+            with sessions.begin() as session:
+                user, key = create_user(session, "bench", "pw", iterations=1000)
+                for login, password in boxes:
+                    settings = ImapSettings(
+                        host=server.host,
+                        port=server.port,
+                        username=login,
+                        password=password,
+                        security="none",
+                    )
+                    add_account(session, user, key, settings)
+                user_id = user.id
+            worker = dramatiq.Worker(broker_config.broker, worker_threads=8)
+            worker.start()
+            pipeline = PipelineBroker(sessions, public_key=grants.public_key_bytes(private_key))
+            for number in range(1, ROUNDS + 1):
+                cpu, wall = time.process_time(), time.perf_counter()
+                job = pipeline.enqueue_fetch_job(user_id, key=key)
+                broker_config.broker.join("fetch")
+                worker.join()
+                status = pipeline.get_job_status(job, user_id)
+                print(
+                    f"round {number}: {status['status']}, {status['emails_fetched']} mails; "
+                    f"CPU {1000 * (time.process_time() - cpu) / accounts:.1f} ms and wall "
+                    f"{1000 * (time.perf_counter() - wall) / accounts:.1f} ms per account run"
+                )
+            worker.stop()
+        finally:
+            engine.dispose()
+            postgres.drop_database(name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
