@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
 
-from mailpipe.models import JOB_FINAL, RUN_FINAL, AccountRun, Email, PipelineJob
+from mailpipe.accounts import add_account
+from mailpipe.imap import ImapSettings
+from mailpipe.models import JOB_FINAL, RUN_FINAL, AccountRun, Email, PipelineJob, User
 from tests.support.messages import plain_message
 
 # Redelivery of a killed worker's messages within seconds instead of a minute: every broker
@@ -93,10 +95,6 @@ class Drill:
             self.mailboxes.append(Mailbox(account_id, login, password))
 
     def _add_account(self, login: str, password: str, port: int) -> int:
-        from mailpipe.accounts import add_account
-        from mailpipe.imap import ImapSettings
-        from mailpipe.models import User
-
         settings = ImapSettings(
             host="127.0.0.1", port=port, username=login, password=password, security="none"
         )
