@@ -167,7 +167,7 @@ def run_account(
             failure = Failure(TIMEOUT, "the sync took longer than the job's time limit")
         else:
             failure = classify(error)
-        if failure.transient and may_retry:
+        if failure.transient and may_retry and (failure.error_class != UNKNOWN or attempt == 1):
             with sessions.begin() as session:
                 jobs.mark_retrying(
                     session,
