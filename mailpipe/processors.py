@@ -21,6 +21,7 @@ from .models import PARSED, PROCESS_DONE, PROCESS_PENDING, PROCESS_RETRY, Email
 
 ENTRY_POINT_GROUP = "mailpipe.processors"
 REPROCESS_LIMIT = 200
+PROCESS_CHUNK = 100  # mails decrypted and updated per transaction
 NEWSLETTER_SENDERS = ("newsletter", "news", "noreply", "no-reply", "info", "marketing")
 NEWSLETTER_WORDS = ("abmelden", "unsubscribe", "newsletter abbestellen", "austragen")
 
@@ -48,6 +49,31 @@ class ProcessOutcome:
 def load_processors() -> dict[str, Processor]:
     """Every installed processor, by entry-point name."""
     return {ep.name: ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _process(row, account_id: int, key: DataKey, processors, outcome: ProcessOutcome) -> dict:
+    """Run every processor on one mail; the row change that records what they said."""
+    email_id, folder, parsed_enc = row
+    fields = json.loads(key.decrypt(parsed_enc, table="emails", column="parsed", row=email_id))
+    mail = Mail(id=email_id, account_id=account_id, folder=folder, fields=fields)
+    annotations, failed = {}, []
+    for name, processor in processors.items():
+        try:
+            annotations[name] = processor(mail)
+        except Exception as error:  # a broken plug-in must not cost the mail
+            failed.append(name)
+            logger.warning("processor %s failed: %s", name, type(error).__name__)
+    if failed:
+        outcome.failed += 1
+    else:
+        outcome.processed += 1
+    return {
+        "id": email_id,
+        "process_status": PROCESS_RETRY if failed else PROCESS_DONE,
+        "annotations_enc": key.encrypt(
+            json.dumps(annotations).encode(), table="emails", column="annotations", row=email_id
+        ),
+    }
 
 
 def newsletter(mail: Mail) -> dict:
@@ -83,37 +109,14 @@ def process_new_mail(
             .limit(REPROCESS_LIMIT)
         ).all()
     wanted = list(dict.fromkeys([*email_ids, *backlog]))
-    for email_id in wanted:
+    for start in range(0, len(wanted), PROCESS_CHUNK):
         with sessions.begin() as session:
-            email = session.get(Email, email_id)
-            if email is None or email.status != PARSED:
-                continue
-            fields = json.loads(
-                key.decrypt(email.parsed_enc, table="emails", column="parsed", row=email.id)
-            )
-            mail = Mail(id=email.id, account_id=account_id, folder=email.folder, fields=fields)
-            annotations, failed = {}, []
-            for name, processor in processors.items():
-                try:
-                    annotations[name] = processor(mail)
-                except Exception as error:  # a broken plug-in must not cost the mail
-                    failed.append(name)
-                    logger.warning("processor %s failed: %s", name, type(error).__name__)
-            session.execute(
-                update(Email)
-                .where(Email.id == email.id)
-                .values(
-                    process_status=PROCESS_RETRY if failed else PROCESS_DONE,
-                    annotations_enc=key.encrypt(
-                        json.dumps(annotations).encode(),
-                        table="emails",
-                        column="annotations",
-                        row=email.id,
-                    ),
+            rows = session.execute(
+                select(Email.id, Email.folder, Email.parsed_enc).where(
+                    Email.id.in_(wanted[start : start + PROCESS_CHUNK]), Email.status == PARSED
                 )
-            )
-            if failed:
-                outcome.failed += 1
-            else:
-                outcome.processed += 1
+            ).all()
+            changes = [_process(row, account_id, key, processors, outcome) for row in rows]
+            if changes:
+                session.execute(update(Email), changes)
     return outcome

@@ -5,12 +5,13 @@ Dovecot accounts through `run_account` with `MetricsObserver` in a process whose
 PROMETHEUS_MULTIPROC_DIR was set before Python started, serves the result with the real exporter,
 and lets a real Prometheus scrape it (the repository's prometheus.yml with targets on this test's
 ports): every dashboard query must return a series, the recording rules must evaluate, and an
-alert must travel through a real Alertmanager (the repository's alertmanager.yml) to a webhook.
+alert must travel through a real Alertmanager (the repository's alertmanager.yml) into the
+web app's webhook, which stores it as an operator notification.
 """
 
 from __future__ import annotations
 
-import http.server
+import io
 import json
 import os
 import re
@@ -29,7 +30,10 @@ import dramatiq
 import pytest
 import yaml
 from dramatiq.brokers.redis import RedisBroker
+from sqlalchemy import select
+from werkzeug.serving import make_server
 
+from mailpipe.models import Notification
 from metrics import multiprocess
 from tests.support.dovecot import free_ports
 from tests.support.workers import REDIS_URL, ROOT, delete_namespace, new_namespace
@@ -441,35 +445,45 @@ def wait_for(check: Callable[[], object], *, seconds: float, what: str, server=N
 
 
 class Webhook:
-    """The receiving end of Alertmanager's webhook: records each POST."""
+    """mailpipe's real web app as Alertmanager's receiver, recording each POST on its way in."""
 
-    def __init__(self) -> None:
+    def __init__(self, workdir: Path, *, token: str) -> None:
+        from web.app import create_app
+
         self.posts: list[dict] = []
-        posts = self.posts
+        app = create_app(
+            {
+                "MAILPIPE_DATABASE_URL": f"sqlite:///{workdir / 'web.db'}",
+                "MAILPIPE_ALERT_TOKEN": token,
+            }
+        )
+        self.sessions = app.extensions["mailpipe"].sessions
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                posts.append(
+        def recording(environ: dict, start_response: Callable) -> object:
+            if environ["REQUEST_METHOD"] == "POST":
+                body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+                self.posts.append(
                     {
-                        "path": self.path,
-                        "authorization": self.headers.get("Authorization"),
+                        "path": environ["PATH_INFO"],
+                        "authorization": environ.get("HTTP_AUTHORIZATION"),
                         "payload": json.loads(body),
                     }
                 )
-                self.send_response(200)
-                self.end_headers()
+                environ["wsgi.input"] = io.BytesIO(body)
+            return app(environ, start_response)
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
+        self.server = make_server("127.0.0.1", 0, recording, threaded=True)
+        self.port = self.server.server_port
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def alerts(self, name: str) -> list[dict]:
         return [p for p in self.posts if p["payload"]["commonLabels"].get("alertname") == name]
+
+    def stored(self) -> list[Notification]:
+        """The operator notifications the web app wrote."""
+        with self.sessions() as session:
+            return list(session.scalars(select(Notification).where(Notification.user_id.is_(None))))
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -547,7 +561,7 @@ def stack(workdir: Path, synced: dict[str, str]) -> Iterator[Stack]:
     token = "test-token-" + os.urandom(8).hex()
     token_file = workdir / "webhook-token"
     token_file.write_text(token)
-    webhook = Webhook()
+    webhook = Webhook(workdir, token=token)
     servers: dict[str, Server] = {}
     try:
         servers["exporter"] = Server(
@@ -715,6 +729,10 @@ def test_a_dead_letter_alert_reaches_the_webhook_with_the_bearer_token(stack: St
         "description": "1 messages of queue fetch failed every retry and were dead-lettered.",
         "runbook_url": "docs/runbook.md#mailpipedeadletters",
     }
+    # And the web app stored it as an operator notification
+    stored = [n for n in stack.webhook.stored() if "Dead-lettered" in n.message]
+    assert stored, [n.message for n in stack.webhook.stored()]
+    assert {n.kind for n in stored} == {"operator_alert"}
 
 
 def test_a_down_worker_host_silences_the_stalled_queue_it_causes(stack: Stack):
