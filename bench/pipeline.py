@@ -129,6 +129,8 @@ def bench_pipeline(
         "MAILPIPE_DATABASE_URL": url,
         "MAILPIPE_WORKER_KEY_FILE": str(key_file),
         "MAILPIPE_DATA_DIR": str(workdir),
+        # every benchmark account lives on one host; real accounts spread over many providers
+        "MAILPIPE_MAX_CONNECTIONS_PER_HOST": str(max(64, processes * threads)),
         "TZ": "UTC",
     }
     workers = Workers(env, processes=processes, threads=threads).start()

@@ -208,8 +208,10 @@ def _sync_folder(
     writer = store.BatchWriter(
         sessions, account_id=account_id, key=key, folder=folder, dedupe_by_content=changed
     )
-    with Pipeline() as pipeline:
-        for batch in _batches(uids, sizes, options):
+    batches = list(_batches(uids, sizes, options))
+    # A single batch has nothing to overlap with: store it in this thread.
+    with Pipeline(threaded=len(batches) > 1) as pipeline:
+        for batch in batches:
             with timer.phase("save"):
                 known = writer.known_uids(uidvalidity, batch)
             wanted = [uid for uid in batch if uid not in known]
@@ -272,25 +274,36 @@ class Pipeline:
 
     Batches are stored in the order submitted, so high-water marks only move forward. At most
     `depth` batches wait, which bounds memory. Leaving the block waits for every stored batch;
-    a storage error is raised in the fetching thread at the next submit or at the end.
+    a storage error is raised in the fetching thread at the next submit or at the end. With
+    `threaded=False` each batch is stored at once, in the caller's thread.
     """
 
-    def __init__(self, *, depth: int = PIPELINE_DEPTH) -> None:
+    def __init__(self, *, depth: int = PIPELINE_DEPTH, threaded: bool = True) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="mailpipe-store", daemon=True)
+        self._thread = (
+            threading.Thread(target=self._run, name="mailpipe-store", daemon=True)
+            if threaded
+            else None
+        )
 
     def __enter__(self) -> Pipeline:
-        self._thread.start()
+        if self._thread is not None:
+            self._thread.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._thread is None:
+            return
         self._queue.put(None)
         self._thread.join()
         if self._error is not None and exc is None:
             raise self._error
 
     def submit(self, function: Callable, *args, **kwargs) -> None:
+        if self._thread is None:
+            function(*args, **kwargs)
+            return
         if self._error is not None:
             raise self._error
         self._queue.put((function, args, kwargs))
