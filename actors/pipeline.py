@@ -7,7 +7,6 @@ import uuid
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import current_millis
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import broker_config
@@ -16,7 +15,6 @@ from actors.fetch import DEFAULT_TIME_LIMIT_MS, fetch_account
 from mailpipe import config, grants, jobs, reports
 from mailpipe.crypto import DataKey
 from mailpipe.errors import MailpipeError, NotFound
-from mailpipe.models import utcnow
 
 JOB_GRANT_TTL_SECONDS = config.int_setting("MAILPIPE_JOB_GRANT_TTL_SECONDS", 3600)
 TIME_LIMIT_MARGIN_MS = 30_000
@@ -75,7 +73,7 @@ class PipelineBroker:
                 )
                 job_type = jobs.TYPE_ACCOUNT if account_id is not None else jobs.TYPE_ALL
             else:
-                grant = _background_grant(session, user_id)
+                grant = grants.background_grant(session, user_id)
                 if grant is None:
                     raise NotFound("no background grant: the user must log in to fetch mail")
                 job_type = jobs.TYPE_SCHEDULED
@@ -120,16 +118,6 @@ class PipelineBroker:
     def get_performance_metrics(self, user_id: int) -> dict:
         with self.sessions() as session:
             return reports.performance(session, user_id)
-
-
-def _background_grant(session: Session, user_id: int) -> grants.KeyGrant | None:
-    return session.scalar(
-        select(grants.KeyGrant).where(
-            grants.KeyGrant.user_id == user_id,
-            grants.KeyGrant.purpose == grants.PURPOSE_BACKGROUND,
-            grants.KeyGrant.expires_at > utcnow(),
-        )
-    )
 
 
 def enqueue_pipelined(broker: RedisBroker, messages: list[dramatiq.Message]) -> None:

@@ -417,6 +417,19 @@ def unlock_grant(
     )
 
 
+def background_grant(
+    session: Session, user_id: int, *, now: datetime | None = None
+) -> KeyGrant | None:
+    """The user's live background grant, which scheduled jobs use instead of a job grant."""
+    return session.scalar(
+        select(KeyGrant).where(
+            KeyGrant.user_id == user_id,
+            KeyGrant.purpose == PURPOSE_BACKGROUND,
+            KeyGrant.expires_at > _utc(now or utcnow()),
+        )
+    )
+
+
 def users_with_background_grant(session: Session, *, now: datetime | None = None) -> set[int]:
     """Whom the scheduler may sync; everyone else's accounts show LOCKED."""
     rows = session.scalars(
