@@ -75,20 +75,6 @@ class BatchWriter:
         self.folder = folder
         self.dedupe_by_content = dedupe_by_content
 
-    def known_uids(self, uidvalidity: int, uids: Sequence[int]) -> set[int]:
-        """UIDs of this batch already stored (a redelivered job), so they are not fetched again."""
-        with self.sessions() as session:
-            return set(
-                session.scalars(
-                    select(Email.uid).where(
-                        Email.account_id == self.account_id,
-                        Email.folder == self.folder,
-                        Email.uidvalidity == uidvalidity,
-                        Email.uid.in_(list(uids)),
-                    )
-                )
-            )
-
     def write(
         self,
         position: FolderPosition,

@@ -212,17 +212,11 @@ def _sync_folder(
     # A single batch has nothing to overlap with: store it in this thread.
     with Pipeline(threaded=len(batches) > 1) as pipeline:
         for batch in batches:
-            with timer.phase("save"):
-                known = writer.known_uids(uidvalidity, batch)
-            wanted = [uid for uid in batch if uid not in known]
-            fetched = {}
-            if wanted:
-                with timer.phase("fetch"):
-                    fetched = fetch_messages(client._imap, wanted, FETCH_ITEMS)
-            messages = [fetched[uid] for uid in wanted if uid in fetched]
+            with timer.phase("fetch"):
+                fetched = fetch_messages(client._imap, batch, FETCH_ITEMS)
+            messages = [fetched[uid] for uid in batch if uid in fetched]
             position.last_uid = batch[-1]
-            outcome.duplicates += len(known)
-            outcome.expunged += len(wanted) - len(messages)
+            outcome.expunged += len(batch) - len(messages)
             pipeline.submit(
                 _store_batch,
                 writer,
