@@ -1,17 +1,21 @@
 """The process phase: plug-in processors (entry-point group `mailpipe.processors`) on new mail.
 
-A processor is a callable taking a `Mail` and returning a JSON-able annotation (or None). A
-processor that raises marks that mail for reprocessing; it never loses the mail or fails the
-fetch.
+A processor is a callable taking a `Mail` and returning a JSON-able annotation (or None). New
+mail is processed as each batch is stored: the annotations go into the database with the mail,
+in the same transaction, so no mail is read back, decrypted again or updated row by row. A
+processor that raises (or returns what JSON cannot hold) marks that mail for reprocessing; it
+never loses the mail or fails the fetch. Mail left pending or marked for reprocessing is taken
+up again after a later sync (`process_backlog`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from types import MappingProxyType
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,12 +36,20 @@ Processor = Callable[["Mail"], object]
 
 @dataclass(frozen=True)
 class Mail:
-    """What a processor sees: the parsed fields of one stored message."""
+    """What a processor sees: the parsed fields of one message (read-only)."""
 
     id: object
     account_id: int
     folder: str
-    fields: dict
+    fields: Mapping
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """What the processors said of one mail, as stored JSON, and whether all of them managed."""
+
+    status: str
+    document: bytes
 
 
 @dataclass
@@ -51,27 +63,52 @@ def load_processors() -> dict[str, Processor]:
     return {ep.name: ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def _process(row, account_id: int, key: DataKey, processors, outcome: ProcessOutcome) -> dict:
-    """Run every processor on one mail; the row change that records what they said."""
-    email_id, folder, parsed_enc = row
-    fields = json.loads(key.decrypt(parsed_enc, table="emails", column="parsed", row=email_id))
-    mail = Mail(id=email_id, account_id=account_id, folder=folder, fields=fields)
+def annotate(mail: Mail, processors: Mapping[str, Processor]) -> Annotation:
+    """Run every processor on one mail; a processor that fails is named in the log only."""
     annotations, failed = {}, []
     for name, processor in processors.items():
         try:
-            annotations[name] = processor(mail)
+            value = processor(mail)
+            json.dumps(value)
         except Exception as error:  # a broken plug-in must not cost the mail
             failed.append(name)
             logger.warning("processor %s failed: %s", name, type(error).__name__)
-    if failed:
-        outcome.failed += 1
-    else:
+        else:
+            annotations[name] = value
+    return Annotation(PROCESS_RETRY if failed else PROCESS_DONE, json.dumps(annotations).encode())
+
+
+def annotate_batch(
+    processors: Mapping[str, Processor],
+    *,
+    account_id: int,
+    folder: str,
+    ids: Sequence,
+    fields: Sequence[dict | None],
+) -> list[Annotation | None]:
+    """Annotations for a batch about to be stored; None where a mail was quarantined."""
+    return [
+        None
+        if document is None
+        else annotate(Mail(email_id, account_id, folder, MappingProxyType(document)), processors)
+        for email_id, document in zip(ids, fields, strict=True)
+    ]
+
+
+def _reprocess(row, account_id: int, key: DataKey, processors, outcome: ProcessOutcome) -> dict:
+    """Run every processor on one stored mail again; the row change that records the result."""
+    email_id, folder, parsed_enc = row
+    fields = json.loads(key.decrypt(parsed_enc, table="emails", column="parsed", row=email_id))
+    annotation = annotate(Mail(email_id, account_id, folder, MappingProxyType(fields)), processors)
+    if annotation.status == PROCESS_DONE:
         outcome.processed += 1
+    else:
+        outcome.failed += 1
     return {
         "id": email_id,
-        "process_status": PROCESS_RETRY if failed else PROCESS_DONE,
+        "process_status": annotation.status,
         "annotations_enc": key.encrypt(
-            json.dumps(annotations).encode(), table="emails", column="annotations", row=email_id
+            annotation.document, table="emails", column="annotations", row=email_id
         ),
     }
 
@@ -86,20 +123,19 @@ def newsletter(mail: Mail) -> dict:
     return {"newsletter": by_sender or by_text}
 
 
-def process_new_mail(
+def process_backlog(
     sessions: sessionmaker[Session],
     *,
     account_id: int,
     key: DataKey,
-    email_ids: Iterable,
     processors: Mapping[str, Processor],
 ) -> ProcessOutcome:
-    """Run the processors on new mail and on mail left pending or marked for reprocessing."""
+    """Run the processors on stored mail left pending or marked for reprocessing."""
     outcome = ProcessOutcome()
     if not processors:
         return outcome
     with sessions() as session:
-        backlog = session.scalars(
+        wanted = session.scalars(
             select(Email.id)
             .where(
                 Email.account_id == account_id,
@@ -108,15 +144,14 @@ def process_new_mail(
             )
             .limit(REPROCESS_LIMIT)
         ).all()
-    wanted = list(dict.fromkeys([*email_ids, *backlog]))
     for start in range(0, len(wanted), PROCESS_CHUNK):
         with sessions.begin() as session:
             rows = session.execute(
                 select(Email.id, Email.folder, Email.parsed_enc).where(
-                    Email.id.in_(wanted[start : start + PROCESS_CHUNK]), Email.status == PARSED
+                    Email.id.in_(wanted[start : start + PROCESS_CHUNK])
                 )
             ).all()
-            changes = [_process(row, account_id, key, processors, outcome) for row in rows]
+            changes = [_reprocess(row, account_id, key, processors, outcome) for row in rows]
             if changes:
                 session.execute(update(Email), changes)
     return outcome

@@ -25,7 +25,7 @@ from .models import (
     utcnow,
 )
 from .observer import Observer, Observers, PhaseTimer
-from .processors import Processor, process_new_mail
+from .processors import Processor, process_backlog
 from .profiler import Profiler
 from .sync import SyncOptions, SyncResult, sync_account
 
@@ -89,6 +89,7 @@ def run_account(
             return RunOutcome(DUPLICATE)
         grant_id = job.grant_id
     started = time.perf_counter()
+    released = False
     profiler = Profiler()
     observers = profiler if observer is None else Observers(observer, profiler)
     try:
@@ -124,22 +125,19 @@ def run_account(
                     account_id=account_id,
                     key=key,
                     settings=settings,
-                    options=SyncOptions(max_mails=options.get("max_mails")),
+                    options=SyncOptions(max_mails=options.get("max_mails"), processors=processors),
                     observer=observers,
                 )
-            processed = 0
+            processed = result.processed
             if processors:
                 timer = PhaseTimer(observers)
                 with timer.phase("process"):
-                    outcome = process_new_mail(
-                        sessions,
-                        account_id=account_id,
-                        key=key,
-                        email_ids=result.new_email_ids,
-                        processors=processors,
-                    )
-                result.phases["process"] = timer.totals["process"]
-                processed = outcome.processed
+                    processed += process_backlog(
+                        sessions, account_id=account_id, key=key, processors=processors
+                    ).processed
+                result.phases["process"] = (
+                    result.phases.get("process", 0.0) + timer.totals["process"]
+                )
         counts = {
             "fetched": result.fetched,
             "saved": result.saved,
@@ -152,11 +150,13 @@ def run_account(
             job_id,
             account_id,
             RUN_SUCCESS,
+            lease_owner=owner,
             counts=counts,
             phases=result.phases,
             profile=profiler.to_json(),
             duration=time.perf_counter() - started,
         ).finished
+        released = True
         return RunOutcome(DONE, result=result, finished=finished, attempted=True)
     except HostBusy:
         with sessions.begin() as session:
@@ -182,17 +182,20 @@ def run_account(
             job_id,
             account_id,
             RUN_FAILED,
+            lease_owner=owner,
             error_class=failure.error_class,
             message=failure.message,
             profile=profiler.to_json(),
             duration=time.perf_counter() - started,
         )
+        released = True
         outcome.failure = failure
         outcome.attempted = True
         return outcome
     finally:
-        with sessions.begin() as session:
-            leases.release(session, account_id, owner=owner)
+        if not released:
+            with sessions.begin() as session:
+                leases.release(session, account_id, owner=owner)
 
 
 def skip_run(
@@ -222,11 +225,13 @@ def _finish(
     account_id: int,
     status: str,
     *,
+    lease_owner: str | None = None,
     error_class: str | None = None,
     message: str | None = None,
     **details,
 ) -> RunOutcome:
-    """Record a run's end on the run and its account; drop the job's key if it was the last."""
+    """Record a run's end on the run and its account (giving back the account's lease when
+    `lease_owner` holds it); drop the job's key if it was the last."""
     with sessions.begin() as session:
         finished = jobs.finish_run(
             session,
@@ -244,6 +249,8 @@ def _finish(
         elif status == RUN_FAILED:
             values.update(last_error_class=error_class, last_error_message=message)
         session.execute(update(MailAccount).where(MailAccount.id == account_id).values(**values))
+        if lease_owner is not None:
+            leases.release(session, account_id, owner=lease_owner)
         if finished is not None and finished.grant_id is not None:
             grants.drop_job_grant(session, finished.job_id)
         if finished is not None and finished.status == JOB_FAILED:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import orjson
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from .crypto import DataKey
 from .fetch import FetchedMessage
-from .models import PARSED, QUARANTINED, Email, FolderState, utcnow
+from .models import PARSED, PROCESS_DONE, PROCESS_PENDING, QUARANTINED, Email, FolderState, utcnow
 from .parse import ParsedMessage
+from .processors import Annotation
 
 EMAILS = Email.__table__
 FOLDER_STATE = FolderState.__table__
@@ -35,7 +36,7 @@ class FolderPosition:
 class WriteOutcome:
     saved: int = 0
     duplicates: int = 0
-    new_ids: list[uuid.UUID] = field(default_factory=list)
+    processed: int = 0  # stored with every processor's annotation
 
 
 def folder_states(session: Session, account_id: int) -> dict[str, FolderPosition]:
@@ -80,26 +81,33 @@ class BatchWriter:
         position: FolderPosition,
         messages: Sequence[FetchedMessage],
         parsed: Sequence[ParsedMessage],
+        *,
+        ids: Sequence[uuid.UUID] | None = None,
+        annotations: Sequence[Annotation | None] | None = None,
     ) -> WriteOutcome:
-        """Store a batch and advance the high-water mark in one transaction."""
+        """Store a batch, with what processors said of it, and advance the high-water mark in one
+        transaction."""
+        ids = ids or [uuid.uuid4() for _ in messages]
+        annotations = annotations or [None] * len(messages)
         rows = [
-            self._row(position.uidvalidity, message, p)
-            for message, p in zip(messages, parsed, strict=True)
+            self._row(position.uidvalidity, *item)
+            for item in zip(ids, messages, parsed, annotations, strict=True)
         ]
         outcome = WriteOutcome()
         with self.sessions.begin() as session:
             if self.dedupe_by_content and rows:
                 rows = self._rekey_known_content(session, rows, outcome)
             if rows:
+                # executemany without RETURNING: one short statement the driver prepares once,
+                # not one long multi-row statement to build and parse per batch
                 statement = (
                     dialect_insert(session, EMAILS)
                     .on_conflict_do_nothing(index_elements=EMAIL_KEY)
-                    .returning(EMAILS.c.id)
+                    .execution_options(preserve_rowcount=True)
                 )
-                inserted = list(session.scalars(statement, rows))
-                outcome.saved = len(inserted)
-                outcome.duplicates += len(rows) - len(inserted)
-                outcome.new_ids = inserted
+                outcome.saved = session.execute(statement, rows).rowcount
+                outcome.duplicates += len(rows) - outcome.saved
+                outcome.processed = self._processed(session, rows, outcome)
             self._save_position(session, position)
         return outcome
 
@@ -108,8 +116,14 @@ class BatchWriter:
         with self.sessions.begin() as session:
             self._save_position(session, position)
 
-    def _row(self, uidvalidity: int, message: FetchedMessage, parsed: ParsedMessage) -> dict:
-        row_id = uuid.uuid4()
+    def _row(
+        self,
+        uidvalidity: int,
+        row_id: uuid.UUID,
+        message: FetchedMessage,
+        parsed: ParsedMessage,
+        annotation: Annotation | None,
+    ) -> dict:
         raw = message.body
         if parsed.quarantined:
             document = {"quarantine_reason": parsed.quarantine_reason, "detail": parsed.detail}
@@ -136,8 +150,24 @@ class BatchWriter:
             ),
             "status": QUARANTINED if parsed.quarantined else PARSED,
             "quarantine_reason": parsed.quarantine_reason,
+            "process_status": annotation.status if annotation else PROCESS_PENDING,
+            "annotations_enc": annotation
+            and self.key.encrypt(
+                annotation.document, table="emails", column="annotations", row=row_id
+            ),
             "fetched_at": utcnow(),
         }
+
+    @staticmethod
+    def _processed(session: Session, rows: list[dict], outcome: WriteOutcome) -> int:
+        """How many of the stored rows every processor handled (duplicates were not stored)."""
+        if not outcome.duplicates:
+            return sum(row["process_status"] == PROCESS_DONE for row in rows)
+        return session.scalar(
+            select(func.count()).where(
+                Email.id.in_([row["id"] for row in rows]), Email.process_status == PROCESS_DONE
+            )
+        )
 
     def _rekey_known_content(
         self, session: Session, rows: list[dict], outcome: WriteOutcome

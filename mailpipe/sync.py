@@ -5,7 +5,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from imapclient import IMAPClient
@@ -20,6 +21,7 @@ from .imap import ImapSettings
 from .models import MailAccount
 from .observer import Observer, PhaseTimer
 from .parse import parse_messages
+from .processors import Processor, annotate_batch
 
 BATCH_BYTES = 8 * 1024 * 1024
 BATCH_MESSAGES = 500
@@ -35,6 +37,7 @@ class SyncOptions:
 
     folders: Sequence[str] | None = None
     max_mails: int | None = None
+    processors: Mapping[str, Processor] | None = None  # run on each batch before it is stored
     batch_bytes: int = BATCH_BYTES
     batch_messages: int = BATCH_MESSAGES
 
@@ -48,6 +51,7 @@ class FolderResult:
     saved: int = 0
     duplicates: int = 0
     quarantined: int = 0
+    processed: int = 0
     expunged: int = 0
     unchanged: bool = False
     uidvalidity_changed: bool = False
@@ -62,7 +66,6 @@ class SyncResult:
     phases: dict[str, float] = field(default_factory=dict)
     duration: float = 0.0
     capabilities: tuple[str, ...] = ()
-    new_email_ids: list = field(default_factory=list, repr=False)
 
     def _total(self, name: str) -> int:
         return sum(getattr(folder, name) for folder in self.folders)
@@ -83,12 +86,17 @@ class SyncResult:
     def quarantined(self) -> int:
         return self._total("quarantined")
 
+    @property
+    def processed(self) -> int:
+        return self._total("processed")
+
     def to_json(self) -> dict:
         return {
             "fetched": self.fetched,
             "saved": self.saved,
             "duplicates": self.duplicates,
             "quarantined": self.quarantined,
+            "processed": self.processed,
             "folders": [asdict(folder) for folder in self.folders],
             "phases": {name: round(seconds, 6) for name, seconds in self.phases.items()},
             "duration": round(self.duration, 6),
@@ -135,7 +143,6 @@ def sync_account(
                 budget=budget,
                 options=options,
                 timer=timer,
-                result=result,
             )
             result.folders.append(folder_result)
             if budget is not None:
@@ -182,7 +189,6 @@ def _sync_folder(
     budget: int | None,
     options: SyncOptions,
     timer: PhaseTimer,
-    result: SyncResult,
 ) -> FolderResult:
     outcome = FolderResult(folder=folder)
     with timer.phase("fetch"):
@@ -223,7 +229,7 @@ def _sync_folder(
                 replace(position),
                 messages,
                 outcome=outcome,
-                result=result,
+                processors=options.processors,
                 timer=timer,
             )
     # UIDNEXT is recorded only when every new message was taken, so that a run stopped by the
@@ -240,20 +246,31 @@ def _store_batch(
     messages: list[FetchedMessage],
     *,
     outcome: FolderResult,
-    result: SyncResult,
+    processors: Mapping[str, Processor] | None,
     timer: PhaseTimer,
 ) -> None:
-    """Parse, encrypt and commit one batch with its high-water mark (runs in the pipeline)."""
+    """Parse, process, encrypt and commit one batch with its high-water mark (in the pipeline)."""
     with timer.phase("parse"):
         parsed = parse_messages([message.body for message in messages])
+    ids = [uuid.uuid4() for _ in messages]
+    annotations = None
+    if processors:
+        with timer.phase("process"):
+            annotations = annotate_batch(
+                processors,
+                account_id=writer.account_id,
+                folder=writer.folder,
+                ids=ids,
+                fields=[p.fields for p in parsed],
+            )
     with timer.phase("save"):
-        saved = writer.write(position, messages, parsed)
+        saved = writer.write(position, messages, parsed, ids=ids, annotations=annotations)
     quarantined = [p.quarantine_reason for p in parsed if p.quarantined]
     outcome.fetched += len(messages)
     outcome.saved += saved.saved
     outcome.duplicates += saved.duplicates
     outcome.quarantined += len(quarantined)
-    result.new_email_ids.extend(saved.new_ids)
+    outcome.processed += saved.processed
     timer.observer.after_batch(
         fetched=len(messages),
         fetched_bytes=sum(len(message.body) for message in messages),

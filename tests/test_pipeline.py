@@ -9,8 +9,8 @@ from sqlalchemy import func, select, update
 
 from mailpipe import grants, jobs, leases, schedule
 from mailpipe.errors import NotFound
-from mailpipe.models import BROKEN, LOCKED, MailAccount, utcnow
-from mailpipe.processors import Mail, process_new_mail
+from mailpipe.models import BROKEN, LOCKED, AccountRun, MailAccount, utcnow
+from mailpipe.processors import Mail
 from mailpipe.runner import BUSY, run_account
 from tests.support.world import User, World
 
@@ -119,23 +119,12 @@ def test_redelivered_message_does_not_sync_again(world):
 def test_a_held_account_lease_makes_the_run_wait(world):
     alice = world.user("alice")
     account = world.account(alice, mails=1)
+    job_id = job_with_grant(world, alice, account)
     with world.sessions.begin() as session:
-        job = jobs.create_job(
-            session, user_id=alice.id, account_ids=[account], type="account", options={}
-        )
-        grant = grants.grant_for_job(
-            session,
-            user_id=alice.id,
-            job_id=job.id,
-            key=alice.key,
-            public_key=grants.public_key_bytes(world.private_key),
-            ttl_seconds=60,
-        )
-        job.grant_id = grant.id
         assert leases.acquire(session, account, owner="someone-else", seconds=60)
     outcome = run_account(
         world.sessions,
-        job_id=job.id,
+        job_id=job_id,
         account_id=account,
         attempt=1,
         may_retry=True,
@@ -147,7 +136,7 @@ def test_a_held_account_lease_makes_the_run_wait(world):
     assert (
         run_account(
             world.sessions,
-            job_id=job.id,
+            job_id=job_id,
             account_id=account,
             attempt=1,
             may_retry=True,
@@ -174,33 +163,60 @@ def test_finalisation_happens_exactly_once(world):
         assert jobs.finalise_if_done(session, job.id) is None
 
 
+def job_with_grant(world: World, user: User, account: int) -> str:
+    """A job for one account whose key grant the world's workers can open."""
+    with world.sessions.begin() as session:
+        job = jobs.create_job(
+            session, user_id=user.id, account_ids=[account], type="account", options={}
+        )
+        job.grant_id = grants.grant_for_job(
+            session,
+            user_id=user.id,
+            job_id=job.id,
+            key=user.key,
+            public_key=grants.public_key_bytes(world.private_key),
+            ttl_seconds=60,
+        ).id
+        return job.id
+
+
+def run_with(world: World, user: User, account: int, processors: dict):
+    return run_account(
+        world.sessions,
+        job_id=job_with_grant(world, user, account),
+        account_id=account,
+        attempt=1,
+        may_retry=True,
+        private_key=world.private_key,
+        processors=processors,
+    )
+
+
 def test_failing_processor_marks_mail_for_reprocessing(world):
+    # Given an account with two new mails and a processor with a bug
     alice = world.user("alice")
     account = world.account(alice, mails=2)
-    world.run(alice)
-    ids = [email.id for email in world.emails(account)]
 
     def broken(mail: Mail):
         raise RuntimeError("plug-in bug")
 
-    outcome = process_new_mail(
-        world.sessions,
-        account_id=account,
-        key=alice.key,
-        email_ids=ids,
-        processors={"broken": broken},
-    )
-    assert (outcome.processed, outcome.failed) == (0, 2)
+    # When the account is fetched
+    first = run_with(world, alice, account, {"broken": broken})
+    # Then the fetch succeeds, both mails are stored, and both are marked for reprocessing
+    assert first.finished.status == "success"
+    assert (first.result.saved, first.result.processed) == (2, 0)
     assert {email.process_status for email in world.emails(account)} == {"retry"}
-    # When the processor is fixed, the next pass picks the mail up again
-    fixed = process_new_mail(
-        world.sessions,
-        account_id=account,
-        key=alice.key,
-        email_ids=[],
-        processors={"fixed": lambda mail: {"subject": mail.fields["subject"]}},
+    # When the processor is fixed, the next run (with no new mail) takes the mail up again
+    second = run_with(
+        world, alice, account, {"fixed": lambda mail: {"subject": mail.fields["subject"]}}
     )
-    assert fixed.processed == 2
+    assert second.result.saved == 0
+    with world.sessions() as session:
+        run = session.scalars(
+            select(AccountRun).where(AccountRun.job_id == second.finished.job_id)
+        ).one()
+    assert run.processed == 2
+    assert {email.process_status for email in world.emails(account)} == {"done"}
     stored = world.emails(account)[0]
     annotations = json.loads(
         alice.key.decrypt(
@@ -208,6 +224,42 @@ def test_failing_processor_marks_mail_for_reprocessing(world):
         )
     )
     assert annotations["fixed"]["subject"].startswith("Nachricht")
+
+
+def test_a_processor_returning_what_json_cannot_hold_counts_as_failed(world):
+    # Given a processor that returns a set and one that works
+    alice = world.user("alice")
+    account = world.account(alice, mails=1)
+    processors = {"odd": lambda mail: {1, 2}, "fine": lambda mail: mail.fields["subject"]}
+    # When the account is fetched
+    outcome = run_with(world, alice, account, processors)
+    # Then the mail is stored, marked for reprocessing, with what the working processor said
+    assert outcome.finished.status == "success"
+    [email] = world.emails(account)
+    assert email.process_status == "retry"
+    annotations = json.loads(
+        alice.key.decrypt(email.annotations_enc, table="emails", column="annotations", row=email.id)
+    )
+    assert set(annotations) == {"fine"}
+
+
+def test_processors_cannot_change_the_stored_fields(world):
+    # Given a processor that tries to rewrite the mail it is shown
+    alice = world.user("alice")
+    account = world.account(alice, mails=1)
+
+    def meddling(mail: Mail):
+        mail.fields["subject"] = "changed"
+
+    # When the account is fetched
+    run_with(world, alice, account, {"meddling": meddling})
+    # Then the stored fields are what the parser gave, and the processor counts as failed
+    [email] = world.emails(account)
+    fields = json.loads(
+        alice.key.decrypt(email.parsed_enc, table="emails", column="parsed", row=email.id)
+    )
+    assert fields["subject"].startswith("Nachricht")
+    assert email.process_status == "retry"
 
 
 def test_builtin_processor_runs_in_the_process_phase(world):

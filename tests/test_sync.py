@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from mailpipe import db, imap
 from mailpipe.accounts import add_account, create_user
@@ -258,6 +258,25 @@ def test_interrupted_sync_resumes_and_stores_each_message_once(mailbox):
     # Then every message is there exactly once
     uids = [e.uid for e in mailbox.stored()]
     assert uids == list(range(1, 11))
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+def test_mail_fetched_again_is_counted_as_duplicate_not_stored_or_processed(dovecot, db_url):
+    # Given three stored mails whose folder position was lost (an older database restored)
+    mailbox = make_mailbox(dovecot, db_url)
+    mailbox.deliver([message(i) for i in range(3)])
+    seen = []
+    processors = {"count": lambda mail: seen.append(mail.id)}
+    assert mailbox.sync(processors=processors).processed == 3
+    with mailbox.sessions.begin() as session:
+        session.execute(update(FolderState).values(last_uid=0, uidnext=0))
+    # When a fourth mail arrives and the account is synced
+    mailbox.deliver([message(3)])
+    again = mailbox.sync(processors=processors)
+    # Then only the new mail is stored and counted as processed; the rest are duplicates
+    assert (again.fetched, again.saved, again.duplicates, again.processed) == (4, 1, 3, 1)
+    assert [e.uid for e in mailbox.stored()] == [1, 2, 3, 4]
+    assert {e.process_status for e in mailbox.stored()} == {"done"}
 
 
 @pytest.mark.parametrize(
