@@ -46,11 +46,25 @@ def migrate(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision; safe when many processes start at once."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with _MIGRATION_LOCK, _migration_lock(engine), engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_MIGRATION_LOCK})")
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+    with _MIGRATION_LOCK, _migration_lock(engine), engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # A batch migration copies a table and drops the old one; with foreign keys
+            # enforced, that drop would cascade into every child row (SQLite ignores this
+            # pragma inside a transaction, so it comes first).
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
+        with connection.begin():
+            if not sqlite:
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_MIGRATION_LOCK})")
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "head")
+        if sqlite:
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+            connection.commit()
+            if broken:
+                raise RuntimeError(f"the migration left rows without their parent: {broken[:5]}")
 
 
 @contextlib.contextmanager

@@ -65,10 +65,10 @@ class Transition:
 def circuit_gate(session: Session, account_id: int, *, now: datetime | None = None) -> str:
     """Whether a run may go ahead: PASS, the single half-open PROBE, or SKIP."""
     now = now or utcnow()
-    account = session.get(MailAccount, account_id)
-    if account is None or account.circuit_state == CIRCUIT_CLOSED:
+    state = session.scalar(select(MailAccount.circuit_state).where(MailAccount.id == account_id))
+    if state is None or state == CIRCUIT_CLOSED:
         return PASS
-    if account.circuit_state == CIRCUIT_OPEN:
+    if state == CIRCUIT_OPEN:
         cooled = now - timedelta(seconds=CIRCUIT_COOLDOWN_SECONDS)
         won = session.execute(
             update(MailAccount)
@@ -89,6 +89,8 @@ def record_outcome(
 ) -> Transition:
     """Move health and circuit after one attempt; notify the owner on each transition."""
     now = now or utcnow()
+    if error_class is None and _stays_healthy(session, account_id, now):
+        return Transition(HEALTHY, HEALTHY, CIRCUIT_CLOSED, CIRCUIT_CLOSED)
     _lock(session, account_id)
     account = session.get_one(MailAccount, account_id)
     health_before, circuit_before = account.health_status, account.circuit_state
@@ -203,6 +205,24 @@ def mark_read(session: Session, user_id: int, notification_id: int | None = None
     if notification_id is not None:
         query = query.where(Notification.id == notification_id)
     return session.execute(query.values(read_at=utcnow())).rowcount
+
+
+def _stays_healthy(session: Session, account_id: int, now: datetime) -> bool:
+    """A success on an account that was healthy changes nothing but the time: one UPDATE."""
+    return (
+        session.execute(
+            update(MailAccount)
+            .where(
+                MailAccount.id == account_id,
+                MailAccount.health_status == HEALTHY,
+                MailAccount.circuit_state == CIRCUIT_CLOSED,
+                MailAccount.failure_count == 0,
+            )
+            .values(health_checked_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        == 1
+    )
 
 
 def _lock(session: Session, account_id: int) -> None:

@@ -62,6 +62,7 @@ def create_job(
         grant_id=grant_id,
         errors=[],
         metrics={},
+        runs_open=len(account_ids),
     )
     session.add(job)
     session.flush()
@@ -89,8 +90,14 @@ def owned_accounts(session: Session, user_id: int, account_id: int | None = None
     )
 
 
-def begin_run(session: Session, *, job_id: str, account_id: int, attempt: int) -> bool:
-    """Mark a run as running; False when it already ended (a redelivered message)."""
+def begin_run(
+    session: Session, *, job_id: str, account_id: int, attempt: int, job_status: str | None = None
+) -> bool:
+    """Mark a run as running; False when it already ended (a redelivered message).
+
+    `job_status`, the job's status as the caller read it, spares the job row an UPDATE (and
+    its lock, which every run of the job would queue for) once the job is running.
+    """
     result = session.execute(
         update(AccountRun)
         .where(
@@ -106,11 +113,12 @@ def begin_run(session: Session, *, job_id: str, account_id: int, attempt: int) -
     )
     if result.rowcount == 0:
         return False
-    session.execute(
-        update(PipelineJob)
-        .where(PipelineJob.id == job_id, PipelineJob.status.in_((JOB_PENDING, JOB_RETRYING)))
-        .values(status=JOB_RUNNING, started_at=func.coalesce(PipelineJob.started_at, utcnow()))
-    )
+    if job_status in (JOB_PENDING, JOB_RETRYING, None):
+        session.execute(
+            update(PipelineJob)
+            .where(PipelineJob.id == job_id, PipelineJob.status.in_((JOB_PENDING, JOB_RETRYING)))
+            .values(status=JOB_RUNNING, started_at=func.coalesce(PipelineJob.started_at, utcnow()))
+        )
     return True
 
 
@@ -168,13 +176,13 @@ def finish_run(
 ) -> FinishedJob | None:
     """End one run and, if it was the job's last, finalise the job (exactly once).
 
-    The run's UPDATE comes first: on SQLite it takes the write lock before anything is read,
-    on PostgreSQL the job row is locked, so two runs ending together cannot both miss (or both
-    take) the finalisation.
+    The run's UPDATE ends it only once; the job's count of open runs then goes down in an
+    atomic UPDATE (which holds the job row until commit), so of two runs ending together
+    exactly one sees it reach zero. Nothing reads the job's other runs until then: ending a
+    run costs the same for a job of ten accounts as for one of ten thousand.
     """
     if status not in RUN_FINAL:
         raise ValueError(f"{status!r} is not a final run status")
-    _lock_job(session, job_id)
     values = {
         "status": status,
         "finished_at": utcnow(),
@@ -200,7 +208,13 @@ def finish_run(
     )
     if ended.rowcount == 0:
         return None
-    return finalise_if_done(session, job_id)
+    left = session.scalar(
+        update(PipelineJob)
+        .where(PipelineJob.id == job_id)
+        .values(runs_open=PipelineJob.runs_open - 1)
+        .returning(PipelineJob.runs_open)
+    )
+    return finalise_if_done(session, job_id) if left is not None and left <= 0 else None
 
 
 def finalise_if_done(session: Session, job_id: str) -> FinishedJob | None:
@@ -268,11 +282,6 @@ def final_status(statuses: Sequence[str]) -> str:
     if failed == len(statuses) or statuses.count(RUN_SUCCESS) == 0:
         return JOB_FAILED
     return JOB_PARTIAL_FAILURE
-
-
-def _lock_job(session: Session, job_id: str) -> None:
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(PipelineJob.id).where(PipelineJob.id == job_id).with_for_update())
 
 
 def _seconds(end: datetime, start: datetime) -> float:

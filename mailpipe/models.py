@@ -169,6 +169,8 @@ class PipelineJob(Base):
     errors: Mapped[list] = mapped_column(JSON, default=list)
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
+    # runs not yet ended; the run that takes it to 0 finalises the job
+    runs_open: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class AccountRun(Base):

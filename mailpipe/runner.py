@@ -84,7 +84,9 @@ def run_account(
         lease_seconds = options.get("timeout_seconds", 120) + LEASE_MARGIN_SECONDS
         if not leases.acquire(session, account_id, owner=owner, seconds=lease_seconds):
             return RunOutcome(BUSY)
-        if not jobs.begin_run(session, job_id=job_id, account_id=account_id, attempt=attempt):
+        if not jobs.begin_run(
+            session, job_id=job_id, account_id=account_id, attempt=attempt, job_status=job.status
+        ):
             leases.release(session, account_id, owner=owner)
             return RunOutcome(DUPLICATE)
         grant_id = job.grant_id

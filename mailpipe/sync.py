@@ -96,7 +96,6 @@ class SyncResult:
             "saved": self.saved,
             "duplicates": self.duplicates,
             "quarantined": self.quarantined,
-            "processed": self.processed,
             "folders": [asdict(folder) for folder in self.folders],
             "phases": {name: round(seconds, 6) for name, seconds in self.phases.items()},
             "duration": round(self.duration, 6),

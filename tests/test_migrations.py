@@ -1,0 +1,50 @@
+"""Schema upgrades keep what is in flight: jobs begun before an upgrade still finalise."""
+
+from __future__ import annotations
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import func, select
+
+from mailpipe import db, jobs
+from mailpipe.accounts import add_account, create_user
+from mailpipe.imap import ImapSettings
+from mailpipe.models import AccountRun, PipelineJob
+
+
+def downgrade(engine, revision: str) -> None:
+    """Take a SQLite database back to an older schema, keeping its rows."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(db.MIGRATIONS))
+    with engine.connect() as connection:
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        connection.commit()
+        with connection.begin():
+            cfg.attributes["connection"] = connection
+            command.downgrade(cfg, revision)
+
+
+def test_upgrade_counts_the_open_runs_of_jobs_in_flight(tmp_path):
+    # Given a job of three accounts, one run ended, in a database from before runs_open
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    db.migrate(engine)
+    sessions = db.session_factory(engine)
+    with sessions.begin() as session:
+        user, key = create_user(session, "u", "pw", iterations=1_000)
+        settings = ImapSettings(host="h", username="x", password="y", security="none")
+        ids = [add_account(session, user, key, settings).id for _ in range(3)]
+        job = jobs.create_job(session, user_id=user.id, account_ids=ids, type="all", options={})
+    with sessions.begin() as session:
+        jobs.finish_run(session, job_id=job.id, account_id=ids[0], status="success")
+    downgrade(engine, "0003")
+    # When the schema is upgraded as workers do at start
+    db.migrate(engine)
+    # Then every row is still there, the job counts two open runs, and the last one finalises it
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(AccountRun)) == 3
+        assert session.scalar(select(PipelineJob.runs_open)) == 2
+    with sessions.begin() as session:
+        assert jobs.finish_run(session, job_id=job.id, account_id=ids[1], status="success") is None
+    with sessions.begin() as session:
+        finished = jobs.finish_run(session, job_id=job.id, account_id=ids[2], status="failed")
+    assert finished is not None and finished.status == "partial_failure"
