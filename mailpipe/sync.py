@@ -214,13 +214,18 @@ def _sync_folder(
         sessions, account_id=account_id, key=key, folder=folder, dedupe_by_content=changed
     )
     batches = list(_batches(uids, sizes, options))
+    # UIDNEXT is recorded only when every new message was taken, so that a run stopped by the
+    # cap is not mistaken for an unchanged folder next time. It goes with the last batch.
+    final_uidnext = uidnext if outcome.complete else 0
     # A single batch has nothing to overlap with: store it in this thread.
     with Pipeline(threaded=len(batches) > 1) as pipeline:
-        for batch in batches:
+        for number, batch in enumerate(batches, start=1):
             with timer.phase("fetch"):
                 fetched = fetch_messages(client._imap, batch, FETCH_ITEMS)
             messages = [fetched[uid] for uid in batch if uid in fetched]
             position.last_uid = batch[-1]
+            if number == len(batches):
+                position.uidnext = final_uidnext
             outcome.expunged += len(batch) - len(messages)
             pipeline.submit(
                 _store_batch,
@@ -231,11 +236,10 @@ def _sync_folder(
                 processors=options.processors,
                 timer=timer,
             )
-    # UIDNEXT is recorded only when every new message was taken, so that a run stopped by the
-    # cap is not mistaken for an unchanged folder next time.
-    position.uidnext = uidnext if outcome.complete else 0
-    with timer.phase("save"):
-        writer.finish(position)
+    if not batches:  # nothing new (mail came and went): the position still moves on
+        position.uidnext = final_uidnext
+        with timer.phase("save"):
+            writer.finish(position)
     return outcome
 
 
