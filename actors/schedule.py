@@ -12,7 +12,7 @@ import dramatiq
 from periodiq import cron
 
 from actors import runtime
-from mailpipe import schedule
+from mailpipe import grants, schedule
 from mailpipe.errors import NotFound
 
 logger = logging.getLogger(__name__)
@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 @dramatiq.actor(queue_name="schedule", periodic=cron("* * * * *"), max_retries=0)
 def schedule_due() -> None:
-    """Claim due accounts and start one scheduled job per user."""
+    """Claim due accounts, start one scheduled job per due account, and delete expired key grants
+    (a sealed key should not outlive its use)."""
     from actors.pipeline import PipelineBroker
 
     sessions = runtime.sessions()
@@ -33,3 +34,7 @@ def schedule_due() -> None:
                 pipeline.enqueue_fetch_job(user_id, account_id, max_mails=None)
             except NotFound:
                 logger.info("background grant of a user ended before enqueue; skipped")
+    with sessions.begin() as session:
+        purged = grants.purge_expired(session)
+    if purged:
+        logger.info("deleted %d expired key grants", purged)

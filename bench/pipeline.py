@@ -222,11 +222,13 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append((seq, par))
                 seq = statistics.median(r[0] for r in rows)
                 par = statistics.median(r[1] for r in rows)
+                pairs = ", ".join(f"{s:.2f}/{p:.2f}={s / p:.1f}x" for s, p in rows)
                 print(
                     f"{args.accounts} accounts x {args.messages} messages, {args.latency * 1000:.0f} ms"
                     f" each way: one after another {seq:.2f} s, {args.processes} worker processes x "
                     f"{args.threads} threads {par:.2f} s, speed-up {seq / par:.1f}x "
-                    f"(median of {len(rows)}; every message stored exactly once in both)"
+                    f"(medians of {len(rows)}; runs side by side: {pairs}; "
+                    "every message stored exactly once in both)"
                 )
     return 0
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, update
 
 from mailpipe import grants, jobs, leases, schedule
 from mailpipe.errors import NotFound
+from mailpipe.grants import KeyGrant
 from mailpipe.models import BROKEN, LOCKED, AccountRun, MailAccount, utcnow
 from mailpipe.processors import Mail
 from mailpipe.runner import BUSY, run_account
@@ -362,3 +364,23 @@ def test_performance_metrics_from_job_records(world):
         "avg_duration": metrics["trend"][-1]["avg_duration"],
     }
     assert len(metrics["trend"]) == 7
+
+
+def test_scheduler_tick_deletes_expired_key_grants(world):
+    # Given one user whose background grant has expired and one whose grant is live
+    alice, bob = world.user("alice"), world.user("bob")
+    background(world, alice)
+    background(world, bob)
+    with world.sessions.begin() as session:
+        session.execute(
+            update(KeyGrant)
+            .where(KeyGrant.user_id == alice.id)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    # When the scheduler ticks
+    from actors.schedule import schedule_due
+
+    schedule_due()
+    # Then only the live grant is left
+    with world.sessions() as session:
+        assert session.scalars(select(KeyGrant.user_id)).all() == [bob.id]
