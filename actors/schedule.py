@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 
 @dramatiq.actor(queue_name="schedule", periodic=cron("* * * * *"), max_retries=0)
 def schedule_due() -> None:
-    """Claim due accounts, start one scheduled job per due account, and delete expired key grants
-    (a sealed key should not outlive its use)."""
+    """Claim due accounts, start one scheduled job per user for them, and delete expired key
+    grants (a sealed key should not outlive its use)."""
     from actors.pipeline import PipelineBroker
 
     sessions = runtime.sessions()
@@ -29,11 +29,10 @@ def schedule_due() -> None:
         claimed = schedule.claim_due_accounts(session)
     pipeline = PipelineBroker(sessions)
     for user_id, account_ids in claimed.items():
-        for account_id in account_ids:
-            try:
-                pipeline.enqueue_fetch_job(user_id, account_id, max_mails=None)
-            except NotFound:
-                logger.info("background grant of a user ended before enqueue; skipped")
+        try:
+            pipeline.enqueue_scheduled_job(user_id, account_ids)
+        except NotFound:
+            logger.info("background grant of a user ended before enqueue; skipped")
     with sessions.begin() as session:
         purged = grants.purge_expired(session)
     if purged:

@@ -384,3 +384,34 @@ def test_scheduler_tick_deletes_expired_key_grants(world):
     # Then only the live grant is left
     with world.sessions() as session:
         assert session.scalars(select(KeyGrant.user_id)).all() == [bob.id]
+
+
+def test_scheduler_tick_starts_one_job_per_user_for_their_due_accounts(world):
+    # Given a user with background sync and two due accounts
+    alice = world.user("alice")
+    first, second = world.account(alice, mails=1), world.account(alice, mails=2)
+    background(world, alice)
+    # When the scheduler ticks and the workers run what it enqueued
+    from actors.schedule import schedule_due
+
+    schedule_due()
+    world.wait()
+    # Then one scheduled job covered both accounts and succeeded
+    [job] = world.pipeline.list_jobs(alice.id)
+    status = world.pipeline.get_job_status(job["job_id"], alice.id)
+    assert (status["type"], status["status"]) == ("scheduled", "success")
+    assert {run["account_id"]: run["saved"] for run in status["accounts"]} == {first: 1, second: 2}
+
+
+def test_a_scheduled_job_leaves_out_accounts_of_other_users(world):
+    # Given alice with background sync and an account of bob's
+    alice, bob = world.user("alice"), world.user("bob")
+    mine = world.account(alice)
+    theirs = world.account(bob)
+    background(world, alice)
+    # When a scheduled job for alice is asked to cover both
+    job_id = world.pipeline.enqueue_scheduled_job(alice.id, [mine, theirs])
+    world.wait()
+    # Then only alice's account was fetched
+    status = world.pipeline.get_job_status(job_id, alice.id)
+    assert [run["account_id"] for run in status["accounts"]] == [mine]
