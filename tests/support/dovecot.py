@@ -257,10 +257,11 @@ def parse_uid_set(text: bytes) -> list[int]:
 class Dovecot:
     """One running Dovecot with its own ports, certificates, users and mail."""
 
-    def __init__(self, root: Path, *, host: str = HOST) -> None:
+    def __init__(self, root: Path, *, host: str = HOST, extra_config: str = "") -> None:
         """Lay out the server's directory; `start` is the usual way in."""
         self.root = root
         self.host = host
+        self.extra_config = extra_config
         self.port = 0
         self.tls_port = 0
         self.config_path = root / "dovecot.conf"
@@ -276,8 +277,12 @@ class Dovecot:
     # -- lifecycle -------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, tmpdir: Path, *, host: str = HOST) -> Dovecot:
-        """Start a fresh server in a new directory under tmpdir (which vmail must be able to reach)."""
+    def start(cls, tmpdir: Path, *, host: str = HOST, extra_config: str = "") -> Dovecot:
+        """Start a fresh server in a new directory under tmpdir (which vmail must be able to reach).
+
+        `extra_config` is appended to the generated config (files it names must be readable by
+        Dovecot's own processes, which most test directories are not).
+        """
         if not DOVECOT.exists():
             raise DovecotError(f"{DOVECOT} not found: apt-get install dovecot-imapd")
         vmail = ensure_vmail()
@@ -288,7 +293,7 @@ class Dovecot:
                 "processes run as; pass a world-searchable directory such as /tmp"
             )
         root = Path(tempfile.mkdtemp(prefix="mailpipe-dovecot-", dir=tmpdir))
-        server = cls(root, host=host)
+        server = cls(root, host=host, extra_config=extra_config)
         try:
             root.chmod(0o755)
             for sub in ("run", "state"):
@@ -314,6 +319,7 @@ class Dovecot:
                 vmail=VMAIL,
                 instance=self.root.name.rsplit("-", 1)[-1],
             )
+            + self.extra_config
         )
 
     def _launch(self, *, new_ports: bool) -> None:
