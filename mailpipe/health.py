@@ -123,6 +123,7 @@ def record_outcome(
             kind="account_broken",
             severity="error",
             message=BROKEN_MESSAGES[error_class].format(provider=provider),
+            params={"provider": provider, "error_class": error_class},
             dedupe_key=f"account_broken:{account.id}:{now.isoformat()}",
         )
     if account.circuit_state == CIRCUIT_OPEN and circuit_before != CIRCUIT_OPEN:
@@ -137,6 +138,11 @@ def record_outcome(
                 error=error_class.replace("_", " "),
                 minutes=max(1, CIRCUIT_COOLDOWN_SECONDS // 60),
             ),
+            params={
+                "provider": provider,
+                "error_class": error_class,
+                "minutes": max(1, CIRCUIT_COOLDOWN_SECONDS // 60),
+            },
             dedupe_key=f"circuit_open:{account.id}:{now.isoformat()}",
         )
     session.flush()
@@ -153,8 +159,12 @@ def notify(
     severity: str = "warning",
     account_id: int | None = None,
     job_id: str | None = None,
+    params: dict | None = None,
 ) -> bool:
-    """Write a notification unless one with the same dedupe key exists (once per transition)."""
+    """Write a notification unless one with the same dedupe key exists (once per transition).
+
+    `message` is English; `params` lets a page say the same in the reader's language.
+    """
     exists = session.scalar(select(Notification.id).where(Notification.dedupe_key == dedupe_key))
     if exists is not None:
         return False
@@ -168,6 +178,7 @@ def notify(
                     kind=kind,
                     severity=severity,
                     message=message,
+                    params=params,
                     dedupe_key=dedupe_key,
                 )
             )

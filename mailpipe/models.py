@@ -215,7 +215,9 @@ class Notification(Base):
     job_id: Mapped[str | None] = mapped_column(String(32))
     kind: Mapped[str] = mapped_column(String(40))
     severity: Mapped[str] = mapped_column(String(20), default="warning")
-    message: Mapped[str] = mapped_column(String(1000))
+    message: Mapped[str] = mapped_column(String(1000))  # in English, as operators and logs read it
+    # what the kind needs to be said in another language (provider, error classes, minutes)
+    params: Mapped[dict | None] = mapped_column(JSON)
     dedupe_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     read_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -267,6 +267,7 @@ def _finish(
                 message=health.JOB_FAILED_MESSAGE.format(
                     details=details or "no account could be read"
                 ),
+                params={"error_classes": list(dict.fromkeys(e["error_class"] for e in job.errors))},
                 dedupe_key=f"job_failed:{finished.job_id}",
             )
     return RunOutcome(DONE, finished=finished)

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import broker_config
 from actors import PipelineBroker, runtime
-from mailpipe import db, grants, jobs
+from mailpipe import db, grants, health, jobs
 from mailpipe.accounts import add_account, create_user
 from mailpipe.crypto import DataKey
 from mailpipe.imap import ImapSettings
@@ -611,6 +611,39 @@ def test_notifications_are_listed_and_marked_read(site):
     assert (after_one, all_read) == (1, {"marked": 1})
     assert client.get("/api/notifications").json["unread"] == 0
     assert client.post(f"/api/notifications/{first}/read", headers=headers).status_code == 200
+
+
+def test_notifications_are_said_in_the_readers_language(site):
+    # Given alice's GMX account broken by a wrong password (recorded by the core), a circuit
+    # opened on it, and a note stored without parameters
+    alice = site.user("alice")
+    account = site.account(alice, host="imap.gmx.net")
+    with site.sessions.begin() as session:
+        health.record_outcome(session, account, error_class="invalid_credentials")
+        for _ in range(health.CIRCUIT_FAILURES):
+            health.record_outcome(session, account, error_class="timeout")
+    site.notify(alice.id, "stored words")
+    client, _headers = logged_in(site, alice)
+    # When she lists them in German and in English
+    german = {n["kind"]: n for n in client.get("/api/notifications?lang=de").json["notifications"]}
+    english = client.get("/api/notifications?lang=en").json["notifications"]
+    # Then each is said in the language asked for, from its kind and parameters
+    assert german["account_broken"]["text"] == (
+        "GMX: Anmeldung fehlgeschlagen, bitte das Passwort neu eingeben."
+    )
+    assert german["account_broken"]["params"] == {
+        "provider": "GMX",
+        "error_class": "invalid_credentials",
+    }
+    assert german["circuit_open"]["text"].startswith("GMX: Der Abruf schlägt immer wieder fehl.")
+    assert "Minuten" in german["circuit_open"]["text"]
+    assert {n["text"] for n in english} >= {
+        "GMX: Login failed, please re-enter the password.",
+        "stored words",
+    }
+    # And the dashboard shows the German words
+    page = client.get("/?lang=de").get_data(as_text=True)
+    assert "GMX: Anmeldung fehlgeschlagen, bitte das Passwort neu eingeben." in page
 
 
 def alert(status: str = "firing", **overrides) -> dict:

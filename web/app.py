@@ -308,7 +308,9 @@ def _dashboard_data(state: WebState, login: ServerSession, lang: str) -> dict:
     with state.sessions() as session:
         labels = present.account_labels(session, login.user_id, login.key)
         covered = present.job_account_ids(session, [job["job_id"] for job in listed])
-        notes = present.user_notifications(session, login.user_id, limit=DASHBOARD_NOTIFICATIONS)
+        notes = present.user_notifications(
+            session, login.user_id, limit=DASHBOARD_NOTIFICATIONS, lang=lang
+        )
     jobs = [
         present.job_summary_view(
             job, account_ids=covered.get(job["job_id"], []), labels=labels, lang=lang

@@ -234,7 +234,9 @@ class _Api:
         user_id = self.user()
         limit = _query_int("limit", default=DEFAULT_NOTIFICATIONS, maximum=MAX_NOTIFICATIONS)
         with self.sessions() as session:
-            return jsonify(present.user_notifications(session, user_id, limit=limit))
+            return jsonify(
+                present.user_notifications(session, user_id, limit=limit, lang=language(request))
+            )
 
     def mark_read(self, notification_id: int) -> Response:
         user_id = self.user()
@@ -248,7 +250,7 @@ class _Api:
                 raise ApiError(404, "not_found", "notification not found")
             if row.read_at is None:
                 row.read_at = utcnow()
-            return jsonify(present.notification_view(row))
+            return jsonify(present.notification_view(row, language(request)))
 
     def mark_all_read(self) -> Response:
         user_id = self.user()

@@ -74,6 +74,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "error_tls_error": "Die sichere Verbindung (TLS) zum Mailserver ist fehlgeschlagen.",
         "error_locked": "Nicht abgerufen: bitte erneut anmelden, damit mailpipe das Konto lesen darf.",
         "error_unknown": "Beim Abruf ist ein unerwarteter Fehler aufgetreten.",
+        "note_account_broken": "{provider}: {error}",
+        "note_circuit_open": "{provider}: Der Abruf schlägt immer wieder fehl. {error} mailpipe "
+        "pausiert dieses Konto {minutes} Minuten lang und versucht es dann erneut.",
+        "note_job_failed": "Abruf fehlgeschlagen. {errors}",
+        "no_account_read": "Kein Konto konnte gelesen werden.",
     },
     "en": {
         "title": "mailpipe – fetches",
@@ -141,6 +146,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "error_tls_error": "The secure connection (TLS) to the mail server failed.",
         "error_locked": "Not fetched: log in again so mailpipe may read this account.",
         "error_unknown": "Something unexpected went wrong while fetching.",
+        "note_account_broken": "{provider}: {error}",
+        "note_circuit_open": "{provider}: fetching keeps failing. {error} mailpipe pauses this "
+        "account for {minutes} minutes and then tries again.",
+        "note_job_failed": "Fetching mail failed. {errors}",
+        "no_account_read": "No account could be read.",
     },
 }
 

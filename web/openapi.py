@@ -161,12 +161,18 @@ SUMMARY = {
 
 NOTIFICATION = {
     "type": "object",
-    "required": ["id", "kind", "severity", "message", "created_at", "read_at"],
+    "required": ["id", "kind", "severity", "message", "text", "created_at", "read_at"],
     "properties": {
         "id": {"type": "integer"},
         "kind": {"type": "string"},
         "severity": {"type": "string"},
-        "message": {"type": "string"},
+        "message": {"type": "string", "description": "in English, as stored"},
+        "text": {"type": "string", "description": "in the language asked for (`lang`)"},
+        "params": {
+            "type": ["object", "null"],
+            "description": "what the kind needs to be said in any language: provider, "
+            "error_class or error_classes, minutes",
+        },
         "account_id": NULLABLE_INTEGER,
         "job_id": NULLABLE_STRING,
         "created_at": INSTANT,
@@ -303,7 +309,7 @@ OPENAPI: dict = {
                 "operationId": "notifications",
                 "summary": "The user's notifications, newest first, and the unread count",
                 "security": SESSION,
-                "parameters": [_limit(DEFAULT_NOTIFICATIONS, MAX_NOTIFICATIONS)],
+                "parameters": [_limit(DEFAULT_NOTIFICATIONS, MAX_NOTIFICATIONS), LANG],
                 "responses": {
                     "200": _json(
                         {
@@ -329,7 +335,7 @@ OPENAPI: dict = {
                 "operationId": "mark_read",
                 "summary": "Mark one notification as read",
                 "security": SESSION_POST,
-                "parameters": [_id_parameter("notification_id", "the notification")],
+                "parameters": [_id_parameter("notification_id", "the notification"), LANG],
                 "responses": {
                     "200": _json(_ref("Notification"), "the notification, now read"),
                     "401": _error("Unauthorized"),

@@ -32,6 +32,7 @@ NOTIFICATION_FIELDS = (
     "kind",
     "severity",
     "message",
+    "params",
     "account_id",
     "job_id",
     "created_at",
@@ -162,12 +163,32 @@ def open_user_jobs(session: Session, user_id: int, *, window_seconds: int) -> in
     )
 
 
-def notification_view(row: Notification) -> dict:
-    """A notification as plain JSON values, instants in UTC with their offset."""
-    return {name: _plain(getattr(row, name)) for name in NOTIFICATION_FIELDS}
+def notification_view(row: Notification, lang: str) -> dict:
+    """A notification as plain JSON values, instants in UTC with their offset, and its text in
+    the reader's language."""
+    view = {name: _plain(getattr(row, name)) for name in NOTIFICATION_FIELDS}
+    view["text"] = notification_text(row, lang)
+    return view
 
 
-def user_notifications(session: Session, user_id: int, *, limit: int) -> dict:
+def notification_text(row: Notification, lang: str) -> str:
+    """Say a notification from its kind and parameters; one without them (an operator alert, a
+    row from before parameters were kept) reads as stored."""
+    key = f"note_{row.kind}"
+    if not row.params or key not in TEXTS["en"]:
+        return row.message
+    errors = [error_text(name, lang) for name in row.params.get("error_classes", [])]
+    return text(
+        lang,
+        key,
+        provider=row.params.get("provider", ""),
+        minutes=row.params.get("minutes", ""),
+        error=error_text(row.params.get("error_class"), lang) or "",
+        errors=" ".join(errors) or text(lang, "no_account_read"),
+    )
+
+
+def user_notifications(session: Session, user_id: int, *, limit: int, lang: str) -> dict:
     """The user's own notifications, newest first, and how many are unread."""
     rows = session.scalars(
         select(Notification)
@@ -180,7 +201,7 @@ def user_notifications(session: Session, user_id: int, *, limit: int) -> dict:
         .select_from(Notification)
         .where(Notification.user_id == user_id, Notification.read_at.is_(None))
     )
-    return {"notifications": [notification_view(row) for row in rows], "unread": unread}
+    return {"notifications": [notification_view(row, lang) for row in rows], "unread": unread}
 
 
 def utc_iso(value: datetime | str | None) -> str | None:
