@@ -7,21 +7,24 @@ account; this actor only enqueues ordinary fetch jobs, so retries never meet per
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 import dramatiq
 from periodiq import cron
 
 from actors import runtime
-from mailpipe import grants, schedule
+from mailpipe import grants, jobs, schedule
 from mailpipe.errors import NotFound
+from mailpipe.models import utcnow
 
 logger = logging.getLogger(__name__)
+PURGE_BATCHES = 50  # at most 250,000 old jobs deleted per tick
 
 
 @dramatiq.actor(queue_name="schedule", periodic=cron("* * * * *"), max_retries=0)
 def schedule_due() -> None:
-    """Claim due accounts, start one scheduled job per user for them, and delete expired key
-    grants (a sealed key should not outlive its use)."""
+    """Claim due accounts, start one scheduled job per user for them; delete expired key grants
+    (a sealed key should not outlive its use) and jobs finished longer ago than the retention."""
     from actors.pipeline import PipelineBroker
 
     sessions = runtime.sessions()
@@ -35,5 +38,13 @@ def schedule_due() -> None:
             logger.info("background grant of a user ended before enqueue; skipped")
     with sessions.begin() as session:
         purged = grants.purge_expired(session)
-    if purged:
-        logger.info("deleted %d expired key grants", purged)
+    before = utcnow() - timedelta(days=jobs.RETENTION_DAYS)
+    retired = 0
+    for _ in range(PURGE_BATCHES):  # short transactions; what is left waits for the next tick
+        with sessions.begin() as session:
+            deleted = jobs.purge_finished(session, before=before)
+        retired += deleted
+        if deleted < jobs.PURGE_BATCH:
+            break
+    if purged or retired:
+        logger.info("deleted %d expired key grants and %d old finished jobs", purged, retired)

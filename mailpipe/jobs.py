@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from . import config
 from .errors import NotFound
 from .models import (
     JOB_FAILED,
@@ -36,6 +37,8 @@ TYPE_ACCOUNT = "account"
 TYPE_ALL = "all"
 TYPE_SCHEDULED = "scheduled"
 COUNTERS = ("fetched", "saved", "duplicates", "quarantined", "processed")
+RETENTION_DAYS = config.int_setting("MAILPIPE_JOB_RETENTION_DAYS", 30)
+PURGE_BATCH = 5_000  # jobs deleted per call, so one transaction stays short
 
 
 def new_job_id() -> str:
@@ -272,6 +275,19 @@ def finalise_if_done(session: Session, job_id: str) -> FinishedJob | None:
     if done.rowcount == 0:
         return None
     return FinishedJob(job_id=job_id, user_id=job.user_id, status=status, grant_id=job.grant_id)
+
+
+def purge_finished(session: Session, *, before: datetime, limit: int = PURGE_BATCH) -> int:
+    """Delete jobs that ended before `before`, their account runs with them; open jobs stay."""
+    old = select(PipelineJob.id).where(PipelineJob.finished_at < before).limit(limit)
+    return (
+        session.execute(
+            delete(PipelineJob)
+            .where(PipelineJob.id.in_(old.scalar_subquery()))
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        or 0
+    )
 
 
 def final_status(statuses: Sequence[str]) -> str:

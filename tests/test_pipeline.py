@@ -11,7 +11,7 @@ from sqlalchemy import func, select, update
 from mailpipe import grants, jobs, leases, schedule
 from mailpipe.errors import NotFound
 from mailpipe.grants import KeyGrant
-from mailpipe.models import BROKEN, LOCKED, AccountRun, MailAccount, utcnow
+from mailpipe.models import BROKEN, LOCKED, AccountRun, MailAccount, PipelineJob, utcnow
 from mailpipe.processors import Mail
 from mailpipe.runner import BUSY, run_account
 from tests.support.world import User, World
@@ -415,3 +415,39 @@ def test_a_scheduled_job_leaves_out_accounts_of_other_users(world):
     # Then only alice's account was fetched
     status = world.pipeline.get_job_status(job_id, alice.id)
     assert [run["account_id"] for run in status["accounts"]] == [mine]
+
+
+def test_scheduler_tick_deletes_finished_jobs_past_the_retention(world):
+    # Given a job finished 40 days ago, one finished yesterday and one still open from 40 days ago
+    alice = world.user("alice")
+    account = world.account(alice)
+    ids = []
+    for _ in range(3):
+        with world.sessions.begin() as session:
+            job = jobs.create_job(
+                session, user_id=alice.id, account_ids=[account], type="account", options={}
+            )
+            ids.append(job.id)
+    old, recent, open_old = ids
+    for job_id, days in ((old, 40), (recent, 1)):
+        with world.sessions.begin() as session:
+            jobs.finish_run(session, job_id=job_id, account_id=account, status="success")
+            session.execute(
+                update(PipelineJob)
+                .where(PipelineJob.id == job_id)
+                .values(finished_at=utcnow() - timedelta(days=days))
+            )
+    with world.sessions.begin() as session:
+        session.execute(
+            update(PipelineJob)
+            .where(PipelineJob.id == open_old)
+            .values(created_at=utcnow() - timedelta(days=40))
+        )
+    # When the scheduler ticks
+    from actors.schedule import schedule_due
+
+    schedule_due()
+    # Then the old finished job is gone with its run; the recent and the open one stay
+    with world.sessions() as session:
+        assert set(session.scalars(select(PipelineJob.id))) == {recent, open_old}
+        assert set(session.scalars(select(AccountRun.job_id))) == {recent, open_old}
