@@ -18,6 +18,7 @@ from . import config
 from .accounts import PROVIDER_NAMES
 from .failures import ACCOUNT_DISABLED, AUTH_FAILED, INVALID_CREDENTIALS, TLS_ERROR
 from .models import (
+    AUTH_OAUTH2,
     BROKEN,
     CIRCUIT_CLOSED,
     CIRCUIT_HALF_OPEN,
@@ -40,6 +41,10 @@ BROKEN_MESSAGES = {
     AUTH_FAILED: "{provider}: the server refused the login, please check the account settings",
     ACCOUNT_DISABLED: "{provider}: the provider has disabled this account, please check it there",
     TLS_ERROR: "{provider}: the server's certificate could not be verified; mail stays unfetched until the server or the settings are fixed",
+}
+OAUTH2_BROKEN_MESSAGES = {
+    INVALID_CREDENTIALS: "{provider}: the sign-in with the provider has expired or was withdrawn, "
+    "please connect the account again",
 }
 CIRCUIT_MESSAGE = (
     "{provider}: fetching keeps failing ({error}); mailpipe pauses this account for "
@@ -122,8 +127,8 @@ def record_outcome(
             account_id=account.id,
             kind="account_broken",
             severity="error",
-            message=BROKEN_MESSAGES[error_class].format(provider=provider),
-            params={"provider": provider, "error_class": error_class},
+            message=_broken_message(error_class, account.auth_kind).format(provider=provider),
+            params={"provider": provider, "error_class": error_class, "auth": account.auth_kind},
             dedupe_key=f"account_broken:{account.id}:{now.isoformat()}",
         )
     if account.circuit_state == CIRCUIT_OPEN and circuit_before != CIRCUIT_OPEN:
@@ -147,6 +152,12 @@ def record_outcome(
         )
     session.flush()
     return Transition(health_before, account.health_status, circuit_before, account.circuit_state)
+
+
+def _broken_message(error_class: str, auth_kind: str) -> str:
+    if auth_kind == AUTH_OAUTH2 and error_class in OAUTH2_BROKEN_MESSAGES:
+        return OAUTH2_BROKEN_MESSAGES[error_class]
+    return BROKEN_MESSAGES[error_class]
 
 
 def notify(

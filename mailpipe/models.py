@@ -22,6 +22,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+AUTH_PASSWORD = "password"
+AUTH_OAUTH2 = "oauth2"
+
 HEALTHY = "HEALTHY"
 DEGRADED = "DEGRADED"
 BROKEN = "BROKEN"
@@ -87,6 +90,10 @@ class MailAccount(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     provider: Mapped[str] = mapped_column(String(20), default="other")
     credentials_enc: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # how the account logs in (not secret): a refused login needs different advice for each
+    auth_kind: Mapped[str] = mapped_column(
+        String(20), default=AUTH_PASSWORD, server_default=AUTH_PASSWORD
+    )
     folders: Mapped[list] = mapped_column(JSON, default=lambda: ["INBOX"])
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     health_status: Mapped[str] = mapped_column(String(20), default=HEALTHY)

@@ -31,6 +31,7 @@ def account_health(session: Session, user_id: int, *, now: datetime | None = Non
         {
             "account_id": account.id,
             "provider": account.provider,
+            "auth": account.auth_kind,
             "enabled": account.enabled,
             "health": account.health_status,
             "shown_health": account.health_status if background else LOCKED,

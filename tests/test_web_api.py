@@ -634,6 +634,7 @@ def test_notifications_are_said_in_the_readers_language(site):
     assert german["account_broken"]["params"] == {
         "provider": "GMX",
         "error_class": "invalid_credentials",
+        "auth": "password",
     }
     assert german["circuit_open"]["text"].startswith("GMX: Der Abruf schlägt immer wieder fehl.")
     assert "Minuten" in german["circuit_open"]["text"]
@@ -644,6 +645,31 @@ def test_notifications_are_said_in_the_readers_language(site):
     # And the dashboard shows the German words
     page = client.get("/?lang=de").get_data(as_text=True)
     assert "GMX: Anmeldung fehlgeschlagen, bitte das Passwort neu eingeben." in page
+
+
+def test_a_refused_oauth2_login_asks_to_connect_the_account_again(site):
+    # Given alice's Gmail account that logs in with an access token, refused by the provider
+    alice = site.user("alice")
+    settings = ImapSettings(
+        host="imap.gmail.com", username="alice@gmail.com", access_token="t", security="tls"
+    )
+    with site.sessions.begin() as session:
+        owner = session.get_one(UserRow, alice.id)
+        account = add_account(session, owner, alice.key, settings).id
+    with site.sessions.begin() as session:
+        health.record_outcome(session, account, error_class="invalid_credentials")
+        session.get_one(MailAccount, account).last_error_class = "invalid_credentials"
+    client, _headers = logged_in(site, alice)
+    # When she looks at her notifications and accounts
+    [note] = client.get("/api/notifications?lang=de").json["notifications"]
+    [card] = client.get("/api/accounts/health?lang=de").json["accounts"]
+    # Then both ask her to connect the account again, not to re-enter a password
+    assert note["text"] == (
+        "Gmail: Die Anmeldung beim Anbieter ist abgelaufen oder wurde widerrufen, "
+        "bitte das Konto neu verbinden."
+    )
+    assert "connect the account again" in note["message"]
+    assert card["auth"] == "oauth2" and "neu verbinden" in card["last_error_text"]
 
 
 def alert(status: str = "firing", **overrides) -> dict:

@@ -70,6 +70,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "error_temporarily_unavailable": "Der Mailserver ist vorübergehend nicht erreichbar.",
         "error_auth_failed": "Der Anbieter erlaubt die Anmeldung nicht.",
         "error_invalid_credentials": "Anmeldung fehlgeschlagen, bitte das Passwort neu eingeben.",
+        "error_invalid_credentials_oauth2": "Die Anmeldung beim Anbieter ist abgelaufen oder "
+        "wurde widerrufen, bitte das Konto neu verbinden.",
         "error_account_disabled": "Das Konto ist beim Anbieter gesperrt oder deaktiviert.",
         "error_tls_error": "Die sichere Verbindung (TLS) zum Mailserver ist fehlgeschlagen.",
         "error_locked": "Nicht abgerufen: bitte erneut anmelden, damit mailpipe das Konto lesen darf.",
@@ -142,6 +144,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "error_temporarily_unavailable": "The mail server cannot be reached right now.",
         "error_auth_failed": "The provider does not permit this login.",
         "error_invalid_credentials": "Login failed, please re-enter the password.",
+        "error_invalid_credentials_oauth2": "The sign-in with the provider has expired or was "
+        "withdrawn, please connect the account again.",
         "error_account_disabled": "The account is locked or disabled at the provider.",
         "error_tls_error": "The secure connection (TLS) to the mail server failed.",
         "error_locked": "Not fetched: log in again so mailpipe may read this account.",

@@ -132,6 +132,7 @@ ACCOUNT_HEALTH = {
         "account_id": {"type": "integer"},
         "label": {"type": "string"},
         "provider": {"type": "string"},
+        "auth": {"type": "string", "enum": ["password", "oauth2"]},
         "enabled": {"type": "boolean"},
         "health": {"type": "string", "enum": ["HEALTHY", "DEGRADED", "BROKEN"]},
         "shown_health": {"type": "string", "enum": ["HEALTHY", "DEGRADED", "BROKEN", "LOCKED"]},

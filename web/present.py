@@ -59,12 +59,15 @@ def account_labels(session: Session, user_id: int, key: DataKey | None) -> dict[
     return labels
 
 
-def error_text(error_class: str | None, lang: str) -> str | None:
-    """An error class in words a user can act on; the core's own message stays technical."""
+def error_text(error_class: str | None, lang: str, *, auth: str | None = None) -> str | None:
+    """An error class in words a user can act on (for the way the account logs in, where that
+    changes the advice); the core's own message stays technical."""
     if not error_class:
         return None
-    key = f"error_{error_class}"
-    return text(lang, key if key in TEXTS["en"] else "error_unknown")
+    for key in (f"error_{error_class}_{auth}", f"error_{error_class}"):
+        if key in TEXTS["en"]:
+            return text(lang, key)
+    return text(lang, "error_unknown")
 
 
 def status_text(status: str, lang: str) -> str:
@@ -140,7 +143,7 @@ def account_view(health: dict, *, labels: dict[int, str], lang: str) -> dict:
         **_utc_fields(health, ACCOUNT_INSTANTS),
         "label": labels.get(health["account_id"], f"#{health['account_id']}"),
         "health_text": text(lang, f"health_{health['shown_health']}"),
-        "last_error_text": error_text(health["last_error_class"], lang),
+        "last_error_text": error_text(health["last_error_class"], lang, auth=health["auth"]),
     }
 
 
@@ -183,7 +186,7 @@ def notification_text(row: Notification, lang: str) -> str:
         key,
         provider=row.params.get("provider", ""),
         minutes=row.params.get("minutes", ""),
-        error=error_text(row.params.get("error_class"), lang) or "",
+        error=error_text(row.params.get("error_class"), lang, auth=row.params.get("auth")) or "",
         errors=" ".join(errors) or text(lang, "no_account_read"),
     )
 
