@@ -6,6 +6,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import secrets
 import threading
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import broker_config
 from mailpipe import config, db, grants
+from mailpipe.accounts import PROVIDER_NAMES, guess_provider
 from mailpipe.processors import Processor, load_processors
 
 MAX_CONNECTIONS_PER_HOST = config.int_setting("MAILPIPE_MAX_CONNECTIONS_PER_HOST", 10)
@@ -41,6 +43,37 @@ return 1
 """
 
 logger = logging.getLogger(__name__)
+
+
+def provider_caps(value: str) -> dict[str, int]:
+    """Parse `gmail=40,outlook=20`: connection caps for the hosts of some providers."""
+    caps = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        provider, _, number = item.partition("=")
+        provider = provider.strip().lower()
+        if provider not in PROVIDER_NAMES:
+            raise ValueError(
+                f"MAILPIPE_MAX_CONNECTIONS_BY_PROVIDER: unknown provider {provider!r} "
+                f"(known: {', '.join(sorted(PROVIDER_NAMES))})"
+            )
+        try:
+            caps[provider] = int(number)
+        except ValueError:
+            raise ValueError(
+                f"MAILPIPE_MAX_CONNECTIONS_BY_PROVIDER: {item!r} needs a number, like gmail=40"
+            ) from None
+    return caps
+
+
+MAX_CONNECTIONS_BY_PROVIDER = provider_caps(
+    os.environ.get("MAILPIPE_MAX_CONNECTIONS_BY_PROVIDER", "")
+)
+
+
+def connection_cap(host: str) -> int:
+    """Simultaneous connections allowed to one host: its provider's cap, else the default."""
+    return MAX_CONNECTIONS_BY_PROVIDER.get(guess_provider(host), MAX_CONNECTIONS_PER_HOST)
+
 
 _SETUP = threading.Lock()
 _embedded: dict = {}
@@ -102,7 +135,7 @@ def host_slot(host: str, *, ttl_ms: int = HOST_SLOT_TTL_MS) -> Iterator[bool]:
         limiter = ConcurrentRateLimiter(
             backend,
             f"{broker_config.NAMESPACE}:host-connections:{digest}",
-            limit=MAX_CONNECTIONS_PER_HOST,
+            limit=connection_cap(host),
             ttl=ttl_ms,
         )
         with limiter.acquire(raise_on_failure=False) as acquired:
@@ -110,7 +143,7 @@ def host_slot(host: str, *, ttl_ms: int = HOST_SLOT_TTL_MS) -> Iterator[bool]:
         return
     key = f"{broker_config.NAMESPACE}:host-slots:{digest}"
     holder = secrets.token_hex(8)
-    acquired = bool(_acquire_slot()(keys=[key], args=[MAX_CONNECTIONS_PER_HOST, ttl_ms, holder]))
+    acquired = bool(_acquire_slot()(keys=[key], args=[connection_cap(host), ttl_ms, holder]))
     try:
         yield acquired
     finally:
