@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from .errors import DecryptionFailed, MailpipeError
+from .imap import TokenRefused
 
 TIMEOUT = "timeout"
 CONNECTION_RESET = "connection_reset"
@@ -86,6 +87,8 @@ def classify(error: BaseException, *, host: str | None = None) -> Failure:
             error_class = TEMPORARILY_UNAVAILABLE
         else:
             error_class = CODE_CLASSES.get(code, INVALID_CREDENTIALS)
+        if isinstance(error, TokenRefused) and error_class == INVALID_CREDENTIALS:
+            return Failure(error_class, f"login{to} failed: the access token was refused")
         return Failure(error_class, _login_message(error_class, f" to {host}" if host else ""))
     if isinstance(error, IMAPClientAbortError):
         return Failure(CONNECTION_RESET, f"server{where} closed the connection")

@@ -7,6 +7,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from imapclient import IMAPClient
+from imapclient.exceptions import LoginError
 from imapclient.imapclient import SocketTimeout
 
 SECURITY_MODES = ("tls", "starttls", "none")
@@ -14,6 +15,10 @@ AUTH_MODES = ("auto", "login", "plain")
 DEFAULT_PORTS = {"tls": 993, "starttls": 143, "none": 143}
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 60.0
+
+
+class TokenRefused(LoginError):
+    """The server refused an OAuth2 access token (expired, withdrawn, or for another user)."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,10 @@ def start_tls(client: IMAPClient, settings: ImapSettings) -> None:
 def authenticate(client: IMAPClient, settings: ImapSettings) -> None:
     """XOAUTH2 with a token; otherwise LOGIN, or AUTHENTICATE PLAIN when asked or required."""
     if settings.access_token is not None:
-        client.oauth2_login(settings.username, settings.access_token)
+        try:
+            client.oauth2_login(settings.username, settings.access_token)
+        except LoginError as error:
+            raise TokenRefused(str(error)) from None
         return
     mode = settings.auth
     if mode == "auto":

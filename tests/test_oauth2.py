@@ -128,6 +128,8 @@ def test_a_token_the_provider_no_longer_accepts_is_invalid_credentials(oauth):
     with pytest.raises(LoginError) as refused:
         imap.connect(settings)
     failure = classify(refused.value, host=server.host)
-    # Then the failure is permanent (no retries), and names neither token nor user
+    # Then the failure is permanent (no retries), says the token was refused, and names neither
+    # token nor user
     assert failure.error_class == INVALID_CREDENTIALS and not failure.transient
+    assert failure.message == f"login to {server.host} failed: the access token was refused"
     assert "revoked" not in failure.message and user not in failure.message
