@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from importlib.metadata import entry_points
 from types import MappingProxyType
 
@@ -129,8 +130,10 @@ def process_backlog(
     account_id: int,
     key: DataKey,
     processors: Mapping[str, Processor],
+    stored_before: datetime,
 ) -> ProcessOutcome:
-    """Run the processors on stored mail left pending or marked for reprocessing."""
+    """Run the processors on mail stored before `stored_before` (not by this run, whose new
+    mail they have just seen) that was left pending or marked for reprocessing."""
     outcome = ProcessOutcome()
     if not processors:
         return outcome
@@ -141,6 +144,7 @@ def process_backlog(
                 Email.account_id == account_id,
                 Email.process_status.in_((PROCESS_PENDING, PROCESS_RETRY)),
                 Email.status == PARSED,
+                Email.fetched_at < stored_before,
             )
             .limit(REPROCESS_LIMIT)
         ).all()

@@ -91,6 +91,7 @@ def run_account(
             return RunOutcome(DUPLICATE)
         grant_id = job.grant_id
     started = time.perf_counter()
+    started_at = utcnow()
     released = False
     profiler = Profiler()
     observers = profiler if observer is None else Observers(observer, profiler)
@@ -135,7 +136,11 @@ def run_account(
                 timer = PhaseTimer(observers)
                 with timer.phase("process"):
                     processed += process_backlog(
-                        sessions, account_id=account_id, key=key, processors=processors
+                        sessions,
+                        account_id=account_id,
+                        key=key,
+                        processors=processors,
+                        stored_before=started_at,
                     ).processed
                 result.phases["process"] = (
                     result.phases.get("process", 0.0) + timer.totals["process"]

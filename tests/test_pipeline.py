@@ -198,8 +198,10 @@ def test_failing_processor_marks_mail_for_reprocessing(world):
     # Given an account with two new mails and a processor with a bug
     alice = world.user("alice")
     account = world.account(alice, mails=2)
+    calls = []
 
     def broken(mail: Mail):
+        calls.append(mail.id)
         raise RuntimeError("plug-in bug")
 
     # When the account is fetched
@@ -208,6 +210,7 @@ def test_failing_processor_marks_mail_for_reprocessing(world):
     assert first.finished.status == "success"
     assert (first.result.saved, first.result.processed) == (2, 0)
     assert {email.process_status for email in world.emails(account)} == {"retry"}
+    assert len(calls) == 2  # once per mail: not again by the same run's reprocessing
     # When the processor is fixed, the next run (with no new mail) takes the mail up again
     second = run_with(
         world, alice, account, {"fixed": lambda mail: {"subject": mail.fields["subject"]}}
