@@ -8,9 +8,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import config
@@ -18,6 +16,7 @@ from . import config
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_PAGE_SIZE = 16_384  # mail bodies are large blobs; bigger pages mean fewer overflow pages
 MIGRATIONS = Path(__file__).with_name("migrations")
+HEAD_REVISION = "0009"  # the newest migration (tests/test_migrations.py holds it to Alembic's head)
 PG_MIGRATION_LOCK = 0x6D61696C  # "mail": one advisory lock id for schema upgrades
 _MIGRATION_LOCK = threading.Lock()  # Alembic's module-level proxies are not thread-safe
 
@@ -43,7 +42,16 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision; safe when many processes start at once."""
+    """Bring the schema to the newest Alembic revision; safe when many processes start at once.
+
+    A schema already at the newest revision is left alone without loading Alembic, whose
+    imports cost every command and worker start about a tenth of a second.
+    """
+    if schema_revision(engine) == HEAD_REVISION:
+        return
+    from alembic import command
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with _MIGRATION_LOCK, _migration_lock(engine), engine.connect() as connection:
@@ -65,6 +73,14 @@ def migrate(engine: Engine) -> None:
             connection.commit()
             if broken:
                 raise RuntimeError(f"the migration left rows without their parent: {broken[:5]}")
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The Alembic revision the database is at; None for a database without the schema."""
+    with engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import func, select
 
 from mailpipe import db, jobs
@@ -48,3 +49,14 @@ def test_upgrade_counts_the_open_runs_of_jobs_in_flight(tmp_path):
     with sessions.begin() as session:
         finished = jobs.finish_run(session, job_id=job.id, account_id=ids[2], status="failed")
     assert finished is not None and finished.status == "partial_failure"
+
+
+def test_the_head_revision_the_code_knows_is_alembics_head(tmp_path):
+    # Given the migration scripts, and a database migrated by them
+    cfg = Config()
+    cfg.set_main_option("script_location", str(db.MIGRATIONS))
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'head.db'}")
+    db.migrate(engine)
+    # Then the revision migrate() takes for the newest is Alembic's head, and the database is there
+    assert ScriptDirectory.from_config(cfg).get_current_head() == db.HEAD_REVISION
+    assert db.schema_revision(engine) == db.HEAD_REVISION
