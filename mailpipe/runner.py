@@ -6,15 +6,18 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import grants, health, jobs, leases
 from .accounts import account_settings
+from .crypto import DataKey
 from .errors import MailpipeError, NotFound
 from .failures import TIMEOUT, UNKNOWN, Failure, classify
+from .imap import ImapSettings
 from .models import (
     JOB_FAILED,
     RUN_FAILED,
@@ -27,6 +30,7 @@ from .models import (
 from .observer import Observer, Observers, PhaseTimer
 from .processors import Processor, process_backlog
 from .profiler import Profiler
+from .store import FolderPosition, folder_states
 from .sync import SyncOptions, SyncResult, sync_account
 
 LEASE_MARGIN_SECONDS = 60
@@ -76,46 +80,37 @@ def run_account(
     the timeout error class.
     """
     owner = f"{job_id}:{account_id}"
-    with sessions.begin() as session:
-        job = session.get(PipelineJob, job_id)
-        if job is None:
-            return RunOutcome(DUPLICATE)
-        options = dict(job.options or {})
-        lease_seconds = options.get("timeout_seconds", 120) + LEASE_MARGIN_SECONDS
-        if not leases.acquire(session, account_id, owner=owner, seconds=lease_seconds):
-            return RunOutcome(BUSY)
-        if not jobs.begin_run(
-            session, job_id=job_id, account_id=account_id, attempt=attempt, job_status=job.status
-        ):
-            leases.release(session, account_id, owner=owner)
-            return RunOutcome(DUPLICATE)
-        grant_id = job.grant_id
+    start = _start(
+        sessions,
+        job_id=job_id,
+        account_id=account_id,
+        attempt=attempt,
+        owner=owner,
+        private_key=private_key,
+    )
+    if isinstance(start, RunOutcome):
+        return start
+    options, settings, key = start.options, start.settings, start.key
     started = time.perf_counter()
     started_at = utcnow()
     released = False
     profiler = Profiler()
     observers = profiler if observer is None else Observers(observer, profiler)
     try:
-        with sessions() as session:
-            try:
-                key = grants.unlock_grant(session, grant_id, private_key)
-            except NotFound:
-                return _finish(
-                    sessions,
-                    job_id,
-                    account_id,
-                    RUN_SKIPPED,
-                    error_class=LOCKED,
-                    message=LOCKED_MESSAGE,
-                )
-            account = session.get_one(MailAccount, account_id)
-            timeout = float(options.get("timeout_seconds", 120))
-            settings = account_settings(
-                account,
-                key,
-                connect_timeout=min(CONNECT_TIMEOUT, timeout),
-                command_timeout=min(COMMAND_TIMEOUT, timeout),
+        if start.problem is not None:
+            raise start.problem
+        if key is None:
+            outcome = _finish(
+                sessions,
+                job_id,
+                account_id,
+                RUN_SKIPPED,
+                lease_owner=owner,
+                error_class=LOCKED,
+                message=LOCKED_MESSAGE,
             )
+            released = True
+            return outcome
         slot = connection_slot(settings.host) if connection_slot else contextlib.nullcontext(True)
         with profiler:
             with slot as acquired:
@@ -128,8 +123,13 @@ def run_account(
                     account_id=account_id,
                     key=key,
                     settings=settings,
-                    options=SyncOptions(max_mails=options.get("max_mails"), processors=processors),
+                    options=SyncOptions(
+                        folders=start.folders,
+                        max_mails=options.get("max_mails"),
+                        processors=processors,
+                    ),
                     observer=observers,
+                    states=start.states,
                 )
             processed = result.processed
             if processors:
@@ -203,6 +203,63 @@ def run_account(
         if not released:
             with sessions.begin() as session:
                 leases.release(session, account_id, owner=owner)
+
+
+@dataclass
+class _Start:
+    """What a run needs, read in the transaction that takes the lease and starts the run."""
+
+    options: dict
+    key: DataKey | None = None  # None: no live key grant, the account is LOCKED for this job
+    settings: ImapSettings | None = None
+    folders: list[str] = field(default_factory=list)
+    states: dict[str, FolderPosition] = field(default_factory=dict)
+    problem: Exception | None = None  # raised inside the run, so it is classified and recorded
+
+
+def _start(
+    sessions: sessionmaker[Session],
+    *,
+    job_id: str,
+    account_id: int,
+    attempt: int,
+    owner: str,
+    private_key,
+) -> _Start | RunOutcome:
+    """Take the account's lease, mark the run started, open the key and read the account and
+    its folders' positions, in one transaction; or say why the run cannot go ahead."""
+    with sessions.begin() as session:
+        job = session.get(PipelineJob, job_id)
+        if job is None:
+            return RunOutcome(DUPLICATE)
+        start = _Start(options=dict(job.options or {}))
+        lease_seconds = start.options.get("timeout_seconds", 120) + LEASE_MARGIN_SECONDS
+        if not leases.acquire(session, account_id, owner=owner, seconds=lease_seconds):
+            return RunOutcome(BUSY)
+        if not jobs.begin_run(
+            session, job_id=job_id, account_id=account_id, attempt=attempt, job_status=job.status
+        ):
+            leases.release(session, account_id, owner=owner)
+            return RunOutcome(DUPLICATE)
+        try:
+            start.key = grants.unlock_grant(session, job.grant_id, private_key)
+            account = session.get_one(MailAccount, account_id)
+            timeout = float(start.options.get("timeout_seconds", 120))
+            start.settings = account_settings(
+                account,
+                start.key,
+                connect_timeout=min(CONNECT_TIMEOUT, timeout),
+                command_timeout=min(COMMAND_TIMEOUT, timeout),
+            )
+            start.folders = list(account.folders)
+            start.states = folder_states(session, account_id)
+        except NotFound:
+            start.key = None
+        except DBAPIError:
+            raise  # the transaction is lost: nothing of this attempt is recorded, it comes back
+        except Exception as error:  # bad stored data: the run records it as its failure
+            start.problem = error
+    return start
 
 
 def skip_run(

@@ -111,16 +111,24 @@ def sync_account(
     options: SyncOptions | None = None,
     observer: Observer | None = None,
     connect: Callable[[ImapSettings], IMAPClient] = imap.connect,
+    states: Mapping[str, store.FolderPosition] | None = None,
 ) -> SyncResult:
-    """Bring the database up to date with the account's folders, storing each message once."""
+    """Bring the database up to date with the account's folders, storing each message once.
+
+    A caller that has read the settings, the folders (in `options`) and each folder's stored
+    position (`states`, from `store.folder_states`) already spares the sync reading them again.
+    """
     options = options or SyncOptions()
     started = time.perf_counter()
     timer = PhaseTimer(observer)
-    with sessions() as session:
-        account = session.get_one(MailAccount, account_id)
-        settings = settings or account_settings(account, key)
-        wanted = list(options.folders or account.folders)
-        states = store.folder_states(session, account_id)
+    wanted = list(options.folders or ())
+    if settings is None or not wanted or states is None:
+        with sessions() as session:
+            account = session.get_one(MailAccount, account_id)
+            settings = settings or account_settings(account, key)
+            wanted = wanted or list(account.folders)
+            if states is None:
+                states = store.folder_states(session, account_id)
     result = SyncResult()
     with timer.phase("connect"):
         client = connect(settings)

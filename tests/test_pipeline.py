@@ -454,3 +454,22 @@ def test_scheduler_tick_deletes_finished_jobs_past_the_retention(world):
     with world.sessions() as session:
         assert set(session.scalars(select(PipelineJob.id))) == {recent, open_old}
         assert set(session.scalars(select(AccountRun.job_id))) == {recent, open_old}
+
+
+def test_unreadable_stored_credentials_fail_the_run_and_free_the_account(world):
+    # Given an account whose stored credentials were copied from another row (they no longer open)
+    alice = world.user("alice")
+    good, bad = world.account(alice), world.account(alice)
+    with world.sessions.begin() as session:
+        accounts = {a.id: a for a in session.scalars(select(MailAccount))}
+        accounts[bad].credentials_enc = accounts[good].credentials_enc
+    # When the account is fetched
+    status = world.run(alice, bad)
+    # Then the run fails with an error class after a bounded number of attempts, the job ends,
+    # and the account's lease is free for the next run
+    [run] = status["accounts"]
+    assert status["status"] == "failed"
+    assert (run["status"], run["error_class"]) == ("failed", "unknown")
+    assert run["attempt"] == 2
+    with world.sessions() as session:
+        assert session.get_one(MailAccount, bad).lease_owner is None
