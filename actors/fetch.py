@@ -56,7 +56,7 @@ def fetch_account(job_id: str, account_id: int) -> None:
     retries = message.options.get("retries", 0) if message else 0
     time_limit = (message.options.get("time_limit") if message else None) or DEFAULT_TIME_LIMIT_MS
     slot_ttl = min(runtime.HOST_SLOT_TTL_MS, time_limit + SLOT_MARGIN_MS)
-    observer = MetricsObserver.for_account(runtime.sessions(), account_id)
+    observer = MetricsObserver()  # the core tells it the account's provider as the run starts
     started = time.perf_counter()
     outcome = run_account(
         runtime.sessions(),

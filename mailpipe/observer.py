@@ -25,6 +25,9 @@ class Observer:
     Hooks may be called from the sync's storage thread as well as the fetching one.
     """
 
+    def before_run(self, *, provider: str) -> None:
+        """An account run goes ahead; `provider` is the account's (one of a fixed set of names)."""
+
     def after_phase(self, phase: str, seconds: float) -> None:
         """A phase of one account's sync took `seconds` of wall time (phases may repeat)."""
 
@@ -42,6 +45,10 @@ class Observers(Observer):
 
     def __init__(self, *observers: Observer) -> None:
         self.observers = observers
+
+    def before_run(self, *, provider: str) -> None:
+        for observer in self.observers:
+            observer.before_run(provider=provider)
 
     def after_phase(self, phase: str, seconds: float) -> None:
         for observer in self.observers:

@@ -96,6 +96,7 @@ def run_account(
     released = False
     profiler = Profiler()
     observers = profiler if observer is None else Observers(observer, profiler)
+    observers.before_run(provider=start.provider)
     try:
         if start.problem is not None:
             raise start.problem
@@ -210,6 +211,7 @@ class _Start:
     """What a run needs, read in the transaction that takes the lease and starts the run."""
 
     options: dict
+    provider: str = "other"
     key: DataKey | None = None  # None: no live key grant, the account is LOCKED for this job
     settings: ImapSettings | None = None
     folders: list[str] = field(default_factory=list)
@@ -242,8 +244,9 @@ def _start(
             leases.release(session, account_id, owner=owner)
             return RunOutcome(DUPLICATE)
         try:
-            start.key = grants.unlock_grant(session, job.grant_id, private_key)
             account = session.get_one(MailAccount, account_id)
+            start.provider = account.provider
+            start.key = grants.unlock_grant(session, job.grant_id, private_key)
             timeout = float(start.options.get("timeout_seconds", 120))
             start.settings = account_settings(
                 account,

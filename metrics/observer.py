@@ -24,11 +24,15 @@ class MetricsObserver(Observer):
     in `finally` blocks), so a failure can be counted under the phase it happened in.
     """
 
-    def __init__(self, *, provider: str) -> None:
-        self.provider = c.bounded(provider, c.PROVIDERS)
+    def __init__(self, *, provider: str = c.OTHER) -> None:
         self.failed_phase: str | None = None
         self._ambient = sys.exc_info()[1]  # an exception already being handled is not ours
         self._lock = threading.Lock()
+        self.before_run(provider=provider)
+
+    def before_run(self, *, provider: str) -> None:
+        """Label what follows with the account's provider, which the core read as the run began."""
+        self.provider = c.bounded(provider, c.PROVIDERS)
         self._fetched = c.EMAILS_FETCHED.labels(self.provider)
         self._bytes = c.FETCHED_BYTES.labels(self.provider)
 

@@ -12,6 +12,7 @@ from mailpipe import grants, jobs, leases, schedule
 from mailpipe.errors import NotFound
 from mailpipe.grants import KeyGrant
 from mailpipe.models import BROKEN, LOCKED, AccountRun, MailAccount, PipelineJob, utcnow
+from mailpipe.observer import Observer
 from mailpipe.processors import Mail
 from mailpipe.runner import BUSY, run_account
 from tests.support.world import User, World
@@ -182,7 +183,7 @@ def job_with_grant(world: World, user: User, account: int) -> str:
         return job.id
 
 
-def run_with(world: World, user: User, account: int, processors: dict):
+def run_with(world: World, user: User, account: int, processors: dict, observer=None):
     return run_account(
         world.sessions,
         job_id=job_with_grant(world, user, account),
@@ -191,6 +192,7 @@ def run_with(world: World, user: User, account: int, processors: dict):
         may_retry=True,
         private_key=world.private_key,
         processors=processors,
+        observer=observer,
     )
 
 
@@ -473,3 +475,24 @@ def test_unreadable_stored_credentials_fail_the_run_and_free_the_account(world):
     assert run["attempt"] == 2
     with world.sessions() as session:
         assert session.get_one(MailAccount, bad).lease_owner is None
+
+
+def test_the_run_tells_its_observer_the_accounts_provider_before_any_phase(world):
+    # Given a GMX account with one new mail and an observer that records what it is told
+    alice = world.user("alice")
+    account = world.account(alice, mails=1, provider="gmx")
+    told = []
+
+    class Recorder(Observer):
+        def before_run(self, *, provider: str) -> None:
+            told.append(("provider", provider))
+
+        def after_phase(self, phase: str, seconds: float) -> None:
+            told.append(("phase", phase))
+
+    # When the account is fetched
+    run_with(world, alice, account, {}, observer=Recorder())
+    # Then the provider came first, once, before the phases
+    assert told[0] == ("provider", "gmx")
+    assert [entry for entry in told if entry[0] == "provider"] == [("provider", "gmx")]
+    assert ("phase", "fetch") in told
