@@ -68,25 +68,28 @@ class Transition:
 
 
 def circuit_gate(session: Session, account_id: int, *, now: datetime | None = None) -> str:
-    """Whether a run may go ahead: PASS, the single half-open PROBE, or SKIP."""
+    """Whether a run may go ahead: PASS, the single half-open PROBE, or SKIP.
+
+    A probe's claim is timed like the opening of the circuit: a probe that never reports (its
+    worker died, or its run had to wait) gives way to a new one after another cool-down, so the
+    circuit cannot stay half-open for good.
+    """
     now = now or utcnow()
     state = session.scalar(select(MailAccount.circuit_state).where(MailAccount.id == account_id))
     if state is None or state == CIRCUIT_CLOSED:
         return PASS
-    if state == CIRCUIT_OPEN:
-        cooled = now - timedelta(seconds=CIRCUIT_COOLDOWN_SECONDS)
-        won = session.execute(
-            update(MailAccount)
-            .where(
-                MailAccount.id == account_id,
-                MailAccount.circuit_state == CIRCUIT_OPEN,
-                MailAccount.circuit_opened_at <= cooled,
-            )
-            .values(circuit_state=CIRCUIT_HALF_OPEN)
-            .execution_options(synchronize_session=False)
+    cooled = now - timedelta(seconds=CIRCUIT_COOLDOWN_SECONDS)
+    won = session.execute(
+        update(MailAccount)
+        .where(
+            MailAccount.id == account_id,
+            MailAccount.circuit_state.in_((CIRCUIT_OPEN, CIRCUIT_HALF_OPEN)),
+            MailAccount.circuit_opened_at <= cooled,
         )
-        return PROBE if won.rowcount == 1 else SKIP
-    return SKIP  # half-open: a probe is already under way
+        .values(circuit_state=CIRCUIT_HALF_OPEN, circuit_opened_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return PROBE if won.rowcount == 1 else SKIP
 
 
 def record_outcome(

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from mailpipe import grants, jobs, leases, schedule
+from mailpipe import grants, health, jobs, leases, schedule
 from mailpipe.errors import NotFound
 from mailpipe.grants import KeyGrant
 from mailpipe.models import BROKEN, LOCKED, AccountRun, MailAccount, PipelineJob, utcnow
@@ -496,3 +496,33 @@ def test_the_run_tells_its_observer_the_accounts_provider_before_any_phase(world
     assert told[0] == ("provider", "gmx")
     assert [entry for entry in told if entry[0] == "provider"] == [("provider", "gmx")]
     assert ("phase", "fetch") in told
+
+
+def test_a_probe_that_never_reports_does_not_hold_the_circuit_half_open(world):
+    # Given an account whose circuit opened long ago
+    alice = world.user("alice")
+    account = world.account(alice, mails=1)
+    long_ago = utcnow() - timedelta(seconds=health.CIRCUIT_COOLDOWN_SECONDS + 60)
+    with world.sessions.begin() as session:
+        session.execute(
+            update(MailAccount)
+            .where(MailAccount.id == account)
+            .values(circuit_state="open", circuit_opened_at=long_ago, health_status="DEGRADED")
+        )
+    # When a probe is let through but its run never reports (its worker died, or it waited)
+    with world.sessions.begin() as session:
+        assert health.circuit_gate(session, account) == health.PROBE
+    # Then the next run is skipped while that probe may still be under way ...
+    with world.sessions.begin() as session:
+        assert health.circuit_gate(session, account) == health.SKIP
+    # ... and once a cool-down has passed without an answer, the next run is the probe and heals it
+    with world.sessions.begin() as session:
+        session.execute(
+            update(MailAccount)
+            .where(MailAccount.id == account)
+            .values(circuit_opened_at=long_ago)  # the silent probe was let through long ago
+        )
+    status = world.run(alice, account)
+    assert (status["status"], status["accounts"][0]["saved"]) == ("success", 1)
+    with world.sessions() as session:
+        assert session.get_one(MailAccount, account).circuit_state == "closed"
