@@ -298,11 +298,21 @@ class Pipeline:
     `depth` batches wait, which bounds memory. Leaving the block waits for every stored batch;
     a storage error is raised in the fetching thread at the next submit or at the end. With
     `threaded=False` each batch is stored at once, in the caller's thread.
+
+    The fetching thread never blocks for long in one call: its waits wake up every
+    `WAIT_STEP` seconds, so the queue's time limit (an exception raised into the thread) can
+    stop it. Leaving on an error waits at most `DRAIN_SECONDS` for the batches in hand to be
+    stored, then leaves the storage thread behind: a step that never ends (a plug-in processor
+    that hangs) cannot hold the worker.
     """
+
+    WAIT_STEP = 0.5
+    DRAIN_SECONDS = 5.0
 
     def __init__(self, *, depth: int = PIPELINE_DEPTH, threaded: bool = True) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self._abandoned = False
         self._thread = (
             threading.Thread(target=self._run, name="mailpipe-store", daemon=True)
             if threaded
@@ -317,10 +327,12 @@ class Pipeline:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._thread is None:
             return
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None and exc is None:
-            raise self._error
+        deadline = None if exc is None else time.monotonic() + self.DRAIN_SECONDS
+        if self._put(None, deadline) and self._join(deadline):
+            if self._error is not None and exc is None:
+                raise self._error
+            return
+        self._abandoned = True  # the storage thread stops after the step it is in
 
     def submit(self, function: Callable, *args, **kwargs) -> None:
         if self._thread is None:
@@ -328,10 +340,34 @@ class Pipeline:
             return
         if self._error is not None:
             raise self._error
-        self._queue.put((function, args, kwargs))
+        self._put((function, args, kwargs), None)
+
+    def _put(self, item, deadline: float | None) -> bool:
+        """Queue an item, waking up every WAIT_STEP; False if the deadline passed first."""
+        while deadline is None or time.monotonic() < deadline:
+            try:
+                self._queue.put(item, timeout=self.WAIT_STEP)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _join(self, deadline: float | None) -> bool:
+        """Wait for the storage thread, waking up every WAIT_STEP; False if the deadline passed."""
+        while self._thread.is_alive():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            self._thread.join(self.WAIT_STEP)
+        return True
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while not self._abandoned:
+            try:
+                item = self._queue.get(timeout=self.WAIT_STEP)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
             if self._error is not None:
                 continue
             function, args, kwargs = item

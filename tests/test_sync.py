@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -14,7 +16,7 @@ from mailpipe.crypto import DataKey
 from mailpipe.imap import ImapSettings
 from mailpipe.models import Email, FolderState
 from mailpipe.observer import Observer
-from mailpipe.sync import SyncOptions, sync_account
+from mailpipe.sync import Pipeline, SyncOptions, sync_account
 from tests.support.messages import plain_message as message
 
 FAST_KDF = 1_000
@@ -258,6 +260,49 @@ def test_interrupted_sync_resumes_and_stores_each_message_once(mailbox):
     # Then every message is there exactly once
     uids = [e.uid for e in mailbox.stored()]
     assert uids == list(range(1, 11))
+
+
+class TimeLimitHit(Exception):
+    """Stands in for Dramatiq's TimeLimitExceeded, raised into a thread the same way."""
+
+
+def interrupt(thread: threading.Thread) -> None:
+    """Raise TimeLimitHit inside `thread`, as Dramatiq's TimeLimit middleware does."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread.ident), ctypes.py_object(TimeLimitHit)
+    )
+
+
+def test_a_hanging_processor_does_not_hold_the_sync_past_its_time_limit(mailbox):
+    # Given six messages in batches of two and a processor that hangs on the first batch
+    mailbox.deliver([message(i, size=2_000) for i in range(6)])
+    hanging, release = threading.Event(), threading.Event()
+
+    def hang(mail):
+        hanging.set()
+        release.wait(60)
+
+    ended: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            mailbox.sync(batch_bytes=5_000, processors={"hang": hang})
+        except TimeLimitHit as error:
+            ended.append(error)
+
+    sync = threading.Thread(target=run)
+    sync.start()
+    try:
+        assert hanging.wait(10)
+        # When the job's time limit interrupts the sync
+        interrupt(sync)
+        sync.join(Pipeline.DRAIN_SECONDS + 5)
+        # Then the sync ends with that error within seconds, though the processor still hangs
+        assert not sync.is_alive()
+        assert len(ended) == 1
+    finally:
+        release.set()
+        sync.join(10)
 
 
 @pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
