@@ -102,13 +102,15 @@ class MailAccount(Base):
     last_success_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error_class: Mapped[str | None] = mapped_column(String(40))
     last_error_message: Mapped[str | None] = mapped_column(String(500))
-    sync_interval_seconds: Mapped[int] = mapped_column(Integer, default=300)
+    sync_interval_seconds: Mapped[int] = mapped_column(Integer, default=300, server_default="300")
     next_sync_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    circuit_state: Mapped[str] = mapped_column(String(20), default=CIRCUIT_CLOSED)
+    circuit_state: Mapped[str] = mapped_column(
+        String(20), default=CIRCUIT_CLOSED, server_default=CIRCUIT_CLOSED
+    )
     circuit_opened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    failure_count: Mapped[int] = mapped_column(Integer, default=0)
+    failure_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     failure_window_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -152,7 +154,9 @@ class Email(Base):
     parsed_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     status: Mapped[str] = mapped_column(String(20))
     quarantine_reason: Mapped[str | None] = mapped_column(String(200))
-    process_status: Mapped[str] = mapped_column(String(20), default=PROCESS_PENDING)
+    process_status: Mapped[str] = mapped_column(
+        String(20), default=PROCESS_PENDING, server_default=PROCESS_PENDING
+    )
     annotations_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     fetched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
