@@ -73,6 +73,26 @@ def make_user(session: Session, name: str) -> int:
     return user.id
 
 
+def job_grant(
+    session: Session,
+    worker: X25519PrivateKey,
+    user_id: int,
+    job_id: str,
+    *,
+    key: DataKey | None = None,
+    ttl_seconds: float = TTL,
+) -> KeyGrant:
+    """A job grant sealed to `worker` (for a fresh key unless one is given)."""
+    return grant_for_job(
+        session,
+        user_id=user_id,
+        job_id=job_id,
+        key=key or DataKey.generate(),
+        public_key=public_key_bytes(worker),
+        ttl_seconds=ttl_seconds,
+    )
+
+
 def fresh(engine: Engine) -> Session:
     """A new session, so rows come back from the database (SQLite returns naive datetimes)."""
     return db.session_factory(engine)()
@@ -176,14 +196,7 @@ def test_job_grant_unlocks_for_the_worker(engine, session, worker):
     # Given a job grant stored by the web side with only the public key
     user_id = make_user(session, "anna")
     key = DataKey.generate()
-    grant = grant_for_job(
-        session,
-        user_id=user_id,
-        job_id="job-1",
-        key=key,
-        public_key=public_key_bytes(worker),
-        ttl_seconds=TTL,
-    )
+    grant = job_grant(session, worker, user_id, "job-1", key=key)
     session.commit()
     # When a worker, in another session, unlocks it by id (as text, as a message carries it)
     with fresh(engine) as other:
@@ -196,24 +209,9 @@ def test_job_grant_unlocks_for_the_worker(engine, session, worker):
 
 def test_sealed_key_copied_into_another_row_is_rejected(engine, session, worker):
     # Given two users with a job grant each
-    public = public_key_bytes(worker)
     anna, bert = make_user(session, "anna"), make_user(session, "bert")
-    annas = grant_for_job(
-        session,
-        user_id=anna,
-        job_id="a",
-        key=DataKey.generate(),
-        public_key=public,
-        ttl_seconds=TTL,
-    )
-    berts = grant_for_job(
-        session,
-        user_id=bert,
-        job_id="b",
-        key=DataKey.generate(),
-        public_key=public,
-        ttl_seconds=TTL,
-    )
+    annas = job_grant(session, worker, anna, "a")
+    berts = job_grant(session, worker, bert, "b")
     session.commit()
     # When someone with database access copies Anna's sealed key into Bert's row
     berts.sealed = annas.sealed
@@ -226,14 +224,7 @@ def test_sealed_key_copied_into_another_row_is_rejected(engine, session, worker)
 def test_grant_with_extended_expiry_is_rejected(engine, session, worker):
     # Given a job grant
     user_id = make_user(session, "anna")
-    grant = grant_for_job(
-        session,
-        user_id=user_id,
-        job_id="j",
-        key=DataKey.generate(),
-        public_key=public_key_bytes(worker),
-        ttl_seconds=TTL,
-    )
+    grant = job_grant(session, worker, user_id, "j")
     session.commit()
     # When its expiry is pushed out in the database
     grant.expires_at = grant.expires_at + timedelta(days=365)
@@ -245,14 +236,7 @@ def test_grant_with_extended_expiry_is_rejected(engine, session, worker):
 
 def test_job_grant_turned_into_background_grant_is_rejected(engine, session, worker):
     user_id = make_user(session, "anna")
-    grant = grant_for_job(
-        session,
-        user_id=user_id,
-        job_id="j",
-        key=DataKey.generate(),
-        public_key=public_key_bytes(worker),
-        ttl_seconds=TTL,
-    )
+    grant = job_grant(session, worker, user_id, "j")
     grant.purpose = "background"
     session.commit()
     # The scheduler now sees a background grant, but the worker cannot open it
@@ -268,14 +252,7 @@ def test_expired_grant_is_unusable_and_purged(engine, session, worker):
     short = grant_background(
         session, user_id=user_id, key=DataKey.generate(), public_key=public, ttl_seconds=60
     )
-    long = grant_for_job(
-        session,
-        user_id=user_id,
-        job_id="j",
-        key=DataKey.generate(),
-        public_key=public,
-        ttl_seconds=3600,
-    )
+    long = job_grant(session, worker, user_id, "j", ttl_seconds=3600)
     session.commit()
     later = datetime.now(UTC) + timedelta(seconds=120)
     # When the short one's time has passed
@@ -312,14 +289,7 @@ def test_background_grant_replaced_on_login_and_revoked_on_logout(engine, sessio
     grant_background(
         session, user_id=bert, key=DataKey.generate(), public_key=public, ttl_seconds=TTL
     )
-    job = grant_for_job(
-        session,
-        user_id=anna,
-        job_id="j",
-        key=DataKey.generate(),
-        public_key=public,
-        ttl_seconds=TTL,
-    )
+    job = job_grant(session, worker, anna, "j")
     session.commit()
     # When she logs in again
     key = DataKey.generate()
@@ -349,22 +319,8 @@ def test_job_grant_dropped_when_job_ends(engine, session, worker):
     # Given grants for two jobs and a background grant
     public = public_key_bytes(worker)
     user_id = make_user(session, "anna")
-    ended = grant_for_job(
-        session,
-        user_id=user_id,
-        job_id="job-ended",
-        key=DataKey.generate(),
-        public_key=public,
-        ttl_seconds=TTL,
-    )
-    running = grant_for_job(
-        session,
-        user_id=user_id,
-        job_id="job-running",
-        key=DataKey.generate(),
-        public_key=public,
-        ttl_seconds=TTL,
-    )
+    ended = job_grant(session, worker, user_id, "job-ended")
+    running = job_grant(session, worker, user_id, "job-running")
     grant_background(
         session, user_id=user_id, key=DataKey.generate(), public_key=public, ttl_seconds=TTL
     )
@@ -400,14 +356,7 @@ def test_grants_go_with_their_user(engine, session, worker):
 def test_non_positive_ttl_is_refused(session, worker):
     user_id = make_user(session, "anna")
     with pytest.raises(ValueError, match="time to live"):
-        grant_for_job(
-            session,
-            user_id=user_id,
-            job_id="j",
-            key=DataKey.generate(),
-            public_key=public_key_bytes(worker),
-            ttl_seconds=0,
-        )
+        job_grant(session, worker, user_id, "j", ttl_seconds=0)
 
 
 def test_database_never_holds_the_raw_key(tmp_path, worker):
@@ -419,14 +368,7 @@ def test_database_never_holds_the_raw_key(tmp_path, worker):
     raw = key.export()
     with db.session_factory(engine)() as session:
         user_id = make_user(session, "anna")
-        job = grant_for_job(
-            session,
-            user_id=user_id,
-            job_id="j",
-            key=key,
-            public_key=public_key_bytes(worker),
-            ttl_seconds=TTL,
-        )
+        job = job_grant(session, worker, user_id, "j", key=key)
         background = grant_background(
             session, user_id=user_id, key=key, public_key=public_key_bytes(worker), ttl_seconds=TTL
         )
