@@ -119,53 +119,6 @@ def test_redelivered_message_does_not_sync_again(world):
     assert len(world.emails(account)) == 2
 
 
-def test_a_held_account_lease_makes_the_run_wait(world):
-    alice = world.user("alice")
-    account = world.account(alice, mails=1)
-    job_id = job_with_grant(world, alice, account)
-    with world.sessions.begin() as session:
-        assert leases.acquire(session, account, owner="someone-else", seconds=60)
-    outcome = run_account(
-        world.sessions,
-        job_id=job_id,
-        account_id=account,
-        attempt=1,
-        may_retry=True,
-        private_key=world.private_key,
-    )
-    assert outcome.action == BUSY
-    with world.sessions.begin() as session:
-        leases.release(session, account, owner="someone-else")
-    assert (
-        run_account(
-            world.sessions,
-            job_id=job_id,
-            account_id=account,
-            attempt=1,
-            may_retry=True,
-            private_key=world.private_key,
-        ).finished.status
-        == "success"
-    )
-
-
-def test_finalisation_happens_exactly_once(world):
-    alice = world.user("alice")
-    a, b = world.account(alice), world.account(alice)
-    with world.sessions.begin() as session:
-        job = jobs.create_job(session, user_id=alice.id, account_ids=[a, b], type="all", options={})
-    with world.sessions.begin() as session:
-        assert jobs.finish_run(session, job_id=job.id, account_id=a, status="success") is None
-    with world.sessions.begin() as session:
-        finished = jobs.finish_run(
-            session, job_id=job.id, account_id=b, status="failed", error_class="timeout"
-        )
-    assert finished is not None and finished.status == "partial_failure"
-    with world.sessions.begin() as session:  # a late duplicate changes nothing
-        assert jobs.finish_run(session, job_id=job.id, account_id=b, status="success") is None
-        assert jobs.finalise_if_done(session, job.id) is None
-
-
 def job_with_grant(world: World, user: User, account: int) -> str:
     """A job for one account whose key grant the world's workers can open."""
     with world.sessions.begin() as session:
@@ -183,17 +136,57 @@ def job_with_grant(world: World, user: User, account: int) -> str:
         return job.id
 
 
-def run_with(world: World, user: User, account: int, processors: dict, observer=None):
+def run_job(world: World, job_id: str, account: int, **options):
+    """The core's run of one account for one job, as a worker's first attempt makes it."""
     return run_account(
         world.sessions,
-        job_id=job_with_grant(world, user, account),
+        job_id=job_id,
         account_id=account,
         attempt=1,
         may_retry=True,
         private_key=world.private_key,
+        **options,
+    )
+
+
+def run_with(world: World, user: User, account: int, processors: dict, observer=None):
+    return run_job(
+        world,
+        job_with_grant(world, user, account),
+        account,
         processors=processors,
         observer=observer,
     )
+
+
+def test_a_held_account_lease_makes_the_run_wait(world):
+    alice = world.user("alice")
+    account = world.account(alice, mails=1)
+    job_id = job_with_grant(world, alice, account)
+    with world.sessions.begin() as session:
+        assert leases.acquire(session, account, owner="someone-else", seconds=60)
+    outcome = run_job(world, job_id, account)
+    assert outcome.action == BUSY
+    with world.sessions.begin() as session:
+        leases.release(session, account, owner="someone-else")
+    assert run_job(world, job_id, account).finished.status == "success"
+
+
+def test_finalisation_happens_exactly_once(world):
+    alice = world.user("alice")
+    a, b = world.account(alice), world.account(alice)
+    with world.sessions.begin() as session:
+        job = jobs.create_job(session, user_id=alice.id, account_ids=[a, b], type="all", options={})
+    with world.sessions.begin() as session:
+        assert jobs.finish_run(session, job_id=job.id, account_id=a, status="success") is None
+    with world.sessions.begin() as session:
+        finished = jobs.finish_run(
+            session, job_id=job.id, account_id=b, status="failed", error_class="timeout"
+        )
+    assert finished is not None and finished.status == "partial_failure"
+    with world.sessions.begin() as session:  # a late duplicate changes nothing
+        assert jobs.finish_run(session, job_id=job.id, account_id=b, status="success") is None
+        assert jobs.finalise_if_done(session, job.id) is None
 
 
 def test_failing_processor_marks_mail_for_reprocessing(world):
