@@ -102,13 +102,7 @@ def begin_run(
     its lock, which every run of the job would queue for) once the job is running.
     """
     result = session.execute(
-        update(AccountRun)
-        .where(
-            AccountRun.job_id == job_id,
-            AccountRun.account_id == account_id,
-            AccountRun.status.not_in(RUN_FINAL),
-        )
-        .values(
+        _update_open_run(job_id, account_id).values(
             status=RUN_RUNNING,
             attempt=attempt,
             started_at=func.coalesce(AccountRun.started_at, utcnow()),
@@ -200,15 +194,7 @@ def finish_run(
         values["profile"] = profile
     if duration is not None:
         values["duration"] = duration
-    ended = session.execute(
-        update(AccountRun)
-        .where(
-            AccountRun.job_id == job_id,
-            AccountRun.account_id == account_id,
-            AccountRun.status.not_in(RUN_FINAL),
-        )
-        .values(**values)
-    )
+    ended = session.execute(_update_open_run(job_id, account_id).values(**values))
     if ended.rowcount == 0:
         return None
     left = session.scalar(
@@ -287,6 +273,15 @@ def purge_finished(session: Session, *, before: datetime, limit: int = PURGE_BAT
             .execution_options(synchronize_session=False)
         ).rowcount
         or 0
+    )
+
+
+def _update_open_run(job_id: str, account_id: int):
+    """An UPDATE of the account's run in the job that touches it only while it has not ended."""
+    return update(AccountRun).where(
+        AccountRun.job_id == job_id,
+        AccountRun.account_id == account_id,
+        AccountRun.status.not_in(RUN_FINAL),
     )
 
 

@@ -82,12 +82,11 @@ class BatchWriter:
         messages: Sequence[FetchedMessage],
         parsed: Sequence[ParsedMessage],
         *,
-        ids: Sequence[uuid.UUID] | None = None,
+        ids: Sequence[uuid.UUID],
         annotations: Sequence[Annotation | None] | None = None,
     ) -> WriteOutcome:
-        """Store a batch, with what processors said of it, and advance the high-water mark in one
-        transaction."""
-        ids = ids or [uuid.uuid4() for _ in messages]
+        """Store a batch under the row ids given, with what processors said of it, and advance
+        the high-water mark in one transaction."""
         annotations = annotations or [None] * len(messages)
         rows = [
             self._row(position.uidvalidity, *item)
@@ -151,10 +150,11 @@ class BatchWriter:
             "status": QUARANTINED if parsed.quarantined else PARSED,
             "quarantine_reason": parsed.quarantine_reason,
             "process_status": annotation.status if annotation else PROCESS_PENDING,
-            "annotations_enc": annotation
-            and self.key.encrypt(
+            "annotations_enc": self.key.encrypt(
                 annotation.document, table="emails", column="annotations", row=row_id
-            ),
+            )
+            if annotation
+            else None,
             "fetched_at": utcnow(),
         }
 
