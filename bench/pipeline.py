@@ -16,7 +16,6 @@ Run from the repository root (as root, Dovecot installed): `python -m bench.pipe
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -31,6 +30,7 @@ from mailpipe.accounts import add_account, create_user
 from mailpipe.imap import ImapSettings
 from mailpipe.models import Email
 from tests.support import postgres
+from tests.support.cluster import running_cluster
 from tests.support.dovecot import Dovecot
 from tests.support.faultproxy import FaultProxy
 from tests.support.workers import REDIS_URL, Workers, delete_namespace, new_namespace
@@ -117,46 +117,30 @@ def bench_pipeline(
     mailboxes, port: int, workdir: Path, *, processes: int, threads: int
 ) -> tuple[float, tuple[int, int]]:
     """One job over every account, run by the given workers; seconds and (stored, distinct)."""
-    made: list[str] = []
-    namespace = new_namespace()
-    url, engine, sessions = fresh(made)
-    key_file = workdir / f"worker-{namespace}.key"
-    public_key = grants.generate_worker_key(key_file)
-    env = {
-        **os.environ,
-        "MAILPIPE_BROKER_URL": REDIS_URL,
-        "MAILPIPE_REDIS_NAMESPACE": namespace,
-        "MAILPIPE_DATABASE_URL": url,
-        "MAILPIPE_WORKER_KEY_FILE": str(key_file),
-        "MAILPIPE_DATA_DIR": str(workdir),
-        # every benchmark account lives on one host; real accounts spread over many providers
-        "MAILPIPE_MAX_CONNECTIONS_PER_HOST": str(max(64, processes * threads)),
-        "TZ": "UTC",
-    }
-    workers = Workers(env, processes=processes, threads=threads).start()
-    broker = broker_config.build_broker(REDIS_URL, namespace=namespace)
-    try:
-        user_id, key, ids = setup_accounts(sessions, mailboxes, port)
-        pipeline = PipelineBroker(sessions, public_key=public_key, broker=broker)
-        warm_up(pipeline, user_id, key, ids, workers)
+    # every benchmark account lives on one host; real accounts spread over many providers
+    caps = {"MAILPIPE_MAX_CONNECTIONS_PER_HOST": str(max(64, processes * threads))}
+    with running_cluster(
+        None,
+        Path(tempfile.mkdtemp(dir=workdir)),
+        extra_env=caps,
+        processes=processes,
+        threads=threads,
+    ) as cluster:
+        user_id, key, ids = setup_accounts(cluster.sessions, mailboxes, port)
+        pipeline = cluster.pipeline
+        warm_up(pipeline, user_id, key, ids, cluster.workers)
         started = time.perf_counter()
         job_id = pipeline.enqueue_fetch_job(user_id, key=key, max_mails=None, timeout_seconds=600)
         deadline = time.monotonic() + WAIT_SECONDS
         while not pipeline.get_job_status(job_id, user_id)["final"]:
             if time.monotonic() > deadline:
-                raise RuntimeError("parallel job did not finish:\n" + workers.log()[-2000:])
+                raise RuntimeError("parallel job did not finish:\n" + cluster.workers.log()[-2000:])
             time.sleep(0.05)
         elapsed = time.perf_counter() - started
         status = pipeline.get_job_status(job_id, user_id)["status"]
         if status != "success":
             raise RuntimeError(f"parallel job ended {status}")
-        return elapsed, stored(sessions)
-    finally:
-        workers.stop()
-        broker.close()
-        engine.dispose()
-        delete_namespace(namespace)
-        postgres.drop_database(made[0])
+        return elapsed, stored(cluster.sessions)
 
 
 def warm_up(pipeline: PipelineBroker, user_id: int, key, ids: list[int], workers: Workers) -> None:
