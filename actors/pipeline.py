@@ -55,7 +55,7 @@ class PipelineBroker:
         With `key` (the logged-in user's data key) the key is sealed to the workers for this job
         only; without it, the user's background grant is used (scheduled fetches).
         """
-        _check_options(max_mails, timeout_seconds)
+        options = _job_options(max_mails, timeout_seconds)
         job_id = jobs.new_job_id()
         with self.sessions.begin() as session:
             account_ids = jobs.owned_accounts(session, user_id, account_id)
@@ -70,17 +70,16 @@ class PipelineBroker:
                 )
                 job_type = jobs.TYPE_ACCOUNT if account_id is not None else jobs.TYPE_ALL
             else:
-                grant = self._background_grant(session, user_id)
+                grant = _background_grant(session, user_id)
                 job_type = jobs.TYPE_SCHEDULED
-            self._create(
+            jobs.create_job(
                 session,
-                job_id,
-                user_id,
-                account_ids,
-                job_type,
-                grant.id,
-                max_mails,
-                timeout_seconds,
+                job_id=job_id,
+                user_id=user_id,
+                account_ids=account_ids,
+                type=job_type,
+                options=options,
+                grant_id=grant.id,
             )
         self._send(job_id, account_ids, timeout_seconds)
         return job_id
@@ -95,54 +94,21 @@ class PipelineBroker:
     ) -> str:
         """One job for the accounts of a user that the scheduler found due, under the user's
         background grant; accounts the user does not own (or that are disabled) are left out."""
-        _check_options(max_mails, timeout_seconds)
-        job_id = jobs.new_job_id()
+        options = _job_options(max_mails, timeout_seconds)
         with self.sessions.begin() as session:
-            grant = self._background_grant(session, user_id)
+            grant = _background_grant(session, user_id)
             owned = set(jobs.owned_accounts(session, user_id))
             account_ids = [account for account in account_ids if account in owned]
-            self._create(
+            job_id = jobs.create_job(
                 session,
-                job_id,
-                user_id,
-                account_ids,
-                jobs.TYPE_SCHEDULED,
-                grant.id,
-                max_mails,
-                timeout_seconds,
-            )
+                user_id=user_id,
+                account_ids=account_ids,
+                type=jobs.TYPE_SCHEDULED,
+                options=options,
+                grant_id=grant.id,
+            ).id
         self._send(job_id, account_ids, timeout_seconds)
         return job_id
-
-    @staticmethod
-    def _background_grant(session: Session, user_id: int) -> grants.KeyGrant:
-        grant = grants.background_grant(session, user_id)
-        if grant is None:
-            raise NotFound("no background grant: the user must log in to fetch mail")
-        return grant
-
-    @staticmethod
-    def _create(
-        session: Session,
-        job_id: str,
-        user_id: int,
-        account_ids: list[int],
-        job_type: str,
-        grant_id: uuid.UUID,
-        max_mails: int | None,
-        timeout_seconds: int,
-    ) -> None:
-        jobs.create_job(
-            session,
-            job_id=job_id,
-            user_id=user_id,
-            account_ids=account_ids,
-            type=job_type,
-            options={"max_mails": max_mails, "timeout_seconds": timeout_seconds},
-            grant_id=grant_id,
-        )
-        if not account_ids:
-            jobs.finalise_if_done(session, job_id)
 
     def _send(self, job_id: str, account_ids: list[int], timeout_seconds: int) -> None:
         time_limit = min(DEFAULT_TIME_LIMIT_MS, timeout_seconds * 1000 + TIME_LIMIT_MARGIN_MS)
@@ -173,11 +139,21 @@ class PipelineBroker:
             return reports.performance(session, user_id)
 
 
-def _check_options(max_mails: int | None, timeout_seconds: int) -> None:
+def _job_options(max_mails: int | None, timeout_seconds: int) -> dict:
+    """The options a job keeps, checked before anything is written."""
     if not 1 <= timeout_seconds <= MAX_TIMEOUT_SECONDS:
         raise MailpipeError(f"timeout_seconds must be between 1 and {MAX_TIMEOUT_SECONDS}")
     if max_mails is not None and max_mails < 1:
         raise MailpipeError("max_mails must be at least 1")
+    return {"max_mails": max_mails, "timeout_seconds": timeout_seconds}
+
+
+def _background_grant(session: Session, user_id: int) -> grants.KeyGrant:
+    """The user's live background grant, or "not found": scheduled fetches need one."""
+    grant = grants.background_grant(session, user_id)
+    if grant is None:
+        raise NotFound("no background grant: the user must log in to fetch mail")
+    return grant
 
 
 def enqueue_pipelined(broker: RedisBroker, messages: list[dramatiq.Message]) -> None:

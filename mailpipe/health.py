@@ -135,6 +135,7 @@ def record_outcome(
             dedupe_key=f"account_broken:{account.id}:{now.isoformat()}",
         )
     if account.circuit_state == CIRCUIT_OPEN and circuit_before != CIRCUIT_OPEN:
+        minutes = max(1, CIRCUIT_COOLDOWN_SECONDS // 60)
         notify(
             session,
             user_id=account.user_id,
@@ -144,12 +145,12 @@ def record_outcome(
             message=CIRCUIT_MESSAGE.format(
                 provider=provider,
                 error=error_class.replace("_", " "),
-                minutes=max(1, CIRCUIT_COOLDOWN_SECONDS // 60),
+                minutes=minutes,
             ),
             params={
                 "provider": provider,
                 "error_class": error_class,
-                "minutes": max(1, CIRCUIT_COOLDOWN_SECONDS // 60),
+                "minutes": minutes,
             },
             dedupe_key=f"circuit_open:{account.id}:{now.isoformat()}",
         )

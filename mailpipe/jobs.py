@@ -55,7 +55,8 @@ def create_job(
     grant_id: uuid.UUID | None = None,
     job_id: str | None = None,
 ) -> PipelineJob:
-    """A pending job with one pending run per account; the caller commits, then sends."""
+    """A pending job with one pending run per account (a job without accounts is final at once,
+    as there is no run to end it); the caller commits, then sends."""
     job = PipelineJob(
         id=job_id or new_job_id(),
         user_id=user_id,
@@ -77,6 +78,8 @@ def create_job(
                 for a in account_ids
             ],
         )
+    else:
+        finalise_if_done(session, job.id)
     return job
 
 
