@@ -30,8 +30,7 @@ from datetime import UTC, datetime
 from cryptography import x509
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
-from sqlalchemy import Boolean, DateTime, ForeignKey, LargeBinary, String, Uuid
-from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from . import grants, imap, store
 from .accounts import account_settings, guess_provider
@@ -39,7 +38,7 @@ from .crypto import DataKey
 from .errors import MailpipeError, NotFound
 from .failures import TLS_ERROR, UNKNOWN, classify
 from .imap import ImapSettings
-from .models import Base, MailAccount, utcnow
+from .models import DiagnosticsResult, MailAccount, utcnow
 from .sync import REQUIRED_CAPABILITY, resolve_folders
 
 OK = "ok"
@@ -888,26 +887,6 @@ REQUEST_PENDING = "pending"
 REQUEST_DONE = "done"
 REQUEST_FAILED = "failed"
 REPORT_TABLE = "diagnostics_results"
-
-
-class DiagnosticsResult(Base):
-    """One requested diagnosis of an account: pending, then its report sealed to the owner."""
-
-    __tablename__ = REPORT_TABLE
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
-    account_id: Mapped[int] = mapped_column(
-        ForeignKey("mail_accounts.id", ondelete="CASCADE"), index=True
-    )
-    status: Mapped[str] = mapped_column(String(20), default=REQUEST_PENDING)
-    ok: Mapped[bool | None] = mapped_column(Boolean)
-    error_class: Mapped[str | None] = mapped_column(String(40))
-    error_message: Mapped[str | None] = mapped_column(String(500))
-    grant_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
-    report_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 def request_diagnosis(

@@ -22,20 +22,15 @@ from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from sqlalchemy import (
     ColumnElement,
-    DateTime,
-    ForeignKey,
-    LargeBinary,
-    String,
-    Uuid,
     delete,
     select,
 )
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 from . import config
 from .crypto import KEY_BYTES, DataKey
 from .errors import DecryptionFailed, MailpipeError, NotFound
-from .models import Base, utcnow
+from .models import KeyGrant, utcnow
 
 WORKER_KEY_FILE_ENV = "MAILPIPE_WORKER_KEY_FILE"
 WORKER_PUBLIC_KEY_ENV = "MAILPIPE_WORKER_PUBLIC_KEY"
@@ -57,27 +52,6 @@ MISSING_GRANT = "key grant missing or expired: the user must log in again"
 
 class WorkerKeyError(MailpipeError):
     """The workers' key pair is missing or unreadable, so no grant can be sealed or opened."""
-
-
-class KeyGrant(Base):
-    """A user's data key sealed to the workers' public key, usable until `expires_at`."""
-
-    __tablename__ = "key_grants"
-
-    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
-    purpose: Mapped[str] = mapped_column(String(20))
-    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
-    sealed: Mapped[bytes] = mapped_column(LargeBinary)
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-    def __repr__(self) -> str:
-        return (
-            f"KeyGrant(id={self.id}, user_id={self.user_id}, purpose={self.purpose!r}, "
-            f"job_id={self.job_id!r}, expires_at={self.expires_at}, "
-            f"sealed=<{len(self.sealed or b'')} bytes>)"
-        )
 
 
 # -- worker key pair ---------------------------------------------------------------------

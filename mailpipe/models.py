@@ -232,3 +232,44 @@ class Notification(Base):
     dedupe_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     read_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class KeyGrant(Base):
+    """A user's data key sealed to the workers' public key, usable until `expires_at`."""
+
+    __tablename__ = "key_grants"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    purpose: Mapped[str] = mapped_column(String(20))
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def __repr__(self) -> str:
+        return (
+            f"KeyGrant(id={self.id}, user_id={self.user_id}, purpose={self.purpose!r}, "
+            f"job_id={self.job_id!r}, expires_at={self.expires_at}, "
+            f"sealed=<{len(self.sealed or b'')} bytes>)"
+        )
+
+
+class DiagnosticsResult(Base):
+    """One requested diagnosis of an account: pending, then its report sealed to the owner."""
+
+    __tablename__ = "diagnostics_results"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("mail_accounts.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    ok: Mapped[bool | None] = mapped_column(Boolean)
+    error_class: Mapped[str | None] = mapped_column(String(40))
+    error_message: Mapped[str | None] = mapped_column(String(500))
+    grant_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    report_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
