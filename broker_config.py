@@ -38,14 +38,24 @@ from dramatiq.middleware import (
 from dramatiq.rate_limits.backends import RedisBackend, StubBackend
 from periodiq import PeriodiqMiddleware
 
+from mailpipe import config
+from mailpipe.health import CircuitPolicy
+from mailpipe.retry import RetryPolicy
 from metrics.middleware import DramatiqMetrics
 from middleware import AccountHealth, DurableRetries
 
 BROKER_URL = os.environ.get("MAILPIPE_BROKER_URL", "stub")
 NAMESPACE = os.environ.get("MAILPIPE_REDIS_NAMESPACE", "mailpipe")
-MAX_RETRIES = int(os.environ.get("MAILPIPE_MAX_RETRIES", "3"))
-MIN_BACKOFF_MS = int(os.environ.get("MAILPIPE_MIN_BACKOFF_MS", "1000"))
-MAX_BACKOFF_MS = int(os.environ.get("MAILPIPE_MAX_BACKOFF_MS", "30000"))
+RETRY_POLICY = RetryPolicy(
+    max_retries=config.int_setting("MAILPIPE_MAX_RETRIES", 3),
+    min_backoff_ms=config.int_setting("MAILPIPE_MIN_BACKOFF_MS", 1000),
+    max_backoff_ms=config.int_setting("MAILPIPE_MAX_BACKOFF_MS", 30000),
+)
+CIRCUIT = CircuitPolicy(
+    failures=config.int_setting("MAILPIPE_CIRCUIT_FAILURES", 5),
+    window_seconds=config.int_setting("MAILPIPE_CIRCUIT_WINDOW_SECONDS", 3600),
+    cooldown_seconds=config.int_setting("MAILPIPE_CIRCUIT_COOLDOWN_SECONDS", 600),
+)
 HEARTBEAT_TIMEOUT_MS = int(os.environ.get("MAILPIPE_REDIS_HEARTBEAT_MS", "60000"))
 MAINTENANCE_CHANCE = int(os.environ.get("MAILPIPE_REDIS_MAINTENANCE_CHANCE", "1000"))
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -85,11 +95,13 @@ def middleware_stack() -> list[dramatiq.Middleware]:
         Callbacks(),
         Pipelines(),
         DurableRetries(
-            max_retries=MAX_RETRIES, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS
+            max_retries=RETRY_POLICY.max_retries,
+            min_backoff=RETRY_POLICY.min_backoff_ms,
+            max_backoff=RETRY_POLICY.max_backoff_ms,
         ),
         CurrentMessage(),
         PeriodiqMiddleware(),
-        AccountHealth(),
+        AccountHealth(retry_policy=RETRY_POLICY, circuit=CIRCUIT),
     ]
 
 

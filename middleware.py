@@ -12,10 +12,10 @@ from dramatiq.errors import BrokerConnectionError
 from dramatiq.middleware import Retries, SkipMessage
 
 from mailpipe import health
-from mailpipe.failures import UNKNOWN
+from mailpipe.retry import RetryPolicy
+from mailpipe.vocabulary import ErrorClass, Gate
 
 FETCH_ACTOR = "fetch_account"
-CIRCUIT_OPEN = "circuit_open"
 CIRCUIT_OPEN_MESSAGE = "skipped: fetching this account kept failing, so it is paused for a while"
 
 REENQUEUE_DELAY_SECONDS = 1.0
@@ -69,6 +69,10 @@ class AccountHealth(dramatiq.Middleware):
     ends the run, so the job still finalises); after the cool-down one probe goes through.
     """
 
+    def __init__(self, *, retry_policy: RetryPolicy, circuit: health.CircuitPolicy) -> None:
+        self.retry_policy = retry_policy
+        self.circuit = circuit
+
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
         if message.actor_name != FETCH_ACTOR:
             return
@@ -79,13 +83,13 @@ class AccountHealth(dramatiq.Middleware):
         job_id, account_id = message.args
         sessions = runtime.sessions()
         with sessions.begin() as session:
-            gate = health.circuit_gate(session, account_id)
-        if gate == health.SKIP:
+            gate = health.circuit_gate(session, account_id, circuit=self.circuit)
+        if gate == Gate.SKIP:
             skip_run(
                 sessions,
                 job_id=job_id,
                 account_id=account_id,
-                reason=CIRCUIT_OPEN,
+                reason=ErrorClass.CIRCUIT_OPEN,
                 message=CIRCUIT_OPEN_MESSAGE,
             )
             from metrics.observer import MetricsObserver, record_account_run
@@ -107,7 +111,7 @@ class AccountHealth(dramatiq.Middleware):
         attempt = getattr(_attempt, "value", None)
         _attempt.value = None
         if exception is not None:
-            error_class = getattr(exception, "error_class", UNKNOWN)
+            error_class = getattr(exception, "error_class", ErrorClass.UNKNOWN)
         elif attempt is not None and attempt["attempted"]:
             error_class = attempt["error_class"]
         else:
@@ -116,7 +120,13 @@ class AccountHealth(dramatiq.Middleware):
 
         _job_id, account_id = message.args
         with runtime.sessions().begin() as session:
-            change = health.record_outcome(session, account_id, error_class=error_class)
+            change = health.record_outcome(
+                session,
+                account_id,
+                error_class=error_class,
+                retry_policy=self.retry_policy,
+                circuit=self.circuit,
+            )
         if (
             change.health_before != change.health_after
             or change.circuit_before != change.circuit_after

@@ -11,7 +11,8 @@ from dramatiq.middleware import CurrentMessage, TimeLimitExceeded
 
 import broker_config
 from actors import runtime
-from mailpipe.runner import BUSY, RETRY, record_crash, run_account
+from mailpipe.runner import Next, record_crash, run_account
+from mailpipe.vocabulary import ErrorClass
 from metrics.observer import (
     MetricsObserver,
     record_account_run,
@@ -30,7 +31,7 @@ class TransientFailure(dramatiq.Retry):
     """Asks Dramatiq's Retries middleware for a retry with backoff (logged as a retry, not an
     error); carries only the error class."""
 
-    def __init__(self, error_class: str) -> None:
+    def __init__(self, error_class: ErrorClass) -> None:
         super().__init__(error_class)
         self.error_class = error_class
 
@@ -40,12 +41,12 @@ def retry_when(retries: int, error: BaseException) -> bool:
 
     Permanent failures never reach here: the core records them and the message ends normally.
     """
-    return isinstance(error, Exception) and retries < broker_config.MAX_RETRIES
+    return isinstance(error, Exception) and broker_config.RETRY_POLICY.retry_crash(retries)
 
 
 @dramatiq.actor(
     queue_name=QUEUE,
-    max_retries=broker_config.MAX_RETRIES,
+    max_retries=broker_config.RETRY_POLICY.max_retries,
     retry_when=retry_when,
     time_limit=DEFAULT_TIME_LIMIT_MS,
     on_retry_exhausted="fetch_exhausted",
@@ -63,7 +64,7 @@ def fetch_account(job_id: str, account_id: int) -> None:
         job_id=job_id,
         account_id=account_id,
         attempt=retries + 1,
-        may_retry=retries < broker_config.MAX_RETRIES,
+        retry_policy=broker_config.RETRY_POLICY,
         private_key=runtime.private_key(),
         processors=runtime.processors(),
         connection_slot=functools.partial(runtime.host_slot, ttl_ms=slot_ttl),
@@ -77,9 +78,9 @@ def fetch_account(job_id: str, account_id: int) -> None:
         attempted=outcome.attempted,
         error_class=outcome.failure.error_class if outcome.failure else None,
     )
-    if outcome.action == RETRY:
+    if outcome.action == Next.RETRY:
         raise TransientFailure(outcome.failure.error_class) from None
-    if outcome.action == BUSY:
+    if outcome.action == Next.BUSY:
         # Another sync of this account (or the host's connection cap) is in the way: wait.
         limit = message.options.get("time_limit") if message else None
         fetch_account.send_with_options(
@@ -89,14 +90,14 @@ def fetch_account(job_id: str, account_id: int) -> None:
         )
 
 
-@dramatiq.actor(queue_name=QUEUE, max_retries=broker_config.MAX_RETRIES)
+@dramatiq.actor(queue_name=QUEUE, max_retries=broker_config.RETRY_POLICY.max_retries)
 def fetch_exhausted(message: dict, retry_info: dict) -> None:
     """A fetch that kept crashing outside the sync still ends its run, so the job finalises."""
     job_id, account_id = message["args"]
     sessions = runtime.sessions()
     finished = record_crash(sessions, job_id=job_id, account_id=account_id)
     provider = MetricsObserver.for_account(sessions, account_id).provider
-    record_error("unknown", "other", provider)
+    record_error(ErrorClass.UNKNOWN, "other", provider)
     record_account_run(provider, "failed", 0.0)
     if finished is not None:
         record_finished_job(sessions, finished)

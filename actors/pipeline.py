@@ -15,6 +15,7 @@ from actors.fetch import DEFAULT_TIME_LIMIT_MS, fetch_account
 from mailpipe import config, grants, jobs, reports
 from mailpipe.crypto import DataKey
 from mailpipe.errors import MailpipeError, NotFound
+from mailpipe.vocabulary import JobType
 
 JOB_GRANT_TTL_SECONDS = config.int_setting("MAILPIPE_JOB_GRANT_TTL_SECONDS", 3600)
 TIME_LIMIT_MARGIN_MS = 30_000
@@ -68,10 +69,10 @@ class PipelineBroker:
                     public_key=self.public_key,
                     ttl_seconds=JOB_GRANT_TTL_SECONDS,
                 )
-                job_type = jobs.TYPE_ACCOUNT if account_id is not None else jobs.TYPE_ALL
+                job_type = JobType.ACCOUNT if account_id is not None else JobType.ALL
             else:
                 grant = _background_grant(session, user_id)
-                job_type = jobs.TYPE_SCHEDULED
+                job_type = JobType.SCHEDULED
             jobs.create_job(
                 session,
                 job_id=job_id,
@@ -103,7 +104,7 @@ class PipelineBroker:
                 session,
                 user_id=user_id,
                 account_ids=account_ids,
-                type=jobs.TYPE_SCHEDULED,
+                type=JobType.SCHEDULED,
                 options=options,
                 grant_id=grant.id,
             ).id

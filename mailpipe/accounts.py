@@ -10,7 +10,8 @@ from sqlalchemy.orm import Session
 from .crypto import KDF_ITERATIONS, DataKey, KdfParams, WrappedKey, create_user_key, unwrap_key
 from .errors import MailpipeError, NotFound
 from .imap import ImapSettings
-from .models import AUTH_OAUTH2, AUTH_PASSWORD, MailAccount, User
+from .models import MailAccount, User
+from .vocabulary import AuthKind
 
 PROVIDERS = ("gmail", "outlook", "yahoo", "gmx", "icloud", "other")
 PROVIDER_NAMES = {
@@ -94,7 +95,7 @@ def add_account(
 
 def set_credentials(account: MailAccount, key: DataKey, settings: ImapSettings) -> None:
     """Replace the stored credentials (e.g. after the user re-enters a password)."""
-    account.auth_kind = AUTH_OAUTH2 if settings.access_token is not None else AUTH_PASSWORD
+    account.auth_kind = AuthKind.OAUTH2 if settings.access_token is not None else AuthKind.PASSWORD
     plain = json.dumps({name: getattr(settings, name) for name in CREDENTIAL_FIELDS}).encode()
     account.credentials_enc = key.encrypt(
         plain, table="mail_accounts", column="credentials", row=account.id

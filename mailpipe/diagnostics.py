@@ -36,10 +36,11 @@ from . import grants, imap, store
 from .accounts import account_settings, guess_provider
 from .crypto import DataKey
 from .errors import MailpipeError, NotFound
-from .failures import TLS_ERROR, UNKNOWN, classify
+from .failures import classify
 from .imap import ImapSettings
 from .models import DiagnosticsResult, MailAccount, utcnow
 from .sync import REQUIRED_CAPABILITY, resolve_folders
+from .vocabulary import ErrorClass
 
 OK = "ok"
 FAILED = "failed"
@@ -415,7 +416,7 @@ def _secure(probe: _Probe, settings: ImapSettings) -> Check:
             TLS,
             FAILED,
             reason="the server does not offer STARTTLS: use security tls (port 993) instead",
-            error_class=TLS_ERROR,
+            error_class=ErrorClass.TLS_ERROR,
             duration_ms=_ms(time.perf_counter() - began),
         )
     try:
@@ -477,13 +478,15 @@ def _login_mechanisms(probe: _Probe) -> Check:
     encrypted = isinstance(probe.client._imap.sock, ssl.SSLSocket)
     if not login_command and not encrypted:
         reason = "the server refuses logins on an unencrypted connection: use starttls or tls"
-        return Check(LOGIN_MECHANISMS, FAILED, details, reason=reason, error_class=TLS_ERROR)
+        return Check(
+            LOGIN_MECHANISMS, FAILED, details, reason=reason, error_class=ErrorClass.TLS_ERROR
+        )
     reason = (
         f"the server does not offer {wanted}, which this account logs in with"
         if wanted is not None
         else "the server offers no login mailpipe speaks (LOGIN, AUTH=PLAIN, AUTH=XOAUTH2)"
     )
-    return Check(LOGIN_MECHANISMS, FAILED, details, reason=reason, error_class=UNKNOWN)
+    return Check(LOGIN_MECHANISMS, FAILED, details, reason=reason, error_class=ErrorClass.UNKNOWN)
 
 
 def _wanted_mechanism(settings: ImapSettings | None, *, login_command: bool) -> str | None:
@@ -517,7 +520,9 @@ def _logged_in(probe: _Probe) -> Check:
     state = probe.client._imap.state
     if state in ("AUTH", "SELECTED"):
         return Check(LOGIN, OK, details={"state": state})
-    return Check(LOGIN, FAILED, reason="the connection is not logged in", error_class=UNKNOWN)
+    return Check(
+        LOGIN, FAILED, reason="the connection is not logged in", error_class=ErrorClass.UNKNOWN
+    )
 
 
 # -- checks after login --------------------------------------------------------------------
@@ -548,7 +553,7 @@ def _capabilities(probe: _Probe) -> Check:
     }
     if not imap4rev1:
         reason = "the server does not offer IMAP4rev1, which mailpipe needs"
-        return Check(CAPABILITIES, FAILED, details, reason=reason, error_class=UNKNOWN)
+        return Check(CAPABILITIES, FAILED, details, reason=reason, error_class=ErrorClass.UNKNOWN)
     return Check(CAPABILITIES, OK, details)
 
 
@@ -697,7 +702,7 @@ def _database(probe: _Probe) -> Check:
     gone = [f["folder"] for f in folders if f["state"] == MISSING and f["folder"] in wanted]
     if gone:
         reason = f"folder {gone[0]!r} is not on the server, so fetching it fails"
-        return Check(DATABASE, FAILED, details, reason=reason, error_class=UNKNOWN)
+        return Check(DATABASE, FAILED, details, reason=reason, error_class=ErrorClass.UNKNOWN)
     return Check(DATABASE, OK, details)
 
 

@@ -11,42 +11,22 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginEr
 
 from .errors import DecryptionFailed, MailpipeError
 from .imap import TokenRefused
-
-TIMEOUT = "timeout"
-CONNECTION_RESET = "connection_reset"
-TEMPORARILY_UNAVAILABLE = "temporarily_unavailable"
-AUTH_FAILED = "auth_failed"
-INVALID_CREDENTIALS = "invalid_credentials"
-ACCOUNT_DISABLED = "account_disabled"
-TLS_ERROR = "tls_error"
-UNKNOWN = "unknown"
-
-ERROR_CLASSES = (
-    TIMEOUT,
-    CONNECTION_RESET,
-    TEMPORARILY_UNAVAILABLE,
-    AUTH_FAILED,
-    INVALID_CREDENTIALS,
-    ACCOUNT_DISABLED,
-    TLS_ERROR,
-    UNKNOWN,
-)
-TRANSIENT = frozenset({TIMEOUT, CONNECTION_RESET, TEMPORARILY_UNAVAILABLE, UNKNOWN})
-PERMANENT = frozenset(ERROR_CLASSES) - TRANSIENT
+from .retry import transient
+from .vocabulary import ErrorClass
 
 RESPONSE_CODE = re.compile(rb"\[([A-Z][A-Z0-9-]*)")
 # RFC 5530 response codes, by the class they put a failure in.
 CODE_CLASSES = {
-    b"AUTHENTICATIONFAILED": INVALID_CREDENTIALS,
-    b"AUTHORIZATIONFAILED": AUTH_FAILED,
-    b"EXPIRED": INVALID_CREDENTIALS,
-    b"PRIVACYREQUIRED": TLS_ERROR,
-    b"CONTACTADMIN": ACCOUNT_DISABLED,
-    b"NOPERM": ACCOUNT_DISABLED,
-    b"UNAVAILABLE": TEMPORARILY_UNAVAILABLE,
-    b"INUSE": TEMPORARILY_UNAVAILABLE,
-    b"LIMIT": TEMPORARILY_UNAVAILABLE,
-    b"SERVERBUG": TEMPORARILY_UNAVAILABLE,
+    b"AUTHENTICATIONFAILED": ErrorClass.INVALID_CREDENTIALS,
+    b"AUTHORIZATIONFAILED": ErrorClass.AUTH_FAILED,
+    b"EXPIRED": ErrorClass.INVALID_CREDENTIALS,
+    b"PRIVACYREQUIRED": ErrorClass.TLS_ERROR,
+    b"CONTACTADMIN": ErrorClass.ACCOUNT_DISABLED,
+    b"NOPERM": ErrorClass.ACCOUNT_DISABLED,
+    b"UNAVAILABLE": ErrorClass.TEMPORARILY_UNAVAILABLE,
+    b"INUSE": ErrorClass.TEMPORARILY_UNAVAILABLE,
+    b"LIMIT": ErrorClass.TEMPORARILY_UNAVAILABLE,
+    b"SERVERBUG": ErrorClass.TEMPORARILY_UNAVAILABLE,
 }
 
 
@@ -54,12 +34,12 @@ CODE_CLASSES = {
 class Failure:
     """An error class and a message fit for a user: one line, no secret, no mail content."""
 
-    error_class: str
+    error_class: ErrorClass
     message: str
 
     @property
     def transient(self) -> bool:
-        return self.error_class in TRANSIENT
+        return transient(self.error_class)
 
 
 def classify(error: BaseException, *, host: str | None = None) -> Failure:
@@ -69,43 +49,45 @@ def classify(error: BaseException, *, host: str | None = None) -> Failure:
     server = f"server {host}" if host else "the server"
     if isinstance(error, ssl.SSLCertVerificationError):
         reason = getattr(error, "verify_message", None) or "certificate verify failed"
-        return Failure(TLS_ERROR, f"TLS certificate of {server} not trusted: {reason}")
+        return Failure(ErrorClass.TLS_ERROR, f"TLS certificate of {server} not trusted: {reason}")
     if isinstance(error, ssl.SSLError):
         reason = getattr(error, "reason", None) or "error"
-        return Failure(TLS_ERROR, f"TLS handshake with {server} failed ({reason})")
+        return Failure(ErrorClass.TLS_ERROR, f"TLS handshake with {server} failed ({reason})")
     if isinstance(error, TimeoutError | socket.timeout):
-        return Failure(TIMEOUT, f"server{where} did not answer in time")
+        return Failure(ErrorClass.TIMEOUT, f"server{where} did not answer in time")
     if isinstance(error, socket.gaierror):
-        return Failure(TEMPORARILY_UNAVAILABLE, f"host{where} not found (DNS)")
+        return Failure(ErrorClass.TEMPORARILY_UNAVAILABLE, f"host{where} not found (DNS)")
     if isinstance(error, ConnectionRefusedError):
-        return Failure(TEMPORARILY_UNAVAILABLE, f"connection{to} refused")
+        return Failure(ErrorClass.TEMPORARILY_UNAVAILABLE, f"connection{to} refused")
     if isinstance(error, ConnectionResetError | BrokenPipeError | EOFError):
-        return Failure(CONNECTION_RESET, f"connection{to} was reset")
+        return Failure(ErrorClass.CONNECTION_RESET, f"connection{to} was reset")
     if isinstance(error, LoginError):
         code = _response_code(error)
         if code == b"ALERT" and _too_many_connections(error):
-            error_class = TEMPORARILY_UNAVAILABLE
+            error_class = ErrorClass.TEMPORARILY_UNAVAILABLE
         else:
-            error_class = CODE_CLASSES.get(code, INVALID_CREDENTIALS)
-        if isinstance(error, TokenRefused) and error_class == INVALID_CREDENTIALS:
+            error_class = CODE_CLASSES.get(code, ErrorClass.INVALID_CREDENTIALS)
+        if isinstance(error, TokenRefused) and error_class == ErrorClass.INVALID_CREDENTIALS:
             return Failure(error_class, f"login{to} failed: the access token was refused")
         return Failure(error_class, _login_message(error_class, f" to {host}" if host else ""))
     if isinstance(error, IMAPClientAbortError):
-        return Failure(CONNECTION_RESET, f"server{where} closed the connection")
+        return Failure(ErrorClass.CONNECTION_RESET, f"server{where} closed the connection")
     if isinstance(error, IMAPClientError):
         code = _response_code(error)
         if code == b"ALERT" and _too_many_connections(error):
-            return Failure(TEMPORARILY_UNAVAILABLE, f"server{where} has too many connections open")
+            return Failure(
+                ErrorClass.TEMPORARILY_UNAVAILABLE, f"server{where} has too many connections open"
+            )
         if code in CODE_CLASSES:
             return Failure(CODE_CLASSES[code], f"server{where} refused: {code.decode()}")
-        return Failure(UNKNOWN, f"server{where} answered with an error")
+        return Failure(ErrorClass.UNKNOWN, f"server{where} answered with an error")
     if isinstance(error, OSError):
-        return Failure(CONNECTION_RESET, f"network error talking{to}: {error.strerror}")
+        return Failure(ErrorClass.CONNECTION_RESET, f"network error talking{to}: {error.strerror}")
     if isinstance(error, DecryptionFailed):
-        return Failure(UNKNOWN, str(error))
+        return Failure(ErrorClass.UNKNOWN, str(error))
     if isinstance(error, MailpipeError):
-        return Failure(UNKNOWN, str(error))
-    return Failure(UNKNOWN, f"unexpected {type(error).__name__}")
+        return Failure(ErrorClass.UNKNOWN, str(error))
+    return Failure(ErrorClass.UNKNOWN, f"unexpected {type(error).__name__}")
 
 
 def _response_code(error: BaseException) -> bytes | None:
@@ -120,13 +102,13 @@ def _too_many_connections(error: BaseException) -> bool:
     return "too many" in text or "maximum number of connections" in text
 
 
-def _login_message(error_class: str, where: str) -> str:
-    if error_class == INVALID_CREDENTIALS:
+def _login_message(error_class: ErrorClass, where: str) -> str:
+    if error_class == ErrorClass.INVALID_CREDENTIALS:
         return f"login{where} failed: wrong user name or password"
-    if error_class == ACCOUNT_DISABLED:
+    if error_class == ErrorClass.ACCOUNT_DISABLED:
         return f"login{where} refused: the account is disabled at the provider"
-    if error_class == TLS_ERROR:
+    if error_class == ErrorClass.TLS_ERROR:
         return f"login{where} refused without TLS"
-    if error_class == TEMPORARILY_UNAVAILABLE:
+    if error_class == ErrorClass.TEMPORARILY_UNAVAILABLE:
         return f"login{where} temporarily unavailable"
     return f"login{where} not permitted"

@@ -14,36 +14,20 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from . import config
 from .accounts import PROVIDER_NAMES
-from .failures import ACCOUNT_DISABLED, AUTH_FAILED, INVALID_CREDENTIALS, TLS_ERROR
-from .models import (
-    AUTH_OAUTH2,
-    BROKEN,
-    CIRCUIT_CLOSED,
-    CIRCUIT_HALF_OPEN,
-    CIRCUIT_OPEN,
-    DEGRADED,
-    HEALTHY,
-    MailAccount,
-    Notification,
-    utcnow,
-)
-
-CIRCUIT_FAILURES = config.int_setting("MAILPIPE_CIRCUIT_FAILURES", 5)
-CIRCUIT_WINDOW_SECONDS = config.int_setting("MAILPIPE_CIRCUIT_WINDOW_SECONDS", 3600)
-CIRCUIT_COOLDOWN_SECONDS = config.int_setting("MAILPIPE_CIRCUIT_COOLDOWN_SECONDS", 600)
-BROKEN_CLASSES = frozenset({AUTH_FAILED, INVALID_CREDENTIALS, ACCOUNT_DISABLED, TLS_ERROR})
+from .models import MailAccount, Notification, utcnow
+from .retry import RetryPolicy
+from .vocabulary import AuthKind, CircuitState, ErrorClass, Gate, Health
 
 # What the owner reads, per cause; {provider} is a display name such as "GMX".
 BROKEN_MESSAGES = {
-    INVALID_CREDENTIALS: "{provider}: login failed, please re-enter the password",
-    AUTH_FAILED: "{provider}: the server refused the login, please check the account settings",
-    ACCOUNT_DISABLED: "{provider}: the provider has disabled this account, please check it there",
-    TLS_ERROR: "{provider}: the server's certificate could not be verified; mail stays unfetched until the server or the settings are fixed",
+    ErrorClass.INVALID_CREDENTIALS: "{provider}: login failed, please re-enter the password",
+    ErrorClass.AUTH_FAILED: "{provider}: the server refused the login, please check the account settings",
+    ErrorClass.ACCOUNT_DISABLED: "{provider}: the provider has disabled this account, please check it there",
+    ErrorClass.TLS_ERROR: "{provider}: the server's certificate could not be verified; mail stays unfetched until the server or the settings are fixed",
 }
 OAUTH2_BROKEN_MESSAGES = {
-    INVALID_CREDENTIALS: "{provider}: the sign-in with the provider has expired or was withdrawn, "
+    ErrorClass.INVALID_CREDENTIALS: "{provider}: the sign-in with the provider has expired or was withdrawn, "
     "please connect the account again",
 }
 CIRCUIT_MESSAGE = (
@@ -52,9 +36,18 @@ CIRCUIT_MESSAGE = (
 )
 JOB_FAILED_MESSAGE = "Fetching mail failed: {details}"
 
-PASS = "pass"  # the circuit lets the run through
-PROBE = "probe"  # the one run allowed after the cool-down
-SKIP = "skip"  # the circuit is open
+
+@dataclass(frozen=True, kw_only=True)
+class CircuitPolicy:
+    """When an account's circuit opens (failures within a window) and how long it stays open."""
+
+    failures: int = 5
+    window_seconds: int = 3600
+    cooldown_seconds: int = 600
+
+    def __post_init__(self) -> None:
+        if min(self.failures, self.window_seconds, self.cooldown_seconds) < 1:
+            raise ValueError("the MAILPIPE_CIRCUIT_* settings must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -67,7 +60,9 @@ class Transition:
     circuit_after: str
 
 
-def circuit_gate(session: Session, account_id: int, *, now: datetime | None = None) -> str:
+def circuit_gate(
+    session: Session, account_id: int, *, circuit: CircuitPolicy, now: datetime | None = None
+) -> Gate:
     """Whether a run may go ahead: PASS, the single half-open PROBE, or SKIP.
 
     A probe's claim is timed like the opening of the circuit: a probe that never reports (its
@@ -76,54 +71,61 @@ def circuit_gate(session: Session, account_id: int, *, now: datetime | None = No
     """
     now = now or utcnow()
     state = session.scalar(select(MailAccount.circuit_state).where(MailAccount.id == account_id))
-    if state is None or state == CIRCUIT_CLOSED:
-        return PASS
-    cooled = now - timedelta(seconds=CIRCUIT_COOLDOWN_SECONDS)
+    if state is None or state == CircuitState.CLOSED:
+        return Gate.PASS
+    cooled = now - timedelta(seconds=circuit.cooldown_seconds)
     won = session.execute(
         update(MailAccount)
         .where(
             MailAccount.id == account_id,
-            MailAccount.circuit_state.in_((CIRCUIT_OPEN, CIRCUIT_HALF_OPEN)),
+            MailAccount.circuit_state.in_((CircuitState.OPEN, CircuitState.HALF_OPEN)),
             MailAccount.circuit_opened_at <= cooled,
         )
-        .values(circuit_state=CIRCUIT_HALF_OPEN, circuit_opened_at=now)
+        .values(circuit_state=CircuitState.HALF_OPEN, circuit_opened_at=now)
         .execution_options(synchronize_session=False)
     )
-    return PROBE if won.rowcount == 1 else SKIP
+    return Gate.PROBE if won.rowcount == 1 else Gate.SKIP
 
 
 def record_outcome(
-    session: Session, account_id: int, *, error_class: str | None, now: datetime | None = None
+    session: Session,
+    account_id: int,
+    *,
+    error_class: ErrorClass | None,
+    retry_policy: RetryPolicy,
+    circuit: CircuitPolicy,
+    now: datetime | None = None,
 ) -> Transition:
     """Move health and circuit after one attempt; notify the owner on each transition."""
     now = now or utcnow()
     if error_class is None and _stays_healthy(session, account_id, now):
-        return Transition(HEALTHY, HEALTHY, CIRCUIT_CLOSED, CIRCUIT_CLOSED)
+        return Transition(Health.HEALTHY, Health.HEALTHY, CircuitState.CLOSED, CircuitState.CLOSED)
     _lock(session, account_id)
     account = session.get_one(MailAccount, account_id)
     health_before, circuit_before = account.health_status, account.circuit_state
     account.health_checked_at = now
     if error_class is None:
-        account.health_status = HEALTHY
+        account.health_status = Health.HEALTHY
         account.failure_count = 0
         account.failure_window_start = None
-        account.circuit_state = CIRCUIT_CLOSED
+        account.circuit_state = CircuitState.CLOSED
         account.circuit_opened_at = None
     else:
-        account.health_status = BROKEN if error_class in BROKEN_CLASSES else DEGRADED
+        account.health_status = retry_policy.health_after(error_class)
         window_start = _aware(account.failure_window_start)
-        if window_start is None or window_start < now - timedelta(seconds=CIRCUIT_WINDOW_SECONDS):
+        if window_start is None or window_start < now - timedelta(seconds=circuit.window_seconds):
             account.failure_window_start = now
             account.failure_count = 1
         else:
             account.failure_count += 1
-        if account.circuit_state == CIRCUIT_HALF_OPEN or (
-            account.circuit_state == CIRCUIT_CLOSED and account.failure_count >= CIRCUIT_FAILURES
+        if account.circuit_state == CircuitState.HALF_OPEN or (
+            account.circuit_state == CircuitState.CLOSED
+            and account.failure_count >= circuit.failures
         ):
-            account.circuit_state = CIRCUIT_OPEN
+            account.circuit_state = CircuitState.OPEN
             account.circuit_opened_at = now
     provider = PROVIDER_NAMES.get(account.provider, account.provider)
-    if account.health_status == BROKEN and health_before != BROKEN:
+    if account.health_status == Health.BROKEN and health_before != Health.BROKEN:
         notify(
             session,
             user_id=account.user_id,
@@ -134,8 +136,8 @@ def record_outcome(
             params={"provider": provider, "error_class": error_class, "auth": account.auth_kind},
             dedupe_key=f"account_broken:{account.id}:{now.isoformat()}",
         )
-    if account.circuit_state == CIRCUIT_OPEN and circuit_before != CIRCUIT_OPEN:
-        minutes = max(1, CIRCUIT_COOLDOWN_SECONDS // 60)
+    if account.circuit_state == CircuitState.OPEN and circuit_before != CircuitState.OPEN:
+        minutes = max(1, circuit.cooldown_seconds // 60)
         notify(
             session,
             user_id=account.user_id,
@@ -158,8 +160,8 @@ def record_outcome(
     return Transition(health_before, account.health_status, circuit_before, account.circuit_state)
 
 
-def _broken_message(error_class: str, auth_kind: str) -> str:
-    if auth_kind == AUTH_OAUTH2 and error_class in OAUTH2_BROKEN_MESSAGES:
+def _broken_message(error_class: ErrorClass, auth_kind: str) -> str:
+    if auth_kind == AuthKind.OAUTH2 and error_class in OAUTH2_BROKEN_MESSAGES:
         return OAUTH2_BROKEN_MESSAGES[error_class]
     return BROKEN_MESSAGES[error_class]
 
@@ -240,8 +242,8 @@ def _stays_healthy(session: Session, account_id: int, now: datetime) -> bool:
             update(MailAccount)
             .where(
                 MailAccount.id == account_id,
-                MailAccount.health_status == HEALTHY,
-                MailAccount.circuit_state == CIRCUIT_CLOSED,
+                MailAccount.health_status == Health.HEALTHY,
+                MailAccount.circuit_state == CircuitState.CLOSED,
                 MailAccount.failure_count == 0,
             )
             .values(health_checked_at=now)

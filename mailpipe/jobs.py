@@ -12,26 +12,8 @@ from sqlalchemy.orm import Session
 
 from . import config
 from .errors import NotFound
-from .models import (
-    JOB_FAILED,
-    JOB_FINAL,
-    JOB_PARTIAL_FAILURE,
-    JOB_PENDING,
-    JOB_RETRYING,
-    JOB_RUNNING,
-    JOB_SUCCESS,
-    RUN_FAILED,
-    RUN_FINAL,
-    RUN_PENDING,
-    RUN_RETRYING,
-    RUN_RUNNING,
-    RUN_SKIPPED,
-    RUN_SUCCESS,
-    AccountRun,
-    MailAccount,
-    PipelineJob,
-    utcnow,
-)
+from .models import AccountRun, MailAccount, PipelineJob, utcnow
+from .vocabulary import JOB_FINAL, RUN_FINAL, JobStatus, RunStatus
 
 TYPE_ACCOUNT = "account"
 TYPE_ALL = "all"
@@ -61,7 +43,7 @@ def create_job(
         id=job_id or new_job_id(),
         user_id=user_id,
         type=type,
-        status=JOB_PENDING,
+        status=JobStatus.PENDING,
         options=options,
         grant_id=grant_id,
         errors=[],
@@ -74,7 +56,7 @@ def create_job(
         session.execute(
             AccountRun.__table__.insert(),
             [
-                {"job_id": job.id, "account_id": a, "status": RUN_PENDING, "attempt": 0}
+                {"job_id": job.id, "account_id": a, "status": RunStatus.PENDING, "attempt": 0}
                 for a in account_ids
             ],
         )
@@ -106,18 +88,23 @@ def begin_run(
     """
     result = session.execute(
         _update_open_run(job_id, account_id).values(
-            status=RUN_RUNNING,
+            status=RunStatus.RUNNING,
             attempt=attempt,
             started_at=func.coalesce(AccountRun.started_at, utcnow()),
         )
     )
     if result.rowcount == 0:
         return False
-    if job_status in (JOB_PENDING, JOB_RETRYING, None):
+    if job_status in (JobStatus.PENDING, JobStatus.RETRYING, None):
         session.execute(
             update(PipelineJob)
-            .where(PipelineJob.id == job_id, PipelineJob.status.in_((JOB_PENDING, JOB_RETRYING)))
-            .values(status=JOB_RUNNING, started_at=func.coalesce(PipelineJob.started_at, utcnow()))
+            .where(
+                PipelineJob.id == job_id,
+                PipelineJob.status.in_((JobStatus.PENDING, JobStatus.RETRYING)),
+            )
+            .values(
+                status=JobStatus.RUNNING, started_at=func.coalesce(PipelineJob.started_at, utcnow())
+            )
         )
     return True
 
@@ -129,12 +116,12 @@ def mark_retrying(
     session.execute(
         update(AccountRun)
         .where(AccountRun.job_id == job_id, AccountRun.account_id == account_id)
-        .values(status=RUN_RETRYING, error_class=error_class, error_message=message)
+        .values(status=RunStatus.RETRYING, error_class=error_class, error_message=message)
     )
     session.execute(
         update(PipelineJob)
         .where(PipelineJob.id == job_id, PipelineJob.status.not_in(JOB_FINAL))
-        .values(status=JOB_RETRYING, retry_count=PipelineJob.retry_count + 1)
+        .values(status=JobStatus.RETRYING, retry_count=PipelineJob.retry_count + 1)
     )
 
 
@@ -145,9 +132,9 @@ def reopen_run(session: Session, *, job_id: str, account_id: int) -> None:
         .where(
             AccountRun.job_id == job_id,
             AccountRun.account_id == account_id,
-            AccountRun.status == RUN_RUNNING,
+            AccountRun.status == RunStatus.RUNNING,
         )
-        .values(status=RUN_PENDING)
+        .values(status=RunStatus.PENDING)
     )
 
 
@@ -249,14 +236,14 @@ def finalise_if_done(session: Session, job_id: str) -> FinishedJob | None:
                     "message": run.error_message,
                 }
                 for run in runs
-                if run.status == RUN_FAILED
+                if run.status == RunStatus.FAILED
             ],
             metrics={
                 "duration": _seconds(finished_at, started),
                 "accounts": len(runs),
-                "succeeded": statuses.count(RUN_SUCCESS),
-                "failed": statuses.count(RUN_FAILED),
-                "skipped": statuses.count(RUN_SKIPPED),
+                "succeeded": statuses.count(RunStatus.SUCCESS),
+                "failed": statuses.count(RunStatus.FAILED),
+                "skipped": statuses.count(RunStatus.SKIPPED),
                 "phases": phases,
             },
         )
@@ -290,12 +277,12 @@ def _update_open_run(job_id: str, account_id: int):
 
 def final_status(statuses: Sequence[str]) -> str:
     """All succeeded (or nothing to do): success; none succeeded but some failed: failed."""
-    failed = statuses.count(RUN_FAILED)
+    failed = statuses.count(RunStatus.FAILED)
     if failed == 0:
-        return JOB_SUCCESS
-    if failed == len(statuses) or statuses.count(RUN_SUCCESS) == 0:
-        return JOB_FAILED
-    return JOB_PARTIAL_FAILURE
+        return JobStatus.SUCCESS
+    if failed == len(statuses) or statuses.count(RunStatus.SUCCESS) == 0:
+        return JobStatus.FAILED
+    return JobStatus.PARTIAL_FAILURE
 
 
 def _seconds(end: datetime, start: datetime) -> float:
@@ -382,7 +369,7 @@ def open_runs(session: Session, account_id: int) -> int:
         .select_from(AccountRun)
         .where(
             AccountRun.account_id == account_id,
-            AccountRun.status.in_((RUN_PENDING, RUN_RUNNING, RUN_RETRYING)),
+            AccountRun.status.in_((RunStatus.PENDING, RunStatus.RUNNING, RunStatus.RETRYING)),
         )
     )
 

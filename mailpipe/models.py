@@ -22,43 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-AUTH_PASSWORD = "password"
-AUTH_OAUTH2 = "oauth2"
-
-HEALTHY = "HEALTHY"
-DEGRADED = "DEGRADED"
-BROKEN = "BROKEN"
-
-LOCKED = "LOCKED"  # shown, never stored: no live key grant lets a worker read the account
-
-PARSED = "parsed"
-QUARANTINED = "quarantined"
-
-PROCESS_PENDING = "pending"
-PROCESS_DONE = "done"
-PROCESS_RETRY = "retry"
-
-# pipeline_jobs.status
-JOB_PENDING = "pending"
-JOB_RUNNING = "running"
-JOB_RETRYING = "retrying"
-JOB_SUCCESS = "success"
-JOB_PARTIAL_FAILURE = "partial_failure"
-JOB_FAILED = "failed"
-JOB_FINAL = (JOB_SUCCESS, JOB_PARTIAL_FAILURE, JOB_FAILED)
-
-# account_runs.status
-RUN_PENDING = "pending"
-RUN_RUNNING = "running"
-RUN_RETRYING = "retrying"
-RUN_SUCCESS = "success"
-RUN_FAILED = "failed"
-RUN_SKIPPED = "skipped"
-RUN_FINAL = (RUN_SUCCESS, RUN_FAILED, RUN_SKIPPED)
-
-CIRCUIT_CLOSED = "closed"
-CIRCUIT_OPEN = "open"
-CIRCUIT_HALF_OPEN = "half_open"
+from .vocabulary import AuthKind, CircuitState, Health, JobStatus, ProcessStatus, RunStatus
 
 
 def utcnow() -> datetime:
@@ -92,11 +56,11 @@ class MailAccount(Base):
     credentials_enc: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     # how the account logs in (not secret): a refused login needs different advice for each
     auth_kind: Mapped[str] = mapped_column(
-        String(20), default=AUTH_PASSWORD, server_default=AUTH_PASSWORD
+        String(20), default=AuthKind.PASSWORD, server_default=AuthKind.PASSWORD.value
     )
     folders: Mapped[list] = mapped_column(JSON, default=lambda: ["INBOX"])
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
-    health_status: Mapped[str] = mapped_column(String(20), default=HEALTHY)
+    health_status: Mapped[str] = mapped_column(String(20), default=Health.HEALTHY)
     health_checked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_fetch_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_success_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -107,7 +71,7 @@ class MailAccount(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     circuit_state: Mapped[str] = mapped_column(
-        String(20), default=CIRCUIT_CLOSED, server_default=CIRCUIT_CLOSED
+        String(20), default=CircuitState.CLOSED, server_default=CircuitState.CLOSED.value
     )
     circuit_opened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     failure_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -155,7 +119,7 @@ class Email(Base):
     status: Mapped[str] = mapped_column(String(20))
     quarantine_reason: Mapped[str | None] = mapped_column(String(200))
     process_status: Mapped[str] = mapped_column(
-        String(20), default=PROCESS_PENDING, server_default=PROCESS_PENDING
+        String(20), default=ProcessStatus.PENDING, server_default=ProcessStatus.PENDING.value
     )
     annotations_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     fetched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -169,7 +133,7 @@ class PipelineJob(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     type: Mapped[str] = mapped_column(String(20))
-    status: Mapped[str] = mapped_column(String(20), default=JOB_PENDING)
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.PENDING)
     grant_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     options: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -196,7 +160,7 @@ class AccountRun(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("pipeline_jobs.id", ondelete="CASCADE"))
     account_id: Mapped[int] = mapped_column(ForeignKey("mail_accounts.id", ondelete="CASCADE"))
-    status: Mapped[str] = mapped_column(String(20), default=RUN_PENDING)
+    status: Mapped[str] = mapped_column(String(20), default=RunStatus.PENDING)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -22,7 +22,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .crypto import DataKey
-from .models import PARSED, PROCESS_DONE, PROCESS_PENDING, PROCESS_RETRY, Email
+from .models import Email
+from .vocabulary import ParseStatus, ProcessStatus
 
 ENTRY_POINT_GROUP = "mailpipe.processors"
 REPROCESS_LIMIT = 200
@@ -76,7 +77,9 @@ def annotate(mail: Mail, processors: Mapping[str, Processor]) -> Annotation:
             logger.warning("processor %s failed: %s", name, type(error).__name__)
         else:
             annotations[name] = value
-    return Annotation(PROCESS_RETRY if failed else PROCESS_DONE, json.dumps(annotations).encode())
+    return Annotation(
+        ProcessStatus.RETRY if failed else ProcessStatus.DONE, json.dumps(annotations).encode()
+    )
 
 
 def annotate_batch(
@@ -101,7 +104,7 @@ def _reprocess(row, account_id: int, key: DataKey, processors, outcome: ProcessO
     email_id, folder, parsed_enc = row
     fields = json.loads(key.decrypt(parsed_enc, table="emails", column="parsed", row=email_id))
     annotation = annotate(Mail(email_id, account_id, folder, MappingProxyType(fields)), processors)
-    if annotation.status == PROCESS_DONE:
+    if annotation.status == ProcessStatus.DONE:
         outcome.processed += 1
     else:
         outcome.failed += 1
@@ -142,8 +145,8 @@ def process_backlog(
             select(Email.id)
             .where(
                 Email.account_id == account_id,
-                Email.process_status.in_((PROCESS_PENDING, PROCESS_RETRY)),
-                Email.status == PARSED,
+                Email.process_status.in_((ProcessStatus.PENDING, ProcessStatus.RETRY)),
+                Email.status == ParseStatus.PARSED,
                 Email.fetched_at < stored_before,
             )
             .limit(REPROCESS_LIMIT)

@@ -10,8 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from . import grants
-from .models import LOCKED, RUN_FAILED, RUN_SUCCESS, AccountRun, MailAccount, PipelineJob, utcnow
+from .models import AccountRun, MailAccount, PipelineJob, utcnow
 from .observer import PHASES
+from .vocabulary import Health, RunStatus
 
 TREND_DAYS = 7
 RUN_SAMPLE = 500
@@ -34,7 +35,7 @@ def account_health(session: Session, user_id: int, *, now: datetime | None = Non
             "auth": account.auth_kind,
             "enabled": account.enabled,
             "health": account.health_status,
-            "shown_health": account.health_status if background else LOCKED,
+            "shown_health": account.health_status if background else Health.LOCKED,
             "locked": not background,
             "circuit": account.circuit_state,
             "health_checked_at": _iso(account.health_checked_at),
@@ -76,8 +77,8 @@ def performance(session: Session, user_id: int, *, now: datetime | None = None) 
         for phase, seconds in (run.phases or {}).items():
             phase_samples[phase].append(seconds)
     durations = [run.duration for run in runs if run.duration is not None]
-    fetched = sum(run.fetched for run in runs if run.status == RUN_SUCCESS)
-    busy = sum(run.duration or 0 for run in runs if run.status == RUN_SUCCESS)
+    fetched = sum(run.fetched for run in runs if run.status == RunStatus.SUCCESS)
+    busy = sum(run.duration or 0 for run in runs if run.status == RunStatus.SUCCESS)
     trend: dict[str, dict] = {}
     for day in range(TREND_DAYS - 1, -1, -1):
         date = (now - timedelta(days=day)).date().isoformat()
@@ -92,7 +93,7 @@ def performance(session: Session, user_id: int, *, now: datetime | None = None) 
             entry["durations"].append(metrics["duration"])
     return {
         "runs": len(runs),
-        "failed_runs": sum(run.status == RUN_FAILED for run in runs),
+        "failed_runs": sum(run.status == RunStatus.FAILED for run in runs),
         "phases": {
             phase: _summary(phase_samples[phase]) for phase in PHASES if phase_samples.get(phase)
         },

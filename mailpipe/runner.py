@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
@@ -16,34 +17,31 @@ from . import grants, health, jobs, leases
 from .accounts import account_settings
 from .crypto import DataKey
 from .errors import MailpipeError, NotFound
-from .failures import TIMEOUT, UNKNOWN, Failure, classify
+from .failures import Failure, classify
 from .imap import ImapSettings
-from .models import (
-    JOB_FAILED,
-    RUN_FAILED,
-    RUN_SKIPPED,
-    RUN_SUCCESS,
-    MailAccount,
-    PipelineJob,
-    utcnow,
-)
+from .models import MailAccount, PipelineJob, utcnow
 from .observer import Observer, Observers, PhaseTimer
 from .processors import Processor, process_backlog
 from .profiler import Profiler
+from .retry import RetryPolicy
 from .store import FolderPosition, folder_states
 from .sync import SyncOptions, SyncResult, sync_account
+from .vocabulary import ErrorClass, JobStatus, RunStatus
 
 LEASE_MARGIN_SECONDS = 60
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 60.0
-LOCKED = "locked"
 LOCKED_MESSAGE = "not synced: log in again so mailpipe may read this account"
 
-# Outcomes of run_account
-DONE = "done"
-RETRY = "retry"
-BUSY = "busy"
-DUPLICATE = "duplicate"
+
+class Next(StrEnum):
+    """What the queue must do after a run: nothing, retry it with backoff, send it again later
+    (the account or its server is busy), or drop it (a redelivered message whose run ended)."""
+
+    DONE = "done"
+    RETRY = "retry"
+    BUSY = "busy"
+    DUPLICATE = "duplicate"
 
 
 class HostBusy(MailpipeError):
@@ -54,7 +52,7 @@ class HostBusy(MailpipeError):
 class RunOutcome:
     """What the actor must do next: nothing, let Dramatiq retry, or send the message later."""
 
-    action: str
+    action: Next
     failure: Failure | None = None
     attempted: bool = False  # a connection to the mail server was tried
     result: SyncResult | None = None
@@ -67,7 +65,7 @@ def run_account(
     job_id: str,
     account_id: int,
     attempt: int,
-    may_retry: bool,
+    retry_policy: RetryPolicy,
     private_key,
     observer: Observer | None = None,
     processors: Mapping[str, Processor] | None = None,
@@ -105,9 +103,9 @@ def run_account(
                 sessions,
                 job_id,
                 account_id,
-                RUN_SKIPPED,
+                RunStatus.SKIPPED,
                 lease_owner=owner,
-                error_class=LOCKED,
+                error_class=ErrorClass.LOCKED,
                 message=LOCKED_MESSAGE,
             )
             released = True
@@ -157,7 +155,7 @@ def run_account(
             sessions,
             job_id,
             account_id,
-            RUN_SUCCESS,
+            RunStatus.SUCCESS,
             lease_owner=owner,
             counts=counts,
             phases=result.phases,
@@ -165,17 +163,17 @@ def run_account(
             duration=time.perf_counter() - started,
         ).finished
         released = True
-        return RunOutcome(DONE, result=result, finished=finished, attempted=True)
+        return RunOutcome(Next.DONE, result=result, finished=finished, attempted=True)
     except HostBusy:
         with sessions.begin() as session:
             jobs.reopen_run(session, job_id=job_id, account_id=account_id)
-        return RunOutcome(BUSY)
+        return RunOutcome(Next.BUSY)
     except (Exception, *timeouts) as error:
         if isinstance(error, timeouts):
-            failure = Failure(TIMEOUT, "the sync took longer than the job's time limit")
+            failure = Failure(ErrorClass.TIMEOUT, "the sync took longer than the job's time limit")
         else:
             failure = classify(error)
-        if failure.transient and may_retry and (failure.error_class != UNKNOWN or attempt == 1):
+        if retry_policy.should_retry(failure.error_class, attempt=attempt):
             with sessions.begin() as session:
                 jobs.mark_retrying(
                     session,
@@ -184,12 +182,12 @@ def run_account(
                     error_class=failure.error_class,
                     message=failure.message,
                 )
-            return RunOutcome(RETRY, failure=failure, attempted=True)
+            return RunOutcome(Next.RETRY, failure=failure, attempted=True)
         outcome = _finish(
             sessions,
             job_id,
             account_id,
-            RUN_FAILED,
+            RunStatus.FAILED,
             lease_owner=owner,
             error_class=failure.error_class,
             message=failure.message,
@@ -233,16 +231,16 @@ def _start(
     with sessions.begin() as session:
         job = session.get(PipelineJob, job_id)
         if job is None:
-            return RunOutcome(DUPLICATE)
+            return RunOutcome(Next.DUPLICATE)
         start = _Start(options=dict(job.options or {}))
         lease_seconds = start.options.get("timeout_seconds", 120) + LEASE_MARGIN_SECONDS
         if not leases.acquire(session, account_id, owner=owner, seconds=lease_seconds):
-            return RunOutcome(BUSY)
+            return RunOutcome(Next.BUSY)
         if not jobs.begin_run(
             session, job_id=job_id, account_id=account_id, attempt=attempt, job_status=job.status
         ):
             leases.release(session, account_id, owner=owner)
-            return RunOutcome(DUPLICATE)
+            return RunOutcome(Next.DUPLICATE)
         try:
             account = session.get_one(MailAccount, account_id)
             start.provider = account.provider
@@ -266,10 +264,15 @@ def _start(
 
 
 def skip_run(
-    sessions: sessionmaker[Session], *, job_id: str, account_id: int, reason: str, message: str
+    sessions: sessionmaker[Session],
+    *,
+    job_id: str,
+    account_id: int,
+    reason: ErrorClass,
+    message: str,
 ) -> None:
     """End a run that must not go ahead (open circuit): skipped, which is not a failure."""
-    _finish(sessions, job_id, account_id, RUN_SKIPPED, error_class=reason, message=message)
+    _finish(sessions, job_id, account_id, RunStatus.SKIPPED, error_class=reason, message=message)
 
 
 def record_crash(
@@ -280,8 +283,8 @@ def record_crash(
         sessions,
         job_id,
         account_id,
-        RUN_FAILED,
-        error_class=UNKNOWN,
+        RunStatus.FAILED,
+        error_class=ErrorClass.UNKNOWN,
         message="the fetch failed repeatedly for an internal reason; operators have been told",
     ).finished
 
@@ -293,9 +296,9 @@ def _finish(
     status: str,
     *,
     lease_owner: str | None = None,
-    error_class: str | None = None,
+    error_class: ErrorClass | None = None,
     message: str | None = None,
-    **details,
+    **details: object,
 ) -> RunOutcome:
     """Record a run's end on the run and its account (giving back the account's lease when
     `lease_owner` holds it); drop the job's key if it was the last."""
@@ -311,18 +314,18 @@ def _finish(
         )
         now = utcnow()
         values = {"last_fetch_at": now}
-        if status == RUN_SUCCESS:
+        if status == RunStatus.SUCCESS:
             values.update(last_success_at=now, last_error_class=None, last_error_message=None)
-        elif status == RUN_FAILED:
+        elif status == RunStatus.FAILED:
             values.update(last_error_class=error_class, last_error_message=message)
         session.execute(update(MailAccount).where(MailAccount.id == account_id).values(**values))
         if lease_owner is not None:
             leases.release(session, account_id, owner=lease_owner)
         if finished is not None and finished.grant_id is not None:
             grants.drop_job_grant(session, finished.job_id)
-        if finished is not None and finished.status == JOB_FAILED:
+        if finished is not None and finished.status == JobStatus.FAILED:
             job = session.get_one(PipelineJob, finished.job_id)
-            details = "; ".join(error["message"] or error["error_class"] for error in job.errors)
+            causes = "; ".join(error["message"] or error["error_class"] for error in job.errors)
             health.notify(
                 session,
                 user_id=finished.user_id,
@@ -330,9 +333,9 @@ def _finish(
                 kind="job_failed",
                 severity="error",
                 message=health.JOB_FAILED_MESSAGE.format(
-                    details=details or "no account could be read"
+                    details=causes or "no account could be read"
                 ),
                 params={"error_classes": list(dict.fromkeys(e["error_class"] for e in job.errors))},
                 dedupe_key=f"job_failed:{finished.job_id}",
             )
-    return RunOutcome(DONE, finished=finished)
+    return RunOutcome(Next.DONE, finished=finished)

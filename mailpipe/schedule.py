@@ -10,19 +10,11 @@ from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import grants
-from .models import (
-    BROKEN,
-    CIRCUIT_OPEN,
-    RUN_PENDING,
-    RUN_RETRYING,
-    RUN_RUNNING,
-    AccountRun,
-    MailAccount,
-    utcnow,
-)
+from .models import AccountRun, MailAccount, utcnow
+from .vocabulary import CircuitState, Health, RunStatus
 
 JITTER = 0.1  # next sync lands within ±10 % of the interval, so accounts spread out
-OPEN_RUN = (RUN_PENDING, RUN_RUNNING, RUN_RETRYING)
+OPEN_RUN = (RunStatus.PENDING, RunStatus.RUNNING, RunStatus.RETRYING)
 
 
 def claim_due_accounts(
@@ -48,8 +40,8 @@ def claim_due_accounts(
         update(MailAccount)
         .where(
             MailAccount.enabled.is_(True),
-            MailAccount.health_status != BROKEN,
-            MailAccount.circuit_state != CIRCUIT_OPEN,
+            MailAccount.health_status != Health.BROKEN,
+            MailAccount.circuit_state != CircuitState.OPEN,
             MailAccount.user_id.in_(background),
             or_(MailAccount.next_sync_at.is_(None), MailAccount.next_sync_at <= now),
             ~open_run,

@@ -14,9 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .crypto import DataKey
 from .fetch import FetchedMessage
-from .models import PARSED, PROCESS_DONE, PROCESS_PENDING, QUARANTINED, Email, FolderState, utcnow
+from .models import Email, FolderState, utcnow
 from .parse import ParsedMessage
 from .processors import Annotation
+from .vocabulary import ParseStatus, ProcessStatus
 
 EMAILS = Email.__table__
 FOLDER_STATE = FolderState.__table__
@@ -147,9 +148,9 @@ class BatchWriter:
                 column="parsed",
                 row=row_id,
             ),
-            "status": QUARANTINED if parsed.quarantined else PARSED,
+            "status": ParseStatus.QUARANTINED if parsed.quarantined else ParseStatus.PARSED,
             "quarantine_reason": parsed.quarantine_reason,
-            "process_status": annotation.status if annotation else PROCESS_PENDING,
+            "process_status": annotation.status if annotation else ProcessStatus.PENDING,
             "annotations_enc": self.key.encrypt(
                 annotation.document, table="emails", column="annotations", row=row_id
             )
@@ -162,10 +163,11 @@ class BatchWriter:
     def _processed(session: Session, rows: list[dict], outcome: WriteOutcome) -> int:
         """How many of the stored rows every processor handled (duplicates were not stored)."""
         if not outcome.duplicates:
-            return sum(row["process_status"] == PROCESS_DONE for row in rows)
+            return sum(row["process_status"] == ProcessStatus.DONE for row in rows)
         return session.scalar(
             select(func.count()).where(
-                Email.id.in_([row["id"] for row in rows]), Email.process_status == PROCESS_DONE
+                Email.id.in_([row["id"] for row in rows]),
+                Email.process_status == ProcessStatus.DONE,
             )
         )
 

@@ -10,20 +10,21 @@ from collections.abc import Iterable
 
 from prometheus_client import Counter, Histogram
 
-from mailpipe import accounts, failures, jobs, models, observer, parse
+from mailpipe import accounts, observer, parse, retry
+from mailpipe.vocabulary import FAILURES, JOB_FINAL, RUN_FINAL, ErrorClass, JobType
 
 OTHER = "other"
 PROVIDERS = accounts.PROVIDERS  # includes "other", the fallback
 PHASES = (*observer.PHASES, OTHER)  # "other": an error outside any timed phase
-RUN_OUTCOMES = (*models.RUN_FINAL, OTHER)
-JOB_TYPES = (jobs.TYPE_ACCOUNT, jobs.TYPE_ALL, jobs.TYPE_SCHEDULED, OTHER)
-JOB_STATUSES = (*models.JOB_FINAL, OTHER)
-ERROR_CLASSES = failures.ERROR_CLASSES  # includes "unknown", the fallback
+RUN_OUTCOMES = (*RUN_FINAL, OTHER)
+JOB_TYPES = (JobType.ACCOUNT, JobType.ALL, JobType.SCHEDULED, OTHER)
+JOB_STATUSES = (*JOB_FINAL, OTHER)
+ERROR_CLASSES = FAILURES  # includes "unknown", the fallback; skips are not errors
 PARSE_ERROR = "parse_error"
 QUARANTINE_REASONS = tuple(
     dict.fromkeys([*parse.QUARANTINE_REASONS.values(), "not_a_message", PARSE_ERROR])
 )
-AUTH_ERROR_CLASSES = (failures.AUTH_FAILED, failures.INVALID_CREDENTIALS)
+AUTH_ERROR_CLASSES = (ErrorClass.AUTH_FAILED, ErrorClass.INVALID_CREDENTIALS)
 
 # Bucket bounds include the alert thresholds (2 s and 5 s connect, 10 s and 30 s account run),
 # so histogram_quantile is exact at the lines that page someone.
@@ -89,14 +90,14 @@ def initialise() -> None:
     for provider in PROVIDERS:
         EMAILS_FETCHED.labels(provider)
         FETCHED_BYTES.labels(provider)
-        for outcome in models.RUN_FINAL:
+        for outcome in RUN_FINAL:
             ACCOUNT_RUNS.labels(provider, outcome)
         for error_class in AUTH_ERROR_CLASSES:  # what the auth-failure alert counts
             ERRORS.labels(error_class, "connect", provider)
     for job_type in JOB_TYPES[:-1]:
-        for status in models.JOB_FINAL:
+        for status in JOB_FINAL:
             JOBS.labels(job_type, status)
-    for error_class in failures.TRANSIENT:
+    for error_class in retry.TRANSIENT:
         RETRIES.labels(error_class)
     for reason in QUARANTINE_REASONS:
         EMAILS_QUARANTINED.labels(reason)

@@ -16,12 +16,13 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 
 from mailpipe import grants, models
+from mailpipe.vocabulary import CircuitState, Health
 
 logger = logging.getLogger(__name__)
 
 QUEUE_STATES = ("ready", "delayed", "dead")
-HEALTH_STATES = (models.HEALTHY, models.DEGRADED, models.BROKEN)
-CIRCUIT_STATES = (models.CIRCUIT_CLOSED, models.CIRCUIT_HALF_OPEN, models.CIRCUIT_OPEN)
+HEALTH_STATES = (Health.HEALTHY, Health.DEGRADED, Health.BROKEN)
+CIRCUIT_STATES = (CircuitState.CLOSED, CircuitState.HALF_OPEN, CircuitState.OPEN)
 REDIS_TIMEOUT_SECONDS = 2.0
 
 
@@ -139,8 +140,8 @@ class AccountCollector(Collector):
             oldest = connection.scalar(
                 select(func.min(func.coalesce(account.last_success_at, account.created_at))).where(
                     account.enabled.is_(True),
-                    account.health_status != models.BROKEN,
-                    account.circuit_state != models.CIRCUIT_OPEN,
+                    account.health_status != Health.BROKEN,
+                    account.circuit_state != CircuitState.OPEN,
                     account.user_id.in_(background),
                 )
             )

@@ -9,10 +9,11 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailpipe import failures, models
+from mailpipe import models
 from mailpipe.jobs import FinishedJob
 from mailpipe.observer import Observer
-from mailpipe.runner import DONE, RETRY, RunOutcome
+from mailpipe.runner import Next, RunOutcome
+from mailpipe.vocabulary import ErrorClass, RunStatus
 
 from . import catalogue as c
 
@@ -72,15 +73,15 @@ class MetricsObserver(Observer):
         failure = outcome.failure
         if failure is not None:
             record_error(failure.error_class, self.failed_phase or c.OTHER, self.provider)
-        if outcome.action == RETRY and failure is not None:
+        if outcome.action == Next.RETRY and failure is not None:
             record_retry(failure.error_class)
-        elif outcome.action == DONE:
+        elif outcome.action == Next.DONE:
             if failure is not None:
-                status = models.RUN_FAILED
+                status = RunStatus.FAILED
             elif outcome.result is not None:
-                status = models.RUN_SUCCESS
+                status = RunStatus.SUCCESS
             else:
-                status = models.RUN_SKIPPED
+                status = RunStatus.SKIPPED
             record_account_run(self.provider, status, seconds)
 
 
@@ -103,7 +104,7 @@ def record_job(type: str, status: str, seconds: float) -> None:
 def record_error(error_class: str, phase: str, provider: str) -> None:
     """An account-run attempt failed with `error_class` during `phase`."""
     c.ERRORS.labels(
-        c.bounded(error_class, c.ERROR_CLASSES, fallback=failures.UNKNOWN),
+        c.bounded(error_class, c.ERROR_CLASSES, fallback=ErrorClass.UNKNOWN),
         c.bounded(phase, c.PHASES),
         c.bounded(provider, c.PROVIDERS),
     ).inc()
@@ -111,7 +112,7 @@ def record_error(error_class: str, phase: str, provider: str) -> None:
 
 def record_retry(error_class: str) -> None:
     """A transient failure sent the message back to the queue for another attempt."""
-    c.RETRIES.labels(c.bounded(error_class, c.ERROR_CLASSES, fallback=failures.UNKNOWN)).inc()
+    c.RETRIES.labels(c.bounded(error_class, c.ERROR_CLASSES, fallback=ErrorClass.UNKNOWN)).inc()
 
 
 def record_finished_job(sessions: sessionmaker[Session], finished: FinishedJob) -> None:

@@ -7,7 +7,9 @@ import pytest
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from mailpipe.errors import DecryptionFailed
-from mailpipe.failures import PERMANENT, TRANSIENT, classify
+from mailpipe.failures import classify
+from mailpipe.retry import BREAKING, TRANSIENT
+from mailpipe.vocabulary import FAILURES
 
 # (what the server or the network did, the exception IMAPClient raises for it, the class)
 CASES = [
@@ -83,11 +85,13 @@ def test_classification(error, expected):
     assert "\n" not in failure.message
 
 
-def test_every_class_is_either_transient_or_permanent():
+def test_every_failure_class_is_either_transient_or_breaking():
+    # Given the classes classify() gives and every failure class there is
     classes = {c[2] for c in CASES}
-    assert classes <= TRANSIENT | PERMANENT
-    assert TRANSIENT.isdisjoint(PERMANENT)
-    assert {"auth_failed", "invalid_credentials", "account_disabled", "tls_error"} == PERMANENT
+    # Then each is retried or breaks the account, never both, and the skips are neither
+    assert classes <= set(FAILURES) == TRANSIENT | BREAKING
+    assert TRANSIENT.isdisjoint(BREAKING)
+    assert {"auth_failed", "invalid_credentials", "account_disabled", "tls_error"} == BREAKING
 
 
 def test_messages_never_repeat_server_text_that_may_quote_secrets():

@@ -24,8 +24,9 @@ from mailpipe.failures import Failure
 from mailpipe.imap import ImapSettings
 from mailpipe.jobs import FinishedJob
 from mailpipe.observer import PhaseTimer
-from mailpipe.runner import BUSY, DONE, RETRY, RunOutcome
+from mailpipe.runner import Next, RunOutcome
 from mailpipe.sync import SyncResult
+from mailpipe.vocabulary import CircuitState, Health, JobType
 from metrics import exporter, multiprocess
 from metrics.collectors import AccountCollector, QueueCollector
 from metrics.middleware import DramatiqMetrics
@@ -59,8 +60,8 @@ def test_labels_never_carry_names_or_addresses_whatever_the_caller_passes():
         observer.after_batch(
             fetched=1, fetched_bytes=10, saved=1, duplicates=0, quarantined={planted: 1}
         )
-        observer.record_outcome(RunOutcome(DONE, failure=Failure(planted, "m")), seconds=1.0)
-        observer.record_outcome(RunOutcome(RETRY, failure=Failure(planted, "m")), seconds=1.0)
+        observer.record_outcome(RunOutcome(Next.DONE, failure=Failure(planted, "m")), seconds=1.0)
+        observer.record_outcome(RunOutcome(Next.RETRY, failure=Failure(planted, "m")), seconds=1.0)
 
     # When the metrics are exposed
     exposition = generate_latest(REGISTRY).decode()
@@ -94,7 +95,7 @@ def test_a_failure_is_counted_under_the_phase_it_happened_in_not_the_cleanup_aft
                 pass
 
     # When the runner's outcome is a retry of that timeout
-    observer.record_outcome(RunOutcome(RETRY, failure=Failure("timeout", "m")), seconds=2.0)
+    observer.record_outcome(RunOutcome(Next.RETRY, failure=Failure("timeout", "m")), seconds=2.0)
 
     # Then the error counts under fetch, and the retry under its class
     assert observer.failed_phase == "fetch"
@@ -118,11 +119,11 @@ def test_an_exception_already_being_handled_is_not_taken_for_a_failed_phase():
 @pytest.mark.parametrize(
     ("outcome", "counted"),
     [
-        (RunOutcome(DONE, result=SyncResult()), "success"),
-        (RunOutcome(DONE, failure=Failure("invalid_credentials", "m")), "failed"),
-        (RunOutcome(DONE), "skipped"),
-        (RunOutcome(BUSY), None),
-        (RunOutcome(RETRY, failure=Failure("timeout", "m")), None),
+        (RunOutcome(Next.DONE, result=SyncResult()), "success"),
+        (RunOutcome(Next.DONE, failure=Failure("invalid_credentials", "m")), "failed"),
+        (RunOutcome(Next.DONE), "skipped"),
+        (RunOutcome(Next.BUSY), None),
+        (RunOutcome(Next.RETRY, failure=Failure("timeout", "m")), None),
     ],
 )
 def test_each_run_outcome_counts_once_under_its_status(outcome, counted):
@@ -181,7 +182,7 @@ def test_a_finalised_job_counts_with_its_type_and_age(sessions):
     with sessions.begin() as session:
         user, _key = create_user(session, "planted-user", "pw", iterations=FAST_KDF)
         job = jobs.create_job(
-            session, user_id=user.id, account_ids=[], type=jobs.TYPE_SCHEDULED, options={}
+            session, user_id=user.id, account_ids=[], type=JobType.SCHEDULED, options={}
         )
         job.created_at = models.utcnow() - timedelta(seconds=42)
         job.finished_at = models.utcnow()
@@ -337,13 +338,13 @@ def test_account_gauges_count_enabled_accounts_and_the_stalest_due_one(sessions)
             fresh.id: {"last_success_at": now - timedelta(seconds=60)},
             stale.id: {
                 "last_success_at": now - timedelta(seconds=1200),
-                "health_status": models.DEGRADED,
-                "circuit_state": models.CIRCUIT_HALF_OPEN,
+                "health_status": Health.DEGRADED,
+                "circuit_state": CircuitState.HALF_OPEN,
             },
             broken.id: {
                 "last_success_at": now - timedelta(days=3),
-                "health_status": models.BROKEN,
-                "circuit_state": models.CIRCUIT_OPEN,
+                "health_status": Health.BROKEN,
+                "circuit_state": CircuitState.OPEN,
             },
             disabled.id: {"enabled": False, "last_success_at": now - timedelta(days=9)},
             never.id: {"created_at": now - timedelta(days=30)},  # LOCKED: not late

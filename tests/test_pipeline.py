@@ -11,11 +11,16 @@ from sqlalchemy import func, select, update
 from mailpipe import grants, health, jobs, leases, schedule
 from mailpipe.errors import NotFound
 from mailpipe.grants import KeyGrant
-from mailpipe.models import BROKEN, LOCKED, AccountRun, MailAccount, PipelineJob, utcnow
+from mailpipe.health import CircuitPolicy
+from mailpipe.models import AccountRun, MailAccount, PipelineJob, utcnow
 from mailpipe.observer import Observer
 from mailpipe.processors import Mail
-from mailpipe.runner import BUSY, run_account
+from mailpipe.retry import RetryPolicy
+from mailpipe.runner import Next, run_account
+from mailpipe.vocabulary import Gate, Health
 from tests.support.world import User, World
+
+CIRCUIT = CircuitPolicy()
 
 
 def test_job_for_all_accounts_fans_out_and_succeeds(world):
@@ -143,7 +148,7 @@ def run_job(world: World, job_id: str, account: int, **options):
         job_id=job_id,
         account_id=account,
         attempt=1,
-        may_retry=True,
+        retry_policy=RetryPolicy(),
         private_key=world.private_key,
         **options,
     )
@@ -166,7 +171,7 @@ def test_a_held_account_lease_makes_the_run_wait(world):
     with world.sessions.begin() as session:
         assert leases.acquire(session, account, owner="someone-else", seconds=60)
     outcome = run_job(world, job_id, account)
-    assert outcome.action == BUSY
+    assert outcome.action == Next.BUSY
     with world.sessions.begin() as session:
         leases.release(session, account, owner="someone-else")
     assert run_job(world, job_id, account).finished.status == "success"
@@ -296,14 +301,14 @@ def test_scheduler_claims_due_accounts_once(world):
     background(world, alice)
     with world.sessions.begin() as session:
         session.execute(
-            update(MailAccount).where(MailAccount.id == broken).values(health_status=BROKEN)
+            update(MailAccount).where(MailAccount.id == broken).values(health_status=Health.BROKEN)
         )
     # When the scheduler looks twice in a row
     with world.sessions.begin() as session:
         first = schedule.claim_due_accounts(session)
     with world.sessions.begin() as session:
         second = schedule.claim_due_accounts(session)
-    # Then alice's healthy accounts are claimed once; bob (no grant) and BROKEN ones never
+    # Then alice's healthy accounts are claimed once; bob (no grant) and Health.BROKEN ones never
     assert first == {alice.id: [a1, a2]}
     assert second == {}
 
@@ -328,7 +333,7 @@ def test_accounts_of_users_without_background_grant_show_locked(world):
     alice = world.user("alice")
     world.account(alice)
     [health] = world.pipeline.get_account_health(alice.id)
-    assert health["shown_health"] == LOCKED and health["locked"]
+    assert health["shown_health"] == Health.LOCKED and health["locked"]
     background(world, alice)
     [health] = world.pipeline.get_account_health(alice.id)
     assert health["shown_health"] == "HEALTHY" and not health["locked"]
@@ -495,7 +500,7 @@ def test_a_probe_that_never_reports_does_not_hold_the_circuit_half_open(world):
     # Given an account whose circuit opened long ago
     alice = world.user("alice")
     account = world.account(alice, mails=1)
-    long_ago = utcnow() - timedelta(seconds=health.CIRCUIT_COOLDOWN_SECONDS + 60)
+    long_ago = utcnow() - timedelta(seconds=CIRCUIT.cooldown_seconds + 60)
     with world.sessions.begin() as session:
         session.execute(
             update(MailAccount)
@@ -504,10 +509,10 @@ def test_a_probe_that_never_reports_does_not_hold_the_circuit_half_open(world):
         )
     # When a probe is let through but its run never reports (its worker died, or it waited)
     with world.sessions.begin() as session:
-        assert health.circuit_gate(session, account) == health.PROBE
+        assert health.circuit_gate(session, account, circuit=CIRCUIT) == Gate.PROBE
     # Then the next run is skipped while that probe may still be under way ...
     with world.sessions.begin() as session:
-        assert health.circuit_gate(session, account) == health.SKIP
+        assert health.circuit_gate(session, account, circuit=CIRCUIT) == Gate.SKIP
     # ... and once a cool-down has passed without an answer, the next run is the probe and heals it
     with world.sessions.begin() as session:
         session.execute(

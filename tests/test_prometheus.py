@@ -34,6 +34,7 @@ from sqlalchemy import select
 from werkzeug.serving import make_server
 
 from mailpipe.models import Notification
+from mailpipe.vocabulary import JobType
 from metrics import multiprocess
 from tests.support.dovecot import free_ports
 from tests.support.workers import REDIS_URL, ROOT, delete_namespace, new_namespace
@@ -220,7 +221,8 @@ def run_child(spec: dict) -> None:
     from mailpipe import db, grants, jobs
     from mailpipe.accounts import add_account, create_user
     from mailpipe.imap import ImapSettings
-    from mailpipe.runner import RETRY, run_account
+    from mailpipe.retry import RetryPolicy
+    from mailpipe.runner import Next, run_account
     from metrics.middleware import DramatiqMetrics
     from metrics.observer import MetricsObserver, record_finished_job
 
@@ -256,7 +258,7 @@ def run_child(spec: dict) -> None:
             job_id=job_id,
             user_id=user.id,
             account_ids=account_ids,
-            type=jobs.TYPE_ALL,
+            type=JobType.ALL,
             options={"max_mails": None, "timeout_seconds": 30},
             grant_id=grant.id,
         )
@@ -269,14 +271,14 @@ def run_child(spec: dict) -> None:
                 job_id=job_id,
                 account_id=account_id,
                 attempt=attempt,
-                may_retry=attempt == 1,
+                retry_policy=RetryPolicy(max_retries=1),
                 private_key=private,
                 observer=observer,
             )
             observer.record_outcome(outcome, seconds=time.perf_counter() - started)
             if outcome.finished is not None:
                 record_finished_job(sessions, outcome.finished)
-            if outcome.action != RETRY:
+            if outcome.action != Next.RETRY:
                 break
 
     # Dramatiq's own metrics, as a booted worker process writes them.

@@ -34,11 +34,15 @@ from mailpipe.crypto import DataKey
 from mailpipe.imap import ImapSettings
 from mailpipe.models import MailAccount, Notification
 from mailpipe.models import User as UserRow
+from mailpipe.retry import RetryPolicy
+from mailpipe.vocabulary import ErrorClass
 from tests.test_sync import message
 from web.app import SESSION_COOKIE, alert_token, config_from_env, create_app
 from web.blueprint import create_blueprint
 from web.openapi import OPENAPI
 from web.sessions import SessionStore
+
+POLICIES = {"retry_policy": RetryPolicy(), "circuit": health.CircuitPolicy()}
 
 FAST_KDF = 1_000
 PASSWORD = "correct horse"
@@ -619,9 +623,11 @@ def test_notifications_are_said_in_the_readers_language(site):
     alice = site.user("alice")
     account = site.account(alice, host="imap.gmx.net")
     with site.sessions.begin() as session:
-        health.record_outcome(session, account, error_class="invalid_credentials")
-        for _ in range(health.CIRCUIT_FAILURES):
-            health.record_outcome(session, account, error_class="timeout")
+        health.record_outcome(
+            session, account, error_class=ErrorClass.INVALID_CREDENTIALS, **POLICIES
+        )
+        for _ in range(health.CircuitPolicy().failures):
+            health.record_outcome(session, account, error_class=ErrorClass.TIMEOUT, **POLICIES)
     site.notify(alice.id, "stored words")
     client, _headers = logged_in(site, alice)
     # When she lists them in German and in English
@@ -657,7 +663,9 @@ def test_a_refused_oauth2_login_asks_to_connect_the_account_again(site):
         owner = session.get_one(UserRow, alice.id)
         account = add_account(session, owner, alice.key, settings).id
     with site.sessions.begin() as session:
-        health.record_outcome(session, account, error_class="invalid_credentials")
+        health.record_outcome(
+            session, account, error_class=ErrorClass.INVALID_CREDENTIALS, **POLICIES
+        )
         session.get_one(MailAccount, account).last_error_class = "invalid_credentials"
     client, _headers = logged_in(site, alice)
     # When she looks at her notifications and accounts

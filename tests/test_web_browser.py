@@ -18,6 +18,7 @@ from werkzeug.serving import make_server
 
 from mailpipe import jobs
 from mailpipe.models import PipelineJob, utcnow
+from mailpipe.vocabulary import JobType
 from tests.test_sync import message
 from tests.test_web_api import PASSWORD, Site, site, worker  # noqa: F401  (fixtures)
 
@@ -84,7 +85,7 @@ def seed_history(on: Site, user_id: int, account_ids: list[int]) -> None:
     with on.sessions.begin() as session:
         for days, mails, seconds in HISTORY:
             job = jobs.create_job(
-                session, user_id=user_id, account_ids=[], type=jobs.TYPE_ALL, options={}
+                session, user_id=user_id, account_ids=[], type=JobType.ALL, options={}
             )
             session.execute(
                 update(PipelineJob)

@@ -31,7 +31,7 @@ from mailpipe import db, grants
 from mailpipe.accounts import unlock_user
 from mailpipe.crypto import KDF_ITERATIONS, SALT_BYTES, DataKey, KdfParams, derive_kek
 from mailpipe.errors import NotFound, WrongPassword
-from mailpipe.models import JOB_FINAL
+from mailpipe.vocabulary import JOB_FINAL
 
 from . import present
 from .blueprint import (

@@ -8,23 +8,15 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from mailpipe import jobs
 from mailpipe.accounts import PROVIDER_NAMES, account_settings
 from mailpipe.crypto import DataKey
 from mailpipe.errors import DecryptionFailed
-from mailpipe.models import (
-    JOB_FINAL,
-    RUN_FINAL,
-    AccountRun,
-    MailAccount,
-    Notification,
-    PipelineJob,
-    utcnow,
-)
+from mailpipe.models import AccountRun, MailAccount, Notification, PipelineJob, utcnow
+from mailpipe.vocabulary import JOB_FINAL, RUN_FINAL, JobType
 
 from .i18n import TEXTS, text
 
-USER_JOB_TYPES = (jobs.TYPE_ACCOUNT, jobs.TYPE_ALL)
+USER_JOB_TYPES = (JobType.ACCOUNT, JobType.ALL)
 JOB_INSTANTS = ("created_at", "started_at", "finished_at")
 ACCOUNT_INSTANTS = ("health_checked_at", "last_fetch_at", "last_success_at")
 NOTIFICATION_FIELDS = (
@@ -91,10 +83,10 @@ def job_account_ids(session: Session, job_ids: list[str]) -> dict[str, list[int]
 
 def accounts_label(job_type: str, account_ids: list[int], labels: dict[int, str], lang: str) -> str:
     """ "alle" for a fetch of all accounts, else the accounts' names (scheduled ones marked)."""
-    if job_type == jobs.TYPE_ALL:
+    if job_type == JobType.ALL:
         return text(lang, "all_accounts")
     named = ", ".join(labels.get(a, f"#{a}") for a in account_ids) or "—"
-    if job_type == jobs.TYPE_SCHEDULED:
+    if job_type == JobType.SCHEDULED:
         return f"{named} ({text(lang, 'automatic')})"
     return named
 

@@ -19,7 +19,8 @@ from sqlalchemy import func, select
 
 from mailpipe.accounts import add_account
 from mailpipe.imap import ImapSettings
-from mailpipe.models import JOB_FINAL, RUN_FINAL, AccountRun, Email, PipelineJob, User
+from mailpipe.models import AccountRun, Email, PipelineJob, User
+from mailpipe.vocabulary import JOB_FINAL, RUN_FINAL
 from tests.support.messages import plain_message
 
 # Redelivery of a killed worker's messages within seconds instead of a minute: every broker
