@@ -75,6 +75,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "error_account_disabled": "Das Konto ist beim Anbieter gesperrt oder deaktiviert.",
         "error_tls_error": "Die sichere Verbindung (TLS) zum Mailserver ist fehlgeschlagen.",
         "error_locked": "Nicht abgerufen: bitte erneut anmelden, damit mailpipe das Konto lesen darf.",
+        "error_circuit_open": "Übersprungen: Der Abruf dieses Kontos schlug wiederholt fehl; "
+        "mailpipe pausiert ihn eine Weile und versucht es dann erneut.",
         "error_unknown": "Beim Abruf ist ein unerwarteter Fehler aufgetreten.",
         "note_account_broken": "{provider}: {error}",
         "note_circuit_open": "{provider}: Der Abruf schlägt immer wieder fehl. {error} mailpipe "
@@ -149,6 +151,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "error_account_disabled": "The account is locked or disabled at the provider.",
         "error_tls_error": "The secure connection (TLS) to the mail server failed.",
         "error_locked": "Not fetched: log in again so mailpipe may read this account.",
+        "error_circuit_open": "Skipped: fetching this account kept failing; mailpipe pauses it "
+        "for a while and then tries again.",
         "error_unknown": "Something unexpected went wrong while fetching.",
         "note_account_broken": "{provider}: {error}",
         "note_circuit_open": "{provider}: fetching keeps failing. {error} mailpipe pauses this "
