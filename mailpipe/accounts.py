@@ -108,3 +108,12 @@ def account_settings(account: MailAccount, key: DataKey, **overrides) -> ImapSet
         account.credentials_enc, table="mail_accounts", column="credentials", row=account.id
     )
     return ImapSettings(**{**json.loads(plain), **overrides})
+
+
+def owned_account(session: Session, account_id: int, user_id: int) -> MailAccount:
+    """The account if this user owns it: anyone else's account is "not found", as is a missing
+    one, so no caller can tell the two apart (the one ownership check for accounts)."""
+    account = session.get(MailAccount, account_id)
+    if account is None or account.user_id != user_id:
+        raise NotFound(f"account {account_id} not found")
+    return account
