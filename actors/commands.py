@@ -17,6 +17,8 @@ from actors.pipeline import PipelineBroker
 from mailpipe import grants
 from mailpipe.cli import describe_job, sessions_from_env, unlock
 from mailpipe.errors import MailpipeError
+from mailpipe.results import JobReport
+from mailpipe.vocabulary import JobStatus
 
 POLL_SECONDS = 0.2
 EMBEDDED_WORKER_THREADS = 8
@@ -51,19 +53,19 @@ def run_fetch(args: argparse.Namespace) -> int:
     finally:
         if worker is not None:
             worker.stop()
-    print(json.dumps(status) if args.json else describe_job(status))
-    return 0 if status["status"] == "success" else 1
+    print(json.dumps(status.to_json()) if args.json else describe_job(status))
+    return 0 if status.status == JobStatus.SUCCESS else 1
 
 
-def wait_for(pipeline: PipelineBroker, job_id: str, user_id: int, *, seconds: float) -> dict:
+def wait_for(pipeline: PipelineBroker, job_id: str, user_id: int, *, seconds: float) -> JobReport:
     """Poll the job record until it is final."""
     deadline = time.monotonic() + seconds
     while True:
         status = pipeline.get_job_status(job_id, user_id)
-        if status["final"]:
+        if status.final:
             return status
         if time.monotonic() > deadline:
-            raise MailpipeError(f"job {job_id} is still {status['status']} after {seconds:.0f} s")
+            raise MailpipeError(f"job {job_id} is still {status.status} after {seconds:.0f} s")
         time.sleep(POLL_SECONDS)
 
 

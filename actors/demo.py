@@ -31,6 +31,8 @@ from mailpipe.errors import MailpipeError
 from mailpipe.faultproxy import FaultProxy
 from mailpipe.imap import ImapSettings
 from mailpipe.models import utcnow
+from mailpipe.results import JobReport
+from mailpipe.vocabulary import ErrorClass, Health, JobStatus, RunStatus
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"
@@ -151,7 +153,7 @@ def _rounds(demo: Demo, *, once: bool, database: Path) -> int:
         demo.server.deliver("anna", _new_mail(number))
 
 
-def _round(demo: Demo, number: int) -> dict:
+def _round(demo: Demo, number: int) -> JobReport:
     """One fetch job for all accounts, followed live in the terminal."""
     demo.link.reset_after(FLAKY_BREAK_AFTER, times=1)
     job_id = demo.pipeline.enqueue_fetch_job(demo.user_id, key=demo.key, max_mails=None)
@@ -161,61 +163,59 @@ def _round(demo: Demo, number: int) -> dict:
     deadline = time.monotonic() + JOB_SECONDS
     while True:
         status = demo.pipeline.get_job_status(job_id, demo.user_id)
-        for run in status["accounts"]:
-            state = (run["status"], run["attempt"], run["error_class"])
-            if shown.get(run["account_id"]) != state:
-                shown[run["account_id"]] = state
-                why = f" ({run['error_class']})" if run["error_class"] else ""
+        for run in status.accounts:
+            state = (run.status, run.attempt, run.error_class)
+            if shown.get(run.account_id) != state:
+                shown[run.account_id] = state
+                why = f" ({run.error_class})" if run.error_class else ""
                 print(
-                    f"  {time.strftime('%H:%M:%S')} {names[run['account_id']]:<6}"
-                    f" {run['status']:<9} attempt {run['attempt']}{why}"
+                    f"  {time.strftime('%H:%M:%S')} {names[run.account_id]:<6}"
+                    f" {run.status:<9} attempt {run.attempt}{why}"
                 )
-        if status["final"]:
+        if status.final:
             return status
         if time.monotonic() > deadline:
             raise MailpipeError(f"demo job {job_id} did not finish in {JOB_SECONDS} s")
         time.sleep(POLL_SECONDS)
 
 
-def _check(demo: Demo, status: dict, *, first: bool) -> bool:
+def _check(demo: Demo, status: JobReport, *, first: bool) -> bool:
     """anna fetched (all demo mail in round 1), ben BROKEN and told, clara recovered by a retry."""
-    runs = {run["account_id"]: run for run in status["accounts"]}
+    runs = {run.account_id: run for run in status.accounts}
     anna, ben, clara = (runs[demo.accounts[name]] for name in ("anna", "ben", "clara"))
-    health_by_id = {
-        a["account_id"]: a["health"] for a in demo.pipeline.get_account_health(demo.user_id)
-    }
+    health_by_id = {a.account_id: a.health for a in demo.pipeline.get_account_health(demo.user_id)}
     with demo.sessions() as session:
         told = [n["kind"] for n in health.notifications(session, demo.user_id)]
     return (
-        anna["status"] == "success"
-        and (not first or anna["saved"] == len(demo_messages()))
-        and ben["status"] == "failed"
-        and ben["error_class"] == "invalid_credentials"
-        and health_by_id[demo.accounts["ben"]] == "BROKEN"
+        anna.status == RunStatus.SUCCESS
+        and (not first or anna.saved == len(demo_messages()))
+        and ben.status == RunStatus.FAILED
+        and ben.error_class == ErrorClass.INVALID_CREDENTIALS
+        and health_by_id[demo.accounts["ben"]] == Health.BROKEN
         and told.count("account_broken") == 1
-        and clara["status"] == "success"
-        and clara["attempt"] >= 2
-        and health_by_id[demo.accounts["clara"]] == "HEALTHY"
-        and status["status"] == "partial_failure"
+        and clara.status == RunStatus.SUCCESS
+        and clara.attempt >= 2
+        and health_by_id[demo.accounts["clara"]] == Health.HEALTHY
+        and status.status == JobStatus.PARTIAL_FAILURE
     )
 
 
-def _summary(demo: Demo, status: dict, as_designed: bool) -> None:
+def _summary(demo: Demo, status: JobReport, as_designed: bool) -> None:
     names = {account_id: name for name, account_id in demo.accounts.items()}
-    health_by_id = {a["account_id"]: a for a in demo.pipeline.get_account_health(demo.user_id)}
-    print(f"job {status['job_id'][:8]}: {status['status']}, {status['emails_fetched']} mails")
-    for run in status["accounts"]:
-        account = health_by_id[run["account_id"]]
-        phases = ", ".join(f"{p} {s * 1000:.0f} ms" for p, s in run["phases"].items())
+    health_by_id = {a.account_id: a for a in demo.pipeline.get_account_health(demo.user_id)}
+    print(f"job {status.job_id[:8]}: {status.status}, {status.emails_fetched} mails")
+    for run in status.accounts:
+        account = health_by_id[run.account_id]
+        phases = ", ".join(f"{p} {s * 1000:.0f} ms" for p, s in run.phases.items())
         print(
-            f"  {names[run['account_id']]:<6} {RUN_MARKS.get(run['status'], run['status']):<8}"
-            f" health {account['health']:<9} saved {run['saved']:>3}"
-            f" quarantined {run['quarantined']}  attempts {run['attempt']}"
+            f"  {names[run.account_id]:<6} {RUN_MARKS.get(run.status, run.status):<8}"
+            f" health {account.health:<9} saved {run.saved:>3}"
+            f" quarantined {run.quarantined}  attempts {run.attempt}"
         )
         if phases:
             print(f"         phases: {phases}")
-        if run["error"]:
-            print(f"         error: {run['error']}")
+        if run.error:
+            print(f"         error: {run.error}")
     with demo.sessions() as session:
         for note in health.notifications(session, demo.user_id, unread_only=True):
             print(f"  notification: {note['message']}")

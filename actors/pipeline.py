@@ -15,6 +15,7 @@ from actors.fetch import DEFAULT_TIME_LIMIT_MS, fetch_account
 from mailpipe import config, grants, jobs, reports
 from mailpipe.crypto import DataKey
 from mailpipe.errors import MailpipeError, NotFound
+from mailpipe.results import AccountHealth, JobReport, JobSummary, Performance
 from mailpipe.vocabulary import JobType
 
 JOB_GRANT_TTL_SECONDS = config.int_setting("MAILPIPE_JOB_GRANT_TTL_SECONDS", 3600)
@@ -123,19 +124,19 @@ class PipelineBroker:
             for message in messages:
                 self.broker.enqueue(message)
 
-    def get_job_status(self, job_id: str, user_id: int) -> dict:
+    def get_job_status(self, job_id: str, user_id: int) -> JobReport:
         with self.sessions() as session:
             return jobs.job_status(session, job_id, user_id)
 
-    def list_jobs(self, user_id: int, limit: int = 20) -> list[dict]:
+    def list_jobs(self, user_id: int, limit: int = 20) -> list[JobSummary]:
         with self.sessions() as session:
             return jobs.list_jobs(session, user_id, limit)
 
-    def get_account_health(self, user_id: int) -> list[dict]:
+    def get_account_health(self, user_id: int) -> list[AccountHealth]:
         with self.sessions() as session:
             return reports.account_health(session, user_id)
 
-    def get_performance_metrics(self, user_id: int) -> dict:
+    def get_performance_metrics(self, user_id: int) -> Performance:
         with self.sessions() as session:
             return reports.performance(session, user_id)
 

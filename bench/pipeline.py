@@ -132,12 +132,12 @@ def bench_pipeline(
         started = time.perf_counter()
         job_id = pipeline.enqueue_fetch_job(user_id, key=key, max_mails=None, timeout_seconds=600)
         deadline = time.monotonic() + WAIT_SECONDS
-        while not pipeline.get_job_status(job_id, user_id)["final"]:
+        while not pipeline.get_job_status(job_id, user_id).final:
             if time.monotonic() > deadline:
                 raise RuntimeError("parallel job did not finish:\n" + cluster.workers.log()[-2000:])
             time.sleep(0.05)
         elapsed = time.perf_counter() - started
-        status = pipeline.get_job_status(job_id, user_id)["status"]
+        status = pipeline.get_job_status(job_id, user_id).status
         if status != "success":
             raise RuntimeError(f"parallel job ended {status}")
         return elapsed, stored(cluster.sessions)
@@ -155,7 +155,7 @@ def warm_up(pipeline: PipelineBroker, user_id: int, key, ids: list[int], workers
         for _ in range(workers.processes * 2)
     ]
     deadline = time.monotonic() + WAIT_SECONDS
-    while not all(pipeline.get_job_status(job, user_id)["final"] for job in jobs):
+    while not all(pipeline.get_job_status(job, user_id).final for job in jobs):
         if time.monotonic() > deadline:
             raise RuntimeError("warm-up did not finish:\n" + workers.log()[-2000:])
         time.sleep(0.05)

@@ -59,7 +59,7 @@ def main() -> int:
                 worker.join()
                 status = pipeline.get_job_status(job, user_id)
                 print(
-                    f"round {number}: {status['status']}, {status['emails_fetched']} mails; "
+                    f"round {number}: {status.status}, {status.emails_fetched} mails; "
                     f"CPU {1000 * (time.process_time() - cpu) / accounts:.1f} ms and wall "
                     f"{1000 * (time.perf_counter() - wall) / accounts:.1f} ms per account run"
                 )

@@ -25,6 +25,7 @@ from .imap import SECURITY_MODES, ImapSettings
 from .models import MailAccount, PipelineJob, User
 from .observer import Observer
 from .profiler import MEMORY_METHODS, RU_MAXRSS, Profiler
+from .results import JobReport
 from .sync import BATCH_BYTES, SyncOptions, SyncResult, sync_account
 
 STRICT_PARSER = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
@@ -362,13 +363,14 @@ def run_health(args: argparse.Namespace) -> int:
     with sessions() as session:
         health = reports.account_health(session, find_user(session, args.user).id)
     if args.json:
-        print(json.dumps(health))
+        print(json.dumps([account.to_json() for account in health]))
         return 0
     for account in health:
-        error = f"  last error: {account['last_error']}" if account["last_error"] else ""
+        error = f"  last error: {account.last_error}" if account.last_error else ""
+        last_fetch = account.last_fetch_at.isoformat() if account.last_fetch_at else "never"
         print(
-            f"{account['account_id']:>5}  {account['provider']:<8} {account['shown_health']:<9}"
-            f" last fetch {account['last_fetch_at'] or 'never'}{error}"
+            f"{account.account_id:>5}  {account.provider:<8} {account.shown_health:<9}"
+            f" last fetch {last_fetch}{error}"
         )
     return 0
 
@@ -378,12 +380,12 @@ def run_jobs(args: argparse.Namespace) -> int:
     with sessions() as session:
         listed = jobs.list_jobs(session, find_user(session, args.user).id, args.limit)
     if args.json:
-        print(json.dumps(listed))
+        print(json.dumps([job.to_json() for job in listed]))
         return 0
     for job in listed:
         print(
-            f"{job['job_id']}  {job['type']:<9} {job['status']:<15} "
-            f"{job['emails_fetched']:>6} mails  {job['created_at']}"
+            f"{job.job_id}  {job.type:<9} {job.status:<15} "
+            f"{job.emails_fetched:>6} mails  {job.created_at.isoformat()}"
         )
     return 0
 
@@ -398,18 +400,18 @@ def run_job(args: argparse.Namespace) -> int:
                 raise NotFound(f"job {args.job_id} not found")
             owner = found.user_id
         status = jobs.job_status(session, args.job_id, owner)
-    print(json.dumps(status) if args.json else describe_job(status))
+    print(json.dumps(status.to_json()) if args.json else describe_job(status))
     return 0
 
 
-def describe_job(status: dict) -> str:
+def describe_job(status: JobReport) -> str:
     """A job in a few lines: status, then one line per account."""
-    lines = [f"job {status['job_id']}: {status['status']}, {status['emails_fetched']} mails"]
-    for run in status["accounts"]:
-        error = f" ({run['error_class']}: {run['error']})" if run["error_class"] else ""
+    lines = [f"job {status.job_id}: {status.status}, {status.emails_fetched} mails"]
+    for run in status.accounts:
+        error = f" ({run.error_class}: {run.error})" if run.error_class else ""
         lines.append(
-            f"  account {run['account_id']} [{run['provider']}]: {run['status']}, "
-            f"attempt {run['attempt']}, saved {run['saved']}{error}"
+            f"  account {run.account_id} [{run.provider}]: {run.status}, "
+            f"attempt {run.attempt}, saved {run.saved}{error}"
         )
     return "\n".join(lines)
 

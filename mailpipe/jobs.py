@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -13,7 +14,8 @@ from sqlalchemy.orm import Session
 from . import config
 from .errors import NotFound
 from .models import AccountRun, MailAccount, PipelineJob, utcnow
-from .vocabulary import JOB_FINAL, RUN_FINAL, JobStatus, RunStatus
+from .results import JobReport, JobSummary, RunReport
+from .vocabulary import JOB_FINAL, RUN_FINAL, ErrorClass, JobStatus, JobType, RunStatus
 
 TYPE_ACCOUNT = "account"
 TYPE_ALL = "all"
@@ -299,7 +301,7 @@ def get_job(session: Session, job_id: str, user_id: int) -> PipelineJob:
     return job
 
 
-def job_status(session: Session, job_id: str, user_id: int) -> dict:
+def job_status(session: Session, job_id: str, user_id: int) -> JobReport:
     """Status, counts and per-account progress, without secrets or mail content."""
     job = get_job(session, job_id, user_id)
     runs = session.scalars(
@@ -312,36 +314,41 @@ def job_status(session: Session, job_id: str, user_id: int) -> dict:
             )
         ).all()
     )
-    return {
-        **job_summary(job),
-        "accounts": [
-            {
-                "account_id": run.account_id,
-                "provider": providers.get(run.account_id, "other"),
-                "status": run.status,
-                "attempt": run.attempt,
-                "started_at": _iso(run.started_at),
-                "finished_at": _iso(run.finished_at),
-                "duration": run.duration,
-                "phases": run.phases or {},
-                **{name: getattr(run, name) for name in COUNTERS},
-                "error_class": run.error_class,
-                "error": run.error_message,
-            }
+    return JobReport(
+        **_summary_fields(job),
+        accounts=[
+            RunReport(
+                account_id=run.account_id,
+                provider=providers.get(run.account_id, "other"),
+                status=RunStatus(run.status),
+                attempt=run.attempt,
+                started_at=run.started_at,
+                finished_at=run.finished_at,
+                duration=run.duration,
+                phases=run.phases or {},
+                fetched=run.fetched,
+                saved=run.saved,
+                duplicates=run.duplicates,
+                quarantined=run.quarantined,
+                processed=run.processed,
+                error_class=ErrorClass(run.error_class) if run.error_class else None,
+                error=run.error_message,
+            )
             for run in runs
         ],
-    }
+    )
 
 
-def job_summary(job: PipelineJob) -> dict:
+def _summary_fields(job: PipelineJob) -> dict[str, Any]:
+    status = JobStatus(job.status)
     return {
         "job_id": job.id,
-        "type": job.type,
-        "status": job.status,
-        "final": job.status in JOB_FINAL,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
+        "type": JobType(job.type),
+        "status": status,
+        "final": status.final,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
         "emails_fetched": job.emails_fetched,
         "emails_processed": job.emails_processed,
         "retry_count": job.retry_count,
@@ -351,7 +358,7 @@ def job_summary(job: PipelineJob) -> dict:
     }
 
 
-def list_jobs(session: Session, user_id: int, limit: int = 20) -> list[dict]:
+def list_jobs(session: Session, user_id: int, limit: int = 20) -> list[JobSummary]:
     """The user's most recent jobs, newest first."""
     jobs = session.scalars(
         select(PipelineJob)
@@ -359,7 +366,7 @@ def list_jobs(session: Session, user_id: int, limit: int = 20) -> list[dict]:
         .order_by(PipelineJob.created_at.desc(), PipelineJob.id)
         .limit(limit)
     )
-    return [job_summary(job) for job in jobs]
+    return [JobSummary(**_summary_fields(job)) for job in jobs]
 
 
 def open_runs(session: Session, account_id: int) -> int:
@@ -372,7 +379,3 @@ def open_runs(session: Session, account_id: int) -> int:
             AccountRun.status.in_((RunStatus.PENDING, RunStatus.RUNNING, RunStatus.RETRYING)),
         )
     )
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None

@@ -12,13 +12,16 @@ from sqlalchemy.orm import Session
 from . import grants
 from .models import AccountRun, MailAccount, PipelineJob, utcnow
 from .observer import PHASES
-from .vocabulary import Health, RunStatus
+from .results import AccountHealth, Performance, Summary, TrendDay
+from .vocabulary import ErrorClass, Health, RunStatus
 
 TREND_DAYS = 7
 RUN_SAMPLE = 500
 
 
-def account_health(session: Session, user_id: int, *, now: datetime | None = None) -> list[dict]:
+def account_health(
+    session: Session, user_id: int, *, now: datetime | None = None
+) -> list[AccountHealth]:
     """Each account's health, last check and last error in plain words.
 
     Without a live background grant the scheduler cannot read the user's accounts: they show
@@ -29,28 +32,30 @@ def account_health(session: Session, user_id: int, *, now: datetime | None = Non
         select(MailAccount).where(MailAccount.user_id == user_id).order_by(MailAccount.id)
     )
     return [
-        {
-            "account_id": account.id,
-            "provider": account.provider,
-            "auth": account.auth_kind,
-            "enabled": account.enabled,
-            "health": account.health_status,
-            "shown_health": account.health_status if background else Health.LOCKED,
-            "locked": not background,
-            "circuit": account.circuit_state,
-            "health_checked_at": _iso(account.health_checked_at),
-            "last_fetch_at": _iso(account.last_fetch_at),
-            "last_success_at": _iso(account.last_success_at),
-            "last_error_class": account.last_error_class,
-            "last_error": account.last_error_message,
-            "folders": account.folders,
-            "sync_interval_seconds": account.sync_interval_seconds,
-        }
+        AccountHealth(
+            account_id=account.id,
+            provider=account.provider,
+            auth=account.auth_kind,
+            enabled=account.enabled,
+            health=Health(account.health_status),
+            shown_health=Health(account.health_status) if background else Health.LOCKED,
+            locked=not background,
+            circuit=account.circuit_state,
+            health_checked_at=account.health_checked_at,
+            last_fetch_at=account.last_fetch_at,
+            last_success_at=account.last_success_at,
+            last_error_class=ErrorClass(account.last_error_class)
+            if account.last_error_class
+            else None,
+            last_error=account.last_error_message,
+            folders=list(account.folders),
+            sync_interval_seconds=account.sync_interval_seconds,
+        )
         for account in accounts
     ]
 
 
-def performance(session: Session, user_id: int, *, now: datetime | None = None) -> dict:
+def performance(session: Session, user_id: int, *, now: datetime | None = None) -> Performance:
     """Per-phase p50/p95, run and job durations, throughput and a 7-day trend for one user."""
     now = now or utcnow()
     since = now - timedelta(days=TREND_DAYS)
@@ -91,44 +96,42 @@ def performance(session: Session, user_id: int, *, now: datetime | None = None) 
         entry["emails"] += emails or 0
         if metrics and metrics.get("duration") is not None:
             entry["durations"].append(metrics["duration"])
-    return {
-        "runs": len(runs),
-        "failed_runs": sum(run.status == RunStatus.FAILED for run in runs),
-        "phases": {
-            phase: _summary(phase_samples[phase]) for phase in PHASES if phase_samples.get(phase)
+    return Performance(
+        runs=len(runs),
+        failed_runs=sum(run.status == RunStatus.FAILED for run in runs),
+        phases={
+            phase: summary
+            for phase in PHASES
+            if (summary := _summary(phase_samples.get(phase, []))) is not None
         },
-        "account_run_duration": _summary(durations),
-        "emails_per_second": round(fetched / busy, 2) if busy else None,
-        "trend": [
-            {
-                "date": entry["date"],
-                "jobs": entry["jobs"],
-                "emails": entry["emails"],
-                "avg_duration": round(statistics.fmean(entry["durations"]), 3)
+        account_run_duration=_summary(durations),
+        emails_per_second=round(fetched / busy, 2) if busy else None,
+        trend=[
+            TrendDay(
+                date=entry["date"],
+                jobs=entry["jobs"],
+                emails=entry["emails"],
+                avg_duration=round(statistics.fmean(entry["durations"]), 3)
                 if entry["durations"]
                 else None,
-            }
+            )
             for entry in trend.values()
         ],
-    }
+    )
 
 
-def _summary(samples: list[float]) -> dict | None:
+def _summary(samples: list[float]) -> Summary | None:
     if not samples:
         return None
     ordered = sorted(samples)
-    return {
-        "count": len(ordered),
-        "p50": round(_quantile(ordered, 0.5), 4),
-        "p95": round(_quantile(ordered, 0.95), 4),
-        "mean": round(statistics.fmean(ordered), 4),
-    }
+    return Summary(
+        count=len(ordered),
+        p50=round(_quantile(ordered, 0.5), 4),
+        p95=round(_quantile(ordered, 0.95), 4),
+        mean=round(statistics.fmean(ordered), 4),
+    )
 
 
 def _quantile(ordered: list[float], q: float) -> float:
     index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
     return ordered[index]
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None

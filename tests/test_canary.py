@@ -265,8 +265,8 @@ class CanaryRun:
         pipeline = self.cluster.pipeline
         shown = [
             *self.statuses,
-            pipeline.list_jobs(self.user_id),
-            pipeline.get_account_health(self.user_id),
+            [job.to_json() for job in pipeline.list_jobs(self.user_id)],
+            [account.to_json() for account in pipeline.get_account_health(self.user_id)],
         ]
         return b"\n".join(
             [

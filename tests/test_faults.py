@@ -159,7 +159,7 @@ def test_server_restarted_mid_sync(world, dovecot, proxy):
     world.wait()
     status = world.pipeline.get_job_status(job_id, alice.id)
     # Then the job ends well and nothing is lost or doubled
-    assert status["status"] == "success"
+    assert status.status == "success"
     stored_once(world, login_account, 60)
 
 

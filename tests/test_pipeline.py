@@ -105,7 +105,7 @@ def test_another_users_jobs_and_accounts_are_not_found(world):
         world.pipeline.enqueue_fetch_job(mallory.id, account, key=mallory.key)
     assert world.pipeline.list_jobs(mallory.id) == []
     assert world.pipeline.get_account_health(mallory.id) == []
-    assert [job["job_id"] for job in world.pipeline.list_jobs(alice.id)] == [status["job_id"]]
+    assert [job.job_id for job in world.pipeline.list_jobs(alice.id)] == [status["job_id"]]
 
 
 def test_redelivered_message_does_not_sync_again(world):
@@ -119,8 +119,8 @@ def test_redelivered_message_does_not_sync_again(world):
     world.wait()
     # Then the run keeps its single attempt and nothing is stored twice
     again = world.pipeline.get_job_status(status["job_id"], alice.id)
-    assert again["accounts"][0]["attempt"] == 1
-    assert again["status"] == "success"
+    assert again.accounts[0].attempt == 1
+    assert again.status == "success"
     assert len(world.emails(account)) == 2
 
 
@@ -320,7 +320,7 @@ def test_scheduled_job_uses_the_background_grant_and_keeps_it(world):
     job_id = world.pipeline.enqueue_fetch_job(alice.id, account, max_mails=None)
     world.wait()
     status = world.pipeline.get_job_status(job_id, alice.id)
-    assert (status["type"], status["status"], status["emails_fetched"]) == (
+    assert (status.type, status.status, status.emails_fetched) == (
         "scheduled",
         "success",
         2,
@@ -333,10 +333,10 @@ def test_accounts_of_users_without_background_grant_show_locked(world):
     alice = world.user("alice")
     world.account(alice)
     [health] = world.pipeline.get_account_health(alice.id)
-    assert health["shown_health"] == Health.LOCKED and health["locked"]
+    assert health.shown_health == Health.LOCKED and health.locked
     background(world, alice)
     [health] = world.pipeline.get_account_health(alice.id)
-    assert health["shown_health"] == "HEALTHY" and not health["locked"]
+    assert health.shown_health == "HEALTHY" and not health.locked
     with pytest.raises(NotFound):
         world.pipeline.enqueue_fetch_job(world.user("bob").id)  # no key and no grant
 
@@ -356,17 +356,16 @@ def test_performance_metrics_from_job_records(world):
     world.account(alice, mails=3)
     world.run(alice)
     metrics = world.pipeline.get_performance_metrics(alice.id)
-    assert metrics["runs"] == 1
-    assert metrics["phases"]["fetch"]["count"] == 1
-    assert metrics["account_run_duration"]["p95"] > 0
+    assert metrics.runs == 1
+    assert metrics.phases["fetch"].count == 1
+    assert metrics.account_run_duration is not None and metrics.account_run_duration.p95 > 0
     today = utcnow().date().isoformat()
-    assert metrics["trend"][-1] == {
-        "date": today,
-        "jobs": 1,
-        "emails": 3,
-        "avg_duration": metrics["trend"][-1]["avg_duration"],
-    }
-    assert len(metrics["trend"]) == 7
+    assert (metrics.trend[-1].date, metrics.trend[-1].jobs, metrics.trend[-1].emails) == (
+        today,
+        1,
+        3,
+    )
+    assert len(metrics.trend) == 7
 
 
 def test_scheduler_tick_deletes_expired_key_grants(world):
@@ -401,9 +400,9 @@ def test_scheduler_tick_starts_one_job_per_user_for_their_due_accounts(world):
     world.wait()
     # Then one scheduled job covered both accounts and succeeded
     [job] = world.pipeline.list_jobs(alice.id)
-    status = world.pipeline.get_job_status(job["job_id"], alice.id)
-    assert (status["type"], status["status"]) == ("scheduled", "success")
-    assert {run["account_id"]: run["saved"] for run in status["accounts"]} == {first: 1, second: 2}
+    status = world.pipeline.get_job_status(job.job_id, alice.id)
+    assert (status.type, status.status) == ("scheduled", "success")
+    assert {run.account_id: run.saved for run in status.accounts} == {first: 1, second: 2}
 
 
 def test_a_scheduled_job_leaves_out_accounts_of_other_users(world):
@@ -417,7 +416,7 @@ def test_a_scheduled_job_leaves_out_accounts_of_other_users(world):
     world.wait()
     # Then only alice's account was fetched
     status = world.pipeline.get_job_status(job_id, alice.id)
-    assert [run["account_id"] for run in status["accounts"]] == [mine]
+    assert [run.account_id for run in status.accounts] == [mine]
 
 
 def test_scheduler_tick_deletes_finished_jobs_past_the_retention(world):

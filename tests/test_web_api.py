@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 import dramatiq
 import pytest
@@ -39,7 +40,7 @@ from mailpipe.vocabulary import ErrorClass
 from tests.test_sync import message
 from web.app import SESSION_COOKIE, alert_token, config_from_env, create_app
 from web.blueprint import create_blueprint
-from web.openapi import OPENAPI
+from web.openapi import ACCOUNT_RUN, OPENAPI
 from web.sessions import SessionStore
 
 POLICIES = {"retry_policy": RetryPolicy(), "circuit": health.CircuitPolicy()}
@@ -349,6 +350,20 @@ def test_a_fetch_runs_to_success_with_phases_and_counts(site, worker, dovecot):
         client.get(path).text for path in (f"/api/jobs/{job_id}", *API_GETS[:1], *API_GETS[2:])
     )
     assert imap_password not in everything
+    # And every answer carries exactly the fields its OpenAPI schema declares, built from the
+    # core's result types, with every instant in ISO 8601 with its offset
+    schemas = OPENAPI["components"]["schemas"]
+    [history] = client.get("/api/jobs/history").json["jobs"]
+    [health] = client.get("/api/accounts/health").json["accounts"]
+    performance = client.get("/api/metrics/performance").json
+    job_fields = set(schemas["JobStatus"]["allOf"][0]["properties"]) | {"accounts", "progress"}
+    assert set(status) == job_fields
+    assert set(status["accounts"][0]) == set(ACCOUNT_RUN["properties"])
+    assert set(history) == set(schemas["JobSummary"]["properties"])
+    assert set(health) == set(schemas["AccountHealth"]["properties"])
+    assert set(performance) == set(schemas["Performance"]["properties"])
+    for instant in (status["created_at"], status["finished_at"], health["last_fetch_at"]):
+        assert datetime.fromisoformat(instant).utcoffset() is not None
 
 
 BAD_FETCHES = [

@@ -304,16 +304,16 @@ def _dashboard_data(state: WebState, login: ServerSession, lang: str) -> dict:
     pipeline = state.pipeline
     listed = pipeline.list_jobs(login.user_id, DASHBOARD_JOBS)
     health = pipeline.get_account_health(login.user_id)
-    trend = pipeline.get_performance_metrics(login.user_id)["trend"]
+    trend = pipeline.get_performance_metrics(login.user_id).to_json()["trend"]
     with state.sessions() as session:
         labels = present.account_labels(session, login.user_id, login.key)
-        covered = present.job_account_ids(session, [job["job_id"] for job in listed])
+        covered = present.job_account_ids(session, [job.job_id for job in listed])
         notes = present.user_notifications(
             session, login.user_id, limit=DASHBOARD_NOTIFICATIONS, lang=lang
         )
     jobs = [
         present.job_summary_view(
-            job, account_ids=covered.get(job["job_id"], []), labels=labels, lang=lang
+            job, account_ids=covered.get(job.job_id, []), labels=labels, lang=lang
         )
         for job in listed
     ]

@@ -180,14 +180,14 @@ class _Api:
         limit = _query_int("limit", default=DEFAULT_HISTORY, maximum=MAX_HISTORY)
         listed = self.pipeline.list_jobs(user_id, limit)
         with self.sessions() as session:
-            covered = present.job_account_ids(session, [job["job_id"] for job in listed])
+            covered = present.job_account_ids(session, [job.job_id for job in listed])
             labels = present.account_labels(session, user_id, self.current_key())
         lang = language(request)
         return jsonify(
             {
                 "jobs": [
                     present.job_summary_view(
-                        job, account_ids=covered.get(job["job_id"], []), labels=labels, lang=lang
+                        job, account_ids=covered.get(job.job_id, []), labels=labels, lang=lang
                     )
                     for job in listed
                 ]
@@ -226,7 +226,7 @@ class _Api:
         )
 
     def performance(self) -> Response:
-        return jsonify(self.pipeline.get_performance_metrics(self.user()))
+        return jsonify(self.pipeline.get_performance_metrics(self.user()).to_json())
 
     # -- notifications ---------------------------------------------------------------------
 

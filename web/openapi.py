@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from actors.pipeline import MAX_TIMEOUT_SECONDS
 from mailpipe import diagnostics
+from mailpipe.results import AccountHealth, JobSummary, Performance, RunReport
+
+from .schemas import object_schema
 
 MAX_ID = 2**31 - 1
 MAX_MAILS = 10_000
@@ -70,95 +73,37 @@ LANG = {
     "schema": {"type": "string", "enum": ["de", "en"]},
 }
 
-JOB_SUMMARY = {
-    "type": "object",
-    "required": ["job_id", "type", "status", "final", "created_at", "emails_fetched"],
-    "properties": {
-        "job_id": {"type": "string"},
-        "type": {"type": "string", "enum": ["account", "all", "scheduled"]},
-        "status": {
-            "type": "string",
-            "enum": ["pending", "running", "retrying", "success", "partial_failure", "failed"],
-        },
+JOB_SUMMARY = object_schema(
+    JobSummary,
+    overrides={"created_at": {"description": "ISO 8601 with its offset, as every instant"}},
+    extra={
         "status_text": {"type": "string", "description": "the status in user words"},
-        "final": {"type": "boolean"},
-        "created_at": INSTANT,
-        "started_at": NULLABLE_INSTANT,
-        "finished_at": NULLABLE_INSTANT,
         "duration": {**NULLABLE_NUMBER, "description": "seconds from start to end"},
-        "emails_fetched": {"type": "integer"},
-        "emails_processed": {"type": "integer"},
-        "retry_count": {"type": "integer"},
         "account_ids": {"type": "array", "items": {"type": "integer"}},
         "accounts_label": {"type": "string", "description": '"alle"/"all" or account names'},
-        "errors": {"type": "array", "items": {"type": "object"}},
-        "metrics": {"type": "object"},
-        "options": {"type": "object"},
     },
-}
+)
 
-ACCOUNT_RUN = {
-    "type": "object",
-    "required": ["account_id", "status", "label"],
-    "properties": {
-        "account_id": {"type": "integer"},
+ACCOUNT_RUN = object_schema(
+    RunReport,
+    overrides={"error": {"description": "the technical cause, one line, no secret"}},
+    extra={
         "label": {"type": "string"},
-        "provider": {"type": "string"},
-        "status": {
-            "type": "string",
-            "enum": ["pending", "running", "retrying", "success", "failed", "skipped"],
-        },
         "status_text": {"type": "string"},
-        "attempt": {"type": "integer"},
-        "started_at": NULLABLE_INSTANT,
-        "finished_at": NULLABLE_INSTANT,
-        "duration": NULLABLE_NUMBER,
-        "phases": {"type": "object", "additionalProperties": {"type": "number"}},
-        "fetched": {"type": "integer"},
-        "saved": {"type": "integer"},
-        "duplicates": {"type": "integer"},
-        "quarantined": {"type": "integer"},
-        "processed": {"type": "integer"},
-        "error_class": NULLABLE_STRING,
-        "error": {**NULLABLE_STRING, "description": "the technical cause, one line, no secret"},
         "message": {**NULLABLE_STRING, "description": "what went wrong, in user words"},
     },
-}
+)
 
-ACCOUNT_HEALTH = {
-    "type": "object",
-    "required": ["account_id", "label", "health", "shown_health", "health_text"],
-    "properties": {
-        "account_id": {"type": "integer"},
+ACCOUNT_HEALTH = object_schema(
+    AccountHealth,
+    extra={
         "label": {"type": "string"},
-        "provider": {"type": "string"},
-        "auth": {"type": "string", "enum": ["password", "oauth2"]},
-        "enabled": {"type": "boolean"},
-        "health": {"type": "string", "enum": ["HEALTHY", "DEGRADED", "BROKEN"]},
-        "shown_health": {"type": "string", "enum": ["HEALTHY", "DEGRADED", "BROKEN", "LOCKED"]},
         "health_text": {"type": "string"},
-        "locked": {"type": "boolean"},
-        "circuit": {"type": "string"},
-        "health_checked_at": NULLABLE_INSTANT,
-        "last_fetch_at": NULLABLE_INSTANT,
-        "last_success_at": NULLABLE_INSTANT,
-        "last_error_class": NULLABLE_STRING,
-        "last_error": NULLABLE_STRING,
         "last_error_text": NULLABLE_STRING,
-        "folders": {"type": "array", "items": {"type": "string"}},
-        "sync_interval_seconds": {"type": "integer"},
     },
-}
+)
 
-SUMMARY = {
-    "type": ["object", "null"],
-    "properties": {
-        "count": {"type": "integer"},
-        "p50": {"type": "number"},
-        "p95": {"type": "number"},
-        "mean": {"type": "number"},
-    },
-}
+PERFORMANCE = object_schema(Performance, overrides={"trend": {"description": "the last 7 days"}})
 
 NOTIFICATION = {
     "type": "object",
@@ -523,30 +468,7 @@ OPENAPI: dict = {
                     "details": {"type": "object", "description": "what the check found"},
                 },
             },
-            "Performance": {
-                "type": "object",
-                "required": ["runs", "trend"],
-                "properties": {
-                    "runs": {"type": "integer"},
-                    "failed_runs": {"type": "integer"},
-                    "phases": {"type": "object", "additionalProperties": SUMMARY},
-                    "account_run_duration": SUMMARY,
-                    "emails_per_second": NULLABLE_NUMBER,
-                    "trend": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["date", "jobs", "emails", "avg_duration"],
-                            "properties": {
-                                "date": {"type": "string", "format": "date"},
-                                "jobs": {"type": "integer"},
-                                "emails": {"type": "integer"},
-                                "avg_duration": NULLABLE_NUMBER,
-                            },
-                        },
-                    },
-                },
-            },
+            "Performance": PERFORMANCE,
             "Notification": NOTIFICATION,
             "AlertmanagerPayload": {
                 "type": "object",

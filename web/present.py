@@ -12,13 +12,12 @@ from mailpipe.accounts import PROVIDER_NAMES, account_settings
 from mailpipe.crypto import DataKey
 from mailpipe.errors import DecryptionFailed
 from mailpipe.models import AccountRun, MailAccount, Notification, PipelineJob, utcnow
+from mailpipe.results import AccountHealth, JobReport, JobSummary
 from mailpipe.vocabulary import JOB_FINAL, RUN_FINAL, JobType
 
 from .i18n import TEXTS, text
 
 USER_JOB_TYPES = (JobType.ACCOUNT, JobType.ALL)
-JOB_INSTANTS = ("created_at", "started_at", "finished_at")
-ACCOUNT_INSTANTS = ("health_checked_at", "last_fetch_at", "last_success_at")
 NOTIFICATION_FIELDS = (
     "id",
     "kind",
@@ -92,50 +91,47 @@ def accounts_label(job_type: str, account_ids: list[int], labels: dict[int, str]
 
 
 def job_summary_view(
-    job: dict, *, account_ids: list[int], labels: dict[int, str], lang: str
+    job: JobSummary, *, account_ids: list[int], labels: dict[int, str], lang: str
 ) -> dict:
     """A history row: the core's summary plus accounts, duration and status in words."""
     return {
-        **job,
-        **_utc_fields(job, JOB_INSTANTS),
+        **job.to_json(),
         "account_ids": account_ids,
-        "accounts_label": accounts_label(job["type"], account_ids, labels, lang),
-        "duration": (job.get("metrics") or {}).get("duration"),
-        "status_text": status_text(job["status"], lang),
+        "accounts_label": accounts_label(job.type, account_ids, labels, lang),
+        "duration": job.metrics.get("duration"),
+        "status_text": status_text(job.status, lang),
     }
 
 
-def job_status_view(status: dict, *, labels: dict[int, str], lang: str) -> dict:
+def job_status_view(status: JobReport, *, labels: dict[int, str], lang: str) -> dict:
     """One job with per-account progress, each error said in user words."""
     runs = [
         {
-            **run,
-            **_utc_fields(run, JOB_INSTANTS[1:]),
-            "label": labels.get(run["account_id"], f"#{run['account_id']}"),
-            "status_text": status_text(run["status"], lang),
-            "message": error_text(run["error_class"], lang),
+            **run.to_json(),
+            "label": labels.get(run.account_id, f"#{run.account_id}"),
+            "status_text": status_text(run.status, lang),
+            "message": error_text(run.error_class, lang),
         }
-        for run in status["accounts"]
+        for run in status.accounts
     ]
-    account_ids = [run["account_id"] for run in runs]
+    account_ids = [run.account_id for run in status.accounts]
     return {
         **job_summary_view(status, account_ids=account_ids, labels=labels, lang=lang),
         "accounts": runs,
         "progress": {
-            "done": sum(run["status"] in RUN_FINAL for run in runs),
+            "done": sum(run.status in RUN_FINAL for run in status.accounts),
             "total": len(runs),
         },
     }
 
 
-def account_view(health: dict, *, labels: dict[int, str], lang: str) -> dict:
+def account_view(health: AccountHealth, *, labels: dict[int, str], lang: str) -> dict:
     """An account card: health, last check and last error in plain words."""
     return {
-        **health,
-        **_utc_fields(health, ACCOUNT_INSTANTS),
-        "label": labels.get(health["account_id"], f"#{health['account_id']}"),
-        "health_text": text(lang, f"health_{health['shown_health']}"),
-        "last_error_text": error_text(health["last_error_class"], lang, auth=health["auth"]),
+        **health.to_json(),
+        "label": labels.get(health.account_id, f"#{health.account_id}"),
+        "health_text": text(lang, f"health_{health.shown_health}"),
+        "last_error_text": error_text(health.last_error_class, lang, auth=health.auth),
     }
 
 
@@ -207,10 +203,6 @@ def utc_iso(value: datetime | str | None) -> str | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat()
-
-
-def _utc_fields(record: dict, names: tuple[str, ...]) -> dict:
-    return {name: utc_iso(record.get(name)) for name in names}
 
 
 def _plain(value: object) -> object:

@@ -58,11 +58,12 @@ class Cluster:
             return add_account(session, owner, key, settings).id
 
     def wait(self, job_id: str, user_id: int, *, seconds: float = JOB_WAIT_SECONDS) -> dict:
+        """The job once final, in the JSON form host apps read."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             status = self.pipeline.get_job_status(job_id, user_id)
-            if status["final"]:
-                return status
+            if status.final:
+                return status.to_json()
             time.sleep(0.1)
         raise AssertionError(f"job not final in time; worker log:\n{self.workers.log()[-3000:]}")
 

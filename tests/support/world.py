@@ -64,9 +64,10 @@ class World:
         return account_id
 
     def run(self, user: User, account_id: int | None = None, **options) -> dict:
+        """Run a job to its end; the job in the JSON form host apps read."""
         job_id = self.pipeline.enqueue_fetch_job(user.id, account_id, key=user.key, **options)
         self.wait()
-        return self.pipeline.get_job_status(job_id, user.id)
+        return self.pipeline.get_job_status(job_id, user.id).to_json()
 
     def wait(self) -> None:
         broker_config.broker.join("fetch", fail_fast=True)

@@ -1,0 +1,134 @@
+"""What the core hands to web code, the command line and host apps: typed, never bare dicts.
+
+Each result is a frozen dataclass; `to_json()` gives its JSON form (instants as ISO 8601 with
+their offset, vocabulary members as their stored strings). web/openapi.py builds the API's
+schemas from these classes, so a field is declared once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from typing import Any
+
+from .vocabulary import ErrorClass, Health, JobStatus, JobType, RunStatus
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """A result's JSON form, the same for every kind of result."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {field.name: _json(getattr(self, field.name)) for field in dataclasses.fields(self)}
+
+
+def _json(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Result):
+        return value.to_json()
+    if isinstance(value, list | tuple):
+        return [_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _json(item) for key, item in value.items()}
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunReport(Result):
+    """One account's part of a job: status, attempt, phase timings, counts and error."""
+
+    account_id: int
+    provider: str
+    status: RunStatus
+    attempt: int
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration: float | None
+    phases: dict[str, float]
+    fetched: int
+    saved: int
+    duplicates: int
+    quarantined: int
+    processed: int
+    error_class: ErrorClass | None
+    error: str | None  # the technical cause: one line, no secret
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobSummary(Result):
+    """A job as its history lists it: status, times and counts."""
+
+    job_id: str
+    type: JobType
+    status: JobStatus
+    final: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    emails_fetched: int
+    emails_processed: int
+    retry_count: int
+    errors: list[dict[str, Any]]  # per failed account: account_id, error_class, message
+    metrics: dict[str, Any]  # duration, accounts, succeeded, failed, skipped, phases
+    options: dict[str, Any]  # max_mails, timeout_seconds
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobReport(JobSummary):
+    """One job with the progress of every account in it."""
+
+    accounts: list[RunReport]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AccountHealth(Result):
+    """One account's health, last check and last error, without host, login or secret."""
+
+    account_id: int
+    provider: str
+    auth: str
+    enabled: bool
+    health: Health
+    shown_health: Health  # LOCKED while no background grant lets workers read the account
+    locked: bool
+    circuit: str
+    health_checked_at: datetime | None
+    last_fetch_at: datetime | None
+    last_success_at: datetime | None
+    last_error_class: ErrorClass | None
+    last_error: str | None
+    folders: list[str]
+    sync_interval_seconds: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Summary(Result):
+    """Quantiles of a sample of durations, in seconds."""
+
+    count: int
+    p50: float
+    p95: float
+    mean: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrendDay(Result):
+    """One day of a user's jobs."""
+
+    date: str
+    jobs: int
+    emails: int
+    avg_duration: float | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Performance(Result):
+    """A user's recent runs: per-phase and run quantiles, throughput and a 7-day trend."""
+
+    runs: int
+    failed_runs: int
+    phases: dict[str, Summary]
+    account_run_duration: Summary | None
+    emails_per_second: float | None
+    trend: list[TrendDay]
