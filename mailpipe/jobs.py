@@ -30,6 +30,7 @@ from .models import (
     AccountRun,
     MailAccount,
     PipelineJob,
+    iso,
     utcnow,
 )
 
@@ -252,7 +253,7 @@ def finalise_if_done(session: Session, job_id: str) -> FinishedJob | None:
                 if run.status == RUN_FAILED
             ],
             metrics={
-                "duration": _seconds(finished_at, started),
+                "duration": round((finished_at - started).total_seconds(), 3),
                 "accounts": len(runs),
                 "succeeded": statuses.count(RUN_SUCCESS),
                 "failed": statuses.count(RUN_FAILED),
@@ -298,12 +299,6 @@ def final_status(statuses: Sequence[str]) -> str:
     return JOB_PARTIAL_FAILURE
 
 
-def _seconds(end: datetime, start: datetime) -> float:
-    if start.tzinfo is None:
-        start = start.replace(tzinfo=end.tzinfo)
-    return round((end - start).total_seconds(), 3)
-
-
 def get_job(session: Session, job_id: str, user_id: int) -> PipelineJob:
     """The job if it is this user's; anyone else's job is "not found", as is a missing one."""
     job = session.get(PipelineJob, job_id)
@@ -333,8 +328,8 @@ def job_status(session: Session, job_id: str, user_id: int) -> dict:
                 "provider": providers.get(run.account_id, "other"),
                 "status": run.status,
                 "attempt": run.attempt,
-                "started_at": _iso(run.started_at),
-                "finished_at": _iso(run.finished_at),
+                "started_at": iso(run.started_at),
+                "finished_at": iso(run.finished_at),
                 "duration": run.duration,
                 "phases": run.phases or {},
                 **{name: getattr(run, name) for name in COUNTERS},
@@ -352,9 +347,9 @@ def job_summary(job: PipelineJob) -> dict:
         "type": job.type,
         "status": job.status,
         "final": job.status in JOB_FINAL,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
         "emails_fetched": job.emails_fetched,
         "emails_processed": job.emails_processed,
         "retry_count": job.retry_count,
@@ -385,7 +380,3 @@ def open_runs(session: Session, account_id: int) -> int:
             AccountRun.status.in_((RUN_PENDING, RUN_RUNNING, RUN_RETRYING)),
         )
     )
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None

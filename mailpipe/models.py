@@ -93,6 +93,11 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
+def iso(moment: datetime | None) -> str | None:
+    """An instant as it leaves the core: ISO 8601 with its offset (+00:00), or None."""
+    return moment.isoformat() if moment is not None else None
+
+
 class User(Base):
     """A person whose data key only their password unlocks."""
 

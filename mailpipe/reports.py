@@ -10,7 +10,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from . import grants
-from .models import LOCKED, RUN_FAILED, RUN_SUCCESS, AccountRun, MailAccount, PipelineJob, utcnow
+from .models import (
+    LOCKED,
+    RUN_FAILED,
+    RUN_SUCCESS,
+    AccountRun,
+    MailAccount,
+    PipelineJob,
+    iso,
+    utcnow,
+)
 from .observer import PHASES
 
 TREND_DAYS = 7
@@ -37,9 +46,9 @@ def account_health(session: Session, user_id: int, *, now: datetime | None = Non
             "shown_health": account.health_status if background else LOCKED,
             "locked": not background,
             "circuit": account.circuit_state,
-            "health_checked_at": _iso(account.health_checked_at),
-            "last_fetch_at": _iso(account.last_fetch_at),
-            "last_success_at": _iso(account.last_success_at),
+            "health_checked_at": iso(account.health_checked_at),
+            "last_fetch_at": iso(account.last_fetch_at),
+            "last_success_at": iso(account.last_success_at),
             "last_error_class": account.last_error_class,
             "last_error": account.last_error_message,
             "folders": account.folders,
@@ -127,7 +136,3 @@ def _summary(samples: list[float]) -> dict | None:
 def _quantile(ordered: list[float], q: float) -> float:
     index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
     return ordered[index]
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None

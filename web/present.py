@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -19,14 +19,13 @@ from mailpipe.models import (
     MailAccount,
     Notification,
     PipelineJob,
+    iso,
     utcnow,
 )
 
 from .i18n import TEXTS, text
 
 USER_JOB_TYPES = (jobs.TYPE_ACCOUNT, jobs.TYPE_ALL)
-JOB_INSTANTS = ("created_at", "started_at", "finished_at")
-ACCOUNT_INSTANTS = ("health_checked_at", "last_fetch_at", "last_success_at")
 NOTIFICATION_FIELDS = (
     "id",
     "kind",
@@ -105,7 +104,6 @@ def job_summary_view(
     """A history row: the core's summary plus accounts, duration and status in words."""
     return {
         **job,
-        **_utc_fields(job, JOB_INSTANTS),
         "account_ids": account_ids,
         "accounts_label": accounts_label(job["type"], account_ids, labels, lang),
         "duration": (job.get("metrics") or {}).get("duration"),
@@ -118,7 +116,6 @@ def job_status_view(status: dict, *, labels: dict[int, str], lang: str) -> dict:
     runs = [
         {
             **run,
-            **_utc_fields(run, JOB_INSTANTS[1:]),
             "label": labels.get(run["account_id"], f"#{run['account_id']}"),
             "status_text": status_text(run["status"], lang),
             "message": error_text(run["error_class"], lang),
@@ -140,7 +137,6 @@ def account_view(health: dict, *, labels: dict[int, str], lang: str) -> dict:
     """An account card: health, last check and last error in plain words."""
     return {
         **health,
-        **_utc_fields(health, ACCOUNT_INSTANTS),
         "label": labels.get(health["account_id"], f"#{health['account_id']}"),
         "health_text": text(lang, f"health_{health['shown_health']}"),
         "last_error_text": error_text(health["last_error_class"], lang, auth=health["auth"]),
@@ -169,7 +165,8 @@ def open_user_jobs(session: Session, user_id: int, *, window_seconds: int) -> in
 def notification_view(row: Notification, lang: str) -> dict:
     """A notification as plain JSON values, instants in UTC with their offset, and its text in
     the reader's language."""
-    view = {name: _plain(getattr(row, name)) for name in NOTIFICATION_FIELDS}
+    view = {name: getattr(row, name) for name in NOTIFICATION_FIELDS}
+    view.update(created_at=iso(row.created_at), read_at=iso(row.read_at))
     view["text"] = notification_text(row, lang)
     return view
 
@@ -205,21 +202,3 @@ def user_notifications(session: Session, user_id: int, *, limit: int, lang: str)
         .where(Notification.user_id == user_id, Notification.read_at.is_(None))
     )
     return {"notifications": [notification_view(row, lang) for row in rows], "unread": unread}
-
-
-def utc_iso(value: datetime | str | None) -> str | None:
-    """RFC 3339 with its offset: SQLite hands instants back naive, and they are all UTC."""
-    if value is None:
-        return None
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat()
-
-
-def _utc_fields(record: dict, names: tuple[str, ...]) -> dict:
-    return {name: utc_iso(record.get(name)) for name in names}
-
-
-def _plain(value: object) -> object:
-    return utc_iso(value) if isinstance(value, datetime) else value
