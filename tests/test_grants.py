@@ -92,7 +92,7 @@ def job_grant(
 
 
 def fresh(engine: Engine) -> Session:
-    """A new session, so rows come back from the database (SQLite returns naive datetimes)."""
+    """A new session, so rows come back from the database as a worker reads them."""
     return db.session_factory(engine)()
 
 
