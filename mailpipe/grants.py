@@ -188,21 +188,16 @@ def encode_public_key(public_key: bytes) -> str:
 # -- sealing -----------------------------------------------------------------------------
 
 
-def _utc(moment: datetime) -> datetime:
-    """Aware UTC; SQLite hands back naive datetimes, which the pipeline always writes in UTC."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
-
-
 def _seal_info(
     *, grant_id: uuid.UUID | str, user_id: int, purpose: str, expires_at: datetime
 ) -> bytes:
     """The HPKE context: the grant's id, owner, purpose and expiry, canonical to the microsecond."""
     if purpose not in PURPOSES:
         raise ValueError(f"grant purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}")
+    if expires_at.utcoffset() is None:
+        raise ValueError(f"the grant's expiry {expires_at!r} has no offset: which instant is it?")
     grant = uuid.UUID(str(grant_id))
-    expiry = _utc(expires_at).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    expiry = expires_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return f"{SEAL_INFO_PREFIX}|{grant}|{int(user_id)}|{purpose}|{expiry}".encode()
 
 
@@ -365,7 +360,7 @@ def live_grant(
     if key is None:
         return None
     grant = session.get(KeyGrant, key)
-    if grant is None or _utc(grant.expires_at) <= _utc(now or utcnow()):
+    if grant is None or grant.expires_at <= (now or utcnow()):
         return None
     return grant
 
@@ -399,7 +394,7 @@ def background_grant(
         select(KeyGrant).where(
             KeyGrant.user_id == user_id,
             KeyGrant.purpose == PURPOSE_BACKGROUND,
-            KeyGrant.expires_at > _utc(now or utcnow()),
+            KeyGrant.expires_at > (now or utcnow()),
         )
     )
 
@@ -410,7 +405,7 @@ def users_with_background_grant(session: Session, *, now: datetime | None = None
         select(KeyGrant.user_id)
         .where(
             KeyGrant.purpose == PURPOSE_BACKGROUND,
-            KeyGrant.expires_at > _utc(now or utcnow()),
+            KeyGrant.expires_at > (now or utcnow()),
         )
         .distinct()
     )
@@ -419,4 +414,4 @@ def users_with_background_grant(session: Session, *, now: datetime | None = None
 
 def purge_expired(session: Session, *, now: datetime | None = None) -> int:
     """Delete grants past their expiry, so no sealed key lingers longer than it is useful."""
-    return _delete(session, KeyGrant.expires_at <= _utc(now or utcnow()))
+    return _delete(session, KeyGrant.expires_at <= (now or utcnow()))

@@ -112,7 +112,7 @@ def record_outcome(
         account.circuit_opened_at = None
     else:
         account.health_status = retry_policy.health_after(error_class)
-        window_start = _aware(account.failure_window_start)
+        window_start = account.failure_window_start
         if window_start is None or window_start < now - timedelta(seconds=circuit.window_seconds):
             account.failure_window_start = now
             account.failure_count = 1
@@ -258,9 +258,3 @@ def _lock(session: Session, account_id: int) -> None:
         session.execute(
             select(MailAccount.id).where(MailAccount.id == account_id).with_for_update()
         )
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is not None and moment.tzinfo is None:
-        return moment.replace(tzinfo=utcnow().tzinfo)
-    return moment

@@ -241,7 +241,7 @@ def finalise_if_done(session: Session, job_id: str) -> FinishedJob | None:
                 if run.status == RunStatus.FAILED
             ],
             metrics={
-                "duration": _seconds(finished_at, started),
+                "duration": round((finished_at - started).total_seconds(), 3),
                 "accounts": len(runs),
                 "succeeded": statuses.count(RunStatus.SUCCESS),
                 "failed": statuses.count(RunStatus.FAILED),
@@ -285,12 +285,6 @@ def final_status(statuses: Sequence[str]) -> str:
     if failed == len(statuses) or statuses.count(RunStatus.SUCCESS) == 0:
         return JobStatus.FAILED
     return JobStatus.PARTIAL_FAILURE
-
-
-def _seconds(end: datetime, start: datetime) -> float:
-    if start.tzinfo is None:
-        start = start.replace(tzinfo=end.tzinfo)
-    return round((end - start).total_seconds(), 3)
 
 
 def get_job(session: Session, job_id: str, user_id: int) -> PipelineJob:

@@ -17,9 +17,11 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
     Uuid,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .vocabulary import AuthKind, CircuitState, Health, JobStatus, ProcessStatus, RunStatus
@@ -33,6 +35,33 @@ class Base(DeclarativeBase):
     pass
 
 
+class UtcDateTime(TypeDecorator[datetime]):
+    """An instant in UTC with its offset, written and read the same on SQLite (which keeps no
+    offset) and PostgreSQL; a time without an offset names no instant and is refused."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.utcoffset() is None:
+            raise ValueError(f"{value!r} has no offset: say which instant it is (e.g. UTC)")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.utcoffset() is None:  # SQLite: stored in UTC above, handed back without offset
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def iso(moment: datetime | None) -> str | None:
+    """An instant as it leaves the core: ISO 8601 with its offset (+00:00), or None."""
+    return moment.isoformat() if moment is not None else None
+
+
 class User(Base):
     """A person whose data key only their password unlocks."""
 
@@ -42,7 +71,7 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     kdf: Mapped[dict] = mapped_column(JSON)
     wrapped_dek: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class MailAccount(Base):
@@ -61,22 +90,22 @@ class MailAccount(Base):
     folders: Mapped[list] = mapped_column(JSON, default=lambda: ["INBOX"])
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     health_status: Mapped[str] = mapped_column(String(20), default=Health.HEALTHY)
-    health_checked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    last_fetch_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    last_success_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    health_checked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    last_fetch_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    last_success_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     last_error_class: Mapped[str | None] = mapped_column(String(40))
     last_error_message: Mapped[str | None] = mapped_column(String(500))
     sync_interval_seconds: Mapped[int] = mapped_column(Integer, default=300, server_default="300")
-    next_sync_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    next_sync_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     lease_owner: Mapped[str | None] = mapped_column(String(64))
-    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
     circuit_state: Mapped[str] = mapped_column(
         String(20), default=CircuitState.CLOSED, server_default=CircuitState.CLOSED.value
     )
-    circuit_opened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    circuit_opened_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     failure_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    failure_window_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    failure_window_start: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class FolderState(Base):
@@ -91,7 +120,7 @@ class FolderState(Base):
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
     uidnext: Mapped[int] = mapped_column(BigInteger, default=0)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class Email(Base):
@@ -109,8 +138,8 @@ class Email(Base):
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     uid: Mapped[int] = mapped_column(BigInteger)
     message_id: Mapped[str | None] = mapped_column(String(1000))
-    internal_date: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    sent_date: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    internal_date: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    sent_date: Mapped[datetime | None] = mapped_column(UtcDateTime())
     flags: Mapped[str] = mapped_column(Text, default="")
     size: Mapped[int] = mapped_column(BigInteger)
     content_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
@@ -122,7 +151,7 @@ class Email(Base):
         String(20), default=ProcessStatus.PENDING, server_default=ProcessStatus.PENDING.value
     )
     annotations_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
-    fetched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    fetched_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class PipelineJob(Base):
@@ -136,9 +165,9 @@ class PipelineJob(Base):
     status: Mapped[str] = mapped_column(String(20), default=JobStatus.PENDING)
     grant_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     options: Mapped[dict] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), index=True)
     emails_fetched: Mapped[int] = mapped_column(Integer, default=0)
     emails_processed: Mapped[int] = mapped_column(Integer, default=0)
     errors: Mapped[list] = mapped_column(JSON, default=list)
@@ -162,8 +191,8 @@ class AccountRun(Base):
     account_id: Mapped[int] = mapped_column(ForeignKey("mail_accounts.id", ondelete="CASCADE"))
     status: Mapped[str] = mapped_column(String(20), default=RunStatus.PENDING)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     phases: Mapped[dict] = mapped_column(JSON, default=dict)
     profile: Mapped[dict] = mapped_column(JSON, default=dict)
     fetched: Mapped[int] = mapped_column(Integer, default=0)
@@ -194,8 +223,8 @@ class Notification(Base):
     # what the kind needs to be said in another language (provider, error classes, minutes)
     params: Mapped[dict | None] = mapped_column(JSON)
     dedupe_key: Mapped[str | None] = mapped_column(String(200), unique=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    read_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    read_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class KeyGrant(Base):
@@ -208,8 +237,8 @@ class KeyGrant(Base):
     purpose: Mapped[str] = mapped_column(String(20))
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     sealed: Mapped[bytes] = mapped_column(LargeBinary)
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     def __repr__(self) -> str:
         return (
@@ -235,5 +264,5 @@ class DiagnosticsResult(Base):
     error_message: Mapped[str | None] = mapped_column(String(500))
     grant_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     report_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import orjson
 from sqlalchemy import Table, func, select, update
@@ -136,8 +135,8 @@ class BatchWriter:
             "uidvalidity": uidvalidity,
             "uid": message.uid,
             "message_id": parsed.message_id,
-            "internal_date": _utc(message.internal_date),
-            "sent_date": _utc(parsed.sent_date),
+            "internal_date": message.internal_date,
+            "sent_date": parsed.sent_date,
             "flags": " ".join(_text(flag) for flag in message.flags),
             "size": len(raw),
             "content_hash": self.key.content_hash(raw),
@@ -217,11 +216,6 @@ class BatchWriter:
                 },
             )
         )
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    """Store every instant in UTC (SQLite keeps no offset)."""
-    return moment.astimezone(UTC) if moment is not None and moment.tzinfo else moment
 
 
 def _text(value: bytes | str) -> str:

@@ -106,7 +106,7 @@ class AccountCollector(Collector):
         for state in CIRCUIT_STATES:
             circuit.add_metric([state], circuits.get(state, 0))
         yield circuit
-        age = 0.0 if oldest is None else (datetime.now(UTC) - _utc(oldest)).total_seconds()
+        age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
         yield GaugeMetricFamily(
             "mailpipe_last_success_age_seconds",
             "Seconds since the last successful fetch of the stalest account background sync "
@@ -146,10 +146,3 @@ class AccountCollector(Collector):
                 )
             )
         return dict(health), dict(circuits), oldest
-
-
-def _utc(moment: datetime | str) -> datetime:
-    """SQLite returns aggregate instants as text or without an offset; they are stored in UTC."""
-    if isinstance(moment, str):
-        moment = datetime.fromisoformat(moment)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

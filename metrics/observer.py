@@ -121,10 +121,5 @@ def record_finished_job(sessions: sessionmaker[Session], finished: FinishedJob) 
         job = session.get(models.PipelineJob, finished.job_id)
         if job is None:
             return
-        ended = _utc(job.finished_at) if job.finished_at else datetime.now(UTC)
-        record_job(job.type, finished.status, (ended - _utc(job.created_at)).total_seconds())
-
-
-def _utc(moment: datetime) -> datetime:
-    """SQLite hands instants back without an offset; they are stored in UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        ended = job.finished_at or datetime.now(UTC)
+        record_job(job.type, finished.status, (ended - job.created_at).total_seconds())

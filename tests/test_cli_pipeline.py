@@ -13,6 +13,8 @@ from tests.support import postgres
 from tests.support.messages import plain_message as message
 from tests.support.workers import REDIS_URL, delete_namespace, new_namespace
 
+JOB_INSTANTS = ("created_at", "started_at", "finished_at")
+
 
 def run(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
@@ -77,6 +79,15 @@ def test_user_accounts_fetch_and_reports(env, dovecot):
     }
     assert health[bad]["last_error_class"] == "invalid_credentials"
     assert health[good]["last_success_at"] is not None
+    # And every instant the JSON views print is ISO 8601 with its offset, +00:00
+    job = json.loads(run("job", status["job_id"], "--json", env=env).stdout)
+    instants = [
+        *(view[name] for view in (status, job, *jobs) for name in JOB_INSTANTS),
+        *(account[name] for account in job["accounts"] for name in JOB_INSTANTS[1:]),
+        *(account["last_fetch_at"] for account in health.values()),
+        health[good]["last_success_at"],
+    ]
+    assert all(instant.endswith("+00:00") for instant in instants), instants
     listed = run("account", "list", "--user", "alice", env=env).stdout
     assert str(good) in listed and str(bad) in listed
 

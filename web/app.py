@@ -12,7 +12,7 @@ import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -336,10 +336,11 @@ def _seconds(value: float | None, lang: str) -> str:
 
 
 def _when(value: str | None) -> str:
-    """A stored UTC instant as text; the page's script shows it in the reader's own time zone."""
+    """An instant (ISO 8601 with its offset) as UTC text; the page's script shows it in the
+    reader's own time zone."""
     if not value:
         return "—"
-    return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M UTC")  # already UTC
+    return datetime.fromisoformat(value).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def serve(*, host: str, port: int) -> int:

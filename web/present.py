@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from mailpipe.accounts import PROVIDER_NAMES, account_settings
 from mailpipe.crypto import DataKey
 from mailpipe.errors import DecryptionFailed
-from mailpipe.models import AccountRun, MailAccount, Notification, PipelineJob, utcnow
+from mailpipe.models import AccountRun, MailAccount, Notification, PipelineJob, iso, utcnow
 from mailpipe.results import AccountHealth, JobReport, JobSummary
 from mailpipe.vocabulary import JOB_FINAL, RUN_FINAL, JobType
 
@@ -157,7 +157,8 @@ def open_user_jobs(session: Session, user_id: int, *, window_seconds: int) -> in
 def notification_view(row: Notification, lang: str) -> dict:
     """A notification as plain JSON values, instants in UTC with their offset, and its text in
     the reader's language."""
-    view = {name: _plain(getattr(row, name)) for name in NOTIFICATION_FIELDS}
+    view = {name: getattr(row, name) for name in NOTIFICATION_FIELDS}
+    view.update(created_at=iso(row.created_at), read_at=iso(row.read_at))
     view["text"] = notification_text(row, lang)
     return view
 
@@ -193,17 +194,3 @@ def user_notifications(session: Session, user_id: int, *, limit: int, lang: str)
         .where(Notification.user_id == user_id, Notification.read_at.is_(None))
     )
     return {"notifications": [notification_view(row, lang) for row in rows], "unread": unread}
-
-
-def utc_iso(value: datetime | str | None) -> str | None:
-    """RFC 3339 with its offset: SQLite hands instants back naive, and they are all UTC."""
-    if value is None:
-        return None
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat()
-
-
-def _plain(value: object) -> object:
-    return utc_iso(value) if isinstance(value, datetime) else value

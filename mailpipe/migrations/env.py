@@ -1,10 +1,13 @@
 """Alembic environment: run against the connection `mailpipe.db.migrate` hands over."""
 
+from typing import Literal
+
 from alembic import context
+from alembic.autogenerate.api import AutogenContext
 from sqlalchemy import create_engine
 
 from mailpipe import config as mailpipe_config
-from mailpipe.models import Base
+from mailpipe.models import Base, UtcDateTime
 
 target_metadata = Base.metadata
 
@@ -24,9 +27,19 @@ def _run_with(connection) -> None:
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+        compare_server_default=True,
+        render_item=render_item,
     )
     with context.begin_transaction():
         context.run_migrations()
+
+
+def render_item(type_: str, obj: object, autogen_context: AutogenContext) -> str | Literal[False]:
+    """Write a UtcDateTime column as the type the database holds, so migrations need no models."""
+    if type_ == "type" and isinstance(obj, UtcDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
 
 
 run()
