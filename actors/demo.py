@@ -185,7 +185,7 @@ def _check(demo: Demo, status: JobReport, *, first: bool) -> bool:
     anna, ben, clara = (runs[demo.accounts[name]] for name in ("anna", "ben", "clara"))
     health_by_id = {a.account_id: a.health for a in demo.pipeline.get_account_health(demo.user_id)}
     with demo.sessions() as session:
-        told = [n["kind"] for n in health.notifications(session, demo.user_id)]
+        told = [note.kind for note in health.notifications(session, demo.user_id)]
     return (
         anna.status == RunStatus.SUCCESS
         and (not first or anna.saved == len(demo_messages()))
@@ -218,7 +218,7 @@ def _summary(demo: Demo, status: JobReport, as_designed: bool) -> None:
             print(f"         error: {run.error}")
     with demo.sessions() as session:
         for note in health.notifications(session, demo.user_id, unread_only=True):
-            print(f"  notification: {note['message']}")
+            print(f"  notification: {note.message}")
     print("demo behaved as designed" if as_designed else "demo did NOT behave as designed")
 
 

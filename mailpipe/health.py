@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from .accounts import PROVIDER_NAMES
 from .models import MailAccount, Notification, utcnow
+from .results import Note
 from .retry import RetryPolicy
 from .vocabulary import AuthKind, CircuitState, ErrorClass, Gate, Health
 
@@ -204,23 +205,23 @@ def notify(
     return True
 
 
-def notifications(session: Session, user_id: int, *, unread_only: bool = False) -> list[dict]:
+def notifications(session: Session, user_id: int, *, unread_only: bool = False) -> list[Note]:
     """The user's notifications, newest first."""
     query = select(Notification).where(Notification.user_id == user_id)
     if unread_only:
         query = query.where(Notification.read_at.is_(None))
     rows = session.scalars(query.order_by(Notification.created_at.desc(), Notification.id.desc()))
     return [
-        {
-            "id": row.id,
-            "kind": row.kind,
-            "severity": row.severity,
-            "message": row.message,
-            "account_id": row.account_id,
-            "job_id": row.job_id,
-            "created_at": row.created_at.isoformat(),
-            "read": row.read_at is not None,
-        }
+        Note(
+            id=row.id,
+            kind=row.kind,
+            severity=row.severity,
+            message=row.message,
+            account_id=row.account_id,
+            job_id=row.job_id,
+            created_at=row.created_at,
+            read=row.read_at is not None,
+        )
         for row in rows
     ]
 

@@ -103,6 +103,20 @@ class AccountHealth(Result):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Note(Result):
+    """A notification as its owner reads it: English words (`message`), never a secret."""
+
+    id: int
+    kind: str
+    severity: str
+    message: str
+    account_id: int | None
+    job_id: str | None
+    created_at: datetime
+    read: bool
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Summary(Result):
     """Quantiles of a sample of durations, in seconds."""
 

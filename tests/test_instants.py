@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from actors import PipelineBroker
 from mailpipe import db, grants, health, jobs, runner
 from mailpipe.accounts import add_account, create_user
-from mailpipe.failures import INVALID_CREDENTIALS
+from mailpipe.retry import RetryPolicy
+from mailpipe.vocabulary import ErrorClass
 from mailpipe.imap import ImapSettings
 from mailpipe.models import PipelineJob, utcnow
 
@@ -53,7 +54,13 @@ def ended_job(sessions: sessionmaker[Session]) -> tuple[int, str]:
         jobs.begin_run(session, job_id=job.id, account_id=account, attempt=1)
     runner.record_crash(sessions, job_id=job.id, account_id=account)
     with sessions.begin() as session:
-        health.record_outcome(session, account, error_class=INVALID_CREDENTIALS)
+        health.record_outcome(
+            session,
+            account,
+            error_class=ErrorClass.INVALID_CREDENTIALS,
+            retry_policy=RetryPolicy(),
+            circuit=health.CircuitPolicy(),
+        )
     return user.id, job.id
 
 
@@ -70,11 +77,11 @@ def test_instants_leave_the_facade_in_iso_8601_with_their_offset(sessions):
         sessions, public_key=grants.public_key_bytes(X25519PrivateKey.generate())
     )
     # When the facade reports the job, the job list, the accounts' health and the notifications
-    status = pipeline.get_job_status(job_id, user_id)
-    [listed] = pipeline.list_jobs(user_id)
-    [account] = pipeline.get_account_health(user_id)
+    status = pipeline.get_job_status(job_id, user_id).to_json()
+    [listed] = [job.to_json() for job in pipeline.list_jobs(user_id)]
+    [account] = [account.to_json() for account in pipeline.get_account_health(user_id)]
     with sessions() as session:
-        notes = health.notifications(session, user_id)
+        notes = [note.to_json() for note in health.notifications(session, user_id)]
     # Then every instant carries +00:00 and names the moment it happened
     [run] = status["accounts"]
     for instant in (
@@ -103,7 +110,7 @@ def test_an_instant_written_in_another_zone_reads_back_as_the_same_instant_in_ut
     # When it is read back, in a query and as the core reports it
     with sessions() as session:
         stored = session.scalar(select(PipelineJob.created_at).where(PipelineJob.id == job_id))
-        reported = jobs.job_status(session, job_id, user_id)["created_at"]
+        reported = jobs.job_status(session, job_id, user_id).to_json()["created_at"]
     # Then it is the same instant, in UTC, with its offset
     assert stored == written
     assert stored.utcoffset() == timedelta(0)
