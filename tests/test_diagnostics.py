@@ -28,14 +28,13 @@ from mailpipe.diagnostics import (
     OK,
     SKIPPED,
     UIDVALIDITY_CHANGED,
-    DiagnosticsResult,
     diagnose,
     diagnosis_result,
     run_checks,
 )
 from mailpipe.errors import NotFound
 from mailpipe.imap import ImapSettings
-from mailpipe.models import Base
+from mailpipe.models import Base, DiagnosticsResult
 from mailpipe.sync import sync_account
 from tests.support.dovecot import Dovecot
 from tests.support.faultproxy import FaultProxy
