@@ -13,6 +13,8 @@ import statistics
 import time
 from collections.abc import Iterable
 
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
+
 from .. import imap
 from ..failures import TLS_ERROR, UNKNOWN, classify
 from ..imap import ImapSettings
@@ -154,7 +156,7 @@ def secure(probe: Probe, settings: ImapSettings) -> Check:
 
 def tls(probe: Probe) -> Check:
     """Protocol, cipher and the certificate, read from the live TLS socket."""
-    sock = probe.client._imap.sock
+    sock = probe.client.socket()
     if not isinstance(sock, ssl.SSLSocket):
         return skipped(
             TLS, "the connection is not encrypted (security none): the password travels in clear"
@@ -172,7 +174,7 @@ def tls(probe: Probe) -> Check:
     )
 
 
-def login_mechanisms(probe: Probe) -> Check:
+def login_mechanisms(probe: Probe, settings: ImapSettings) -> Check:
     """What the server lets us log in with before login, and whether mailpipe can use it."""
     before = before_login(probe.client)
     mechanisms = sorted(c.removeprefix("AUTH=") for c in before if c.startswith("AUTH="))
@@ -184,28 +186,20 @@ def login_mechanisms(probe: Probe) -> Check:
         "login_command": login_command,
         "starttls_offered": "STARTTLS" in before,
     }
-    wanted = _wanted_mechanism(probe.settings, login_command=login_command)
-    if wanted is not None:
-        details["will_use"] = wanted
-    usable = offered[wanted] if wanted is not None else any(offered.values())
-    if usable:
+    wanted = _wanted_mechanism(settings, login_command=login_command)
+    details["will_use"] = wanted
+    if offered[wanted]:
         return Check(LOGIN_MECHANISMS, OK, details=details)
-    encrypted = isinstance(probe.client._imap.sock, ssl.SSLSocket)
+    encrypted = isinstance(probe.client.socket(), ssl.SSLSocket)
     if not login_command and not encrypted:
         reason = "the server refuses logins on an unencrypted connection: use starttls or tls"
         return Check(LOGIN_MECHANISMS, FAILED, details, reason=reason, error_class=TLS_ERROR)
-    reason = (
-        f"the server does not offer {wanted}, which this account logs in with"
-        if wanted is not None
-        else "the server offers no login mailpipe speaks (LOGIN, AUTH=PLAIN, AUTH=XOAUTH2)"
-    )
+    reason = f"the server does not offer {wanted}, which this account logs in with"
     return Check(LOGIN_MECHANISMS, FAILED, details, reason=reason, error_class=UNKNOWN)
 
 
-def _wanted_mechanism(settings: ImapSettings | None, *, login_command: bool) -> str | None:
-    """The mechanism `imap.authenticate` will pick for these settings (None: not known)."""
-    if settings is None:
-        return None
+def _wanted_mechanism(settings: ImapSettings, *, login_command: bool) -> str:
+    """The mechanism `imap.authenticate` will pick for these settings."""
     if settings.access_token is not None:
         return "XOAUTH2"
     if settings.auth == "plain" or (settings.auth == "auto" and not login_command):
@@ -230,10 +224,14 @@ def login(probe: Probe, settings: ImapSettings) -> Check:
 
 
 def logged_in(probe: Probe) -> Check:
-    state = probe.client._imap.state
-    if state in ("AUTH", "SELECTED"):
-        return Check(LOGIN, OK, details={"state": state})
-    return Check(LOGIN, FAILED, reason="the connection is not logged in", error_class=UNKNOWN)
+    """`LIST "" ""` (the hierarchy delimiter) is allowed only once logged in, so it tells."""
+    try:
+        probe.client.list_folders(pattern="")
+    except IMAPClientAbortError:
+        raise
+    except IMAPClientError:  # imaplib refuses it before sending when the state is wrong
+        return Check(LOGIN, FAILED, reason="the connection is not logged in", error_class=UNKNOWN)
+    return Check(LOGIN, OK)
 
 
 # -- after login ---------------------------------------------------------------------------
@@ -285,9 +283,8 @@ def inbox(probe: Probe) -> Check:
 
 
 def folders(probe: Probe) -> Check:
-    """LIST, asking for special-use flags explicitly where the server lets us (RFC 6154)."""
-    extended = offers(probe, "SPECIAL-USE") and offers(probe, "LIST-EXTENDED")
-    listed = _list_special_use(probe.client) if extended else probe.client.list_folders()
+    """LIST, with the special-use attributes (RFC 6154) that servers offering SPECIAL-USE send."""
+    listed = probe.client.list_folders()
     found = []
     special_use: dict[str, str] = {}
     for flags, delimiter, name in listed:
@@ -309,19 +306,10 @@ def folders(probe: Probe) -> Check:
         details={
             "count": len(found),
             "special_use": special_use,
-            "listed_with": "LIST RETURN (SPECIAL-USE)" if extended else "LIST",
             "folders": found[:MAX_FOLDERS],
             "truncated": len(found) > MAX_FOLDERS,
         },
     )
-
-
-def _list_special_use(client) -> list[tuple]:
-    """`LIST "" "*" RETURN (SPECIAL-USE)`, parsed as IMAPClient parses a plain LIST."""
-    typ, data = client._imap._simple_command("LIST", '""', '"*"', "RETURN (SPECIAL-USE)")
-    client._checkok("list", typ, data)
-    typ, data = client._imap._untagged_response(typ, data, "LIST")
-    return client._proc_folder_list(data)
 
 
 def server_id(probe: Probe) -> Check:

@@ -17,8 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .. import imap
 from ..failures import classify
-from ..imap import ImapSettings
-from .report import FAILED, SKIPPED, Check, clean, ms
+from .report import FAILED, SKIPPED, Check, clean, ms, text
 
 
 @dataclass
@@ -26,7 +25,6 @@ class Probe:
     """What the checks of one connection share."""
 
     client: IMAPClient
-    settings: ImapSettings | None
     sessions: sessionmaker[Session] | None
     account_id: int | None
     redact: tuple[str, ...]
@@ -66,8 +64,8 @@ def skipped(name: str, reason: str) -> Check:
 
 
 def before_login(client: IMAPClient) -> frozenset[str]:
-    """Capabilities as announced before login (imaplib keeps them, renewed after STARTTLS)."""
-    return frozenset(c.upper() for c in client._imap.capabilities)
+    """Capabilities as announced before login: IMAPClient asks again after STARTTLS."""
+    return frozenset(text(c).upper() for c in client.capabilities())
 
 
 def logout(client: IMAPClient) -> None:

@@ -116,7 +116,7 @@ def summarise(check: Check) -> str:
         LOGIN_MECHANISMS: lambda: (
             f"{', '.join(d['mechanisms']) or 'no AUTH='}"
             + ("" if d["login_command"] else ", LOGIN disabled")
-            + (f"; uses {d['will_use']}" if "will_use" in d else "")
+            + f"; uses {d['will_use']}"
         ),
         LOGIN: lambda: "logged in",
         CAPABILITIES: lambda: (

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 
 from imapclient import IMAPClient
 from sqlalchemy.orm import Session, sessionmaker
@@ -47,6 +48,7 @@ ROUND_TRIPS = 5
 NO_CONNECTION = "no connection to the server"
 NOT_SECURED = "the connection could not be secured"
 NOT_LOGGED_IN = "not logged in"
+ALREADY_LOGGED_IN = "already logged in: the mechanisms offered before login are no longer known"
 
 
 def diagnose(
@@ -86,7 +88,6 @@ def diagnose(
         return report(guess_provider(settings.host), skip_reason=NO_CONNECTION)
     probe = Probe(
         client=client,
-        settings=settings,
         sessions=sessions,
         account_id=account_id,
         redact=tuple(
@@ -102,7 +103,9 @@ def diagnose(
         done.append(checks.secure(probe, settings))
         if done[-1].status == FAILED:
             return report(probe.provider, skip_reason=NOT_SECURED)
-        done.append(run(probe, LOGIN_MECHANISMS, checks.login_mechanisms))
+        done.append(
+            run(probe, LOGIN_MECHANISMS, partial(checks.login_mechanisms, settings=settings))
+        )
         done.append(checks.login(probe, settings))
         if done[-1].status == FAILED:
             return report(probe.provider, skip_reason=NOT_LOGGED_IN)
@@ -122,13 +125,13 @@ def run_checks(
 ) -> Diagnosis:
     """The suite on a connection that is already logged in (the caller logs out).
 
-    The greeting, TLS and the mechanisms offered before login come from what the connection
-    kept; `redact` names words to keep out of the output, such as the login name.
+    The greeting and TLS come from what the connection kept; the mechanisms offered before
+    login are gone by now, so that check is skipped. `redact` names words to keep out of the
+    output, such as the login name.
     """
     started_at, began = utcnow(), time.perf_counter()
     probe = Probe(
         client=client,
-        settings=None,
         sessions=sessions,
         account_id=account_id,
         redact=tuple(word for word in (*redact, client.host) if word),
@@ -138,7 +141,7 @@ def run_checks(
     done = [
         checks.connection(probe, seconds=None),
         run(probe, TLS, checks.tls),
-        run(probe, LOGIN_MECHANISMS, checks.login_mechanisms),
+        skipped(LOGIN_MECHANISMS, ALREADY_LOGGED_IN),
         run(probe, LOGIN, checks.logged_in),
         *_after_login(probe),
     ]
