@@ -8,8 +8,6 @@ import socket
 import ssl
 from datetime import UTC, datetime
 
-from cryptography import x509
-
 from ..imap import ImapSettings
 
 MAX_CERTIFICATE_NAMES = 20
@@ -19,6 +17,8 @@ def certificate(der: bytes | None) -> dict | None:
     """Subject, issuer, validity and names of a DER certificate."""
     if not der:
         return None
+    from cryptography import x509  # here: every CLI command would pay for loading it otherwise
+
     loaded = x509.load_der_x509_certificate(der)
     try:
         alternative = loaded.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
