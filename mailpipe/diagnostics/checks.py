@@ -208,6 +208,7 @@ def _wanted_mechanism(settings: ImapSettings, *, login_command: bool) -> str:
 
 
 def login(probe: Probe, settings: ImapSettings) -> Check:
+    """Log in as the fetch will; a refusal is said in the core's words and stops the suite."""
     began = time.perf_counter()
     try:
         imap.authenticate(probe.client, settings)
@@ -238,6 +239,7 @@ def logged_in(probe: Probe) -> Check:
 
 
 def capabilities(probe: Probe) -> Check:
+    """The capabilities after login (the ones that count), and the features mailpipe uses."""
     offered = sorted({text(c).upper() for c in probe.client.capabilities()})
     probe.capabilities = frozenset(offered)
     features = {name: offers(probe, name) for name in FEATURES}
@@ -254,6 +256,7 @@ def capabilities(probe: Probe) -> Check:
 
 
 def namespace(probe: Probe) -> Check:
+    """Where the personal, other users' and shared folders live, and their delimiters."""
     if not offers(probe, "NAMESPACE"):
         return skipped(NAMESPACE, "the server does not offer NAMESPACE")
     personal, other, shared = probe.client.namespace()
@@ -313,6 +316,7 @@ def folders(probe: Probe) -> Check:
 
 
 def server_id(probe: Probe) -> Check:
+    """What the server says it is (RFC 2971 ID), which may tell the provider."""
     if not offers(probe, "ID"):
         check = skipped(SERVER_ID, "the server does not offer ID")
         check.details = {"provider": probe.provider}
@@ -333,6 +337,7 @@ def server_id(probe: Probe) -> Check:
 
 
 def round_trip(probe: Probe) -> Check:
+    """A few NOOPs: how long one command takes, without the server doing any work."""
     times = []
     for _ in range(probe.round_trips):
         began = time.perf_counter()
@@ -352,6 +357,7 @@ def round_trip(probe: Probe) -> Check:
 
 
 def quota(probe: Probe) -> Check:
+    """How full the mailbox is (RFC 9208), where the server says."""
     if not offers(probe, "QUOTA"):
         return skipped(QUOTA, "the server does not offer QUOTA")
     roots, quotas = probe.client.get_quota_root("INBOX")

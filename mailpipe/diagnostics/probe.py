@@ -60,6 +60,7 @@ def failed(name: str, error: Exception, redact: tuple[str, ...]) -> Check:
 
 
 def skipped(name: str, reason: str) -> Check:
+    """A check that did not run, and why: never counted as a failure."""
     return Check(name, SKIPPED, reason=reason)
 
 
@@ -69,6 +70,7 @@ def before_login(client: IMAPClient) -> frozenset[str]:
 
 
 def logout(client: IMAPClient) -> None:
+    """Log out politely, or just close: a diagnosis never raises for its own ending."""
     try:
         client.logout()
     except Exception:
