@@ -34,8 +34,13 @@ def request_diagnosis(
     account_id: int,
     key: DataKey,
     public_key: bytes | None = None,
+    broker: dramatiq.Broker | None = None,
 ) -> str:
-    """Record the request, seal the user's key for it and send the message; returns its id."""
+    """Record the request, seal the user's key for it and send the message; returns its id.
+
+    `public_key` and `broker` default to the workers' key and the actor's broker; the web
+    passes its pipeline's, so the check goes where the pipeline's fetches go.
+    """
     with sessions.begin() as session:
         request_id = diagnostics.request_diagnosis(
             session,
@@ -45,5 +50,5 @@ def request_diagnosis(
             public_key=public_key or grants.worker_public_key(),
             ttl_seconds=JOB_GRANT_TTL_SECONDS,
         )
-    diagnose_account.send(request_id)
+    (broker or diagnose_account.broker).enqueue(diagnose_account.message(request_id))
     return request_id

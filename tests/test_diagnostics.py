@@ -28,14 +28,14 @@ from mailpipe.diagnostics import (
     OK,
     SKIPPED,
     UIDVALIDITY_CHANGED,
-    DiagnosticsResult,
     diagnose,
     diagnosis_result,
     run_checks,
 )
+from mailpipe.diagnostics.suite import ALREADY_LOGGED_IN
 from mailpipe.errors import NotFound
 from mailpipe.imap import ImapSettings
-from mailpipe.models import Base
+from mailpipe.models import Base, DiagnosticsResult
 from mailpipe.sync import sync_account
 from tests.support.dovecot import Dovecot
 from tests.support.faultproxy import FaultProxy
@@ -149,12 +149,11 @@ def test_a_server_with_quota_and_special_use_folders_shows_them(gmail_like):
     login, password = gmail_like.new_user()
     # When it is diagnosed
     diagnosis = diagnose(settings_for(gmail_like, login, password))
-    # Then the quota, the special-use folders (asked for explicitly) and the provider show
+    # Then the quota, the special-use folders (from a plain LIST) and the provider show
     assert diagnosis.ok
     [storage] = diagnosis.check("quota").details["resources"]
     assert (storage["resource"], storage["usage"], storage["limit"]) == ("STORAGE", 0, 10240)
     folders = diagnosis.check("folders").details
-    assert folders["listed_with"] == "LIST RETURN (SPECIAL-USE)"
     assert folders["special_use"] == {"\\Sent": "Sent", "\\Trash": "Trash"}
     assert diagnosis.check("server_id").details["fields"]["vendor"] == "Google, Inc."
     assert diagnosis.provider == "gmail"
@@ -260,19 +259,35 @@ def test_checks_run_on_an_open_connection_and_stop_where_it_is_lost(dovecot, ima
         diagnosis = run_checks(client, redact=[login])
         # Then it runs without logging in again, TLS read from the STARTTLS socket
         assert diagnosis.ok
-        assert diagnosis.check("login").details == {"state": "AUTH"}
+        assert diagnosis.check("login").status == OK
         assert diagnosis.check("tls").details["certificate"]["subject"] == "CN=localhost"
-        assert diagnosis.check("login_mechanisms").details["mechanisms"] == ["LOGIN", "PLAIN"]
+        mechanisms = diagnosis.check("login_mechanisms")
+        assert (mechanisms.status, mechanisms.reason) == (SKIPPED, ALREADY_LOGGED_IN)
+        assert diagnosis.check("inbox").status == OK
         assert_nothing_secret(diagnosis, login, password)
         # When the connection dies and the suite runs again
-        client._imap.sock.shutdown(socket.SHUT_RDWR)
+        client.socket().shutdown(socket.SHUT_RDWR)
         broken = run_checks(client)
     finally:
         imap.shutdown(client)
     # Then the first check that talks to the server fails, and the rest say why they were skipped
-    assert broken.check("namespace").status == FAILED
-    assert broken.check("inbox").reason == "the connection was lost during the namespace check"
+    assert broken.check("login").status == FAILED
+    assert broken.check("inbox").reason == "the connection was lost during the login check"
     assert statuses(broken)["quota"] == SKIPPED
+
+
+def test_checks_on_a_connection_not_logged_in_fail_the_login_check(dovecot):
+    # Given a connection that has read the greeting and not logged in
+    client = imap.open_connection(settings_for(dovecot, "anyone", "secret-pw"))
+    try:
+        # When the suite runs on it
+        diagnosis = run_checks(client)
+    finally:
+        imap.shutdown(client)
+    # Then the login check says so, and the greeting was still read
+    login_check = diagnosis.check("login")
+    assert (login_check.status, login_check.reason) == (FAILED, "the connection is not logged in")
+    assert diagnosis.check("connection").status == OK
 
 
 # -- the database's view against the server's ---------------------------------------------

@@ -14,10 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from actors import PipelineBroker
 from mailpipe import db, grants, health, jobs, runner
 from mailpipe.accounts import add_account, create_user
-from mailpipe.retry import RetryPolicy
-from mailpipe.vocabulary import ErrorClass
 from mailpipe.imap import ImapSettings
 from mailpipe.models import PipelineJob, utcnow
+from mailpipe.retry import RetryPolicy
+from mailpipe.vocabulary import ErrorClass
 
 BERLIN_WINTER = timezone(timedelta(hours=1))
 SETTINGS = ImapSettings(host="imap.example", username="x", password="y", security="none")

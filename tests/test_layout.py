@@ -19,3 +19,14 @@ def test_core_imports_no_queue_or_metrics_library():
         [sys.executable, "-c", PROBE], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == ""
+
+
+def test_the_command_line_loads_x509_only_to_read_a_certificate():
+    # Given a fresh interpreter
+    probe = "import sys, mailpipe.cli; print('cryptography.x509' in sys.modules)"
+    # When it loads the command line (as `mailpipe --help` does)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    # Then the certificate parser is not loaded: only a TLS check that reads a certificate needs it
+    assert result.stdout.strip() == "False"

@@ -5,7 +5,10 @@ The fixtures here are shared with tests/test_web_browser.py.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import broker_config
 from actors import PipelineBroker, runtime
+from actors.fetch import QUEUE
 from mailpipe import db, grants, health, jobs
 from mailpipe.accounts import add_account, create_user
 from mailpipe.crypto import DataKey
@@ -146,8 +150,8 @@ def site_with(tmp_path):
         generator.close()
 
 
-@pytest.fixture
-def worker(site: Site) -> Iterator[dramatiq.Worker]:
+@contextlib.contextmanager
+def embedded_worker(site: Site) -> Iterator[dramatiq.Worker]:
     """Jobs run in this process, on the site's database and worker key."""
     runtime.embed(sessions=site.sessions, private_key=site.private_key)
     running = dramatiq.Worker(broker_config.broker, worker_threads=4, worker_timeout=50)
@@ -156,6 +160,12 @@ def worker(site: Site) -> Iterator[dramatiq.Worker]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def worker(site: Site) -> Iterator[dramatiq.Worker]:
+    with embedded_worker(site) as running:
+        yield running
 
 
 def login(client, name: str, password: str = PASSWORD, *, background: bool = False) -> str:
@@ -173,6 +183,45 @@ def logged_in(site: Site, user: User, **options):
     client = site.app.test_client()
     csrf = login(client, user.name, **options)
     return client, {"X-CSRF-Token": csrf}
+
+
+def wait_checked(client, status_url: str, *, seconds: float = 30) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        check = client.get(status_url).json
+        if check["status"] != "pending" or time.monotonic() > deadline:
+            return check
+        time.sleep(0.05)
+
+
+class CountingServer:
+    """A TCP listener on loopback that counts the connections it accepts and closes each."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _address = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            connection.close()
+
+    def __enter__(self) -> CountingServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.listener.close()
 
 
 def wait_final(client, job_id: str, *, seconds: float = 30) -> dict:
@@ -275,6 +324,7 @@ API_GETS = [
     "/api/accounts/health",
     "/api/metrics/performance",
     "/api/notifications",
+    "/api/diagnostics/0123456789abcdef0123456789abcdef",
 ]
 API_POSTS = [
     "/api/jobs/fetch",
@@ -516,8 +566,40 @@ def test_health_and_performance_for_the_owner(site):
 # -- diagnostics --------------------------------------------------------------------------
 
 
-def test_diagnostics_logs_in_and_tells_nothing_secret(site, dovecot):
-    # Given an account on the real Dovecot and one with a wrong password
+def test_the_check_request_connects_to_nothing_and_the_worker_does(site):
+    # Given alice's account on a server that counts the connections it gets (and closes them)
+    alice = site.user("alice")
+    with CountingServer() as server:
+        account = site.account(alice, port=server.port)
+        client, headers = logged_in(site, alice)
+        # When she asks for a check while no worker runs
+        started = client.post(f"/api/accounts/{account}/diagnostics", headers=headers)
+        # Then it is accepted with a URL to poll, it is pending, and nothing reached the server
+        assert started.status_code == 202
+        status_url = started.json["status_url"]
+        assert started.headers["Location"] == status_url
+        assert status_url == f"/api/diagnostics/{started.json['request_id']}"
+        pending = client.get(status_url)
+        assert (pending.status_code, pending.json["status"]) == (200, "pending")
+        assert "ok" not in pending.json
+        assert server.accepted == 0
+        # When a worker runs the queued check
+        with embedded_worker(site) as worker:
+            broker_config.broker.join(QUEUE, fail_fast=True)
+            worker.join()
+        # Then the worker connected, once
+        assert server.accepted == 1
+    # And the result reads back: the connection failed, in her words, and nothing after it ran
+    done = client.get(status_url).json
+    assert (done["status"], done["ok"], done["account_id"]) == ("done", False, account)
+    assert done["connect_seconds"] is None and done["round_trip_seconds"] is None
+    statuses = {check["name"]: check["status"] for check in done["checks"]}
+    assert (statuses["connection"], statuses["login"]) == ("failed", "skipped")
+    assert done["message"] and done["finished_at"] is not None
+
+
+def test_checks_run_by_the_worker_log_in_and_tell_nothing_secret(site, worker, dovecot):
+    # Given an account on the real Dovecot, one with a wrong password and one refused
     alice = site.user("alice")
     login_name, imap_password = dovecot.new_user()
     good = site.account(
@@ -528,31 +610,81 @@ def test_diagnostics_logs_in_and_tells_nothing_secret(site, dovecot):
     )
     refused = site.account(alice)
     client, headers = logged_in(site, alice)
-    # When she checks each
-    answers = {
+    # When she checks each and follows the checks to their end
+    started = {
         account: client.post(f"/api/accounts/{account}/diagnostics", headers=headers)
         for account in (good, wrong, refused)
     }
+    answers = {
+        account: wait_checked(client, response.json["status_url"])
+        for account, response in started.items()
+    }
     # Then the good one works and says what the server offers, the others say why not
-    ok = answers[good].json
-    assert ok["ok"] and ok["imap4rev1"] and "IMAP4REV1" in ok["capabilities"]
+    ok = answers[good]
+    assert (ok["status"], ok["ok"], ok["provider"]) == ("done", True, "other")
+    assert ok["imap4rev1"] and "IMAP4REV1" in ok["capabilities"]
     assert ok["round_trip_seconds"] > 0 and ok["connect_seconds"] > 0
+    assert ok["message"] is None
     statuses = {check["name"]: check["status"] for check in ok["checks"]}
     assert statuses["inbox"] == statuses["round_trip"] == "ok"
     assert statuses["database"] == "ok"  # the account's folders compared with the server's
-    assert (answers[wrong].json["ok"], answers[wrong].json["error_class"]) == (
-        False,
-        "invalid_credentials",
-    )
-    assert answers[wrong].json["message"].startswith("Anmeldung fehlgeschlagen")
-    failed = {c["name"]: c["status"] for c in answers[wrong].json["checks"]}
+    assert (answers[wrong]["ok"], answers[wrong]["error_class"]) == (False, "invalid_credentials")
+    assert answers[wrong]["message"].startswith("Anmeldung fehlgeschlagen")
+    failed = {c["name"]: c["status"] for c in answers[wrong]["checks"]}
     assert (failed["login"], failed["inbox"]) == ("failed", "skipped")
-    assert answers[refused].json["error_class"] == "temporarily_unavailable"
-    assert answers[refused].json["error"] == "connection refused"
-    for answer in answers.values():
-        assert answer.status_code == 200
+    assert answers[refused]["error_class"] == "temporarily_unavailable"
+    assert answers[refused]["error"] == "connection refused"
+    # And no answer, accepted or finished, holds the host, the login or a password
+    for response in started.values():
+        assert response.status_code == 202
+    texts = [r.text for r in started.values()]
+    texts += [client.get(r.json["status_url"]).text for r in started.values()]
+    for text in texts:
         for secret in (imap_password, "not-it", login_name, dovecot.host):
-            assert secret not in answer.text
+            assert secret not in text
+
+
+def test_another_users_check_is_not_found(site):
+    # Given bob has asked for a check of his account
+    alice, bob = site.user("alice"), site.user("bob")
+    bobs_account = site.account(bob)
+    bob_client, bob_headers = logged_in(site, bob)
+    status_url = bob_client.post(
+        f"/api/accounts/{bobs_account}/diagnostics", headers=bob_headers
+    ).json["status_url"]
+    client, _headers = logged_in(site, alice)
+    # When alice polls his check, and a check that never was
+    theirs = client.get(status_url)
+    unknown = client.get("/api/diagnostics/0123456789abcdef0123456789abcdef")
+    # Then both are simply not found, while bob sees his
+    assert (theirs.status_code, theirs.json["code"]) == (404, "not_found")
+    assert unknown.status_code == 404
+    assert bob_client.get(status_url).json["status"] == "pending"
+
+
+def test_a_check_that_could_not_run_says_why_in_the_readers_language(site):
+    # Given alice's check whose key grant is gone before a worker took it (she logged out)
+    alice = site.user("alice")
+    account = site.account(alice)
+    client, headers = logged_in(site, alice)
+    started = client.post(f"/api/accounts/{account}/diagnostics", headers=headers).json
+    with site.sessions.begin() as session:
+        grants.drop_job_grant(session, started["request_id"])
+    # When a worker takes it
+    with embedded_worker(site) as worker:
+        broker_config.broker.join(QUEUE, fail_fast=True)
+        worker.join()
+    # Then it did not run, and says so in German and in English
+    german = client.get(started["status_url"]).json
+    english = client.get(started["status_url"] + "?lang=en").json
+    assert (german["status"], german["ok"], german["error"]) == (
+        "failed",
+        False,
+        grants.MISSING_GRANT,
+    )
+    assert german["message"].startswith("Die Prüfung konnte nicht laufen.")
+    assert english["message"].startswith("The check could not run.")
+    assert "checks" not in german
 
 
 def test_diagnostics_and_fetch_need_the_data_key(site):

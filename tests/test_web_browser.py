@@ -1,4 +1,5 @@
-"""The dashboard in headless Chromium: log in, press "Jetzt abrufen", watch the job finish.
+"""The dashboard in headless Chromium: log in, press "Jetzt abrufen", watch the job finish,
+then check two accounts' connections.
 
 The app runs on a real HTTP server on loopback; an in-process Dramatiq worker runs the job
 against the real Dovecot, as in tests/test_pipeline.py. Screenshots go to artifacts/.
@@ -155,10 +156,20 @@ def test_fetch_now_runs_a_job_to_the_end_in_the_page(site, worker, dovecot, serv
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard-de.png"), full_page=True)
 
-    # And the connection check of a healthy account answers in the card
+    # And the connection check of a healthy account, run by the worker, answers in the card
     healthy = page.locator(f'article.account[data-account="{accounts[0]}"]')
     healthy.get_by_role("button", name="Verbindung prüfen").click()
-    expect(healthy.locator(".check-result")).to_contain_text("Verbindung in Ordnung")
+    check = healthy.locator(".check-result")
+    expect(check).to_have_attribute("data-status", "done", timeout=JOB_SECONDS * 1000)
+    expect(check).to_contain_text("Verbindung in Ordnung")
+    # And the check of the account with the stale password says what to do
+    broken.get_by_role("button", name="Verbindung prüfen").click()
+    expect(broken.locator(".check-result")).to_have_attribute(
+        "data-status", "done", timeout=JOB_SECONDS * 1000
+    )
+    expect(broken.locator(".check-result")).to_contain_text(
+        "Prüfung fehlgeschlagen: Anmeldung fehlgeschlagen, bitte das Passwort neu eingeben."
+    )
 
     # And the page speaks English on request
     page.goto(f"{server}/?lang=en")

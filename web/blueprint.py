@@ -29,12 +29,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
+from actors.diagnose import request_diagnosis
 from actors.pipeline import JOB_GRANT_TTL_SECONDS, MAX_TIMEOUT_SECONDS, PipelineBroker
-from mailpipe.accounts import account_settings
 from mailpipe.crypto import DataKey
-from mailpipe.errors import DecryptionFailed, NotFound
+from mailpipe.errors import NotFound
 from mailpipe.grants import WorkerKeyError
-from mailpipe.models import MailAccount, Notification, utcnow
+from mailpipe.models import Notification, utcnow
 
 from . import diagnostics, present
 from .i18n import language
@@ -205,25 +205,38 @@ class _Api:
             {"accounts": [present.account_view(a, labels=labels, lang=lang) for a in accounts]}
         )
 
-    def diagnostics(self, account_id: int) -> Response:
+    def diagnostics(self, account_id: int) -> tuple[Response, int, dict]:
+        """Queue a check of the account: a worker connects to the server, never this request."""
+        user_id = self.user()
+        key = self.key()
+        try:
+            request_id = request_diagnosis(
+                self.sessions,
+                user_id=user_id,
+                account_id=account_id,
+                key=key,
+                public_key=self.pipeline.public_key,
+                broker=self.pipeline.broker,
+            )
+        except NotFound:
+            raise ApiError(404, "not_found", "account not found") from None
+        except WorkerKeyError:
+            raise ApiError(503, "unavailable", "the workers' key is not configured") from None
+        location = url_for(f"{BLUEPRINT_NAME}.diagnosis", request_id=request_id)
+        body = {"request_id": request_id, "status_url": location}
+        return jsonify(body), 202, {"Location": location}
+
+    def diagnosis(self, request_id: str) -> Response:
         user_id = self.user()
         key = self.key()
         with self.sessions() as session:
-            account = session.get(MailAccount, account_id)
-            if account is None or account.user_id != user_id:
-                raise ApiError(404, "not_found", "account not found")
-            provider = account.provider
             try:
-                settings = account_settings(account, key)
-            except (DecryptionFailed, ValueError, TypeError):
-                raise ApiError(
-                    409, "credentials_unreadable", "the account's stored settings do not open"
-                ) from None
-        report = diagnostics.check_account(settings, sessions=self.sessions, account_id=account_id)
-        message = present.error_text(report["error_class"], language(request))
-        return jsonify(
-            {"account_id": account_id, "provider": provider, **report, "message": message}
-        )
+                view = diagnostics.check_view(
+                    session, request_id, user_id=user_id, key=key, lang=language(request)
+                )
+            except NotFound:
+                raise ApiError(404, "not_found", "check not found") from None
+        return jsonify(view)
 
     def performance(self) -> Response:
         return jsonify(self.pipeline.get_performance_metrics(self.user()).to_json())
@@ -334,6 +347,7 @@ def create_blueprint(
         ("/jobs/<job_id>", "job_status", api.job_status, "GET"),
         ("/accounts/health", "health", api.health, "GET"),
         (f"/accounts/<{ID}:account_id>/diagnostics", "diagnostics", api.diagnostics, "POST"),
+        ("/diagnostics/<request_id>", "diagnosis", api.diagnosis, "GET"),
         ("/metrics/performance", "performance", api.performance, "GET"),
         ("/notifications", "notifications", api.notifications, "GET"),
         (f"/notifications/<{ID}:notification_id>/read", "mark_read", api.mark_read, "POST"),

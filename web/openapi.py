@@ -227,15 +227,40 @@ OPENAPI: dict = {
         "/api/accounts/{account_id}/diagnostics": {
             "post": {
                 "operationId": "diagnostics",
-                "summary": "Log in to the account now and measure one round trip",
+                "summary": "Queue a check of the account's connection; a worker runs it",
                 "security": SESSION_POST,
-                "parameters": [_id_parameter("account_id", "the account to check"), LANG],
+                "parameters": [_id_parameter("account_id", "the account to check")],
                 "responses": {
-                    "200": _json(_ref("Diagnostics"), "the check ran (see ok)"),
+                    "202": _json(
+                        _ref("DiagnosisAccepted"),
+                        "the check is queued: poll status_url",
+                        {"Location": {"schema": {"type": "string"}}},
+                    ),
                     "401": _error("Unauthorized"),
                     "403": _error("Forbidden"),
                     "404": _error("NotFound"),
-                    "409": _error("Conflict"),
+                    "503": _error("Unavailable"),
+                },
+            }
+        },
+        "/api/diagnostics/{request_id}": {
+            "get": {
+                "operationId": "diagnosis",
+                "summary": "One requested check: pending, not run, or its figures and checks",
+                "security": SESSION,
+                "parameters": [
+                    {
+                        "name": "request_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                    LANG,
+                ],
+                "responses": {
+                    "200": _json(_ref("Diagnosis"), "the check (see status, then ok)"),
+                    "401": _error("Unauthorized"),
+                    "404": _error("NotFound"),
                 },
             }
         },
@@ -357,8 +382,7 @@ OPENAPI: dict = {
                 "BadRequest": "bad input; `field` names the field at fault",
                 "Unauthorized": "not logged in, data key missing, or wrong bearer token",
                 "Forbidden": "missing or wrong X-CSRF-Token",
-                "NotFound": "no such job, account or notification of this user",
-                "Conflict": "the account's stored settings cannot be opened",
+                "NotFound": "no such job, account, check or notification of this user",
                 "TooManyJobs": "too many of the user's jobs are still queued or running",
                 "Unavailable": "the workers' key or the alert token is not configured",
             }.items()
@@ -424,13 +448,35 @@ OPENAPI: dict = {
                 ]
             },
             "AccountHealth": ACCOUNT_HEALTH,
-            "Diagnostics": {
+            "DiagnosisAccepted": {
                 "type": "object",
-                "required": ["account_id", "ok", "capabilities", "checks"],
+                "required": ["request_id", "status_url"],
                 "properties": {
+                    "request_id": {"type": "string"},
+                    "status_url": {"type": "string"},
+                },
+            },
+            "Diagnosis": {
+                "type": "object",
+                "required": ["request_id", "account_id", "status"],
+                "description": "while pending, only the request's fields; when failed, why the "
+                "check could not run; when done, the figures and every check",
+                "properties": {
+                    "request_id": {"type": "string"},
                     "account_id": {"type": "integer"},
                     "provider": {"type": "string"},
-                    "ok": {"type": "boolean", "description": "no check failed"},
+                    "status": {
+                        "type": "string",
+                        "enum": [
+                            diagnostics.REQUEST_PENDING,
+                            diagnostics.REQUEST_DONE,
+                            diagnostics.REQUEST_FAILED,
+                        ],
+                        "description": "failed: the check could not run (see error, message)",
+                    },
+                    "created_at": INSTANT,
+                    "finished_at": NULLABLE_INSTANT,
+                    "ok": {"type": "boolean", "description": "the check ran and none failed"},
                     "security": {"type": "string", "enum": ["tls", "starttls", "none"]},
                     "connect_seconds": {
                         **NULLABLE_NUMBER,
@@ -440,7 +486,10 @@ OPENAPI: dict = {
                     "capabilities": {"type": "array", "items": {"type": "string"}},
                     "imap4rev1": {"type": "boolean"},
                     "error_class": {**NULLABLE_STRING, "description": "of the first failed check"},
-                    "error": {**NULLABLE_STRING, "description": "why the first check failed"},
+                    "error": {
+                        **NULLABLE_STRING,
+                        "description": "why the first check failed, or why none ran",
+                    },
                     "message": {**NULLABLE_STRING, "description": "the error in user words"},
                     "provider_guess": {
                         "type": "string",

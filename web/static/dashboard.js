@@ -4,6 +4,7 @@
   "use strict";
 
   const POLL_MS = 1000;
+  const CHECK_WAIT_MS = 130000; // the check's time limit on the worker (120 s) and a little
   const REFRESHED = ["jobs", "accounts", "notifications"];
   const SVG = "http://www.w3.org/2000/svg";
 
@@ -153,24 +154,60 @@
 
   // -- account checks and notifications ----------------------------------------------------
 
+  // The check runs on a worker: start it, then poll its request until it is done. The card is
+  // looked up each time, as a refresh of the sections may have replaced it meanwhile.
   async function checkAccount(target) {
-    const result = target.parentElement.querySelector(".check-result");
-    result.classList.remove("error");
-    result.textContent = T.checking;
+    const account = target.dataset.account;
+    const show = (words, failed, status) => {
+      const result = document.querySelector(`article.account[data-account="${account}"] .check-result`);
+      if (!result) return;
+      result.textContent = words;
+      result.classList.toggle("error", failed);
+      result.dataset.status = status;
+    };
+    show(T.checking, false, "starting");
     target.disabled = true;
-    const answer = await api(`/api/accounts/${target.dataset.account}/diagnostics`, "POST");
-    target.disabled = false;
-    if (!answer.ok) {
-      result.textContent = errorText(answer);
-      result.classList.add("error");
-    } else if (answer.data.ok) {
-      result.textContent = format(T.check_ok, {
-        connect: number(answer.data.connect_seconds, 2),
-        rtt: number(answer.data.round_trip_seconds, 3),
-      });
-    } else {
-      result.textContent = format(T.check_failed, { message: answer.data.message });
-      result.classList.add("error");
+    try {
+      const started = await api(`/api/accounts/${account}/diagnostics`, "POST");
+      if (!started.ok) {
+        show(errorText(started), true, "error");
+        return;
+      }
+      const began = Date.now();
+      for (;;) {
+        await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+        const answer = await api(started.data.status_url);
+        if (!answer.ok) {
+          show(errorText(answer), true, "error");
+          return;
+        }
+        const check = answer.data;
+        if (check.status === "done" && check.ok) {
+          const figures = {
+            connect: number(check.connect_seconds, 2),
+            rtt: number(check.round_trip_seconds, 3),
+          };
+          show(format(T.check_ok, figures), false, check.status);
+          return;
+        }
+        if (check.status === "done") {
+          const words = format(T.check_failed, { message: check.message || T.error_generic });
+          show(words, true, check.status);
+          return;
+        }
+        if (check.status !== "pending") {
+          show(check.message || T.error_generic, true, check.status);
+          return;
+        }
+        if (Date.now() - began > CHECK_WAIT_MS) {
+          show(T.check_no_answer, true, "no_answer");
+          return;
+        }
+        const seconds = Math.round((Date.now() - began) / 1000);
+        show(format(T.check_pending, { seconds }), false, check.status);
+      }
+    } finally {
+      target.disabled = false;
     }
   }
 

@@ -1,0 +1,143 @@
+"""Diagnoses asked for by a user and run by a worker (the `diagnose_account` actor).
+
+Each request is a row of `diagnostics_results`: pending until a worker ran it, then its report
+encrypted under the owner's data key like everything else about an account. The worker opens
+the account with a key grant sealed for that request alone and dropped when it is done.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import TYPE_CHECKING
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from .. import grants
+from ..accounts import account_settings, owned_account
+from ..crypto import DataKey
+from ..errors import MailpipeError, NotFound
+from ..models import DiagnosticsResult, MailAccount, iso, utcnow
+from .report import Diagnosis
+from .suite import DIAGNOSE_TIMEOUT, diagnose
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+REQUEST_PENDING = "pending"
+REQUEST_DONE = "done"
+REQUEST_FAILED = "failed"
+REPORT_TABLE = "diagnostics_results"
+
+
+def request_diagnosis(
+    session: Session,
+    *,
+    user_id: int,
+    account_id: int,
+    key: DataKey,
+    public_key: bytes,
+    ttl_seconds: float,
+) -> str:
+    """Record a pending diagnosis and seal the user's key to the workers for it alone."""
+    owned_account(session, account_id, user_id)
+    request_id = uuid.uuid4().hex
+    grant = grants.grant_for_job(
+        session,
+        user_id=user_id,
+        job_id=request_id,
+        key=key,
+        public_key=public_key,
+        ttl_seconds=ttl_seconds,
+    )
+    session.add(
+        DiagnosticsResult(id=request_id, user_id=user_id, account_id=account_id, grant_id=grant.id)
+    )
+    session.flush()
+    return request_id
+
+
+def run_requested(
+    sessions: sessionmaker[Session],
+    request_id: str,
+    *,
+    private_key: X25519PrivateKey,
+    timeout: float = DIAGNOSE_TIMEOUT,
+) -> Diagnosis | None:
+    """Run a pending diagnosis with its sealed key, store the report encrypted, drop the key.
+
+    Returns None when there was nothing to run (a redelivered message, an expired grant).
+    """
+    with sessions() as session:
+        row = session.get(DiagnosticsResult, request_id)
+        if row is None or row.status != REQUEST_PENDING:
+            return None
+        account_id = row.account_id
+        try:
+            key = grants.unlock_grant(session, row.grant_id, private_key)
+            settings = account_settings(session.get_one(MailAccount, account_id), key)
+        except MailpipeError as error:
+            unusable = str(error)
+        except (ValueError, TypeError):
+            unusable = "the account's stored settings do not open"
+        else:
+            unusable = None
+    if unusable is not None:
+        _finish_request(sessions, request_id, error=unusable)
+        return None
+    diagnosis = None
+    try:
+        diagnosis = diagnose(settings, sessions=sessions, account_id=account_id, timeout=timeout)
+    finally:
+        _finish_request(sessions, request_id, key=key, diagnosis=diagnosis)
+    return diagnosis
+
+
+def _finish_request(
+    sessions: sessionmaker[Session],
+    request_id: str,
+    *,
+    key: DataKey | None = None,
+    diagnosis: Diagnosis | None = None,
+    error: str = "the diagnosis was interrupted",
+) -> None:
+    """Store the outcome once and drop the request's key grant, whatever happened."""
+    with sessions.begin() as session:
+        row = session.get(DiagnosticsResult, request_id)
+        if row is not None and row.status == REQUEST_PENDING:
+            row.finished_at = utcnow()
+            if diagnosis is None or key is None:
+                row.status, row.ok, row.error_message = REQUEST_FAILED, False, error
+            else:
+                row.status, row.ok = REQUEST_DONE, diagnosis.ok
+                row.error_class = diagnosis.failure.error_class if diagnosis.failure else None
+                row.report_enc = key.encrypt(
+                    json.dumps(diagnosis.to_json()).encode(),
+                    table=REPORT_TABLE,
+                    column="report",
+                    row=request_id,
+                )
+        grants.drop_job_grant(session, request_id)
+
+
+def diagnosis_result(session: Session, request_id: str, *, user_id: int, key: DataKey) -> dict:
+    """A requested diagnosis as its owner sees it: pending, failed, or the report decrypted."""
+    row = session.get(DiagnosticsResult, request_id)
+    if row is None or row.user_id != user_id:
+        raise NotFound(f"diagnosis {request_id} not found")
+    report = None
+    if row.report_enc is not None:
+        report = json.loads(
+            key.decrypt(row.report_enc, table=REPORT_TABLE, column="report", row=request_id)
+        )
+    return {
+        "id": row.id,
+        "account_id": row.account_id,
+        "status": row.status,
+        "ok": row.ok,
+        "error_class": row.error_class,
+        "error": row.error_message,
+        "created_at": iso(row.created_at),
+        "finished_at": iso(row.finished_at),
+        "report": report,
+    }
