@@ -122,9 +122,9 @@ class AccountCollector(Collector):
         not open, owner holding a live background grant (LOCKED accounts are not late).
         """
         account = models.MailAccount
-        background = select(grants.KeyGrant.user_id).where(
-            grants.KeyGrant.purpose == grants.PURPOSE_BACKGROUND,
-            grants.KeyGrant.expires_at > models.utcnow(),
+        background = select(models.KeyGrant.user_id).where(
+            models.KeyGrant.purpose == grants.PURPOSE_BACKGROUND,
+            models.KeyGrant.expires_at > models.utcnow(),
         )
         with self.engine.connect() as connection:
             health = connection.execute(
