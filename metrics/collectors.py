@@ -103,8 +103,8 @@ class AccountCollector(Collector):
         circuit = GaugeMetricFamily(
             "mailpipe_circuits", "Enabled mail accounts by circuit-breaker state.", labels=["state"]
         )
-        for state in CIRCUIT_STATES:
-            circuit.add_metric([state], circuits.get(state, 0))
+        for circuit_state in CIRCUIT_STATES:
+            circuit.add_metric([circuit_state], circuits.get(circuit_state, 0))
         yield circuit
         age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
         yield GaugeMetricFamily(
