@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint format system clean
+.PHONY: demo test bench lint typecheck format system clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +16,11 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(BIN)/mailpipe demo
 
-## test: install system packages and services the tests need, then lint and run the whole suite
+## test: install system packages and services the tests need, then lint, type-check and run the whole suite
 test: $(STAMP) system
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/pytest
 
 ## bench: the benchmarks (not part of `make test`): sync, orchestration, metrics overhead, crashes
@@ -34,6 +35,10 @@ system:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+## typecheck: mypy over the product code as [tool.mypy] in pyproject.toml lists it (strict on the core)
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -102,8 +102,10 @@ def set_credentials(account: MailAccount, key: DataKey, settings: ImapSettings) 
     )
 
 
-def account_settings(account: MailAccount, key: DataKey, **overrides) -> ImapSettings:
+def account_settings(account: MailAccount, key: DataKey, **overrides: object) -> ImapSettings:
     """Decrypt an account's connection settings; `overrides` adjust timeouts and the like."""
+    if account.credentials_enc is None:
+        raise MailpipeError(f"account {account.id} has no stored credentials")
     plain = key.decrypt(
         account.credentials_enc, table="mail_accounts", column="credentials", row=account.id
     )

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -30,7 +31,7 @@ class KdfParams:
     iterations: int = KDF_ITERATIONS
     algorithm: str = KDF_ALGORITHM
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "algorithm": self.algorithm,
             "iterations": self.iterations,
@@ -38,7 +39,7 @@ class KdfParams:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> KdfParams:
+    def from_json(cls, data: dict[str, Any]) -> KdfParams:
         return cls(
             salt=base64.b64decode(data["salt"]),
             iterations=int(data["iterations"]),

@@ -7,9 +7,12 @@ import fcntl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, inspect
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from . import config
 
@@ -31,7 +34,7 @@ def make_engine(url: str | None = None) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")  # only takes effect on a new file
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -100,3 +103,9 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def rowcount(result: Result[*tuple[Any, ...]]) -> int:
+    """The rows an INSERT, UPDATE or DELETE touched: `Session.execute` is typed to return a
+    plain `Result`, but for these statements it is a `CursorResult`, which counts them."""
+    return cast("CursorResult[*tuple[Any, ...]]", result).rowcount

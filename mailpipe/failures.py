@@ -90,10 +90,11 @@ def classify(error: BaseException, *, host: str | None = None) -> Failure:
     return Failure(ErrorClass.UNKNOWN, f"unexpected {type(error).__name__}")
 
 
-def _response_code(error: BaseException) -> bytes | None:
+def _response_code(error: BaseException) -> bytes:
+    """The RFC 5530 response code the error quotes; empty when it quotes none."""
     text = str(error).encode("utf-8", "replace")
     match = RESPONSE_CODE.search(text)
-    return match.group(1) if match else None
+    return match.group(1) if match else b""
 
 
 def _too_many_connections(error: BaseException) -> bool:

@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol
 
 from imapclient.datetime_util import parse_to_datetime
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
@@ -47,11 +48,24 @@ class FetchedMessage:
     size: int
 
 
+class ImapConnection(Protocol):
+    """What the reader uses of an imaplib connection (`_new_tag` is imaplib's own, unstubbed)."""
+
+    tagged_commands: dict[bytes, list[bytes] | None]
+
+    def _new_tag(self) -> bytes: ...
+    def send(self, data: bytes) -> None: ...
+    def readline(self) -> bytes: ...
+    def read(self, size: int) -> bytes: ...
+
+
 class Literal(bytes):
     """A literal's bytes, kept apart from atoms so that a body is never mistaken for one."""
 
 
-def fetch_messages(imap, uids: Sequence[int] | str, items: str) -> dict[int, FetchedMessage]:
+def fetch_messages(
+    imap: ImapConnection, uids: Sequence[int] | str, items: str
+) -> dict[int, FetchedMessage]:
     """Run `UID FETCH uids (items)` on an imaplib connection and read the answers directly.
 
     `uids` is a list of UIDs or a UID set such as "101:*". Messages expunged since the UIDs were
@@ -86,7 +100,7 @@ def fetch_messages(imap, uids: Sequence[int] | str, items: str) -> dict[int, Fet
         imap.tagged_commands.pop(tag, None)
 
 
-def _read_response(imap) -> list[bytes]:
+def _read_response(imap: ImapConnection) -> list[bytes]:
     """One server response: text pieces with each literal in between, as read from the wire."""
     parts: list[bytes] = []
     while True:
@@ -172,7 +186,8 @@ def internal_date(value: bytes) -> datetime | None:
             tzinfo=_zone(zone),
         )
     except (ValueError, KeyError):
-        return parse_to_datetime(value, normalise=False)
+        parsed: datetime | None = parse_to_datetime(value, normalise=False)
+        return parsed
 
 
 @functools.lru_cache(maxsize=64)
@@ -183,16 +198,19 @@ def _zone(zone: bytes) -> timezone:
     return timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[3:5])))
 
 
-def _parse_items(parts: list[bytes]) -> list:
-    """The FETCH item list `(KEY value KEY value ...)` as Python values; keys upper-cased."""
-    stack: list[list] = [[]]
+def _parse_items(parts: list[bytes]) -> list[Any]:
+    """The FETCH item list `(KEY value KEY value ...)` as Python values (bytes, Literal, None or
+    a nested list, as the server sent them); keys upper-cased."""
+    stack: list[list[Any]] = [[]]
     first = True
     for part in parts:
         if isinstance(part, Literal):
             stack[-1].append(part)
             continue
         if first:
-            part = part[FETCH_START.match(part).end() - 1 :]
+            opening = FETCH_START.match(part)
+            assert opening is not None  # fetch_messages hands over FETCH responses only
+            part = part[opening.end() - 1 :]
             first = False
         for token in TOKEN.findall(part):
             if token == b"(":

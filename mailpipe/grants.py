@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from . import config
 from .crypto import KEY_BYTES, DataKey
+from .db import rowcount
 from .errors import DecryptionFailed, MailpipeError, NotFound
 from .models import KeyGrant, utcnow
 
@@ -329,7 +330,7 @@ def _delete(session: Session, *conditions: ColumnElement[bool]) -> int:
     result = session.execute(
         delete(KeyGrant).where(*conditions).execution_options(synchronize_session="fetch")
     )
-    return result.rowcount or 0
+    return rowcount(result)
 
 
 def revoke_background(session: Session, user_id: int) -> int:
@@ -342,9 +343,9 @@ def drop_job_grant(session: Session, job_id: str) -> int:
     return _delete(session, KeyGrant.job_id == job_id, KeyGrant.purpose == PURPOSE_JOB)
 
 
-def _as_uuid(grant_id: uuid.UUID | str) -> uuid.UUID | None:
-    """Grant ids arrive as text in job messages; a malformed one is simply not found."""
-    if isinstance(grant_id, uuid.UUID):
+def _as_uuid(grant_id: uuid.UUID | str | None) -> uuid.UUID | None:
+    """Grant ids arrive as text in job messages; a missing or malformed one is simply not found."""
+    if grant_id is None or isinstance(grant_id, uuid.UUID):
         return grant_id
     try:
         return uuid.UUID(str(grant_id))
@@ -353,7 +354,7 @@ def _as_uuid(grant_id: uuid.UUID | str) -> uuid.UUID | None:
 
 
 def live_grant(
-    session: Session, grant_id: uuid.UUID | str, *, now: datetime | None = None
+    session: Session, grant_id: uuid.UUID | str | None, *, now: datetime | None = None
 ) -> KeyGrant | None:
     """The grant if it exists and has not expired; an expired row is as good as gone."""
     key = _as_uuid(grant_id)
@@ -367,7 +368,7 @@ def live_grant(
 
 def unlock_grant(
     session: Session,
-    grant_id: uuid.UUID | str,
+    grant_id: uuid.UUID | str | None,
     private_key: X25519PrivateKey,
     *,
     now: datetime | None = None,

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .accounts import PROVIDER_NAMES
+from .db import rowcount
 from .models import MailAccount, Notification, utcnow
 from .results import Note
 from .retry import RetryPolicy
@@ -85,7 +87,7 @@ def circuit_gate(
         .values(circuit_state=CircuitState.HALF_OPEN, circuit_opened_at=now)
         .execution_options(synchronize_session=False)
     )
-    return Gate.PROBE if won.rowcount == 1 else Gate.SKIP
+    return Gate.PROBE if rowcount(won) == 1 else Gate.SKIP
 
 
 def record_outcome(
@@ -125,38 +127,43 @@ def record_outcome(
         ):
             account.circuit_state = CircuitState.OPEN
             account.circuit_opened_at = now
-    provider = PROVIDER_NAMES.get(account.provider, account.provider)
-    if account.health_status == Health.BROKEN and health_before != Health.BROKEN:
-        notify(
-            session,
-            user_id=account.user_id,
-            account_id=account.id,
-            kind="account_broken",
-            severity="error",
-            message=_broken_message(error_class, account.auth_kind).format(provider=provider),
-            params={"provider": provider, "error_class": error_class, "auth": account.auth_kind},
-            dedupe_key=f"account_broken:{account.id}:{now.isoformat()}",
-        )
-    if account.circuit_state == CircuitState.OPEN and circuit_before != CircuitState.OPEN:
-        minutes = max(1, circuit.cooldown_seconds // 60)
-        notify(
-            session,
-            user_id=account.user_id,
-            account_id=account.id,
-            kind="circuit_open",
-            severity="warning",
-            message=CIRCUIT_MESSAGE.format(
-                provider=provider,
-                error=error_class.replace("_", " "),
-                minutes=minutes,
-            ),
-            params={
-                "provider": provider,
-                "error_class": error_class,
-                "minutes": minutes,
-            },
-            dedupe_key=f"circuit_open:{account.id}:{now.isoformat()}",
-        )
+    if error_class is not None:  # only a failure breaks an account or opens its circuit
+        provider = PROVIDER_NAMES.get(account.provider, account.provider)
+        if account.health_status == Health.BROKEN and health_before != Health.BROKEN:
+            notify(
+                session,
+                user_id=account.user_id,
+                account_id=account.id,
+                kind="account_broken",
+                severity="error",
+                message=_broken_message(error_class, account.auth_kind).format(provider=provider),
+                params={
+                    "provider": provider,
+                    "error_class": error_class,
+                    "auth": account.auth_kind,
+                },
+                dedupe_key=f"account_broken:{account.id}:{now.isoformat()}",
+            )
+        if account.circuit_state == CircuitState.OPEN and circuit_before != CircuitState.OPEN:
+            minutes = max(1, circuit.cooldown_seconds // 60)
+            notify(
+                session,
+                user_id=account.user_id,
+                account_id=account.id,
+                kind="circuit_open",
+                severity="warning",
+                message=CIRCUIT_MESSAGE.format(
+                    provider=provider,
+                    error=error_class.replace("_", " "),
+                    minutes=minutes,
+                ),
+                params={
+                    "provider": provider,
+                    "error_class": error_class,
+                    "minutes": minutes,
+                },
+                dedupe_key=f"circuit_open:{account.id}:{now.isoformat()}",
+            )
     session.flush()
     return Transition(health_before, account.health_status, circuit_before, account.circuit_state)
 
@@ -177,7 +184,7 @@ def notify(
     severity: str = "warning",
     account_id: int | None = None,
     job_id: str | None = None,
-    params: dict | None = None,
+    params: dict[str, Any] | None = None,
 ) -> bool:
     """Write a notification unless one with the same dedupe key exists (once per transition).
 
@@ -233,25 +240,23 @@ def mark_read(session: Session, user_id: int, notification_id: int | None = None
     )
     if notification_id is not None:
         query = query.where(Notification.id == notification_id)
-    return session.execute(query.values(read_at=utcnow())).rowcount
+    return rowcount(session.execute(query.values(read_at=utcnow())))
 
 
 def _stays_healthy(session: Session, account_id: int, now: datetime) -> bool:
     """A success on an account that was healthy changes nothing but the time: one UPDATE."""
-    return (
-        session.execute(
-            update(MailAccount)
-            .where(
-                MailAccount.id == account_id,
-                MailAccount.health_status == Health.HEALTHY,
-                MailAccount.circuit_state == CircuitState.CLOSED,
-                MailAccount.failure_count == 0,
-            )
-            .values(health_checked_at=now)
-            .execution_options(synchronize_session=False)
-        ).rowcount
-        == 1
+    touched = session.execute(
+        update(MailAccount)
+        .where(
+            MailAccount.id == account_id,
+            MailAccount.health_status == Health.HEALTHY,
+            MailAccount.circuit_state == CircuitState.CLOSED,
+            MailAccount.failure_count == 0,
+        )
+        .values(health_checked_at=now)
+        .execution_options(synchronize_session=False)
     )
+    return rowcount(touched) == 1
 
 
 def _lock(session: Session, account_id: int) -> None:

@@ -17,7 +17,7 @@ CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 60.0
 
 
-class TokenRefused(LoginError):
+class TokenRefused(LoginError):  # type: ignore[misc]  # imapclient ships no types
     """The server refused an OAuth2 access token (expired, withdrawn, or for another user)."""
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, Update, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from . import config
+from .db import rowcount
 from .errors import NotFound
 from .models import AccountRun, MailAccount, PipelineJob, utcnow
 from .results import JobReport, JobSummary, RunReport
@@ -35,7 +36,7 @@ def create_job(
     user_id: int,
     account_ids: Sequence[int],
     type: str,
-    options: dict,
+    options: dict[str, Any],
     grant_id: uuid.UUID | None = None,
     job_id: str | None = None,
 ) -> PipelineJob:
@@ -56,7 +57,7 @@ def create_job(
     session.flush()
     if account_ids:
         session.execute(
-            AccountRun.__table__.insert(),
+            cast(Table, AccountRun.__table__).insert(),  # a Core executemany, not the ORM
             [
                 {"job_id": job.id, "account_id": a, "status": RunStatus.PENDING, "attempt": 0}
                 for a in account_ids
@@ -95,7 +96,7 @@ def begin_run(
             started_at=func.coalesce(AccountRun.started_at, utcnow()),
         )
     )
-    if result.rowcount == 0:
+    if rowcount(result) == 0:
         return False
     if job_status in (JobStatus.PENDING, JobStatus.RETRYING, None):
         session.execute(
@@ -156,9 +157,9 @@ def finish_run(
     job_id: str,
     account_id: int,
     status: str,
-    counts: dict | None = None,
-    phases: dict | None = None,
-    profile: dict | None = None,
+    counts: Mapping[str, int] | None = None,
+    phases: dict[str, float] | None = None,
+    profile: dict[str, Any] | None = None,
     duration: float | None = None,
     error_class: str | None = None,
     message: str | None = None,
@@ -172,7 +173,7 @@ def finish_run(
     """
     if status not in RUN_FINAL:
         raise ValueError(f"{status!r} is not a final run status")
-    values = {
+    values: dict[str, object] = {
         "status": status,
         "finished_at": utcnow(),
         "error_class": error_class,
@@ -187,7 +188,7 @@ def finish_run(
     if duration is not None:
         values["duration"] = duration
     ended = session.execute(_update_open_run(job_id, account_id).values(**values))
-    if ended.rowcount == 0:
+    if rowcount(ended) == 0:
         return None
     left = session.scalar(
         update(PipelineJob)
@@ -250,7 +251,7 @@ def finalise_if_done(session: Session, job_id: str) -> FinishedJob | None:
             },
         )
     )
-    if done.rowcount == 0:
+    if rowcount(done) == 0:
         return None
     return FinishedJob(job_id=job_id, user_id=job.user_id, status=status, grant_id=job.grant_id)
 
@@ -258,17 +259,15 @@ def finalise_if_done(session: Session, job_id: str) -> FinishedJob | None:
 def purge_finished(session: Session, *, before: datetime, limit: int = PURGE_BATCH) -> int:
     """Delete jobs that ended before `before`, their account runs with them; open jobs stay."""
     old = select(PipelineJob.id).where(PipelineJob.finished_at < before).limit(limit)
-    return (
-        session.execute(
-            delete(PipelineJob)
-            .where(PipelineJob.id.in_(old.scalar_subquery()))
-            .execution_options(synchronize_session=False)
-        ).rowcount
-        or 0
+    deleted = session.execute(
+        delete(PipelineJob)
+        .where(PipelineJob.id.in_(old.scalar_subquery()))
+        .execution_options(synchronize_session=False)
     )
+    return rowcount(deleted)
 
 
-def _update_open_run(job_id: str, account_id: int):
+def _update_open_run(job_id: str, account_id: int) -> Update:
     """An UPDATE of the account's run in the job that touches it only while it has not ended."""
     return update(AccountRun).where(
         AccountRun.job_id == job_id,
@@ -365,11 +364,11 @@ def list_jobs(session: Session, user_id: int, limit: int = 20) -> list[JobSummar
 
 def open_runs(session: Session, account_id: int) -> int:
     """How many runs of the account are queued or under way (for the scheduler)."""
-    return session.scalar(
+    return session.execute(
         select(func.count())
         .select_from(AccountRun)
         .where(
             AccountRun.account_id == account_id,
             AccountRun.status.in_((RunStatus.PENDING, RunStatus.RUNNING, RunStatus.RETRYING)),
         )
-    )
+    ).scalar_one()

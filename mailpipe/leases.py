@@ -7,6 +7,7 @@ from datetime import timedelta
 from sqlalchemy import or_, update
 from sqlalchemy.orm import Session
 
+from .db import rowcount
 from .models import MailAccount, utcnow
 
 
@@ -28,7 +29,7 @@ def acquire(session: Session, account_id: int, *, owner: str, seconds: float) ->
         )
         .values(lease_owner=owner, lease_until=now + timedelta(seconds=seconds))
     )
-    return taken.rowcount == 1
+    return rowcount(taken) == 1
 
 
 def release(session: Session, account_id: int, *, owner: str) -> None:

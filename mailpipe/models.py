@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -69,7 +70,7 @@ class User(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    kdf: Mapped[dict] = mapped_column(JSON)
+    kdf: Mapped[dict[str, Any]] = mapped_column(JSON)
     wrapped_dek: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
@@ -87,7 +88,7 @@ class MailAccount(Base):
     auth_kind: Mapped[str] = mapped_column(
         String(20), default=AuthKind.PASSWORD, server_default=AuthKind.PASSWORD.value
     )
-    folders: Mapped[list] = mapped_column(JSON, default=lambda: ["INBOX"])
+    folders: Mapped[list[str]] = mapped_column(JSON, default=lambda: ["INBOX"])
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     health_status: Mapped[str] = mapped_column(String(20), default=Health.HEALTHY)
     health_checked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
@@ -164,14 +165,14 @@ class PipelineJob(Base):
     type: Mapped[str] = mapped_column(String(20))
     status: Mapped[str] = mapped_column(String(20), default=JobStatus.PENDING)
     grant_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
-    options: Mapped[dict] = mapped_column(JSON, default=dict)
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), index=True)
     emails_fetched: Mapped[int] = mapped_column(Integer, default=0)
     emails_processed: Mapped[int] = mapped_column(Integer, default=0)
-    errors: Mapped[list] = mapped_column(JSON, default=list)
-    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    errors: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
     # runs not yet ended; the run that takes it to 0 finalises the job
     runs_open: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -193,8 +194,8 @@ class AccountRun(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
-    phases: Mapped[dict] = mapped_column(JSON, default=dict)
-    profile: Mapped[dict] = mapped_column(JSON, default=dict)
+    phases: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    profile: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     fetched: Mapped[int] = mapped_column(Integer, default=0)
     saved: Mapped[int] = mapped_column(Integer, default=0)
     duplicates: Mapped[int] = mapped_column(Integer, default=0)
@@ -221,7 +222,7 @@ class Notification(Base):
     severity: Mapped[str] = mapped_column(String(20), default="warning")
     message: Mapped[str] = mapped_column(String(1000))  # in English, as operators and logs read it
     # what the kind needs to be said in another language (provider, error classes, minutes)
-    params: Mapped[dict | None] = mapped_column(JSON)
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     dedupe_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     read_at: Mapped[datetime | None] = mapped_column(UtcDateTime())

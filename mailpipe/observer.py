@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 PHASES = (
@@ -35,7 +35,13 @@ class Observer:
         """The same phase used `seconds` of CPU in the thread that ran it (told just before)."""
 
     def after_batch(
-        self, *, fetched: int, fetched_bytes: int, saved: int, duplicates: int, quarantined: dict
+        self,
+        *,
+        fetched: int,
+        fetched_bytes: int,
+        saved: int,
+        duplicates: int,
+        quarantined: Mapping[str, int],
     ) -> None:
         """One batch was committed; `quarantined` counts messages by reason."""
 
@@ -58,9 +64,23 @@ class Observers(Observer):
         for observer in self.observers:
             observer.after_phase_cpu(phase, seconds)
 
-    def after_batch(self, **counts) -> None:
+    def after_batch(
+        self,
+        *,
+        fetched: int,
+        fetched_bytes: int,
+        saved: int,
+        duplicates: int,
+        quarantined: Mapping[str, int],
+    ) -> None:
         for observer in self.observers:
-            observer.after_batch(**counts)
+            observer.after_batch(
+                fetched=fetched,
+                fetched_bytes=fetched_bytes,
+                saved=saved,
+                duplicates=duplicates,
+                quarantined=quarantined,
+            )
 
 
 class PhaseTimer:

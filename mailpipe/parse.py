@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import fast_mail_parser
 from selectolax.lexbor import LexborHTMLParser
@@ -23,7 +24,7 @@ QUARANTINE_REASONS = {
 class ParsedMessage:
     """The outcome for one message: fields when it parsed, a reason when it is quarantined."""
 
-    fields: dict | None
+    fields: dict[str, Any] | None
     message_id: str | None
     sent_date: datetime | None
     quarantine_reason: str | None = None
@@ -59,7 +60,7 @@ def _quarantine(error: Exception) -> ParsedMessage:
     )
 
 
-def _fields(mail) -> ParsedMessage:
+def _fields(mail: fast_mail_parser.PyLazyMail) -> ParsedMessage:
     headers = {name.lower(): values for name, values in mail.headers.items()}
     if not headers:
         return ParsedMessage(
@@ -113,7 +114,7 @@ def html_to_text(html: str) -> str:
     return " ".join(root.text(separator=" ").split())
 
 
-def _header(headers: dict, name: str) -> str | None:
+def _header(headers: dict[str, list[str]], name: str) -> str | None:
     values = headers.get(name)
     if not values:
         return None
@@ -121,7 +122,9 @@ def _header(headers: dict, name: str) -> str | None:
     return value.strip() or None
 
 
-def _addresses(addresses) -> list[dict]:
+def _addresses(
+    addresses: fast_mail_parser.PyAddress | list[fast_mail_parser.PyAddress] | None,
+) -> list[dict[str, str]]:
     if not addresses:
         return []
     if not isinstance(addresses, list):

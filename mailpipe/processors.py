@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import entry_points
 from types import MappingProxyType
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Row, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .crypto import DataKey
@@ -43,7 +45,7 @@ class Mail:
     id: object
     account_id: int
     folder: str
-    fields: Mapping
+    fields: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ def load_processors() -> dict[str, Processor]:
 
 def annotate(mail: Mail, processors: Mapping[str, Processor]) -> Annotation:
     """Run every processor on one mail; a processor that fails is named in the log only."""
-    annotations, failed = {}, []
+    annotations: dict[str, object] = {}
+    failed: list[str] = []
     for name, processor in processors.items():
         try:
             value = processor(mail)
@@ -87,8 +90,8 @@ def annotate_batch(
     *,
     account_id: int,
     folder: str,
-    ids: Sequence,
-    fields: Sequence[dict | None],
+    ids: Sequence[uuid.UUID],
+    fields: Sequence[dict[str, Any] | None],
 ) -> list[Annotation | None]:
     """Annotations for a batch about to be stored; None where a mail was quarantined."""
     return [
@@ -99,9 +102,16 @@ def annotate_batch(
     ]
 
 
-def _reprocess(row, account_id: int, key: DataKey, processors, outcome: ProcessOutcome) -> dict:
+def _reprocess(
+    row: Row[uuid.UUID, str, bytes | None],
+    account_id: int,
+    key: DataKey,
+    processors: Mapping[str, Processor],
+    outcome: ProcessOutcome,
+) -> dict[str, Any]:
     """Run every processor on one stored mail again; the row change that records the result."""
     email_id, folder, parsed_enc = row
+    assert parsed_enc is not None  # stored with every parsed mail (store.BatchWriter)
     fields = json.loads(key.decrypt(parsed_enc, table="emails", column="parsed", row=email_id))
     annotation = annotate(Mail(email_id, account_id, folder, MappingProxyType(fields)), processors)
     if annotation.status == ProcessStatus.DONE:
@@ -117,7 +127,7 @@ def _reprocess(row, account_id: int, key: DataKey, processors, outcome: ProcessO
     }
 
 
-def newsletter(mail: Mail) -> dict:
+def newsletter(mail: Mail) -> dict[str, bool]:
     """Built-in example: flag newsletters so the assistant can file them away."""
     senders = [a.get("address", "").lower() for a in mail.fields.get("from", [])]
     local_parts = [address.partition("@")[0] for address in senders]

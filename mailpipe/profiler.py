@@ -18,8 +18,10 @@ import resource
 import threading
 import time
 import tracemalloc
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from .observer import PHASES, Observer
 
@@ -43,7 +45,7 @@ class PhaseFigures:
     cpu: float = 0.0
     calls: int = 0
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, float | str]:
         ratio = self.cpu / self.wall if self.wall > 0 else 0.0
         return {
             "wall_seconds": round(self.wall, 6),
@@ -118,7 +120,13 @@ class Profiler(Observer):
             figures.calls += 1
 
     def after_batch(
-        self, *, fetched: int, fetched_bytes: int, saved: int, duplicates: int, quarantined: dict
+        self,
+        *,
+        fetched: int,
+        fetched_bytes: int,
+        saved: int,
+        duplicates: int,
+        quarantined: Mapping[str, int],
     ) -> None:
         with self._lock:
             self.mail["batches"] += 1
@@ -128,7 +136,7 @@ class Profiler(Observer):
             self.mail["duplicates"] += duplicates
             self.mail["quarantined"] += sum(quarantined.values())
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """Phases in pipeline order, then totals; plain numbers only, fit for a JSON column."""
         with self._lock:
             order = [p for p in PHASES if p in self.phases] + sorted(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -84,7 +85,7 @@ def performance(session: Session, user_id: int, *, now: datetime | None = None) 
     durations = [run.duration for run in runs if run.duration is not None]
     fetched = sum(run.fetched for run in runs if run.status == RunStatus.SUCCESS)
     busy = sum(run.duration or 0 for run in runs if run.status == RunStatus.SUCCESS)
-    trend: dict[str, dict] = {}
+    trend: dict[str, dict[str, Any]] = {}
     for day in range(TREND_DAYS - 1, -1, -1):
         date = (now - timedelta(days=day)).date().isoformat()
         trend[date] = {"date": date, "jobs": 0, "emails": 0, "durations": []}

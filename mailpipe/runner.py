@@ -8,7 +8,9 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -66,10 +68,10 @@ def run_account(
     account_id: int,
     attempt: int,
     retry_policy: RetryPolicy,
-    private_key,
+    private_key: X25519PrivateKey,
     observer: Observer | None = None,
     processors: Mapping[str, Processor] | None = None,
-    connection_slot: Callable[[str], AbstractContextManager] | None = None,
+    connection_slot: Callable[[str], AbstractContextManager[bool]] | None = None,
     timeouts: tuple[type[BaseException], ...] = (),
 ) -> RunOutcome:
     """Sync one account for one job and record the outcome; the last run finalises the job.
@@ -88,7 +90,8 @@ def run_account(
     )
     if isinstance(start, RunOutcome):
         return start
-    options, settings, key = start.options, start.settings, start.key
+    options = start.options
+    caught: tuple[type[BaseException], ...] = (Exception, *timeouts)
     started = time.perf_counter()
     started_at = utcnow()
     released = False
@@ -98,7 +101,7 @@ def run_account(
     try:
         if start.problem is not None:
             raise start.problem
-        if key is None:
+        if start.access is None:
             outcome = _finish(
                 sessions,
                 job_id,
@@ -110,6 +113,7 @@ def run_account(
             )
             released = True
             return outcome
+        key, settings = start.access
         slot = connection_slot(settings.host) if connection_slot else contextlib.nullcontext(True)
         with profiler:
             with slot as acquired:
@@ -168,7 +172,7 @@ def run_account(
         with sessions.begin() as session:
             jobs.reopen_run(session, job_id=job_id, account_id=account_id)
         return RunOutcome(Next.BUSY)
-    except (Exception, *timeouts) as error:
+    except caught as error:
         if isinstance(error, timeouts):
             failure = Failure(ErrorClass.TIMEOUT, "the sync took longer than the job's time limit")
         else:
@@ -208,10 +212,11 @@ def run_account(
 class _Start:
     """What a run needs, read in the transaction that takes the lease and starts the run."""
 
-    options: dict
+    options: dict[str, Any]
     provider: str = "other"
-    key: DataKey | None = None  # None: no live key grant, the account is LOCKED for this job
-    settings: ImapSettings | None = None
+    # the job's data key and the account's settings opened with it; None: no live key grant,
+    # the account is LOCKED for this job
+    access: tuple[DataKey, ImapSettings] | None = None
     folders: list[str] = field(default_factory=list)
     states: dict[str, FolderPosition] = field(default_factory=dict)
     problem: Exception | None = None  # raised inside the run, so it is classified and recorded
@@ -224,7 +229,7 @@ def _start(
     account_id: int,
     attempt: int,
     owner: str,
-    private_key,
+    private_key: X25519PrivateKey,
 ) -> _Start | RunOutcome:
     """Take the account's lease, mark the run started, open the key and read the account and
     its folders' positions, in one transaction; or say why the run cannot go ahead."""
@@ -244,18 +249,19 @@ def _start(
         try:
             account = session.get_one(MailAccount, account_id)
             start.provider = account.provider
-            start.key = grants.unlock_grant(session, job.grant_id, private_key)
+            key = grants.unlock_grant(session, job.grant_id, private_key)
             timeout = float(start.options.get("timeout_seconds", 120))
-            start.settings = account_settings(
+            settings = account_settings(
                 account,
-                start.key,
+                key,
                 connect_timeout=min(CONNECT_TIMEOUT, timeout),
                 command_timeout=min(COMMAND_TIMEOUT, timeout),
             )
+            start.access = key, settings
             start.folders = list(account.folders)
             start.states = folder_states(session, account_id)
         except NotFound:
-            start.key = None
+            start.access = None
         except DBAPIError:
             raise  # the transaction is lost: nothing of this attempt is recorded, it comes back
         except Exception as error:  # bad stored data: the run records it as its failure
@@ -298,7 +304,10 @@ def _finish(
     lease_owner: str | None = None,
     error_class: ErrorClass | None = None,
     message: str | None = None,
-    **details: object,
+    counts: Mapping[str, int] | None = None,
+    phases: dict[str, float] | None = None,
+    profile: dict[str, Any] | None = None,
+    duration: float | None = None,
 ) -> RunOutcome:
     """Record a run's end on the run and its account (giving back the account's lease when
     `lease_owner` holds it); drop the job's key if it was the last."""
@@ -310,10 +319,13 @@ def _finish(
             status=status,
             error_class=error_class,
             message=message,
-            **details,
+            counts=counts,
+            phases=phases,
+            profile=profile,
+            duration=duration,
         )
         now = utcnow()
-        values = {"last_fetch_at": now}
+        values: dict[str, object] = {"last_fetch_at": now}
         if status == RunStatus.SUCCESS:
             values.update(last_success_at=now, last_error_class=None, last_error_message=None)
         elif status == RunStatus.FAILED:

@@ -10,7 +10,7 @@ from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import grants
-from .models import AccountRun, MailAccount, utcnow
+from .models import AccountRun, KeyGrant, MailAccount, utcnow
 from .vocabulary import CircuitState, Health, RunStatus
 
 JITTER = 0.1  # next sync lands within ±10 % of the interval, so accounts spread out
@@ -31,8 +31,8 @@ def claim_due_accounts(
     open_run = exists().where(
         AccountRun.account_id == MailAccount.id, AccountRun.status.in_(OPEN_RUN)
     )
-    background = select(grants.KeyGrant.user_id).where(
-        grants.KeyGrant.purpose == grants.PURPOSE_BACKGROUND, grants.KeyGrant.expires_at > now
+    background = select(KeyGrant.user_id).where(
+        KeyGrant.purpose == grants.PURPOSE_BACKGROUND, KeyGrant.expires_at > now
     )
     # One statement, and the transaction's first: on SQLite it takes the write lock before
     # anything is read, on PostgreSQL the row locks make a second scheduler see our claim.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import orjson
 from sqlalchemy import Table, func, select, update
@@ -12,14 +13,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from .crypto import DataKey
+from .db import rowcount
 from .fetch import FetchedMessage
 from .models import Email, FolderState, utcnow
 from .parse import ParsedMessage
 from .processors import Annotation
 from .vocabulary import ParseStatus, ProcessStatus
 
-EMAILS = Email.__table__
-FOLDER_STATE = FolderState.__table__
+EMAILS = cast(Table, Email.__table__)
+FOLDER_STATE = cast(Table, FolderState.__table__)
 EMAIL_KEY = ["account_id", "folder", "uidvalidity", "uid"]
 
 
@@ -52,7 +54,7 @@ def folder_states(session: Session, account_id: int) -> dict[str, FolderPosition
     }
 
 
-def dialect_insert(session: Session, table: Table):
+def dialect_insert(session: Session, table: Table) -> postgresql.Insert | sqlite.Insert:
     """INSERT that supports ON CONFLICT on both SQLite and PostgreSQL."""
     name = session.get_bind().dialect.name
     return (postgresql.insert if name == "postgresql" else sqlite.insert)(table)
@@ -104,7 +106,7 @@ class BatchWriter:
                     .on_conflict_do_nothing(index_elements=EMAIL_KEY)
                     .execution_options(preserve_rowcount=True)
                 )
-                outcome.saved = session.execute(statement, rows).rowcount
+                outcome.saved = rowcount(session.execute(statement, rows))
                 outcome.duplicates += len(rows) - outcome.saved
                 outcome.processed = self._processed(session, rows, outcome)
             self._save_position(session, position)
@@ -122,8 +124,9 @@ class BatchWriter:
         message: FetchedMessage,
         parsed: ParsedMessage,
         annotation: Annotation | None,
-    ) -> dict:
+    ) -> dict[str, Any]:
         raw = message.body
+        document: dict[str, Any] | None
         if parsed.quarantined:
             document = {"quarantine_reason": parsed.quarantine_reason, "detail": parsed.detail}
         else:
@@ -159,20 +162,20 @@ class BatchWriter:
         }
 
     @staticmethod
-    def _processed(session: Session, rows: list[dict], outcome: WriteOutcome) -> int:
+    def _processed(session: Session, rows: list[dict[str, Any]], outcome: WriteOutcome) -> int:
         """How many of the stored rows every processor handled (duplicates were not stored)."""
         if not outcome.duplicates:
             return sum(row["process_status"] == ProcessStatus.DONE for row in rows)
-        return session.scalar(
+        return session.execute(
             select(func.count()).where(
                 Email.id.in_([row["id"] for row in rows]),
                 Email.process_status == ProcessStatus.DONE,
             )
-        )
+        ).scalar_one()
 
     def _rekey_known_content(
-        self, session: Session, rows: list[dict], outcome: WriteOutcome
-    ) -> list[dict]:
+        self, session: Session, rows: list[dict[str, Any]], outcome: WriteOutcome
+    ) -> list[dict[str, Any]]:
         """After a UIDVALIDITY change, move mail we already hold to its new UID, not copy it."""
         existing = dict(
             session.execute(

@@ -8,6 +8,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from types import TracebackType
+from typing import Any, ParamSpec
 
 from imapclient import IMAPClient
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,6 +31,10 @@ FETCH_ITEMS = "UID FLAGS INTERNALDATE BODY.PEEK[]"
 REQUIRED_CAPABILITY = "IMAP4REV1"
 WILDCARDS = ("*", "%")
 PIPELINE_DEPTH = 2
+
+_P = ParamSpec("_P")
+# a step queued for the storage thread: the function and its arguments
+_Step = tuple[Callable[..., object], tuple[object, ...], dict[str, object]]
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ class SyncResult:
     def processed(self) -> int:
         return self._total("processed")
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "fetched": self.fetched,
             "saved": self.saved,
@@ -276,7 +282,7 @@ def _store_batch(
             )
     with timer.phase("save"):
         saved = writer.write(position, messages, parsed, ids=ids, annotations=annotations)
-    quarantined = [p.quarantine_reason for p in parsed if p.quarantined]
+    quarantined = [p.quarantine_reason for p in parsed if p.quarantine_reason is not None]
     outcome.fetched += len(messages)
     outcome.saved += saved.saved
     outcome.duplicates += saved.duplicates
@@ -310,7 +316,7 @@ class Pipeline:
     DRAIN_SECONDS = 5.0
 
     def __init__(self, *, depth: int = PIPELINE_DEPTH, threaded: bool = True) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[_Step | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._abandoned = False
         self._thread = (
@@ -324,17 +330,22 @@ class Pipeline:
             self._thread.start()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if self._thread is None:
             return
         deadline = None if exc is None else time.monotonic() + self.DRAIN_SECONDS
-        if self._put(None, deadline) and self._join(deadline):
+        if self._put(None, deadline) and self._join(self._thread, deadline):
             if self._error is not None and exc is None:
                 raise self._error
             return
         self._abandoned = True  # the storage thread stops after the step it is in
 
-    def submit(self, function: Callable, *args, **kwargs) -> None:
+    def submit(self, function: Callable[_P, object], *args: _P.args, **kwargs: _P.kwargs) -> None:
         if self._thread is None:
             function(*args, **kwargs)
             return
@@ -342,7 +353,7 @@ class Pipeline:
             raise self._error
         self._put((function, args, kwargs), None)
 
-    def _put(self, item, deadline: float | None) -> bool:
+    def _put(self, item: _Step | None, deadline: float | None) -> bool:
         """Queue an item, waking up every WAIT_STEP; False if the deadline passed first."""
         while deadline is None or time.monotonic() < deadline:
             try:
@@ -352,12 +363,12 @@ class Pipeline:
                 continue
         return False
 
-    def _join(self, deadline: float | None) -> bool:
+    def _join(self, thread: threading.Thread, deadline: float | None) -> bool:
         """Wait for the storage thread, waking up every WAIT_STEP; False if the deadline passed."""
-        while self._thread.is_alive():
+        while thread.is_alive():
             if deadline is not None and time.monotonic() >= deadline:
                 return False
-            self._thread.join(self.WAIT_STEP)
+            thread.join(self.WAIT_STEP)
         return True
 
     def _run(self) -> None:

@@ -6,7 +6,7 @@ folder name into a series (privacy, and a bounded number of series whatever the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container
 
 from prometheus_client import Counter, Histogram
 
@@ -77,9 +77,9 @@ RETRIES = Counter(
 )
 
 
-def bounded(value: str | None, allowed: Iterable[str], *, fallback: str = OTHER) -> str:
+def bounded(value: str | None, allowed: Container[str], *, fallback: str = OTHER) -> str:
     """The value when it belongs to the fixed vocabulary, else the fallback: no free text in labels."""
-    return value if value in allowed else fallback
+    return value if value is not None and value in allowed else fallback
 
 
 def initialise() -> None:

@@ -103,8 +103,8 @@ class AccountCollector(Collector):
         circuit = GaugeMetricFamily(
             "mailpipe_circuits", "Enabled mail accounts by circuit-breaker state.", labels=["state"]
         )
-        for state in CIRCUIT_STATES:
-            circuit.add_metric([state], circuits.get(state, 0))
+        for circuit_state in CIRCUIT_STATES:
+            circuit.add_metric([circuit_state], circuits.get(circuit_state, 0))
         yield circuit
         age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
         yield GaugeMetricFamily(
@@ -122,9 +122,9 @@ class AccountCollector(Collector):
         not open, owner holding a live background grant (LOCKED accounts are not late).
         """
         account = models.MailAccount
-        background = select(grants.KeyGrant.user_id).where(
-            grants.KeyGrant.purpose == grants.PURPOSE_BACKGROUND,
-            grants.KeyGrant.expires_at > models.utcnow(),
+        background = select(models.KeyGrant.user_id).where(
+            models.KeyGrant.purpose == grants.PURPOSE_BACKGROUND,
+            models.KeyGrant.expires_at > models.utcnow(),
         )
         with self.engine.connect() as connection:
             health = connection.execute(

@@ -11,6 +11,7 @@ under /tmp that nobody serves or empties. This module must not import prometheus
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import dramatiq
@@ -27,7 +28,7 @@ class DramatiqMetrics(prometheus.Prometheus):
         self.booted = False
 
     @property
-    def forks(self) -> list:
+    def forks(self) -> list[Callable[[], int]]:
         return []
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
@@ -47,7 +48,7 @@ class DramatiqMetrics(prometheus.Prometheus):
         if self.booted:
             super().after_worker_shutdown(broker, worker)
 
-    def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def after_nack(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
         if self.booted:
             super().after_nack(broker, message)
 
@@ -57,18 +58,20 @@ class DramatiqMetrics(prometheus.Prometheus):
         if self.booted:
             super().after_enqueue(broker, message, delay)
 
-    def before_delay_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def before_delay_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
         if self.booted:
             super().before_delay_message(broker, message)
 
-    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def before_process_message(
+        self, broker: dramatiq.Broker, message: dramatiq.MessageProxy
+    ) -> None:
         if self.booted:
             super().before_process_message(broker, message)
 
     def after_process_message(
         self,
         broker: dramatiq.Broker,
-        message: dramatiq.Message,
+        message: dramatiq.MessageProxy,
         *,
         result: object = None,
         exception: BaseException | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from sqlalchemy import select
@@ -55,7 +56,13 @@ class MetricsObserver(Observer):
                 self.failed_phase = self.failed_phase or phase
 
     def after_batch(
-        self, *, fetched: int, fetched_bytes: int, saved: int, duplicates: int, quarantined: dict
+        self,
+        *,
+        fetched: int,
+        fetched_bytes: int,
+        saved: int,
+        duplicates: int,
+        quarantined: Mapping[str, int],
     ) -> None:
         self._fetched.inc(fetched)
         self._bytes.inc(fetched_bytes)

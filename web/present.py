@@ -142,7 +142,7 @@ def open_user_jobs(session: Session, user_id: int, *, window_seconds: int) -> in
     stops counting after `window_seconds`; a lost job cannot block the user for good.
     """
     since = utcnow() - timedelta(seconds=window_seconds)
-    return session.scalar(
+    return session.execute(
         select(func.count())
         .select_from(PipelineJob)
         .where(
@@ -151,7 +151,7 @@ def open_user_jobs(session: Session, user_id: int, *, window_seconds: int) -> in
             PipelineJob.status.not_in(JOB_FINAL),
             PipelineJob.created_at >= since,
         )
-    )
+    ).scalar_one()
 
 
 def notification_view(row: Notification, lang: str) -> dict:
@@ -169,7 +169,9 @@ def notification_text(row: Notification, lang: str) -> str:
     key = f"note_{row.kind}"
     if not row.params or key not in TEXTS["en"]:
         return row.message
-    errors = [error_text(name, lang) for name in row.params.get("error_classes", [])]
+    errors = [
+        said for name in row.params.get("error_classes", []) if (said := error_text(name, lang))
+    ]
     return text(
         lang,
         key,

@@ -4,7 +4,7 @@ from typing import Literal
 
 from alembic import context
 from alembic.autogenerate.api import AutogenContext
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine
 
 from mailpipe import config as mailpipe_config
 from mailpipe.models import Base, UtcDateTime
@@ -22,7 +22,7 @@ def run() -> None:
         _run_with(connection)
 
 
-def _run_with(connection) -> None:
+def _run_with(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
