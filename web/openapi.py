@@ -24,8 +24,8 @@ INSTANT = {"type": "string", "format": "date-time"}
 NULLABLE_INSTANT = {"type": ["string", "null"], "format": "date-time"}
 NULLABLE_NUMBER = {"type": ["number", "null"]}
 NULLABLE_INTEGER = {"type": ["integer", "null"]}
-SESSION = [{"session": []}]
-SESSION_POST = [{"session": [], "csrf": []}]
+SESSION: list[dict[str, list[str]]] = [{"session": []}]
+SESSION_POST: list[dict[str, list[str]]] = [{"session": [], "csrf": []}]
 
 
 def _ref(name: str) -> dict:

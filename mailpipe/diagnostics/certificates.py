@@ -7,13 +7,14 @@ import re
 import socket
 import ssl
 from datetime import UTC, datetime
+from typing import Any
 
 from ..imap import ImapSettings
 
 MAX_CERTIFICATE_NAMES = 20
 
 
-def certificate(der: bytes | None) -> dict | None:
+def certificate(der: bytes | None) -> dict[str, Any] | None:
     """Subject, issuer, validity and names of a DER certificate."""
     if not der:
         return None
@@ -39,7 +40,7 @@ def certificate(der: bytes | None) -> dict | None:
     }
 
 
-def unverified_certificate(settings: ImapSettings) -> dict | None:
+def unverified_certificate(settings: ImapSettings) -> dict[str, Any] | None:
     """The certificate the server shows, read without trusting it, to say what is wrong with it."""
     context = ssl.create_default_context()
     context.check_hostname = False

@@ -12,6 +12,7 @@ import ssl
 import statistics
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
@@ -403,7 +404,7 @@ def provider_from(current: str, words: str) -> str | None:
     return None
 
 
-def _namespaces(entries: Iterable | None) -> list[dict]:
+def _namespaces(entries: Iterable[Any] | None) -> list[dict[str, Any]]:
     return [
         {"prefix": text(prefix), "delimiter": text(delimiter) if delimiter else None}
         for prefix, delimiter in entries or ()

@@ -6,6 +6,8 @@ and whether a folder was rebuilt (UIDVALIDITY changed) or is gone.
 
 from __future__ import annotations
 
+from typing import Any
+
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
@@ -48,7 +50,9 @@ def database(probe: Probe) -> Check:
     return Check(DATABASE, OK, details)
 
 
-def _compare(client: IMAPClient, folder: str, stored: store.FolderPosition | None) -> dict:
+def _compare(
+    client: IMAPClient, folder: str, stored: store.FolderPosition | None
+) -> dict[str, Any]:
     """In sync when the server's UIDNEXT is no further than what the last sync took."""
     database = (
         {"uidvalidity": stored.uidvalidity, "last_uid": stored.last_uid, "uidnext": stored.uidnext}

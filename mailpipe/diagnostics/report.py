@@ -7,8 +7,10 @@ secret out of them, so a report can be shown, printed and stored as it is.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 OK = "ok"
 FAILED = "failed"
@@ -51,12 +53,12 @@ class Check:
 
     name: str
     status: str
-    details: dict = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None
     error_class: str | None = None
     duration_ms: float | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "status": self.status,
@@ -90,7 +92,7 @@ class Diagnosis:
     def check(self, name: str) -> Check:
         return next(check for check in self.checks if check.name == name)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         failure = self.failure
         return {
             "ok": self.ok,
@@ -110,7 +112,7 @@ def summarise(check: Check) -> str:
     if check.status != OK:
         return check.reason or ""
     d = check.details
-    describe = {
+    describe: dict[str, Callable[[], str]] = {
         CONNECTION: lambda: f"greeting {d['greeting']!r}",
         TLS: lambda: _tls_summary(d),
         LOGIN_MECHANISMS: lambda: (
@@ -154,7 +156,7 @@ def summarise(check: Check) -> str:
     return describe[check.name]()
 
 
-def _tls_summary(details: dict) -> str:
+def _tls_summary(details: dict[str, Any]) -> str:
     certificate = details["certificate"] or {}
     return (
         f"{details['protocol']} {details['cipher']}; certificate {certificate.get('subject')} "

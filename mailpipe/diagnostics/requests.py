@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -73,6 +73,7 @@ def run_requested(
         if row is None or row.status != REQUEST_PENDING:
             return None
         account_id = row.account_id
+        unusable: str | None
         try:
             key = grants.unlock_grant(session, row.grant_id, private_key)
             settings = account_settings(session.get_one(MailAccount, account_id), key)
@@ -120,7 +121,9 @@ def _finish_request(
         grants.drop_job_grant(session, request_id)
 
 
-def diagnosis_result(session: Session, request_id: str, *, user_id: int, key: DataKey) -> dict:
+def diagnosis_result(
+    session: Session, request_id: str, *, user_id: int, key: DataKey
+) -> dict[str, Any]:
     """A requested diagnosis as its owner sees it: pending, failed, or the report decrypted."""
     row = session.get(DiagnosticsResult, request_id)
     if row is None or row.user_id != user_id:

@@ -71,7 +71,7 @@ def diagnose(
     def report(provider: str, *, skip_reason: str | None = None) -> Diagnosis:
         """The checks so far, and the rest skipped for `skip_reason` (a step failed)."""
         names = {check.name for check in done}
-        done.extend(skipped(name, skip_reason) for name in CHECKS if name not in names)
+        done.extend(skipped(name, skip_reason or "not run") for name in CHECKS if name not in names)
         return Diagnosis(
             checks=done,
             provider=provider,
