@@ -14,6 +14,7 @@ COPY mailpipe ./mailpipe
 COPY actors ./actors
 COPY metrics ./metrics
 COPY web ./web
+COPY cli ./cli
 # The runtime dependencies only (not the test tools), at the versions of requirements.lock.
 RUN pip install --no-cache-dir --constraint requirements.lock . \
     && useradd --system --uid 10001 --home-dir /var/lib/mailpipe mailpipe \

@@ -61,7 +61,7 @@ def sync_command(*, port: int, user: str, db_url: str, timeout: float = 10.0) ->
     return [
         sys.executable,
         "-m",
-        "mailpipe",
+        "cli",
         "sync",
         "--host",
         "127.0.0.1",

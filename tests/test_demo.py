@@ -9,7 +9,7 @@ def test_demo_round_behaves_as_designed(tmp_path):
     """anna fetched, ben BROKEN and notified, clara retried over her flaky link and recovered."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")}
     result = subprocess.run(
-        [sys.executable, "-m", "mailpipe", "demo", "--once"],
+        [sys.executable, "-m", "cli", "demo", "--once"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

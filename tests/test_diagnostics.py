@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from actors.diagnose import request_diagnosis
 from mailpipe import db, diagnostics, grants, imap
 from mailpipe.accounts import add_account, create_user
-from mailpipe.cli import describe_diagnosis
+from cli.diagnose import describe_diagnosis
 from mailpipe.diagnostics import (
     CHECKS,
     FAILED,
@@ -444,7 +444,7 @@ def test_a_request_whose_grant_has_gone_fails_in_words_without_connecting(world)
 
 def mailpipe(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mailpipe", *args],
+        [sys.executable, "-m", "cli", *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

@@ -7,7 +7,7 @@ PROBE = """
 import importlib, pkgutil, sys
 import mailpipe
 for module in pkgutil.walk_packages(mailpipe.__path__, "mailpipe."):
-    if module.name.startswith("mailpipe.migrations") or module.name == "mailpipe.__main__":
+    if module.name.startswith("mailpipe.migrations"):
         continue
     importlib.import_module(module.name)
 print(",".join(sorted(m for m in sys.modules if m.split(".")[0] in ("dramatiq", "prometheus_client", "periodiq"))))

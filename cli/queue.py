@@ -1,4 +1,8 @@
-"""The `mailpipe` commands that need the broker: fetch, worker and scheduler."""
+"""The commands that need the broker: `mailpipe fetch`, `worker`, `scheduler` and `demo`.
+
+They load the broker, the actors and the web app only when they run, so the other commands
+start without them.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,58 @@ import os
 import shutil
 import sys
 import time
+from typing import TYPE_CHECKING
 
-import dramatiq
-from dramatiq.brokers.stub import StubBroker
-
-import broker_config
-from actors.pipeline import PipelineBroker
 from mailpipe import grants
-from mailpipe.cli import describe_job, sessions_from_env, unlock
 from mailpipe.errors import MailpipeError
+
+from .common import password_option, sessions_from_env, unlock
+from .jobs import describe_job
+
+if TYPE_CHECKING:
+    from actors.pipeline import PipelineBroker
 
 POLL_SECONDS = 0.2
 EMBEDDED_WORKER_THREADS = 8
 
 
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    fetch = commands.add_parser("fetch", help="enqueue a fetch job for one or all accounts")
+    fetch.add_argument("--user", required=True)
+    password_option(fetch)
+    fetch.add_argument("--account", type=int, dest="account_id")
+    fetch.add_argument("--max-mails", type=int, default=100)
+    fetch.add_argument("--timeout", type=int, default=120, help="seconds for the job")
+    fetch.add_argument("--wait", action="store_true", help="wait for the final status")
+    fetch.add_argument("--json", action="store_true")
+    fetch.set_defaults(run=run_fetch)
+
+    worker = commands.add_parser(
+        "worker", help="run Dramatiq workers (dramatiq broker_config actors)"
+    )
+    worker.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    worker.add_argument("--threads", type=int, default=8)
+    worker.add_argument("extra", nargs="*", help="more options for dramatiq, after --")
+    worker.set_defaults(run=run_worker)
+
+    scheduler = commands.add_parser("scheduler", help="run the periodic scheduler (periodiq)")
+    scheduler.set_defaults(run=run_scheduler)
+
+    demo = commands.add_parser(
+        "demo", help="the pipeline on embedded defaults, with a demo mailbox"
+    )
+    demo.add_argument("--once", action="store_true", help="one round, a summary, then exit")
+    demo.set_defaults(run=run_demo)
+
+
 def run_fetch(args: argparse.Namespace) -> int:
     """Enqueue a job; with --wait, follow it to its final status (exit 1 unless success)."""
+    import dramatiq
+    from dramatiq.brokers.stub import StubBroker
+
+    import broker_config
+    from actors.pipeline import PipelineBroker
+
     sessions = sessions_from_env()
     user, key = unlock(sessions, args.user, args.password_env)
     embedded = isinstance(broker_config.broker, StubBroker)
@@ -69,6 +109,8 @@ def wait_for(pipeline: PipelineBroker, job_id: str, user_id: int, *, seconds: fl
 
 def run_worker(args: argparse.Namespace) -> int:
     """Exec the stock Dramatiq CLI on our broker and actors, with UTC and sane defaults."""
+    import broker_config
+
     if broker_config.BROKER_URL == "stub":
         raise MailpipeError("workers need a shared broker: set MAILPIPE_BROKER_URL=redis://...")
     from metrics import multiprocess
@@ -89,6 +131,8 @@ def run_worker(args: argparse.Namespace) -> int:
 
 def run_scheduler(args: argparse.Namespace) -> int:
     """Exec periodiq, which sends the periodic scheduling message every minute (in UTC)."""
+    import broker_config
+
     if broker_config.BROKER_URL == "stub":
         raise MailpipeError("the scheduler needs a shared broker: set MAILPIPE_BROKER_URL")
     command = [_tool("periodiq"), "broker_config", "actors"]
