@@ -11,6 +11,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY requirements.lock pyproject.toml README.md broker_config.py middleware.py ./
 COPY mailpipe ./mailpipe
+COPY worker ./worker
 COPY actors ./actors
 COPY metrics ./metrics
 COPY web ./web

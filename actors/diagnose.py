@@ -10,11 +10,11 @@ from __future__ import annotations
 import dramatiq
 from sqlalchemy.orm import Session, sessionmaker
 
-from actors import runtime
 from actors.fetch import QUEUE
-from actors.pipeline import JOB_GRANT_TTL_SECONDS
 from mailpipe import diagnostics, grants
 from mailpipe.crypto import DataKey
+from mailpipe.settings import Settings
+from worker import runtime
 
 # Connect, STARTTLS and login, then about a dozen commands, each bounded by the diagnosis
 # timeout; a lost connection skips the rest, so this is far more than a diagnosis needs.
@@ -30,6 +30,7 @@ def diagnose_account(request_id: str) -> None:
 def request_diagnosis(
     sessions: sessionmaker[Session],
     *,
+    settings: Settings,
     user_id: int,
     account_id: int,
     key: DataKey,
@@ -42,8 +43,11 @@ def request_diagnosis(
             user_id=user_id,
             account_id=account_id,
             key=key,
-            public_key=public_key or grants.worker_public_key(),
-            ttl_seconds=JOB_GRANT_TTL_SECONDS,
+            public_key=public_key
+            or grants.worker_public_key(
+                settings.worker_key_path, configured=settings.worker_public_key
+            ),
+            ttl_seconds=settings.job_grant_ttl_seconds,
         )
     diagnose_account.send(request_id)
     return request_id

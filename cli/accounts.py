@@ -10,8 +10,9 @@ from mailpipe.accounts import PROVIDERS, add_account
 from mailpipe.errors import NotFound
 from mailpipe.imap import SECURITY_MODES, ImapSettings
 from mailpipe.models import MailAccount
+from mailpipe.settings import Settings
 
-from .common import STRICT_PARSER, find_user, password_option, secret, sessions_from_env, unlock
+from .common import STRICT_PARSER, find_user, open_database, password_option, secret, unlock
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -48,10 +49,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     health.set_defaults(run=run_health)
 
 
-def run_account_add(args: argparse.Namespace) -> int:
-    sessions = sessions_from_env()
+def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
+    sessions = open_database(settings)
     user, key = unlock(sessions, args.user, args.password_env)
-    settings = ImapSettings(
+    imap = ImapSettings(
         host=args.host,
         port=args.port,
         username=args.login,
@@ -61,15 +62,15 @@ def run_account_add(args: argparse.Namespace) -> int:
     )
     with sessions.begin() as session:
         account = add_account(
-            session, user, key, settings, folders=args.folders, provider=args.provider
+            session, user, key, imap, folders=args.folders, provider=args.provider
         )
         account.sync_interval_seconds = args.interval
         print(f"account {account.id} added ({account.provider})")
     return 0
 
 
-def run_account_remove(args: argparse.Namespace) -> int:
-    sessions = sessions_from_env()
+def run_account_remove(args: argparse.Namespace, settings: Settings) -> int:
+    sessions = open_database(settings)
     with sessions.begin() as session:
         user = find_user(session, args.user)
         account = session.get(MailAccount, args.account_id)
@@ -80,8 +81,8 @@ def run_account_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_health(args: argparse.Namespace) -> int:
-    sessions = sessions_from_env()
+def run_health(args: argparse.Namespace, settings: Settings) -> int:
+    sessions = open_database(settings)
     with sessions() as session:
         health = reports.account_health(session, find_user(session, args.user).id)
     if args.json:

@@ -16,6 +16,7 @@ from mailpipe.accounts import unlock_user
 from mailpipe.crypto import DataKey
 from mailpipe.errors import MailpipeError, NotFound
 from mailpipe.models import User
+from mailpipe.settings import Settings
 
 STRICT_PARSER = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
 EXIT_FAILURE = 1
@@ -50,8 +51,9 @@ def variable_secret(variable: str) -> str:
     return value
 
 
-def sessions_from_env() -> sessionmaker[Session]:
-    engine = db.make_engine()
+def open_database(settings: Settings) -> sessionmaker[Session]:
+    """The settings' database, migrated."""
+    engine = db.make_engine(settings.database_url)
     db.migrate(engine)
     return db.session_factory(engine)
 

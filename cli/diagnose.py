@@ -10,8 +10,9 @@ from mailpipe.accounts import account_settings
 from mailpipe.errors import MailpipeError, NotFound
 from mailpipe.imap import SECURITY_MODES, ImapSettings
 from mailpipe.models import MailAccount
+from mailpipe.settings import Settings
 
-from .common import EXIT_FAILURE, secret, sessions_from_env, unlock
+from .common import EXIT_FAILURE, open_database, secret, unlock
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -43,12 +44,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     diagnose.set_defaults(run=run_diagnose)
 
 
-def run_diagnose(args: argparse.Namespace) -> int:
+def run_diagnose(args: argparse.Namespace, settings: Settings) -> int:
     """Diagnose any server from its address, or a stored account unlocked by its owner."""
     if (args.host is None) == (args.account_id is None):
         raise MailpipeError("give --host (any server) or --account (a stored account)")
     if args.account_id is None:
-        settings = ImapSettings(
+        imap = ImapSettings(
             host=args.host,
             port=args.port,
             username=args.user,
@@ -56,19 +57,19 @@ def run_diagnose(args: argparse.Namespace) -> int:
             security=args.security or "tls",
             ca_file=args.ca_file,
         )
-        diagnosis = diagnostics.diagnose(settings, timeout=args.timeout)
+        diagnosis = diagnostics.diagnose(imap, timeout=args.timeout)
     else:
         if args.port is not None or args.security is not None or args.ca_file is not None:
             raise MailpipeError("--port, --security and --ca-file go with --host, not --account")
-        sessions = sessions_from_env()
+        sessions = open_database(settings)
         user, key = unlock(sessions, args.user, args.password_env)
         with sessions() as session:
             account = session.get(MailAccount, args.account_id)
             if account is None or account.user_id != user.id:
                 raise NotFound(f"account {args.account_id} not found")
-            settings = account_settings(account, key)
+            imap = account_settings(account, key)
         diagnosis = diagnostics.diagnose(
-            settings, sessions=sessions, account_id=args.account_id, timeout=args.timeout
+            imap, sessions=sessions, account_id=args.account_id, timeout=args.timeout
         )
     print(json.dumps(diagnosis.to_json()) if args.json else describe_diagnosis(diagnosis))
     return 0 if diagnosis.ok else EXIT_FAILURE

@@ -8,8 +8,9 @@ import json
 from mailpipe import jobs
 from mailpipe.errors import NotFound
 from mailpipe.models import PipelineJob
+from mailpipe.settings import Settings
 
-from .common import find_user, sessions_from_env
+from .common import find_user, open_database
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -25,8 +26,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     job.set_defaults(run=run_job)
 
 
-def run_jobs(args: argparse.Namespace) -> int:
-    sessions = sessions_from_env()
+def run_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    sessions = open_database(settings)
     with sessions() as session:
         listed = jobs.list_jobs(session, find_user(session, args.user).id, args.limit)
     if args.json:
@@ -40,8 +41,8 @@ def run_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_job(args: argparse.Namespace) -> int:
-    sessions = sessions_from_env()
+def run_job(args: argparse.Namespace, settings: Settings) -> int:
+    sessions = open_database(settings)
     with sessions() as session:
         owner = find_user(session, args.user).id if args.user else None
         if owner is None:

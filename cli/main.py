@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from mailpipe.errors import MailpipeError
+from mailpipe.settings import Settings
 
 from . import accounts, diagnose, jobs, keys, queue, serve, sync, users
 from .common import EXIT_FAILURE, EXIT_USAGE, STRICT_PARSER
@@ -22,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return args.run(args) or 0
+        return args.run(args, Settings.from_env()) or 0
     except KeyboardInterrupt:
         return 130
     except MailpipeError as error:

@@ -7,6 +7,7 @@ start without them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -16,15 +17,15 @@ from typing import TYPE_CHECKING
 
 from mailpipe import grants
 from mailpipe.errors import MailpipeError
+from mailpipe.settings import Settings
 
-from .common import password_option, sessions_from_env, unlock
+from .common import open_database, password_option, unlock
 from .jobs import describe_job
 
 if TYPE_CHECKING:
     from actors.pipeline import PipelineBroker
 
 POLL_SECONDS = 0.2
-EMBEDDED_WORKER_THREADS = 8
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -56,25 +57,27 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     demo.set_defaults(run=run_demo)
 
 
-def run_fetch(args: argparse.Namespace) -> int:
-    """Enqueue a job; with --wait, follow it to its final status (exit 1 unless success)."""
-    import dramatiq
-    from dramatiq.brokers.stub import StubBroker
+def run_fetch(args: argparse.Namespace, settings: Settings) -> int:
+    """Enqueue a job; with --wait, follow it to its final status (exit 1 unless success).
 
-    import broker_config
-    from actors.pipeline import PipelineBroker
+    On the embedded broker this process is the worker too, so its jobs run only with --wait.
+    """
+    from worker.broker import use_broker
+    from worker.embedded import embedded_worker
 
-    sessions = sessions_from_env()
+    sessions = open_database(settings)
     user, key = unlock(sessions, args.user, args.password_env)
-    embedded = isinstance(broker_config.broker, StubBroker)
-    if embedded:
-        grants.ensure_worker_key()  # this process is the worker too
-    pipeline = PipelineBroker(sessions)
-    worker = None
-    if embedded and args.wait:
-        worker = dramatiq.Worker(broker_config.broker, worker_threads=EMBEDDED_WORKER_THREADS)
-        worker.start()
-    try:
+    broker = use_broker(settings)
+    from actors.pipeline import PipelineBroker  # declares the actors on that broker
+
+    pipeline = PipelineBroker(sessions, settings=settings, broker=broker)
+    if settings.embedded and not args.wait:
+        grants.ensure_worker_key(settings.worker_key_path, configured=settings.worker_public_key)
+    with (
+        embedded_worker(settings, sessions=sessions, broker=broker)
+        if settings.embedded and args.wait
+        else contextlib.nullcontext()
+    ):
         job_id = pipeline.enqueue_fetch_job(
             user.id,
             args.account_id,
@@ -84,13 +87,10 @@ def run_fetch(args: argparse.Namespace) -> int:
         )
         if not args.wait:
             print(json.dumps({"job_id": job_id}) if args.json else job_id)
-            if embedded:
+            if settings.embedded:
                 print("note: the embedded broker runs jobs only with --wait", file=sys.stderr)
             return 0
         status = wait_for(pipeline, job_id, user.id, seconds=args.timeout * 5 + 30)
-    finally:
-        if worker is not None:
-            worker.stop()
     print(json.dumps(status) if args.json else describe_job(status))
     return 0 if status["status"] == "success" else 1
 
@@ -107,11 +107,9 @@ def wait_for(pipeline: PipelineBroker, job_id: str, user_id: int, *, seconds: fl
         time.sleep(POLL_SECONDS)
 
 
-def run_worker(args: argparse.Namespace) -> int:
+def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Exec the stock Dramatiq CLI on our broker and actors, with UTC and sane defaults."""
-    import broker_config
-
-    if broker_config.BROKER_URL == "stub":
+    if settings.embedded:
         raise MailpipeError("workers need a shared broker: set MAILPIPE_BROKER_URL=redis://...")
     from metrics import multiprocess
 
@@ -129,11 +127,9 @@ def run_worker(args: argparse.Namespace) -> int:
     os.execvpe(command[0], command, {**os.environ, "TZ": "UTC"})
 
 
-def run_scheduler(args: argparse.Namespace) -> int:
+def run_scheduler(args: argparse.Namespace, settings: Settings) -> int:
     """Exec periodiq, which sends the periodic scheduling message every minute (in UTC)."""
-    import broker_config
-
-    if broker_config.BROKER_URL == "stub":
+    if settings.embedded:
         raise MailpipeError("the scheduler needs a shared broker: set MAILPIPE_BROKER_URL")
     command = [_tool("periodiq"), "broker_config", "actors"]
     os.execvpe(command[0], command, {**os.environ, "TZ": "UTC"})
@@ -145,7 +141,10 @@ def _tool(name: str) -> str:
     return beside if os.path.exists(beside) else (shutil.which(name) or name)
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.broker import use_broker
+
+    use_broker(settings)
     from actors.demo import run_demo as demo
 
-    return demo(once=args.once)
+    return demo(settings, once=args.once)

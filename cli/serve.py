@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mailpipe.settings import Settings
+
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     web = commands.add_parser("web", help="mailpipe's own web app: dashboard and JSON API")
@@ -12,8 +14,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     web.set_defaults(run=run_web)
 
 
-def run_web(args: argparse.Namespace) -> int:
+def run_web(args: argparse.Namespace, settings: Settings) -> int:
     """The web app loads the broker, so it is imported only when this command runs."""
     from web.app import serve
 
-    return serve(host=args.host, port=args.port)
+    return serve(settings, host=args.host, port=args.port)

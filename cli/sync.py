@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import traceback
@@ -22,6 +21,7 @@ from mailpipe.imap import SECURITY_MODES, ImapSettings
 from mailpipe.models import MailAccount
 from mailpipe.observer import Observer
 from mailpipe.profiler import MEMORY_METHODS, RU_MAXRSS, Profiler
+from mailpipe.settings import Settings
 from mailpipe.sync import BATCH_BYTES, SyncOptions, SyncResult, sync_account
 
 from .common import EXIT_FAILURE, variable_secret
@@ -78,20 +78,20 @@ def _sync_options(parser: argparse.ArgumentParser, *, db_help: str) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def run_sync(args: argparse.Namespace) -> int:
+def run_sync(args: argparse.Namespace, settings: Settings) -> int:
     """Sync one account straight from the command line, with no queue in between."""
-    engine, target = _sync_target(args, args.db)
+    engine, target = _sync_target(args, args.db or settings.database_url)
     try:
         result = target.sync()
     except Exception as error:  # every failure becomes one line naming its cause
-        return _one_line_failure("sync", error, host=args.host)
+        return _one_line_failure("sync", error, host=args.host, debug=settings.debug)
     finally:
         engine.dispose()
     print(json.dumps(result.to_json()) if args.json else summary(result))
     return 0
 
 
-def run_profile(args: argparse.Namespace) -> int:
+def run_profile(args: argparse.Namespace, settings: Settings) -> int:
     """A sync under the profiler; by default into a new database, so every message is synced."""
     with tempfile.TemporaryDirectory(prefix="mailpipe-profile-") as scratch:
         engine, target = _sync_target(args, args.db or f"sqlite:///{scratch}/profile.db")
@@ -100,7 +100,7 @@ def run_profile(args: argparse.Namespace) -> int:
             with profiler:
                 result = target.sync(observer=profiler)
         except Exception as error:
-            return _one_line_failure("profile", error, host=args.host)
+            return _one_line_failure("profile", error, host=args.host, debug=settings.debug)
         finally:
             engine.dispose()
     profile = profiler.to_json()
@@ -132,7 +132,7 @@ class _SyncTarget:
         )
 
 
-def _sync_target(args: argparse.Namespace, url: str | None) -> tuple[Engine, _SyncTarget]:
+def _sync_target(args: argparse.Namespace, url: str) -> tuple[Engine, _SyncTarget]:
     """The database (migrated), its owner's key and the account, created on first use."""
     password = variable_secret(args.password_env)
     owner_password = (
@@ -163,8 +163,8 @@ def _sync_target(args: argparse.Namespace, url: str | None) -> tuple[Engine, _Sy
     return engine, _SyncTarget(sessions, account_id, key, settings, options)
 
 
-def _one_line_failure(command: str, error: Exception, *, host: str) -> int:
-    if os.environ.get("MAILPIPE_DEBUG"):
+def _one_line_failure(command: str, error: Exception, *, host: str, debug: bool) -> int:
+    if debug:
         traceback.print_exc()
     failure = classify(error, host=host)
     print(f"mailpipe: {command} failed ({failure.error_class}): {failure.message}", file=sys.stderr)

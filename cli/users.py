@@ -6,8 +6,9 @@ import argparse
 
 from mailpipe import grants
 from mailpipe.accounts import create_user
+from mailpipe.settings import Settings
 
-from .common import STRICT_PARSER, find_user, password_option, secret, sessions_from_env, unlock
+from .common import STRICT_PARSER, find_user, open_database, password_option, secret, unlock
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -28,32 +29,34 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     revoke.set_defaults(run=run_user_revoke)
 
 
-def run_user_add(args: argparse.Namespace) -> int:
+def run_user_add(args: argparse.Namespace, settings: Settings) -> int:
     password = secret(args.password_env, f"new password for {args.name}: ", confirm=True)
-    sessions = sessions_from_env()
+    sessions = open_database(settings)
     with sessions.begin() as session:
         user, _key = create_user(session, args.name, password)
         print(f"user {user.name} created (id {user.id})")
     return 0
 
 
-def run_user_grant(args: argparse.Namespace) -> int:
-    sessions = sessions_from_env()
+def run_user_grant(args: argparse.Namespace, settings: Settings) -> int:
+    sessions = open_database(settings)
     user, key = unlock(sessions, args.name, args.password_env)
     with sessions.begin() as session:
         grants.grant_background(
             session,
             user_id=user.id,
             key=key,
-            public_key=grants.worker_public_key(),
+            public_key=grants.worker_public_key(
+                settings.worker_key_path, configured=settings.worker_public_key
+            ),
             ttl_seconds=int(args.hours * 3600),
         )
     print(f"background sync allowed for {args.name} for {args.hours:g} h")
     return 0
 
 
-def run_user_revoke(args: argparse.Namespace) -> int:
-    sessions = sessions_from_env()
+def run_user_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    sessions = open_database(settings)
     with sessions.begin() as session:
         removed = grants.revoke_background(session, find_user(session, args.name).id)
     print(f"background sync ended for {args.name} ({removed} grant(s) removed)")

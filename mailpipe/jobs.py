@@ -10,7 +10,6 @@ from datetime import datetime
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from . import config
 from .errors import NotFound
 from .models import AccountRun, MailAccount, PipelineJob, utcnow
 from .vocabulary import JOB_FINAL, RUN_FINAL, JobStatus, RunStatus
@@ -19,7 +18,7 @@ TYPE_ACCOUNT = "account"
 TYPE_ALL = "all"
 TYPE_SCHEDULED = "scheduled"
 COUNTERS = ("fetched", "saved", "duplicates", "quarantined", "processed")
-RETENTION_DAYS = config.int_setting("MAILPIPE_JOB_RETENTION_DAYS", 30)
+MAX_TIMEOUT_SECONDS = 3600  # the longest a fetch job may be given (its timeout_seconds)
 PURGE_BATCH = 5_000  # jobs deleted per call, so one transaction stays short
 
 

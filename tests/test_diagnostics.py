@@ -15,9 +15,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import func, select
 
 from actors.diagnose import request_diagnosis
+from cli.diagnose import describe_diagnosis
 from mailpipe import db, diagnostics, grants, imap
 from mailpipe.accounts import add_account, create_user
-from cli.diagnose import describe_diagnosis
 from mailpipe.diagnostics import (
     CHECKS,
     FAILED,
@@ -357,6 +357,7 @@ def test_the_actor_runs_a_requested_diagnosis_with_a_key_grant_for_it_alone(worl
     # When she asks for a diagnosis and the worker runs it
     request_id = request_diagnosis(
         world.sessions,
+        settings=world.pipeline.settings,
         user_id=alice.id,
         account_id=account,
         key=alice.key,
@@ -396,7 +397,12 @@ def test_the_actor_records_a_failed_login_and_refuses_other_peoples_accounts(wor
     public_key = grants.public_key_bytes(world.private_key)
     # When she has it diagnosed
     request_id = request_diagnosis(
-        world.sessions, user_id=alice.id, account_id=account, key=alice.key, public_key=public_key
+        world.sessions,
+        settings=world.pipeline.settings,
+        user_id=alice.id,
+        account_id=account,
+        key=alice.key,
+        public_key=public_key,
     )
     world.wait()
     # Then the diagnosis ran and says the login failed
@@ -410,7 +416,12 @@ def test_the_actor_records_a_failed_login_and_refuses_other_peoples_accounts(wor
     # And bob cannot have her account diagnosed
     with pytest.raises(NotFound):
         request_diagnosis(
-            world.sessions, user_id=bob.id, account_id=account, key=bob.key, public_key=public_key
+            world.sessions,
+            settings=world.pipeline.settings,
+            user_id=bob.id,
+            account_id=account,
+            key=bob.key,
+            public_key=public_key,
         )
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from actors.pipeline import MAX_TIMEOUT_SECONDS
 from mailpipe import diagnostics
+from mailpipe.jobs import MAX_TIMEOUT_SECONDS
 
 MAX_ID = 2**31 - 1
 MAX_MAILS = 10_000

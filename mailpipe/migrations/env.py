@@ -3,8 +3,8 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from mailpipe import config as mailpipe_config
 from mailpipe.models import Base
+from mailpipe.settings import Settings
 
 target_metadata = Base.metadata
 
@@ -12,7 +12,7 @@ target_metadata = Base.metadata
 def run() -> None:
     connection = context.config.attributes.get("connection")
     if connection is None:
-        engine = create_engine(mailpipe_config.database_url())
+        engine = create_engine(Settings.from_env().database_url)  # the `alembic` command
         with engine.begin() as connection:
             _run_with(connection)
     else:
