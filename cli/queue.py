@@ -1,7 +1,7 @@
-"""The commands that need the broker: `mailpipe fetch`, `worker`, `scheduler` and `demo`.
+"""The commands that need the broker: `mailpipe fetch`, `worker` and `scheduler`.
 
-They load the broker, the actors and the web app only when they run, so the other commands
-start without them.
+They load the broker and the actors only when they run, so the other commands start without
+them.
 """
 
 from __future__ import annotations
@@ -49,12 +49,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     scheduler = commands.add_parser("scheduler", help="run the periodic scheduler (periodiq)")
     scheduler.set_defaults(run=run_scheduler)
-
-    demo = commands.add_parser(
-        "demo", help="the pipeline on embedded defaults, with a demo mailbox"
-    )
-    demo.add_argument("--once", action="store_true", help="one round, a summary, then exit")
-    demo.set_defaults(run=run_demo)
 
 
 def run_fetch(args: argparse.Namespace, settings: Settings) -> int:
@@ -139,12 +133,3 @@ def _tool(name: str) -> str:
     """The console script installed beside this Python, so the venv's own copy runs."""
     beside = os.path.join(os.path.dirname(sys.executable), name)
     return beside if os.path.exists(beside) else (shutil.which(name) or name)
-
-
-def run_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.broker import use_broker
-
-    use_broker(settings)
-    from actors.demo import run_demo as demo
-
-    return demo(settings, once=args.once)

@@ -1,4 +1,5 @@
-"""`mailpipe demo`: the whole system on embedded defaults, with no service installed.
+"""The demo (`make demo`, `python -m demo`): the whole system on embedded defaults, with no
+service installed.
 
 A built-in IMAP server (pymap) holds three demo mailboxes: anna's is healthy and gets new mail
 every round; ben's password is stored wrong, so his account goes BROKEN and he is notified;
@@ -16,19 +17,24 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from werkzeug.serving import make_server
 
-from actors.pipeline import PipelineBroker
 from mailpipe import db, grants, health
 from mailpipe.accounts import add_account, create_user
-from mailpipe.demo_server import DemoServer, demo_messages
 from mailpipe.errors import MailpipeError
-from mailpipe.faultproxy import FaultProxy
 from mailpipe.imap import ImapSettings
 from mailpipe.models import utcnow
 from mailpipe.settings import Settings
+from worker.broker import use_broker
 from worker.embedded import embedded_worker
+
+from .faultproxy import FaultProxy
+from .imap_server import DemoServer, demo_messages
+
+if TYPE_CHECKING:
+    from actors.pipeline import PipelineBroker
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"
@@ -58,8 +64,11 @@ class Demo:
 def run_demo(settings: Settings, *, once: bool) -> int:
     """Start everything, run rounds (one with --once), stop everything."""
     if not settings.embedded:
-        print("mailpipe demo runs on the embedded broker: unset MAILPIPE_BROKER_URL")
+        print("the demo runs on the embedded broker: unset MAILPIPE_BROKER_URL")
         return 2
+    broker = use_broker(settings)
+    from actors.pipeline import PipelineBroker  # declares the actors on that broker
+
     data = Path(settings.data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
     for stale in data.glob("demo.db*"):
@@ -67,10 +76,10 @@ def run_demo(settings: Settings, *, once: bool) -> int:
     engine = db.make_engine(f"sqlite:///{data / 'demo.db'}")
     db.migrate(engine)
     sessions = db.session_factory(engine)
-    pipeline = PipelineBroker(sessions, settings=settings)
+    pipeline = PipelineBroker(sessions, settings=settings, broker=broker)
     try:
         with (
-            embedded_worker(settings, sessions=sessions, broker=pipeline.broker),
+            embedded_worker(settings, sessions=sessions, broker=broker),
             DemoServer(workdir=data, users=MAILBOXES) as server,
             FaultProxy(upstream=(server.host, server.port)) as link,
         ):
