@@ -17,6 +17,7 @@ COMMAND_GROUPS = (sync, diagnose, users, accounts, jobs, queue, serve, keys)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `mailpipe` console script: the settings are read once, for the command that runs."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):

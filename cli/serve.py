@@ -15,7 +15,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def run_web(args: argparse.Namespace, settings: Settings) -> int:
-    """The web app loads the broker, so it is imported only when this command runs."""
+    """Flask, the broker and the actors load only when this command runs."""
     from web.app import serve
 
     return serve(settings, host=args.host, port=args.port)

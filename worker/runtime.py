@@ -85,6 +85,7 @@ def private_key() -> X25519PrivateKey:
 
 
 def processors() -> dict[str, Processor]:
+    """The registered processors (entry points), loaded once per process."""
     return _made("processors", load_processors)
 
 
