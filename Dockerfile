@@ -11,9 +11,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY requirements.lock pyproject.toml README.md broker_config.py middleware.py ./
 COPY mailpipe ./mailpipe
+COPY worker ./worker
 COPY actors ./actors
 COPY metrics ./metrics
 COPY web ./web
+COPY cli ./cli
 # The runtime dependencies only (not the test tools), at the versions of requirements.lock.
 RUN pip install --no-cache-dir --constraint requirements.lock . \
     && useradd --system --uid 10001 --home-dir /var/lib/mailpipe mailpipe \

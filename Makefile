@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e ".[demo,test]"
 	touch $(STAMP)
 
-## demo: the whole system on embedded defaults (built-in IMAP server, SQLite, web on :8000)
+## demo: the whole system on embedded defaults (built-in IMAP server, SQLite, web on :8000);
+# (the demo package runs from this checkout: it is not installed)
 demo: $(STAMP)
-	$(BIN)/mailpipe demo
+	$(BIN)/python -m demo
 
 ## test: install system packages and services the tests need, then lint, type-check and run the whole suite
 test: $(STAMP) system

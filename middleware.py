@@ -1,21 +1,23 @@
-"""Mailpipe's own Dramatiq middleware; broker_config installs it (it must not import actors)."""
+"""Mailpipe's own Dramatiq middleware; it is handed what it needs and imports no actor."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import dramatiq
 import redis
 from dramatiq.errors import BrokerConnectionError
 from dramatiq.middleware import Retries, SkipMessage
+from sqlalchemy.orm import Session, sessionmaker
 
 from mailpipe import health
 from mailpipe.retry import RetryPolicy
+from mailpipe.runner import skip_run
 from mailpipe.vocabulary import ErrorClass, Gate
 
-FETCH_ACTOR = "fetch_account"
 CIRCUIT_OPEN_MESSAGE = "skipped: fetching this account kept failing, so it is paused for a while"
 
 REENQUEUE_DELAY_SECONDS = 1.0
@@ -31,8 +33,17 @@ class DurableRetries(Retries):
     Stock Retries sends the retry from after_process_message; when Redis is down at that moment
     the error is only logged, the message is acked once Redis is back, and the retry is gone, so
     its run stays "retrying" and its job never ends. Here the send is tried again, as Dramatiq
-    itself does with acks, each time from the message's options as they were.
+    itself does with acks, each time from the message's options as they were. Its retry count
+    and backoff are the retry policy's.
     """
+
+    def __init__(self, *, policy: RetryPolicy) -> None:
+        super().__init__(
+            max_retries=policy.max_retries,
+            min_backoff=policy.min_backoff_ms,
+            max_backoff=policy.max_backoff_ms,
+        )
+        self.policy = policy
 
     def after_process_message(
         self,
@@ -58,7 +69,7 @@ class DurableRetries(Retries):
 
 
 def report_attempt(*, attempted: bool, error_class: str | None) -> None:
-    """Called by the fetch actor: what this attempt did, for after_process_message to read."""
+    """Called by an actor that opted in: what this attempt did, for after_process_message."""
     _attempt.value = {"attempted": attempted, "error_class": error_class}
 
 
@@ -67,21 +78,34 @@ class AccountHealth(dramatiq.Middleware):
 
     Before a fetch, skip it while the account's circuit is open (recorded as skipped, which
     ends the run, so the job still finalises); after the cool-down one probe goes through.
+    Actors opt in with `account_health=True`: their messages carry (job_id, account_id) and they
+    tell each attempt's outcome with `report_attempt`. `on_skipped(sessions, account_id)` is
+    called for each run the open circuit skipped (the metrics count it).
     """
 
-    def __init__(self, *, retry_policy: RetryPolicy, circuit: health.CircuitPolicy) -> None:
+    def __init__(
+        self,
+        *,
+        sessions: Callable[[], sessionmaker[Session]],
+        retry_policy: RetryPolicy,
+        circuit: health.CircuitPolicy,
+        on_skipped: Callable[[sessionmaker[Session], int], None],
+    ) -> None:
+        self.sessions = sessions
         self.retry_policy = retry_policy
         self.circuit = circuit
+        self.on_skipped = on_skipped
+
+    @property
+    def actor_options(self) -> set[str]:
+        return {"account_health"}
 
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
-        if message.actor_name != FETCH_ACTOR:
+        if not _opted_in(broker, message):
             return
         _attempt.value = None
-        from actors import runtime
-        from mailpipe.runner import skip_run
-
         job_id, account_id = message.args
-        sessions = runtime.sessions()
+        sessions = self.sessions()
         with sessions.begin() as session:
             gate = health.circuit_gate(session, account_id, circuit=self.circuit)
         if gate == Gate.SKIP:
@@ -92,10 +116,7 @@ class AccountHealth(dramatiq.Middleware):
                 reason=ErrorClass.CIRCUIT_OPEN,
                 message=CIRCUIT_OPEN_MESSAGE,
             )
-            from metrics.observer import MetricsObserver, record_account_run
-
-            provider = MetricsObserver.for_account(sessions, account_id).provider
-            record_account_run(provider, "skipped", 0.0)
+            self.on_skipped(sessions, account_id)
             raise SkipMessage("circuit open")
 
     def after_process_message(
@@ -106,7 +127,7 @@ class AccountHealth(dramatiq.Middleware):
         result: object = None,
         exception: BaseException | None = None,
     ) -> None:
-        if message.actor_name != FETCH_ACTOR:
+        if not _opted_in(broker, message):
             return
         attempt = getattr(_attempt, "value", None)
         _attempt.value = None
@@ -116,10 +137,8 @@ class AccountHealth(dramatiq.Middleware):
             error_class = attempt["error_class"]
         else:
             return  # waited, redelivered or locked: nothing was tried, health stays
-        from actors import runtime
-
         _job_id, account_id = message.args
-        with runtime.sessions().begin() as session:
+        with self.sessions().begin() as session:
             change = health.record_outcome(
                 session,
                 account_id,
@@ -139,3 +158,7 @@ class AccountHealth(dramatiq.Middleware):
                 change.circuit_before,
                 change.circuit_after,
             )
+
+
+def _opted_in(broker: dramatiq.Broker, message: dramatiq.Message) -> bool:
+    return bool(broker.get_actor(message.actor_name).options.get("account_health"))

@@ -9,8 +9,6 @@ import time
 import dramatiq
 from dramatiq.middleware import CurrentMessage, TimeLimitExceeded
 
-import broker_config
-from actors import runtime
 from mailpipe.runner import Next, record_crash, run_account
 from mailpipe.vocabulary import ErrorClass
 from metrics.observer import (
@@ -20,6 +18,7 @@ from metrics.observer import (
     record_finished_job,
 )
 from middleware import report_attempt
+from worker import runtime
 
 QUEUE = "fetch"
 BUSY_DELAY_MS = (1_000, 3_000)
@@ -37,26 +36,28 @@ class TransientFailure(dramatiq.Retry):
 
 
 def retry_when(retries: int, error: BaseException) -> bool:
-    """Transient failures (and crashes outside the sync) come back, at most MAX_RETRIES times.
+    """Transient failures (and crashes outside the sync) come back as the retry policy says.
 
     Permanent failures never reach here: the core records them and the message ends normally.
     """
-    return isinstance(error, Exception) and broker_config.RETRY_POLICY.retry_crash(retries)
+    return isinstance(error, Exception) and runtime.settings().retry.retry_crash(retries)
 
 
+# max_retries is the Retries middleware's, built from the same retry policy (worker/broker.py).
 @dramatiq.actor(
     queue_name=QUEUE,
-    max_retries=broker_config.RETRY_POLICY.max_retries,
     retry_when=retry_when,
     time_limit=DEFAULT_TIME_LIMIT_MS,
     on_retry_exhausted="fetch_exhausted",
+    account_health=True,
 )
 def fetch_account(job_id: str, account_id: int) -> None:
     """Sync one account for one job; the core records the outcome and finalises the job."""
     message = CurrentMessage.get_current_message()
     retries = message.options.get("retries", 0) if message else 0
     time_limit = (message.options.get("time_limit") if message else None) or DEFAULT_TIME_LIMIT_MS
-    slot_ttl = min(runtime.HOST_SLOT_TTL_MS, time_limit + SLOT_MARGIN_MS)
+    settings = runtime.settings()
+    slot_ttl = min(settings.host_slot_ttl_ms, time_limit + SLOT_MARGIN_MS)
     observer = MetricsObserver()  # the core tells it the account's provider as the run starts
     started = time.perf_counter()
     outcome = run_account(
@@ -64,7 +65,7 @@ def fetch_account(job_id: str, account_id: int) -> None:
         job_id=job_id,
         account_id=account_id,
         attempt=retries + 1,
-        retry_policy=broker_config.RETRY_POLICY,
+        retry_policy=settings.retry,
         private_key=runtime.private_key(),
         processors=runtime.processors(),
         connection_slot=functools.partial(runtime.host_slot, ttl_ms=slot_ttl),
@@ -90,7 +91,7 @@ def fetch_account(job_id: str, account_id: int) -> None:
         )
 
 
-@dramatiq.actor(queue_name=QUEUE, max_retries=broker_config.RETRY_POLICY.max_retries)
+@dramatiq.actor(queue_name=QUEUE)
 def fetch_exhausted(message: dict, retry_info: dict) -> None:
     """A fetch that kept crashing outside the sync still ends its run, so the job finalises."""
     job_id, account_id = message["args"]

@@ -9,38 +9,44 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import current_millis
 from sqlalchemy.orm import Session, sessionmaker
 
-import broker_config
-from actors import runtime
+from actors.diagnose import diagnose_account
 from actors.fetch import DEFAULT_TIME_LIMIT_MS, fetch_account
-from mailpipe import config, grants, jobs, reports
+from mailpipe import diagnostics, grants, jobs, reports
 from mailpipe.crypto import DataKey
 from mailpipe.errors import MailpipeError, NotFound
 from mailpipe.results import AccountHealth, JobReport, JobSummary, Performance
+from mailpipe.settings import Settings
 from mailpipe.vocabulary import JobType
 
-JOB_GRANT_TTL_SECONDS = config.int_setting("MAILPIPE_JOB_GRANT_TTL_SECONDS", 3600)
 TIME_LIMIT_MARGIN_MS = 30_000
-MAX_TIMEOUT_SECONDS = 3600
 
 
 class PipelineBroker:
-    """Enqueue fetches and read their outcome; every read checks that the user owns the job."""
+    """Enqueue fetches and read their outcome; every read checks that the user owns the job.
+
+    `settings` give the workers' public key (unless `public_key` is given) and the lifetime of
+    a job's key grant; `broker` defaults to the one the actors are declared on.
+    """
 
     def __init__(
         self,
-        sessions: sessionmaker[Session] | None = None,
+        sessions: sessionmaker[Session],
         *,
+        settings: Settings,
         public_key: bytes | None = None,
         broker: dramatiq.Broker | None = None,
     ) -> None:
-        self.sessions = sessions or runtime.sessions()
+        self.sessions = sessions
+        self.settings = settings
         self._public_key = public_key
-        self.broker = broker or broker_config.broker
+        self.broker = broker or fetch_account.broker
 
     @property
     def public_key(self) -> bytes:
         if self._public_key is None:
-            self._public_key = grants.worker_public_key()
+            self._public_key = grants.worker_public_key(
+                self.settings.worker_key_path, configured=self.settings.worker_public_key
+            )
         return self._public_key
 
     def enqueue_fetch_job(
@@ -68,7 +74,7 @@ class PipelineBroker:
                     job_id=job_id,
                     key=key,
                     public_key=self.public_key,
-                    ttl_seconds=JOB_GRANT_TTL_SECONDS,
+                    ttl_seconds=self.settings.job_grant_ttl_seconds,
                 )
                 job_type = JobType.ACCOUNT if account_id is not None else JobType.ALL
             else:
@@ -124,6 +130,21 @@ class PipelineBroker:
             for message in messages:
                 self.broker.enqueue(message)
 
+    def request_diagnosis(self, user_id: int, account_id: int, *, key: DataKey) -> str:
+        """Queue a full check of the user's account: its key is sealed to the workers for this
+        request alone, and a worker connects (never the caller's thread); returns its id."""
+        with self.sessions.begin() as session:
+            request_id = diagnostics.request_diagnosis(
+                session,
+                user_id=user_id,
+                account_id=account_id,
+                key=key,
+                public_key=self.public_key,
+                ttl_seconds=self.settings.job_grant_ttl_seconds,
+            )
+        self.broker.enqueue(diagnose_account.message(request_id))
+        return request_id
+
     def get_job_status(self, job_id: str, user_id: int) -> JobReport:
         with self.sessions() as session:
             return jobs.job_status(session, job_id, user_id)
@@ -143,8 +164,8 @@ class PipelineBroker:
 
 def _job_options(max_mails: int | None, timeout_seconds: int) -> dict:
     """The options a job keeps, checked before anything is written."""
-    if not 1 <= timeout_seconds <= MAX_TIMEOUT_SECONDS:
-        raise MailpipeError(f"timeout_seconds must be between 1 and {MAX_TIMEOUT_SECONDS}")
+    if not 1 <= timeout_seconds <= jobs.MAX_TIMEOUT_SECONDS:
+        raise MailpipeError(f"timeout_seconds must be between 1 and {jobs.MAX_TIMEOUT_SECONDS}")
     if max_mails is not None and max_mails < 1:
         raise MailpipeError("max_mails must be at least 1")
     return {"max_mails": max_mails, "timeout_seconds": timeout_seconds}

@@ -12,10 +12,10 @@ from datetime import timedelta
 import dramatiq
 from periodiq import cron
 
-from actors import runtime
 from mailpipe import grants, jobs, schedule
 from mailpipe.errors import NotFound
 from mailpipe.models import utcnow
+from worker import runtime
 
 logger = logging.getLogger(__name__)
 PURGE_BATCHES = 50  # at most 250,000 old jobs deleted per tick
@@ -27,10 +27,11 @@ def schedule_due() -> None:
     (a sealed key should not outlive its use) and jobs finished longer ago than the retention."""
     from actors.pipeline import PipelineBroker
 
+    settings = runtime.settings()
     sessions = runtime.sessions()
     with sessions.begin() as session:
         claimed = schedule.claim_due_accounts(session)
-    pipeline = PipelineBroker(sessions)
+    pipeline = PipelineBroker(sessions, settings=settings)
     for user_id, account_ids in claimed.items():
         try:
             pipeline.enqueue_scheduled_job(user_id, account_ids)
@@ -38,7 +39,7 @@ def schedule_due() -> None:
             logger.info("background grant of a user ended before enqueue; skipped")
     with sessions.begin() as session:
         purged = grants.purge_expired(session)
-    before = utcnow() - timedelta(days=jobs.RETENTION_DAYS)
+    before = utcnow() - timedelta(days=settings.job_retention_days)
     retired = 0
     for _ in range(PURGE_BATCHES):  # short transactions; what is left waits for the next tick
         with sessions.begin() as session:

@@ -23,17 +23,19 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-import broker_config
+import broker_config  # noqa: F401  (the broker the actors of this process are declared on)
 from actors import PipelineBroker
 from mailpipe import db, grants
 from mailpipe.accounts import add_account, create_user
 from mailpipe.imap import ImapSettings
 from mailpipe.models import Email
+from mailpipe.settings import Settings
 from tests.support import postgres
 from tests.support.cluster import running_cluster
 from tests.support.dovecot import Dovecot
 from tests.support.faultproxy import FaultProxy
 from tests.support.workers import REDIS_URL, Workers, delete_namespace, new_namespace
+from worker.broker import build_broker
 
 FAST_KDF = 1_000
 WAIT_SECONDS = 1800
@@ -63,8 +65,11 @@ def bench_enqueue(args: argparse.Namespace, public_key: bytes) -> list[float]:
                 )
                 for _ in range(args.enqueue_accounts):
                     add_account(session, user, key, settings)
-            broker = broker_config.build_broker(REDIS_URL, namespace=namespace)
-            pipeline = PipelineBroker(sessions, public_key=public_key, broker=broker)
+            settings = Settings(broker_url=REDIS_URL, redis_namespace=namespace)
+            broker = build_broker(settings)
+            pipeline = PipelineBroker(
+                sessions, settings=settings, public_key=public_key, broker=broker
+            )
             started = time.perf_counter()
             pipeline.enqueue_fetch_job(user.id, key=key)
             timings.append(time.perf_counter() - started)

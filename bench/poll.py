@@ -14,12 +14,13 @@ import dramatiq
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 import broker_config
-from actors import PipelineBroker, runtime
+from actors import PipelineBroker
 from mailpipe import db, grants
 from mailpipe.accounts import add_account, create_user
 from mailpipe.imap import ImapSettings
 from tests.support import postgres
 from tests.support.dovecot import Dovecot
+from worker import runtime
 
 ROUNDS = 3
 
@@ -36,7 +37,7 @@ def main() -> int:
             db.migrate(engine)
             sessions = db.session_factory(engine)
             private_key = X25519PrivateKey.generate()
-            runtime.embed(sessions=sessions, private_key=private_key)
+            runtime.configure(broker_config.SETTINGS, sessions=sessions, private_key=private_key)
             with sessions.begin() as session:
                 user, key = create_user(session, "bench", "pw", iterations=1000)
                 for login, password in boxes:
@@ -51,7 +52,11 @@ def main() -> int:
                 user_id = user.id
             worker = dramatiq.Worker(broker_config.broker, worker_threads=8)
             worker.start()
-            pipeline = PipelineBroker(sessions, public_key=grants.public_key_bytes(private_key))
+            pipeline = PipelineBroker(
+                sessions,
+                settings=broker_config.SETTINGS,
+                public_key=grants.public_key_bytes(private_key),
+            )
             for number in range(1, ROUNDS + 1):
                 cpu, wall = time.process_time(), time.perf_counter()
                 job = pipeline.enqueue_fetch_job(user_id, key=key)

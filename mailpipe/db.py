@@ -9,12 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event, inspect
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, inspect, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
-
-from . import config
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_PAGE_SIZE = 16_384  # mail bodies are large blobs; bigger pages mean fewer overflow pages
@@ -24,10 +22,12 @@ PG_MIGRATION_LOCK = 0x6D61696C  # "mail": one advisory lock id for schema upgrad
 _MIGRATION_LOCK = threading.Lock()  # Alembic's module-level proxies are not thread-safe
 
 
-def make_engine(url: str | None = None) -> Engine:
-    """An engine for `url` (default `MAILPIPE_DATABASE_URL`), with SQLite set to WAL."""
-    url = url or config.database_url()
+def make_engine(url: str) -> Engine:
+    """An engine for `url`, with SQLite set to WAL (and the SQLite file's directory made)."""
     if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine

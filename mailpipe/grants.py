@@ -10,7 +10,6 @@ so a sealed key copied into another row, or given a longer expiry, no longer ope
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import os
 import uuid
@@ -27,7 +26,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from . import config
 from .crypto import KEY_BYTES, DataKey
 from .db import rowcount
 from .errors import DecryptionFailed, MailpipeError, NotFound
@@ -35,7 +33,6 @@ from .models import KeyGrant, utcnow
 
 WORKER_KEY_FILE_ENV = "MAILPIPE_WORKER_KEY_FILE"
 WORKER_PUBLIC_KEY_ENV = "MAILPIPE_WORKER_PUBLIC_KEY"
-WORKER_KEY_FILENAME = "worker.key"
 WORKER_KEY_MODE = 0o600
 X25519_KEY_BYTES = 32
 
@@ -56,14 +53,6 @@ class WorkerKeyError(MailpipeError):
 
 
 # -- worker key pair ---------------------------------------------------------------------
-
-
-def worker_key_path() -> Path:
-    """`MAILPIPE_WORKER_KEY_FILE`, or `worker.key` in the data directory."""
-    configured = os.environ.get(WORKER_KEY_FILE_ENV)
-    if configured:
-        return Path(configured)
-    return config.data_dir() / WORKER_KEY_FILENAME
 
 
 def public_key_bytes(private: X25519PrivateKey) -> bytes:
@@ -131,52 +120,30 @@ def load_private_key(path: Path) -> X25519PrivateKey:
     return private
 
 
-def worker_private_key() -> X25519PrivateKey:
-    """The configured private key; only worker hosts should have the file."""
-    return load_private_key(worker_key_path())
-
-
-def _public_key_from_env() -> bytes | None:
-    """`MAILPIPE_WORKER_PUBLIC_KEY` decoded, so web hosts can seal without the private key."""
-    encoded = os.environ.get(WORKER_PUBLIC_KEY_ENV, "").strip()
-    if not encoded:
-        return None
-    try:
-        raw = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise WorkerKeyError(f"{WORKER_PUBLIC_KEY_ENV} is not valid base64") from None
-    if len(raw) != X25519_KEY_BYTES:
-        raise WorkerKeyError(
-            f"{WORKER_PUBLIC_KEY_ENV} must be the base64 of a raw 32-byte X25519 public key"
-        )
-    return raw
-
-
-def worker_public_key() -> bytes:
-    """The key grants are sealed to: `MAILPIPE_WORKER_PUBLIC_KEY`, else from the key file.
+def worker_public_key(key_file: Path, *, configured: bytes | None = None) -> bytes:
+    """The key grants are sealed to: the `configured` public key (a web host's
+    `MAILPIPE_WORKER_PUBLIC_KEY`), else the public half of the key file.
 
     Never creates the key file: a web host that silently made its own key pair would seal grants
     no worker can open.
     """
-    from_env = _public_key_from_env()
-    if from_env is not None:
-        return from_env
-    return public_key_bytes(worker_private_key())
+    if configured is not None:
+        return configured
+    return public_key_bytes(load_private_key(key_file))
 
 
-def ensure_worker_key() -> bytes:
+def ensure_worker_key(key_file: Path, *, configured: bytes | None = None) -> bytes:
     """Create the key file on first use (embedded demo, web and worker in one place).
 
-    Returns the public key, and refuses a `MAILPIPE_WORKER_PUBLIC_KEY` that does not belong to
-    the key file, since grants sealed to it would never open.
+    Returns the public key, and refuses a `configured` public key that does not belong to the
+    key file, since grants sealed to it would never open.
     """
-    path = worker_key_path()
+    path = Path(key_file)
     if not path.exists():
         with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
             generate_worker_key(path)
     public = public_key_bytes(load_private_key(path))
-    from_env = _public_key_from_env()
-    if from_env is not None and from_env != public:
+    if configured is not None and configured != public:
         raise WorkerKeyError(f"{WORKER_PUBLIC_KEY_ENV} does not match the worker key file {path}")
     return public
 

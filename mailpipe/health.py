@@ -49,8 +49,13 @@ class CircuitPolicy:
     cooldown_seconds: int = 600
 
     def __post_init__(self) -> None:
-        if min(self.failures, self.window_seconds, self.cooldown_seconds) < 1:
-            raise ValueError("the MAILPIPE_CIRCUIT_* settings must be at least 1")
+        for variable, value in (
+            ("MAILPIPE_CIRCUIT_FAILURES", self.failures),
+            ("MAILPIPE_CIRCUIT_WINDOW_SECONDS", self.window_seconds),
+            ("MAILPIPE_CIRCUIT_COOLDOWN_SECONDS", self.cooldown_seconds),
+        ):
+            if value < 1:
+                raise ValueError(f"{variable} must be at least 1, not {value}")
 
 
 @dataclass(frozen=True)

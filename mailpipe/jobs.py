@@ -11,7 +11,6 @@ from typing import Any, cast
 from sqlalchemy import Table, Update, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from . import config
 from .db import rowcount
 from .errors import NotFound
 from .models import AccountRun, MailAccount, PipelineJob, utcnow
@@ -22,7 +21,7 @@ TYPE_ACCOUNT = "account"
 TYPE_ALL = "all"
 TYPE_SCHEDULED = "scheduled"
 COUNTERS = ("fetched", "saved", "duplicates", "quarantined", "processed")
-RETENTION_DAYS = config.int_setting("MAILPIPE_JOB_RETENTION_DAYS", 30)
+MAX_TIMEOUT_SECONDS = 3600  # the longest a fetch job may be given (its timeout_seconds)
 PURGE_BATCH = 5_000  # jobs deleted per call, so one transaction stays short
 
 

@@ -18,6 +18,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from mailpipe import db
 from mailpipe.errors import MailpipeError
+from mailpipe.settings import Settings
 
 from . import multiprocess
 from .collectors import AccountCollector, QueueCollector
@@ -31,7 +32,7 @@ QUEUES = ("fetch", "schedule")
 logger = logging.getLogger(__name__)
 
 
-def build_registry() -> CollectorRegistry:
+def build_registry(settings: Settings) -> CollectorRegistry:
     """Worker metrics from the shared directory plus the scrape-time collectors."""
     path = multiprocess.directory()
     if path is None or not path.is_dir():
@@ -40,21 +41,17 @@ def build_registry() -> CollectorRegistry:
         )
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(path))
-    registry.register(AccountCollector(db.make_engine()))
-    import broker_config
-
-    if broker_config.BROKER_URL != "stub":
+    registry.register(AccountCollector(db.make_engine(settings.database_url)))
+    if not settings.embedded:
         registry.register(
-            QueueCollector(
-                broker_config.BROKER_URL, namespace=broker_config.NAMESPACE, queues=QUEUES
-            )
+            QueueCollector(settings.broker_url, namespace=settings.redis_namespace, queues=QUEUES)
         )
     return registry
 
 
-def serve(port: int, *, host: str = DEFAULT_HOST) -> None:
+def serve(settings: Settings, port: int, *, host: str = DEFAULT_HOST) -> None:
     """Serve /metrics until the process is stopped."""
-    server, thread = start_http_server(port, addr=host, registry=build_registry())
+    server, thread = start_http_server(port, addr=host, registry=build_registry(settings))
     logger.info("serving /metrics on %s:%d", host, server.server_port)
     thread.join()
 
@@ -73,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        serve(args.port, host=args.host)
+        serve(Settings.from_env(), args.port, host=args.host)
     except MailpipeError as error:
         print(f"metrics.exporter: {error}", file=sys.stderr)
         return 1

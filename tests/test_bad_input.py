@@ -37,7 +37,7 @@ MAX_RSS_BYTES = 300 * 1024 * 1024
 SYNC_TIMEOUT = 120.0
 CLI_TIMEOUT = 60.0
 PASSWORD_ENV = "MAILPIPE_TEST_IMAP_PASSWORD"
-ATTEMPTS = broker_config.MAX_RETRIES + 1
+ATTEMPTS = broker_config.SETTINGS.retry.max_retries + 1
 UNKNOWN_ATTEMPTS = 2  # anything unclassified is retried once (design: error table)
 REASONS = {*QUARANTINE_REASONS.values(), "parse_error", "not_a_message"}
 CRLF = b"\r\n"
@@ -61,7 +61,7 @@ def sync_command(*, port: int, user: str, db_url: str, timeout: float = 10.0) ->
     return [
         sys.executable,
         "-m",
-        "mailpipe",
+        "cli",
         "sync",
         "--host",
         "127.0.0.1",

@@ -21,7 +21,7 @@ JSON_KEYS = {"fetched", "saved", "duplicates", "quarantined", "folders", "phases
 def mailpipe(*args: str, password: str, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "IMAP_PASSWORD": password}
     return subprocess.run(
-        [sys.executable, "-m", "mailpipe", *args],
+        [sys.executable, "-m", "cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -146,7 +146,7 @@ def test_sigkill_mid_sync_then_rerun_stores_each_message_once(dovecot, imap_user
     # When the sync is killed with SIGKILL after it has committed some batches, several times
     for _ in range(kills):
         before = count_rows(path)[0]
-        process = subprocess.Popen([sys.executable, "-m", "mailpipe", *args], env=env)
+        process = subprocess.Popen([sys.executable, "-m", "cli", *args], env=env)
         deadline = time.monotonic() + 60
         while count_rows(path)[0] <= before and process.poll() is None:
             assert time.monotonic() < deadline

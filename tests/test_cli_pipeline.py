@@ -18,7 +18,7 @@ JOB_INSTANTS = ("created_at", "started_at", "finished_at")
 
 def run(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "mailpipe", *args],
+        [sys.executable, "-m", "cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -128,7 +128,7 @@ def test_mailpipe_worker_runs_jobs_from_redis(env, dovecot, tmp_path):
         add_account(cluster, dovecot, mails=2)
         # When `mailpipe worker` runs and a job is enqueued and waited for
         worker = subprocess.Popen(
-            [sys.executable, "-m", "mailpipe", "worker", "--processes", "1", "--threads", "2"],
+            [sys.executable, "-m", "cli", "worker", "--processes", "1", "--threads", "2"],
             env=cluster,
             start_new_session=True,
         )

@@ -20,24 +20,29 @@ from dramatiq.brokers.stub import StubBroker
 
 import broker_config
 import middleware
+from mailpipe.retry import RetryPolicy
+from mailpipe.settings import Settings
 from tests.support import postgres
 from tests.support.cluster import running_cluster
 from tests.support.crash import CRASH_ENV, PER_ROUND, CrashReport, Drill, kill_loop, wait_for
 from tests.support.faultproxy import FaultProxy
 from tests.support.redis_server import RedisServer
 from tests.support.workers import REDIS_URL, ROOT, delete_namespace, new_namespace
+from worker.broker import build_broker
 
 KILLS = int(os.environ.get("MAILPIPE_TEST_KILLS", "3"))
 LINK_LATENCY = 0.03  # seconds each way: a sync lasts long enough to be killed in the middle
 SLOT_HOLDER = """
 import time
-from actors import runtime
+import broker_config
+from worker import runtime
 with runtime.host_slot("imap.example.org", ttl_ms=1500) as acquired:
     print("held" if acquired else "busy", flush=True)
     time.sleep(60)
 """
 SLOT_TRY = """
-from actors import runtime
+import broker_config
+from worker import runtime
 with runtime.host_slot("imap.example.org", ttl_ms=1500) as acquired:
     print("free" if acquired else "busy")
 """
@@ -141,7 +146,9 @@ def test_a_retry_sent_while_redis_is_down_is_sent_once_it_is_back(monkeypatch):
     message = dramatiq.Message(
         queue_name="default", actor_name="flaky", args=(), kwargs={}, options={}
     )
-    retries = middleware.DurableRetries(max_retries=3, min_backoff=10, max_backoff=20)
+    retries = middleware.DurableRetries(
+        policy=RetryPolicy(max_retries=3, min_backoff_ms=10, max_backoff_ms=20)
+    )
     # When the Retries middleware handles the failure
     retries.after_process_message(broker, message, exception=RuntimeError("transient"))
     # Then the retry is sent once Redis answers, counted as the first retry, not the third
@@ -159,7 +166,7 @@ def namespace():
 
 def test_a_delayed_message_dropped_on_a_connection_error_is_taken_back(namespace):
     # Given a worker's consumer holding a delayed message (a retry waiting out its backoff)
-    broker = broker_config.build_broker(REDIS_URL, namespace=namespace)
+    broker = build_broker(Settings(broker_url=REDIS_URL, redis_namespace=namespace))
     try:
         dramatiq.actor(lambda: None, actor_name="delayed", broker=broker, queue_name="work")
         broker.enqueue(
@@ -242,6 +249,6 @@ def test_postgres_connections_dropped_mid_save_jobs_still_finish(crash_cluster, 
     runs = crash_cluster.runs(job_id)
     assert report.statuses == {"success": 1}
     assert report.open_runs == 0
-    assert 1 < max(run.attempt for run in runs) <= broker_config.MAX_RETRIES + 1
+    assert 1 < max(run.attempt for run in runs) <= broker_config.SETTINGS.retry.max_retries + 1
     assert (report.lost, report.duplicates) == (0, 0)
     assert report.stored == report.expected == 3 * PER_ROUND

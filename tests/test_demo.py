@@ -1,21 +1,29 @@
-"""`mailpipe demo --once`: the whole system on embedded defaults, with no services."""
+"""`make demo` (`python -m demo --once`): the whole system on embedded defaults, no services."""
 
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_round_behaves_as_designed(tmp_path):
-    """anna fetched, ben BROKEN and notified, clara retried over her flaky link and recovered."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "mailpipe", "demo", "--once"],
-        cwd=tmp_path,
-        env=env,
+def demo(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """The demo as `make demo` runs it: from the checkout, since the demo is not installed."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "demo", *args],
+        cwd=cwd,
+        env={**clean, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_demo_round_behaves_as_designed(tmp_path):
+    """anna fetched, ben BROKEN and notified, clara retried over her flaky link and recovered."""
+    result = demo("--once", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "demo behaved as designed" in result.stdout
     assert (
@@ -23,3 +31,29 @@ def test_demo_round_behaves_as_designed(tmp_path):
     )
     assert (tmp_path / "data" / "demo.db").exists()
     assert "Traceback" not in result.stderr
+
+
+def test_a_wrong_setting_is_one_line(tmp_path):
+    # Given a setting the demo cannot use
+    # When the demo starts, Then it says so in one line naming the variable, and exits non-zero
+    result = demo("--once", cwd=tmp_path, MAILPIPE_MAX_RETRIES="many")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "demo: MAILPIPE_MAX_RETRIES must be a whole number, not 'many'"
+    ]
+
+
+def test_without_the_demo_extra_it_says_what_to_install(tmp_path):
+    # Given an environment where pymap (the `demo` extra) cannot be imported
+    shadow = tmp_path / "shadow" / "pymap"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'pymap'\", name='pymap')\n"
+    )
+    # When the demo starts
+    result = demo(cwd=tmp_path, PYTHONPATH=f"{tmp_path / 'shadow'}{os.pathsep}{ROOT}")
+    # Then it names the missing package and how to install it, in one line
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "demo: pymap is not installed: pip install -e '.[demo]' from the checkout (make demo does)"
+    ]

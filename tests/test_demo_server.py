@@ -1,4 +1,4 @@
-"""The built-in demo IMAP server: real pymap on loopback, seeded with mailpipe/demo/*.eml."""
+"""The built-in demo IMAP server: real pymap on loopback, seeded with demo/mail/*.eml."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from imapclient import IMAPClient
 from imapclient.exceptions import LoginError
 
-from mailpipe.demo_server import DEMO_DIR, DemoServer, demo_messages
+from demo.imap_server import DEMO_DIR, DemoServer, demo_messages
 
 NEW_MAIL = (
     b"From: Oma Hilde <hilde@beispiel.example>\r\n"
@@ -223,13 +223,18 @@ def test_server_stops_when_its_parent_is_killed(tmp_path: Path) -> None:
         f"""
         import sys, time
         from pathlib import Path
-        from mailpipe.demo_server import DemoServer
+        from demo.imap_server import DemoServer
         with DemoServer(workdir=Path({str(tmp_path)!r})) as server:
             print(server.pid, server.port, flush=True)
             time.sleep(600)
         """
     )
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],  # the demo package runs from the checkout
+    )
     try:
         pid, port = (int(word) for word in parent.stdout.readline().split())
     finally:

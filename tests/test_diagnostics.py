@@ -15,9 +15,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import func, select
 
 from actors.diagnose import request_diagnosis
+from cli.diagnose import describe_diagnosis
 from mailpipe import db, diagnostics, grants, imap
 from mailpipe.accounts import add_account, create_user
-from mailpipe.cli import describe_diagnosis
 from mailpipe.diagnostics import (
     CHECKS,
     FAILED,
@@ -372,6 +372,7 @@ def test_the_actor_runs_a_requested_diagnosis_with_a_key_grant_for_it_alone(worl
     # When she asks for a diagnosis and the worker runs it
     request_id = request_diagnosis(
         world.sessions,
+        settings=world.pipeline.settings,
         user_id=alice.id,
         account_id=account,
         key=alice.key,
@@ -411,7 +412,12 @@ def test_the_actor_records_a_failed_login_and_refuses_other_peoples_accounts(wor
     public_key = grants.public_key_bytes(world.private_key)
     # When she has it diagnosed
     request_id = request_diagnosis(
-        world.sessions, user_id=alice.id, account_id=account, key=alice.key, public_key=public_key
+        world.sessions,
+        settings=world.pipeline.settings,
+        user_id=alice.id,
+        account_id=account,
+        key=alice.key,
+        public_key=public_key,
     )
     world.wait()
     # Then the diagnosis ran and says the login failed
@@ -425,7 +431,12 @@ def test_the_actor_records_a_failed_login_and_refuses_other_peoples_accounts(wor
     # And bob cannot have her account diagnosed
     with pytest.raises(NotFound):
         request_diagnosis(
-            world.sessions, user_id=bob.id, account_id=account, key=bob.key, public_key=public_key
+            world.sessions,
+            settings=world.pipeline.settings,
+            user_id=bob.id,
+            account_id=account,
+            key=bob.key,
+            public_key=public_key,
         )
 
 
@@ -459,7 +470,7 @@ def test_a_request_whose_grant_has_gone_fails_in_words_without_connecting(world)
 
 def mailpipe(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mailpipe", *args],
+        [sys.executable, "-m", "cli", *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

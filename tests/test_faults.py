@@ -7,17 +7,17 @@ health, the notifications, and that every message is stored exactly once.
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
 
 import broker_config
-from mailpipe import health
-from mailpipe.models import MailAccount, Notification
+from mailpipe.models import MailAccount, Notification, utcnow
 from tests.support.faultproxy import FaultProxy
 
 MAILS = 5
-ATTEMPTS = broker_config.MAX_RETRIES + 1
+ATTEMPTS = broker_config.SETTINGS.retry.max_retries + 1
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_stall_times_out_is_retried_then_fails(world, proxy):
     # Then every attempt times out, the run fails after all retries, the account is DEGRADED
     assert (run["status"], run["error_class"], run["attempt"]) == ("failed", "timeout", ATTEMPTS)
     assert status["status"] == "failed"
-    assert status["retry_count"] == broker_config.MAX_RETRIES
+    assert status["retry_count"] == broker_config.SETTINGS.retry.max_retries
     assert proxy.connections == ATTEMPTS
     assert account_row(world, account).health_status == "DEGRADED"
     assert [n.kind for n in notes(world, alice)] == ["job_failed"]
@@ -163,7 +163,7 @@ def test_server_restarted_mid_sync(world, dovecot, proxy):
     stored_once(world, login_account, 60)
 
 
-def test_five_failures_open_the_circuit_then_a_probe_closes_it(world, proxy, monkeypatch):
+def test_five_failures_open_the_circuit_then_a_probe_closes_it(world, proxy):
     proxy.refuse_hard()
     alice = world.user("alice")
     account = world.account(alice, mails=MAILS, port=proxy.port)
@@ -181,7 +181,9 @@ def test_five_failures_open_the_circuit_then_a_probe_closes_it(world, proxy, mon
     assert skipped["status"] == "success"
     # When the cool-down has passed and the server is back, one probe closes the circuit
     proxy.restore()
-    monkeypatch.setattr(health, "CIRCUIT_COOLDOWN_SECONDS", 0)
+    cooldown = timedelta(seconds=broker_config.SETTINGS.circuit.cooldown_seconds)
+    with world.sessions.begin() as session:
+        session.get_one(MailAccount, account).circuit_opened_at = utcnow() - cooldown
     probe = world.run(alice, account)
     assert probe["status"] == "success"
     row = account_row(world, account)

@@ -35,6 +35,7 @@ from mailpipe.grants import (
     users_with_background_grant,
 )
 from mailpipe.models import User
+from mailpipe.settings import Settings, SettingsError
 
 TTL = 600
 EXPIRY = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -403,11 +404,8 @@ def test_database_never_holds_the_raw_key(tmp_path, worker):
 
 
 @pytest.fixture
-def key_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    path = tmp_path / "keys" / "worker.key"
-    monkeypatch.setenv(grants.WORKER_KEY_FILE_ENV, str(path))
-    monkeypatch.delenv(grants.WORKER_PUBLIC_KEY_ENV, raising=False)
-    return path
+def key_file(tmp_path: Path) -> Path:
+    return tmp_path / "keys" / "worker.key"
 
 
 def test_key_file_is_private_and_never_overwritten(tmp_path):
@@ -439,41 +437,39 @@ def test_garbage_key_file_is_a_clear_error(tmp_path):
         load_private_key(path)
 
 
-def test_public_key_is_not_created_implicitly(key_env):
+def test_public_key_is_not_created_implicitly(key_file):
     # Given no key file and no configured public key
     # When a web host asks for the public key, Then it is told, and no key pair appears
     with pytest.raises(WorkerKeyError, match="missing"):
-        grants.worker_public_key()
-    assert not key_env.exists()
+        grants.worker_public_key(key_file)
+    assert not key_file.exists()
 
 
-def test_ensure_worker_key_creates_once(key_env):
+def test_ensure_worker_key_creates_once(key_file):
     # Given the embedded demo, When it ensures the key twice
-    first = grants.ensure_worker_key()
-    second = grants.ensure_worker_key()
+    first = grants.ensure_worker_key(key_file)
+    second = grants.ensure_worker_key(key_file)
     # Then one private file exists and both calls agree with what web hosts would seal to
-    assert first == second == grants.worker_public_key()
-    assert stat.S_IMODE(key_env.stat().st_mode) == 0o600
-    assert public_key_bytes(grants.worker_private_key()) == first
+    assert first == second == grants.worker_public_key(key_file)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert public_key_bytes(load_private_key(key_file)) == first
 
 
-def test_configured_public_key_wins_on_web_hosts(key_env, monkeypatch, worker):
+def test_configured_public_key_wins_on_web_hosts(key_file, worker):
     # Given a web host configured with the workers' public key only
     public = public_key_bytes(worker)
-    monkeypatch.setenv(grants.WORKER_PUBLIC_KEY_ENV, grants.encode_public_key(public))
     # Then that is what grants are sealed to, without any key file
-    assert grants.worker_public_key() == public
-    assert not key_env.exists()
+    assert grants.worker_public_key(key_file, configured=public) == public
+    assert not key_file.exists()
     # And a key file that does not match it is reported instead of used
     with pytest.raises(WorkerKeyError, match="does not match"):
-        grants.ensure_worker_key()
+        grants.ensure_worker_key(key_file, configured=public)
 
 
 @pytest.mark.parametrize("value", ["***", "AAAA"], ids=["not-base64", "wrong-length"])
-def test_bad_configured_public_key_is_a_clear_error(key_env, monkeypatch, value):
-    monkeypatch.setenv(grants.WORKER_PUBLIC_KEY_ENV, value)
-    with pytest.raises(WorkerKeyError, match=grants.WORKER_PUBLIC_KEY_ENV):
-        grants.worker_public_key()
+def test_bad_configured_public_key_is_a_clear_error(value):
+    with pytest.raises(SettingsError, match=grants.WORKER_PUBLIC_KEY_ENV):
+        Settings.from_env({grants.WORKER_PUBLIC_KEY_ENV: value})
 
 
 def test_core_module_stays_free_of_job_and_metrics_libraries():

@@ -393,7 +393,10 @@ def test_the_exporter_writes_no_metric_files_of_its_own(tmp_path):
         multiprocess.DRAMATIQ_ENV: str(tmp_path),
         "MAILPIPE_DATABASE_URL": f"sqlite:///{tmp_path / 'x.sqlite'}",
     }
-    code = "from metrics import exporter; exporter.build_registry().collect()"
+    code = (
+        "from metrics import exporter; from mailpipe.settings import Settings; "
+        "exporter.build_registry(Settings.from_env()).collect()"
+    )
     # When it builds its registry and collects once
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=60)
     # Then the directory still holds no file of prometheus_client's

@@ -16,9 +16,10 @@ from imapclient.exceptions import LoginError
 
 from mailpipe import db, imap
 from mailpipe.accounts import add_account, create_user
-from mailpipe.failures import INVALID_CREDENTIALS, classify
+from mailpipe.failures import classify
 from mailpipe.imap import ImapSettings
 from mailpipe.sync import sync_account
+from mailpipe.vocabulary import ErrorClass
 from tests.support.dovecot import DOVECOT, Dovecot
 from tests.support.messages import plain_message as message
 
@@ -130,6 +131,6 @@ def test_a_token_the_provider_no_longer_accepts_is_invalid_credentials(oauth):
     failure = classify(refused.value, host=server.host)
     # Then the failure is permanent (no retries), says the token was refused, and names neither
     # token nor user
-    assert failure.error_class == INVALID_CREDENTIALS and not failure.transient
+    assert failure.error_class == ErrorClass.INVALID_CREDENTIALS and not failure.transient
     assert failure.message == f"login to {server.host} failed: the access token was refused"
     assert "revoked" not in failure.message and user not in failure.message

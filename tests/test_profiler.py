@@ -151,7 +151,7 @@ def test_mailpipe_profile_prints_the_profile_of_a_full_sync(dovecot, imap_user, 
     # Given a mailbox with two messages
     login, password = imap_user
     dovecot.append(login, password, [message(1), message(2)])
-    args = [sys.executable, "-m", "mailpipe", "profile", "--host", dovecot.host]
+    args = [sys.executable, "-m", "cli", "profile", "--host", dovecot.host]
     args += ["--port", str(dovecot.port), "--security", "none", "--user", login]
     args += ["--password-env", "IMAP_PASSWORD"]
     env = {**os.environ, "IMAP_PASSWORD": password, "MAILPIPE_DATA_DIR": str(tmp_path)}

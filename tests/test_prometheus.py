@@ -455,14 +455,12 @@ class Webhook:
     """mailpipe's real web app as Alertmanager's receiver, recording each POST on its way in."""
 
     def __init__(self, workdir: Path, *, token: str) -> None:
+        from mailpipe.settings import Settings
         from web.app import create_app
 
         self.posts: list[dict] = []
         app = create_app(
-            {
-                "MAILPIPE_DATABASE_URL": f"sqlite:///{workdir / 'web.db'}",
-                "MAILPIPE_ALERT_TOKEN": token,
-            }
+            Settings(database_url=f"sqlite:///{workdir / 'web.db'}", alert_token=token)
         )
         self.sessions = app.extensions["mailpipe"].sessions
 

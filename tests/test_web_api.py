@@ -31,7 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import broker_config
-from actors import PipelineBroker, runtime
+from actors import PipelineBroker
 from actors.fetch import QUEUE
 from mailpipe import db, grants, health, jobs
 from mailpipe.accounts import add_account, create_user
@@ -40,12 +40,14 @@ from mailpipe.imap import ImapSettings
 from mailpipe.models import MailAccount, Notification
 from mailpipe.models import User as UserRow
 from mailpipe.retry import RetryPolicy
+from mailpipe.settings import Settings
 from mailpipe.vocabulary import ErrorClass
 from tests.test_sync import message
-from web.app import SESSION_COOKIE, alert_token, config_from_env, create_app
+from web.app import SESSION_COOKIE, alert_token, create_app
 from web.blueprint import create_blueprint
 from web.openapi import ACCOUNT_RUN, OPENAPI
 from web.sessions import SessionStore
+from worker import runtime
 
 POLICIES = {"retry_policy": RetryPolicy(), "circuit": health.CircuitPolicy()}
 
@@ -119,9 +121,11 @@ def make_site(tmp_path, **config) -> Iterator[Site]:
     db.migrate(engine)
     sessions = db.session_factory(engine)
     private_key = X25519PrivateKey.generate()
-    pipeline = PipelineBroker(sessions, public_key=grants.public_key_bytes(private_key))
+    pipeline = PipelineBroker(
+        sessions, settings=broker_config.SETTINGS, public_key=grants.public_key_bytes(private_key)
+    )
     broker_config.broker.flush_all()
-    app = create_app({"MAILPIPE_ALERT_TOKEN": ALERT_TOKEN, **config}, pipeline=pipeline)
+    app = create_app(Settings(**{"alert_token": ALERT_TOKEN, **config}), pipeline=pipeline)
     try:
         yield Site(app, sessions, pipeline, private_key)
     finally:
@@ -153,7 +157,7 @@ def site_with(tmp_path):
 @contextlib.contextmanager
 def embedded_worker(site: Site) -> Iterator[dramatiq.Worker]:
     """Jobs run in this process, on the site's database and worker key."""
-    runtime.embed(sessions=site.sessions, private_key=site.private_key)
+    runtime.configure(broker_config.SETTINGS, sessions=site.sessions, private_key=site.private_key)
     running = dramatiq.Worker(broker_config.broker, worker_threads=4, worker_timeout=50)
     running.start()
     try:
@@ -473,7 +477,7 @@ def test_too_many_queued_jobs_get_429_until_one_ends(site):
 
 
 def test_the_queue_limit_is_configurable(site_with):
-    site = site_with(MAILPIPE_MAX_QUEUED_JOBS=1)
+    site = site_with(max_queued_jobs=1)
     alice = site.user("alice")
     site.account(alice)
     client, headers = logged_in(site, alice)
@@ -903,7 +907,7 @@ def test_bad_alert_payload_gets_400_naming_the_field(site, payload, field):
 
 
 def test_alert_receiver_without_a_token_is_unavailable(site_with):
-    site = site_with(MAILPIPE_ALERT_TOKEN=None)
+    site = site_with(alert_token=None)
     response = site.app.test_client().post(
         "/api/alerts/alertmanager", json=webhook([alert()]), headers={"Authorization": "Bearer "}
     )
@@ -913,28 +917,9 @@ def test_alert_receiver_without_a_token_is_unavailable(site_with):
 def test_alert_token_comes_from_the_variable_or_the_file(tmp_path):
     path = tmp_path / "alert-token"
     path.write_text("from-file\n")
-    assert alert_token({"MAILPIPE_ALERT_TOKEN_FILE": str(path)}) == "from-file"
-    assert alert_token({"MAILPIPE_ALERT_TOKEN": "set", "MAILPIPE_ALERT_TOKEN_FILE": path}) == "set"
-    assert alert_token({}) is None
-
-
-def test_settings_come_from_mailpipe_variables():
-    found = config_from_env(
-        {
-            "MAILPIPE_MAX_QUEUED_JOBS": "5",
-            "MAILPIPE_COOKIE_SECURE": "true",
-            "MAILPIPE_ALERT_TOKEN": "t",
-            "MAILPIPE_SESSION_IDLE_SECONDS": "",
-            "MAX_CONTENT_LENGTH": "1",
-        }
-    )
-    assert found == {
-        "MAILPIPE_MAX_QUEUED_JOBS": 5.0,
-        "MAILPIPE_COOKIE_SECURE": True,
-        "MAILPIPE_ALERT_TOKEN": "t",
-    }
-    with pytest.raises(ValueError, match="MAILPIPE_MAX_QUEUED_JOBS must be a number"):
-        config_from_env({"MAILPIPE_MAX_QUEUED_JOBS": "many"})
+    assert alert_token(Settings(alert_token_file=path)) == "from-file"
+    assert alert_token(Settings(alert_token="set", alert_token_file=path)) == "set"
+    assert alert_token(Settings()) is None
 
 
 # -- the page, /metrics, the OpenAPI document ---------------------------------------------

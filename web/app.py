@@ -1,72 +1,48 @@
 """mailpipe's own small web app: login, the dashboard, the API blueprint and /metrics.
 
-`create_app(config)` builds it; `serve(host=..., port=...)` is `mailpipe web`. The data key
-derived at login lives only in the in-process session store (see web.sessions); the cookie
-holds an opaque random id.
+`create_app(settings)` builds it; `serve(settings, host=..., port=...)` is `mailpipe web`. The
+data key derived at login lives only in the in-process session store (see web.sessions); the
+cookie holds an opaque random id.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
-import os
 import secrets
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import dramatiq
-from dramatiq.brokers.stub import StubBroker
 from flask import Flask, Response, abort, g, redirect, render_template, request, url_for
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import run_simple
 
-import broker_config
-from actors import runtime
-from actors.pipeline import PipelineBroker
 from mailpipe import db, grants
 from mailpipe.accounts import unlock_user
 from mailpipe.crypto import KDF_ITERATIONS, SALT_BYTES, DataKey, KdfParams, derive_kek
 from mailpipe.errors import NotFound, WrongPassword
+from mailpipe.settings import Settings
 from mailpipe.vocabulary import JOB_FINAL
+from worker.broker import use_broker
+from worker.embedded import embedded_worker
 
 from . import present
-from .blueprint import (
-    API_PREFIX,
-    CSRF_HEADER,
-    DEFAULT_MAX_QUEUED_JOBS,
-    create_blueprint,
-    http_error_response,
-)
+from .blueprint import API_PREFIX, CSRF_HEADER, create_blueprint, http_error_response
 from .i18n import TEXTS, language, text
-from .sessions import DEFAULT_IDLE_SECONDS, DEFAULT_MAX_SECONDS, ServerSession, SessionStore
+from .sessions import ServerSession, SessionStore
+
+if TYPE_CHECKING:
+    from actors.pipeline import PipelineBroker
 
 SESSION_COOKIE = "mailpipe_session"
 LOGIN_COOKIE = "mailpipe_login"
 LOGIN_FORM_SECONDS = 15 * 60
 DASHBOARD_JOBS = 10
 DASHBOARD_NOTIFICATIONS = 20
-EMBEDDED_WORKER_THREADS = 4
-DEFAULTS: dict[str, Any] = {
-    "MAILPIPE_DATABASE_URL": None,
-    "MAILPIPE_SESSION_IDLE_SECONDS": DEFAULT_IDLE_SECONDS,
-    "MAILPIPE_SESSION_MAX_SECONDS": DEFAULT_MAX_SECONDS,
-    "MAILPIPE_BACKGROUND_GRANT_HOURS": 24,
-    "MAILPIPE_MAX_QUEUED_JOBS": DEFAULT_MAX_QUEUED_JOBS,
-    "MAILPIPE_ALERT_TOKEN": None,
-    "MAILPIPE_ALERT_TOKEN_FILE": None,
-    "MAILPIPE_COOKIE_SECURE": False,
-    "MAX_CONTENT_LENGTH": 1024 * 1024,
-}
-NUMBERS = (
-    "MAILPIPE_SESSION_IDLE_SECONDS",
-    "MAILPIPE_SESSION_MAX_SECONDS",
-    "MAILPIPE_BACKGROUND_GRANT_HOURS",
-    "MAILPIPE_MAX_QUEUED_JOBS",
-)
+MAX_CONTENT_LENGTH = 1024 * 1024
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -88,53 +64,29 @@ class WebState:
     background_grant_seconds: float
 
 
-def config_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """The app's settings from `MAILPIPE_*` variables; numbers are checked here, not later."""
-    found: dict[str, Any] = {}
-    for name in (setting for setting in DEFAULTS if setting.startswith("MAILPIPE_")):
-        value = environ.get(name)
-        if value in (None, ""):
-            continue
-        if name in NUMBERS:
-            try:
-                found[name] = float(value)
-            except ValueError:
-                raise ValueError(f"{name} must be a number, not {value!r}") from None
-        elif name == "MAILPIPE_COOKIE_SECURE":
-            found[name] = value.lower() in ("1", "true", "yes")
-        else:
-            found[name] = value
-    return found
-
-
-def alert_token(config: Mapping[str, Any]) -> str | None:
+def alert_token(settings: Settings) -> str | None:
     """The Alertmanager bearer token: `MAILPIPE_ALERT_TOKEN`, else the first line of its file."""
-    token = config.get("MAILPIPE_ALERT_TOKEN")
-    path = config.get("MAILPIPE_ALERT_TOKEN_FILE")
-    if not token and path:
-        token = Path(path).read_text().strip()
+    token = settings.alert_token
+    if not token and settings.alert_token_file:
+        token = settings.alert_token_file.read_text().strip()
     return token or None
 
 
-def create_app(
-    config: Mapping[str, Any] | None = None, *, pipeline: PipelineBroker | None = None
-) -> Flask:
-    """The whole app; `pipeline` (tests, embedding) overrides the one built from the config."""
+def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) -> Flask:
+    """The whole app on `settings`; `pipeline` (tests, embedding) overrides the one built from
+    them, on the settings' database and the broker the actors are declared on."""
     app = Flask(__name__)
-    app.config.update(DEFAULTS)
-    app.config.update(config or {})
+    app.config["MAX_CONTENT_LENGTH"] = MAX_CONTENT_LENGTH
     if pipeline is None:
-        engine = db.make_engine(app.config["MAILPIPE_DATABASE_URL"])
-        db.migrate(engine)
-        pipeline = PipelineBroker(db.session_factory(engine))
+        pipeline = _pipeline(settings)
     state = WebState(
         logins=SessionStore(
-            idle_seconds=app.config["MAILPIPE_SESSION_IDLE_SECONDS"],
-            max_seconds=app.config["MAILPIPE_SESSION_MAX_SECONDS"],
+            idle_seconds=settings.session_idle_seconds,
+            max_seconds=settings.session_max_seconds,
         ),
         sessions=pipeline.sessions,
         pipeline=pipeline,
-        background_grant_seconds=app.config["MAILPIPE_BACKGROUND_GRANT_HOURS"] * 3600,
+        background_grant_seconds=settings.background_grant_hours * 3600,
     )
     app.extensions["mailpipe"] = state
     app.register_blueprint(
@@ -143,8 +95,8 @@ def create_app(
             current_key=lambda: g.login.key if g.login else None,
             csrf_token=lambda: g.login.csrf_token if g.login else None,
             pipeline=pipeline,
-            alert_token=alert_token(app.config),
-            max_queued_jobs=int(app.config["MAILPIPE_MAX_QUEUED_JOBS"]),
+            alert_token=alert_token(settings),
+            max_queued_jobs=settings.max_queued_jobs,
         )
     )
     app.jinja_env.filters["seconds"] = _seconds
@@ -192,7 +144,7 @@ def create_app(
             login.id,
             httponly=True,
             samesite="Lax",
-            secure=bool(app.config["MAILPIPE_COOKIE_SECURE"]),
+            secure=settings.cookie_secure,
         )
         response.delete_cookie(LOGIN_COOKIE, path="/login")
         return response
@@ -343,23 +295,24 @@ def _when(value: str | None) -> str:
     return datetime.fromisoformat(value).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def serve(*, host: str, port: int) -> int:
+def serve(settings: Settings, *, host: str, port: int) -> int:
     """`mailpipe web`: on the embedded broker this process also runs the jobs, like the demo."""
-    embedded = isinstance(broker_config.broker, StubBroker)
-    if embedded:
-        grants.ensure_worker_key()
-    app = create_app(config_from_env())
-    worker = None
-    if embedded:
-        runtime.embed(
-            sessions=app.extensions["mailpipe"].sessions,
-            private_key=grants.worker_private_key(),
-        )
-        worker = dramatiq.Worker(broker_config.broker, worker_threads=EMBEDDED_WORKER_THREADS)
-        worker.start()
-    try:
+    pipeline = _pipeline(settings)
+    app = create_app(settings, pipeline=pipeline)
+    with (
+        embedded_worker(settings, sessions=pipeline.sessions, broker=pipeline.broker)
+        if settings.embedded
+        else contextlib.nullcontext()
+    ):
         run_simple(host, port, app, threaded=True)
-    finally:
-        if worker is not None:
-            worker.stop()
     return 0
+
+
+def _pipeline(settings: Settings) -> PipelineBroker:
+    """A pipeline on the settings' database (migrated) and the broker the actors are on."""
+    use_broker(settings)
+    from actors.pipeline import PipelineBroker  # declares the actors on that broker
+
+    engine = db.make_engine(settings.database_url)
+    db.migrate(engine)
+    return PipelineBroker(db.session_factory(engine), settings=settings)

@@ -1,14 +1,15 @@
 """The JSON API a host app mounts: start fetches, follow them, see accounts and notifications.
 
 The host provides who is logged in, that user's data key and the CSRF token of their session
-(all from its own server-side session) and a `PipelineBroker`:
+(all from its own server-side session) and a `PipelineBroker` (from `actors.pipeline`, imported
+once `worker.broker.use_broker(settings)` has set the broker the actors are declared on):
 
     app.register_blueprint(create_blueprint(
         current_user=lambda: session_user_id_or_none(),
         current_key=lambda: session_data_key_or_none(),
         csrf_token=lambda: session_csrf_token_or_none(),
-        pipeline=PipelineBroker(),
-        alert_token=os.environ.get("MAILPIPE_ALERT_TOKEN"),
+        pipeline=PipelineBroker(sessions, settings=settings),
+        alert_token=settings.alert_token,
     ))
 
 Every route lives under `/api`. Session-authenticated POSTs need the session's CSRF token in
@@ -22,6 +23,7 @@ import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flask import Blueprint, Response, jsonify, request, url_for
 from sqlalchemy import select, update
@@ -29,11 +31,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
-from actors.diagnose import request_diagnosis
-from actors.pipeline import JOB_GRANT_TTL_SECONDS, MAX_TIMEOUT_SECONDS, PipelineBroker
 from mailpipe.crypto import DataKey
 from mailpipe.errors import NotFound
 from mailpipe.grants import WorkerKeyError
+from mailpipe.jobs import MAX_TIMEOUT_SECONDS
 from mailpipe.models import Notification, utcnow
 
 from . import diagnostics, present
@@ -52,6 +53,9 @@ from .openapi import (
     MAX_NOTIFICATIONS,
     OPENAPI,
 )
+
+if TYPE_CHECKING:  # the host hands one in; importing actors here would need a broker first
+    from actors.pipeline import PipelineBroker
 
 BLUEPRINT_NAME = "mailpipe_api"
 API_PREFIX = "/api"
@@ -148,7 +152,9 @@ class _Api:
         )
         key = self.key()
         with self.sessions() as session:
-            queued = present.open_user_jobs(session, user_id, window_seconds=JOB_GRANT_TTL_SECONDS)
+            queued = present.open_user_jobs(
+                session, user_id, window_seconds=self.pipeline.settings.job_grant_ttl_seconds
+            )
         if queued >= self.max_queued_jobs:
             raise ApiError(
                 429,
@@ -210,14 +216,7 @@ class _Api:
         user_id = self.user()
         key = self.key()
         try:
-            request_id = request_diagnosis(
-                self.sessions,
-                user_id=user_id,
-                account_id=account_id,
-                key=key,
-                public_key=self.pipeline.public_key,
-                broker=self.pipeline.broker,
-            )
+            request_id = self.pipeline.request_diagnosis(user_id, account_id, key=key)
         except NotFound:
             raise ApiError(404, "not_found", "account not found") from None
         except WorkerKeyError:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from actors.pipeline import MAX_TIMEOUT_SECONDS
 from mailpipe import diagnostics
+from mailpipe.jobs import MAX_TIMEOUT_SECONDS
 from mailpipe.results import AccountHealth, JobSummary, Performance, RunReport
 
 from .schemas import object_schema

@@ -6,8 +6,8 @@ from alembic import context
 from alembic.autogenerate.api import AutogenContext
 from sqlalchemy import Connection, create_engine
 
-from mailpipe import config as mailpipe_config
 from mailpipe.models import Base, UtcDateTime
+from mailpipe.settings import Settings
 
 target_metadata = Base.metadata
 
@@ -15,7 +15,7 @@ target_metadata = Base.metadata
 def run() -> None:
     connection = context.config.attributes.get("connection")
     if connection is None:
-        engine = create_engine(mailpipe_config.database_url())
+        engine = create_engine(Settings.from_env().database_url)  # the `alembic` command
         with engine.begin() as connection:
             _run_with(connection)
     else:

@@ -13,16 +13,18 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-import broker_config
+import broker_config  # noqa: F401  (the stub broker the actors of this process are declared on)
 from actors import PipelineBroker
 from mailpipe import db, grants
 from mailpipe.accounts import add_account, create_user
 from mailpipe.imap import ImapSettings
 from mailpipe.models import AccountRun
 from mailpipe.models import User as UserRow
+from mailpipe.settings import Settings
 from tests.support import postgres
 from tests.support.messages import plain_message as message
 from tests.support.workers import REDIS_URL, Workers, delete_namespace, new_namespace
+from worker.broker import build_broker
 
 FAST_KDF = 1_000
 JOB_WAIT_SECONDS = 90
@@ -114,12 +116,13 @@ def running_cluster(
     try:
         db.migrate(engine)
         sessions = db.session_factory(engine)
-        broker = broker_config.build_broker(redis_url, namespace=namespace)
+        settings = Settings.from_env(env)  # what the workers read from the same environment
+        broker = build_broker(settings)
         workers = Workers(env, processes=processes, threads=threads).start()
         cluster = Cluster(
             env,
             sessions,
-            PipelineBroker(sessions, public_key=public_key, broker=broker),
+            PipelineBroker(sessions, settings=settings, public_key=public_key, broker=broker),
             dovecot,
             workers,
             namespace=namespace,

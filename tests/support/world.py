@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import select
 
 import broker_config
-from actors import PipelineBroker, runtime
+from actors import PipelineBroker
 from mailpipe import db, grants
 from mailpipe.accounts import add_account, create_user
 from mailpipe.crypto import DataKey
@@ -18,6 +18,7 @@ from mailpipe.imap import ImapSettings
 from mailpipe.models import Email
 from mailpipe.models import User as UserRow
 from tests.support.messages import plain_message as message
+from worker import runtime
 
 FAST_KDF = 1_000
 
@@ -87,11 +88,13 @@ def world(dovecot, tmp_path) -> World:
     db.migrate(engine)
     sessions = db.session_factory(engine)
     private_key = X25519PrivateKey.generate()
-    runtime.embed(sessions=sessions, private_key=private_key)
+    runtime.configure(broker_config.SETTINGS, sessions=sessions, private_key=private_key)
     broker_config.broker.flush_all()
     worker = dramatiq.Worker(broker_config.broker, worker_threads=4, worker_timeout=50)
     worker.start()
-    pipeline = PipelineBroker(sessions, public_key=grants.public_key_bytes(private_key))
+    pipeline = PipelineBroker(
+        sessions, settings=broker_config.SETTINGS, public_key=grants.public_key_bytes(private_key)
+    )
     try:
         yield World(sessions, dovecot, private_key, pipeline, worker)
     finally:

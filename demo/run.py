@@ -1,4 +1,5 @@
-"""`mailpipe demo`: the whole system on embedded defaults, with no service installed.
+"""The demo (`make demo`, `python -m demo`): the whole system on embedded defaults, with no
+service installed.
 
 A built-in IMAP server (pymap) holds three demo mailboxes: anna's is healthy and gets new mail
 every round; ben's password is stored wrong, so his account goes BROKEN and he is notified;
@@ -16,23 +17,26 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dramatiq
-from dramatiq.brokers.stub import StubBroker
 from werkzeug.serving import make_server
 
-import broker_config
-from actors import runtime
-from actors.pipeline import PipelineBroker
-from mailpipe import config, db, grants, health
+from mailpipe import db, grants, health
 from mailpipe.accounts import add_account, create_user
-from mailpipe.demo_server import DemoServer, demo_messages
 from mailpipe.errors import MailpipeError
-from mailpipe.faultproxy import FaultProxy
 from mailpipe.imap import ImapSettings
 from mailpipe.models import utcnow
 from mailpipe.results import JobReport
+from mailpipe.settings import Settings
 from mailpipe.vocabulary import ErrorClass, Health, JobStatus, RunStatus
+from worker.broker import use_broker
+from worker.embedded import embedded_worker
+
+from .faultproxy import FaultProxy
+from .imap_server import DemoServer, demo_messages
+
+if TYPE_CHECKING:
+    from actors.pipeline import PipelineBroker
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"
@@ -45,7 +49,6 @@ WEB_PORT = 8000
 ROUND_SECONDS = 30
 JOB_SECONDS = 120
 POLL_SECONDS = 0.25
-WORKER_THREADS = 4
 RUN_MARKS = {"success": "ok", "failed": "FAILED", "skipped": "skipped"}
 
 
@@ -60,40 +63,42 @@ class Demo:
     accounts: dict[str, int]
 
 
-def run_demo(*, once: bool) -> int:
+def run_demo(settings: Settings, *, once: bool) -> int:
     """Start everything, run rounds (one with --once), stop everything."""
-    if not isinstance(broker_config.broker, StubBroker):
-        print("mailpipe demo runs on the embedded broker: unset MAILPIPE_BROKER_URL")
+    if not settings.embedded:
+        print("the demo runs on the embedded broker: unset MAILPIPE_BROKER_URL")
         return 2
-    data = config.data_dir().resolve()
+    broker = use_broker(settings)
+    from actors.pipeline import PipelineBroker  # declares the actors on that broker
+
+    data = Path(settings.data_dir).resolve()
+    data.mkdir(parents=True, exist_ok=True)
     for stale in data.glob("demo.db*"):
         stale.unlink()
     engine = db.make_engine(f"sqlite:///{data / 'demo.db'}")
     db.migrate(engine)
     sessions = db.session_factory(engine)
-    grants.ensure_worker_key()
-    runtime.embed(sessions=sessions, private_key=grants.worker_private_key())
-    worker = dramatiq.Worker(broker_config.broker, worker_threads=WORKER_THREADS)
-    worker.start()
+    pipeline = PipelineBroker(sessions, settings=settings, broker=broker)
     try:
         with (
+            embedded_worker(settings, sessions=sessions, broker=broker),
             DemoServer(workdir=data, users=MAILBOXES) as server,
             FaultProxy(upstream=(server.host, server.port)) as link,
         ):
-            demo = _setup(sessions, server, link)
-            web = _start_web(demo) if not once else None
+            demo = _setup(pipeline, server, link)
+            web = _start_web(demo, settings) if not once else None
             try:
                 return _rounds(demo, once=once, database=data / "demo.db")
             finally:
                 if web is not None:
                     web.shutdown()
     finally:
-        worker.stop()
         engine.dispose()
 
 
-def _setup(sessions, server: DemoServer, link: FaultProxy) -> Demo:
+def _setup(pipeline: PipelineBroker, server: DemoServer, link: FaultProxy) -> Demo:
     link.latency(FLAKY_LATENCY)
+    sessions = pipeline.sessions
     with sessions.begin() as session:
         user, key = create_user(session, DEMO_USER, DEMO_PASSWORD)
         accounts = {}
@@ -111,18 +116,18 @@ def _setup(sessions, server: DemoServer, link: FaultProxy) -> Demo:
             session,
             user_id=user.id,
             key=key,
-            public_key=grants.worker_public_key(),
+            public_key=pipeline.public_key,
             ttl_seconds=24 * 3600,
         )
         user_id = user.id
-    return Demo(sessions, PipelineBroker(sessions), server, link, user_id, key, accounts)
+    return Demo(sessions, pipeline, server, link, user_id, key, accounts)
 
 
-def _start_web(demo: Demo):
+def _start_web(demo: Demo, settings: Settings):
     """The dashboard and /metrics in a thread; the demo goes on without it if the port is taken."""
     from web.app import create_app
 
-    app = create_app({"MAILPIPE_DATABASE_URL": "unused"}, pipeline=demo.pipeline)
+    app = create_app(settings, pipeline=demo.pipeline)
     try:
         server = make_server(WEB_HOST, WEB_PORT, app, threaded=True)
     except OSError as error:

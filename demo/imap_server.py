@@ -1,7 +1,7 @@
 """A real IMAP server for the demo and the tests that needs nothing beyond PyPI: pymap on loopback.
 
 `DemoServer(workdir=...)` runs pymap in a child process on 127.0.0.1 and a free port, plain text
-(no TLS), with the users it is given (default demo/demo), and puts every `mailpipe/demo/*.eml`
+(no TLS), with the users it is given (default demo/demo), and puts every `demo/mail/*.eml`
 into each user's INBOX, in file-name order, with INTERNALDATE taken from the Date header.
 `deliver()` is new mail arriving later: an IMAP APPEND as that user, so it gets the next UID.
 
@@ -10,7 +10,7 @@ message through Python's `mailbox` module, so BODY[] comes back with bare LF lin
 headers and a garbage first line moved into the body, and RFC822.SIZE no longer matches BODY[];
 the dict backend returns the bytes it was given. The stock dict backend knows a single user, so
 this module adds a small subclass (backend "mailpipe-demo") that reads users from a JSON file,
-and runs pymap's own command line with it: `python -m mailpipe.demo_server` is the child side.
+and runs pymap's own command line with it: `python -m demo.imap_server` is the child side.
 Everything lives in memory: each start is a fresh server with fresh UIDVALIDITY values.
 """
 
@@ -45,7 +45,7 @@ from pymap.user import Passwords, UserMetadata
 from pysasl.hashing import BuiltinHash
 
 HOST = "127.0.0.1"
-DEMO_DIR = Path(__file__).with_name("demo")
+DEMO_DIR = Path(__file__).with_name("mail")
 DEFAULT_USERS: Mapping[str, str] = {"demo": "demo"}
 BACKEND = "mailpipe-demo"
 SERVER_NAME = "mailpipe-demo"  # the greeting's host name; pymap would otherwise ask DNS for one
@@ -159,9 +159,9 @@ class DemoServer:
             json.dump(self.users, out)
         self._log_path = self._root / "pymap.log"
         env = {**os.environ, "FQDN": SERVER_NAME, "PYTHONUNBUFFERED": "1"}
-        if (PROJECT_ROOT / "pyproject.toml").exists():  # a checkout: importable even uninstalled
-            paths = (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", ""))
-            env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        # The demo package is never installed (it is not in the wheel): the child finds it here.
+        paths = (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", ""))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         for _ in range(START_ATTEMPTS):
             port = free_port(self.host)
             with open(self._log_path, "wb") as log:  # the child keeps its own descriptor
@@ -170,7 +170,7 @@ class DemoServer:
                         sys.executable,
                         "-P",
                         "-m",
-                        "mailpipe.demo_server",
+                        "demo.imap_server",
                         "--no-tls",
                         "--host",
                         self.host,

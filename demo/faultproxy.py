@@ -1,23 +1,24 @@
-"""A fault-injecting TCP proxy in front of an IMAP server: the demo's flaky link, and the tests' faults.
+"""A fault-injecting TCP proxy in front of an IMAP server: the demo's flaky link.
 
-    with FaultProxy(upstream=(dovecot.host, dovecot.port)) as proxy:
-        proxy.reset_after(2000, times=2)  # the next two connections break mid-stream
-        client = IMAPClient("127.0.0.1", port=proxy.port, ssl=False, timeout=5)
+    with FaultProxy(upstream=(server.host, server.port)) as link:
+        link.latency(0.15)                # every connection: 150 ms each way
+        link.reset_after(3000, times=1)   # the next connection breaks after 3000 server bytes
 
 One background thread runs a `selectors` loop over every socket; nothing blocks per chunk, so a
 delay costs latency and never bandwidth. Faults are chosen when a connection is accepted, so
-switching them (thread-safe, from any thread) changes NEW connections only; `refuse_hard` and
-`restore` act on the listener at once. Each fault method takes `times=N` to hit only the next N
-connections and then step aside; without it the fault stays until `clear()`. A connection gets
-the standing latency and fault, overridden by the oldest queued `times=` change, so
-`proxy.latency(0.05); proxy.reset_after(2000, times=1)` delays every connection and breaks one.
+switching them (thread-safe, from any thread) changes NEW connections only. Each fault method
+takes `times=N` to hit only the next N connections and then step aside; without it the fault
+stays. A connection gets the standing latency and fault, overridden by the oldest queued
+`times=` change, so `link.latency(0.05); link.reset_after(2000, times=1)` delays every
+connection and breaks one. The tests' subclass (tests/support/faultproxy.py) adds the other
+faults (stall, refuse, close after the greeting, refuse hard) and reads the counters kept here.
 
 Choices worth knowing:
-- Faults on server->client data count bytes of the server's stream; `stall()` and
-  `close_after_greeting()` cut after the first line (the greeting).
+- Faults on server->client data count bytes of the server's stream; `stall` and "close after
+  the greeting" cut after the first line (the greeting).
 - A "reset" is a close with SO_LINGER 0, so the client's next recv raises ConnectionResetError.
-- `refuse_hard` keeps the port reserved by a bound, never-listening SO_REUSEPORT socket, so
-  `restore()` listens on the same port again and no other process can take it in between.
+- The port is reserved by a bound, never-listening SO_REUSEPORT socket, so the listener can be
+  closed and opened again on the same port and no other process can take it in between.
 - A connection the client or server resets is reset on the other side too, as a router would.
 """
 
@@ -334,7 +335,7 @@ class _Connection:
 
 
 class FaultProxy:
-    """A TCP proxy on 127.0.0.1 whose faults tests switch at run time; see the module docstring."""
+    """A TCP proxy on 127.0.0.1 whose faults are switched at run time; see the module docstring."""
 
     def __init__(self, *, upstream: tuple[str, int], host: str = HOST) -> None:
         """Remember where to forward to; `start()` (or `with`) binds and runs the proxy."""
@@ -343,13 +344,14 @@ class FaultProxy:
         self._lock = threading.Condition()
         self._standing = Plan()
         self._pending: collections.deque[_Pending] = collections.deque()
-        self._connections = 0
+        self._connections = 0  # accepted, refused ones included (the tests' subclass reads these)
         self._active = 0
         self._max_active = 0
         self._port = 0
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._stopping = False
+        # calls for the loop thread to run (the tests' subclass switches the listener this way)
         self._calls: collections.deque[tuple[Callable[[], None], threading.Event]] = (
             collections.deque()
         )
@@ -408,47 +410,10 @@ class FaultProxy:
 
     @property
     def port(self) -> int:
-        """The port clients connect to; it stays the same across `refuse_hard` and `restore`."""
+        """The port clients connect to; it stays the proxy's while the proxy runs."""
         if not self._port:
             raise RuntimeError("the proxy is not started")
         return self._port
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """(host, port) for clients."""
-        return self.host, self.port
-
-    # -- counters --------------------------------------------------------------------------
-
-    @property
-    def connections(self) -> int:
-        """Connections accepted so far, refused ones included."""
-        with self._lock:
-            return self._connections
-
-    @property
-    def active(self) -> int:
-        """Connections open now (a refused one never counts)."""
-        with self._lock:
-            return self._active
-
-    @property
-    def max_active(self) -> int:
-        """The most connections open at once, to prove limits on concurrency."""
-        with self._lock:
-            return self._max_active
-
-    def reset_counters(self) -> None:
-        """Start counting afresh: no connections yet, peak = what is open now."""
-        with self._lock:
-            self._connections = 0
-            self._max_active = self._active
-
-    def wait_idle(self, timeout: float = CONTROL_TIMEOUT) -> None:
-        """Wait until no connection is open, since the proxy sees a client's close a bit later."""
-        with self._lock:
-            if not self._lock.wait_for(lambda: self._active == 0, timeout):
-                raise TimeoutError(f"{self._active} proxied connections still open")
 
     # -- faults ----------------------------------------------------------------------------
 
@@ -458,36 +423,9 @@ class FaultProxy:
             raise ValueError("latency must be >= 0")
         self._set(times, delay=float(seconds))
 
-    def stall(self, *, after_bytes: int | None = None, times: int | None = None) -> None:
-        """Forward the greeting (or `after_bytes` server bytes), then nothing more to the client."""
-        self._set(times, fault=Fault("stall", _count(after_bytes)))
-
     def reset_after(self, server_bytes: int, *, times: int | None = None) -> None:
         """Forward `server_bytes` to the client, then reset it (RST), e.g. to break a FETCH."""
         self._set(times, fault=Fault("reset", _count(server_bytes)))
-
-    def refuse(self, *, times: int | None = None) -> None:
-        """Accept and reset at once: the client connects, then its first read raises a reset."""
-        self._set(times, fault=Fault("refuse", 0))
-
-    def close_after_greeting(self, *, times: int | None = None) -> None:
-        """Forward the greeting line, then end the connection cleanly (FIN), as a dying server."""
-        self._set(times, fault=Fault("close", None))
-
-    def refuse_hard(self) -> None:
-        """Stop listening now, so connect() raises ConnectionRefusedError until `restore()`."""
-        self._call(self._unlisten)
-
-    def restore(self) -> None:
-        """Listen again on the same port after `refuse_hard` (does not clear other faults)."""
-        self._call(self._listen)
-
-    def clear(self) -> None:
-        """Back to transparent forwarding for new connections: no faults, no latency, listening."""
-        with self._lock:
-            self._standing = Plan()
-            self._pending.clear()
-        self.restore()
 
     def _set(self, times: int | None, **changes: object) -> None:
         """Change the standing plan, or queue the change for the next `times` connections."""
@@ -598,29 +536,6 @@ class FaultProxy:
             return
         self._listener = self._bind(self._port, listen=True)
         self._selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
-
-    def _unlisten(self) -> None:
-        """Close the listener; the placeholder keeps the port, so connects are refused."""
-        if self._listener is None:
-            return
-        self._selector.unregister(self._listener)
-        self._listener.close()
-        self._listener = None
-
-    def _call(self, fn: Callable[[], None]) -> None:
-        """Run fn in the loop thread and wait for it, so it is in effect when we return."""
-        thread = self._thread
-        if thread is None or not thread.is_alive():
-            if self._error is not None:
-                raise RuntimeError("the fault proxy loop failed") from self._error
-            if thread is None:
-                raise RuntimeError("the proxy is not started")
-            raise RuntimeError("the proxy is closed")
-        done = threading.Event()
-        self._calls.append((fn, done))
-        self._wake()
-        if not done.wait(CONTROL_TIMEOUT):
-            raise RuntimeError("the fault proxy loop did not answer")
 
     def _wake(self) -> None:
         """Interrupt the loop's select()."""

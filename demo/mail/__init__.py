@@ -1,7 +1,7 @@
 """Demo mail for `make demo` and the tests: everyday German messages as the IMAP server sends them.
 
 Each `*.eml` file is one message, byte for byte (CRLF line ends; `.gitattributes` here keeps Git
-from converting them), delivered in file-name order by `mailpipe.demo_server`:
+from converting them), delivered in file-name order by `demo.imap_server`:
 
 - 01 newsletter: multipart/alternative (plain + HTML), quoted-printable, List-Unsubscribe
 - 02 invoice: multipart/mixed with a tiny PDF attachment, RFC 2231 file name

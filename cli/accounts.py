@@ -1,0 +1,93 @@
+"""`mailpipe account ...` and `mailpipe health`: a user's IMAP accounts and how they fare."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mailpipe import reports
+from mailpipe.accounts import PROVIDERS, add_account, owned_account
+from mailpipe.imap import SECURITY_MODES, ImapSettings
+from mailpipe.settings import Settings
+
+from .common import STRICT_PARSER, find_user, open_database, password_option, secret, unlock
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    account = commands.add_parser("account", help="IMAP accounts").add_subparsers(
+        title="account", parser_class=STRICT_PARSER
+    )
+    account_add = account.add_parser("add", help="add an IMAP account to a user")
+    account_add.add_argument("--user", required=True)
+    password_option(account_add)
+    account_add.add_argument("--host", required=True)
+    account_add.add_argument("--port", type=int)
+    account_add.add_argument("--login", required=True, help="IMAP login name")
+    account_add.add_argument(
+        "--secret-env", metavar="VAR", help="variable with the IMAP password (default: prompt)"
+    )
+    account_add.add_argument("--security", choices=SECURITY_MODES, default="tls")
+    account_add.add_argument("--ca-file")
+    account_add.add_argument("--folder", action="append", dest="folders", metavar="F")
+    account_add.add_argument("--interval", type=int, default=300, help="seconds between syncs")
+    account_add.add_argument("--provider", choices=PROVIDERS)
+    account_add.set_defaults(run=run_account_add)
+    account_list = account.add_parser("list", help="a user's accounts and their health")
+    account_list.add_argument("--user", required=True)
+    account_list.add_argument("--json", action="store_true")
+    account_list.set_defaults(run=run_health)
+    account_remove = account.add_parser("remove", help="remove an account and its stored mail")
+    account_remove.add_argument("account_id", type=int)
+    account_remove.add_argument("--user", required=True)
+    account_remove.set_defaults(run=run_account_remove)
+
+    health = commands.add_parser("health", help="a user's accounts and their health")
+    health.add_argument("--user", required=True)
+    health.add_argument("--json", action="store_true")
+    health.set_defaults(run=run_health)
+
+
+def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
+    sessions = open_database(settings)
+    user, key = unlock(sessions, args.user, args.password_env)
+    imap = ImapSettings(
+        host=args.host,
+        port=args.port,
+        username=args.login,
+        password=secret(args.secret_env, f"IMAP password for {args.login}: "),
+        security=args.security,
+        ca_file=args.ca_file,
+    )
+    with sessions.begin() as session:
+        account = add_account(
+            session, user, key, imap, folders=args.folders, provider=args.provider
+        )
+        account.sync_interval_seconds = args.interval
+        print(f"account {account.id} added ({account.provider})")
+    return 0
+
+
+def run_account_remove(args: argparse.Namespace, settings: Settings) -> int:
+    sessions = open_database(settings)
+    with sessions.begin() as session:
+        user = find_user(session, args.user)
+        session.delete(owned_account(session, args.account_id, user.id))
+    print(f"account {args.account_id} removed")
+    return 0
+
+
+def run_health(args: argparse.Namespace, settings: Settings) -> int:
+    sessions = open_database(settings)
+    with sessions() as session:
+        health = reports.account_health(session, find_user(session, args.user).id)
+    if args.json:
+        print(json.dumps([account.to_json() for account in health]))
+        return 0
+    for account in health:
+        error = f"  last error: {account.last_error}" if account.last_error else ""
+        last_fetch = account.last_fetch_at.isoformat() if account.last_fetch_at else "never"
+        print(
+            f"{account.account_id:>5}  {account.provider:<8} {account.shown_health:<9}"
+            f" last fetch {last_fetch}{error}"
+        )
+    return 0

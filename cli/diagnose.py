@@ -1,0 +1,82 @@
+"""`mailpipe diagnose`: one IMAP connection checked step by step, for any server or an account."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mailpipe import diagnostics
+from mailpipe.accounts import account_settings, owned_account
+from mailpipe.errors import MailpipeError
+from mailpipe.imap import SECURITY_MODES, ImapSettings
+from mailpipe.settings import Settings
+
+from .common import EXIT_FAILURE, open_database, secret, unlock
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    diagnose = commands.add_parser(
+        "diagnose",
+        help="check one IMAP connection step by step: --host ... for any server, "
+        "or --account ID for a stored account",
+    )
+    diagnose.add_argument("--host", help="IMAP server (with --user as the IMAP login name)")
+    diagnose.add_argument("--port", type=int)
+    diagnose.add_argument(
+        "--user", required=True, help="IMAP login name, or with --account the mailpipe user"
+    )
+    diagnose.add_argument(
+        "--account", type=int, dest="account_id", help="a stored account of the mailpipe user"
+    )
+    diagnose.add_argument(
+        "--password-env",
+        metavar="VAR",
+        help="variable with the IMAP password, or with --account the mailpipe user's "
+        "(default: prompt)",
+    )
+    diagnose.add_argument("--security", choices=SECURITY_MODES, help="default: tls")
+    diagnose.add_argument("--ca-file", help="trust this CA bundle instead of the system's")
+    diagnose.add_argument(
+        "--timeout", type=float, default=diagnostics.DIAGNOSE_TIMEOUT, help="seconds per step"
+    )
+    diagnose.add_argument("--json", action="store_true", help="print one JSON object")
+    diagnose.set_defaults(run=run_diagnose)
+
+
+def run_diagnose(args: argparse.Namespace, settings: Settings) -> int:
+    """Diagnose any server from its address, or a stored account unlocked by its owner."""
+    if (args.host is None) == (args.account_id is None):
+        raise MailpipeError("give --host (any server) or --account (a stored account)")
+    if args.account_id is None:
+        imap = ImapSettings(
+            host=args.host,
+            port=args.port,
+            username=args.user,
+            password=secret(args.password_env, f"IMAP password for {args.user}: "),
+            security=args.security or "tls",
+            ca_file=args.ca_file,
+        )
+        diagnosis = diagnostics.diagnose(imap, timeout=args.timeout)
+    else:
+        if args.port is not None or args.security is not None or args.ca_file is not None:
+            raise MailpipeError("--port, --security and --ca-file go with --host, not --account")
+        sessions = open_database(settings)
+        user, key = unlock(sessions, args.user, args.password_env)
+        with sessions() as session:
+            imap = account_settings(owned_account(session, args.account_id, user.id), key)
+        diagnosis = diagnostics.diagnose(
+            imap, sessions=sessions, account_id=args.account_id, timeout=args.timeout
+        )
+    print(json.dumps(diagnosis.to_json()) if args.json else describe_diagnosis(diagnosis))
+    return 0 if diagnosis.ok else EXIT_FAILURE
+
+
+def describe_diagnosis(diagnosis: diagnostics.Diagnosis) -> str:
+    """One line per check, then the verdict and, on failure, what to act on."""
+    lines = [
+        f"{check.status:<8} {check.name:<17} {diagnostics.summarise(check)}"
+        for check in diagnosis.checks
+    ]
+    failure = diagnosis.failure
+    lines.append(f"failed at {failure.name}: {failure.reason}" if failure else "every check passed")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""`mailpipe jobs` and `mailpipe job`: fetch jobs and their per-account outcomes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mailpipe import jobs
+from mailpipe.errors import NotFound
+from mailpipe.models import PipelineJob
+from mailpipe.results import JobReport
+from mailpipe.settings import Settings
+
+from .common import find_user, open_database
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    jobs_parser = commands.add_parser("jobs", help="recent fetch jobs")
+    jobs_parser.add_argument("--user", required=True)
+    jobs_parser.add_argument("--limit", type=int, default=20)
+    jobs_parser.add_argument("--json", action="store_true")
+    jobs_parser.set_defaults(run=run_jobs)
+    job = commands.add_parser("job", help="one job with per-account outcomes")
+    job.add_argument("job_id")
+    job.add_argument("--user", help="only if this user owns the job")
+    job.add_argument("--json", action="store_true")
+    job.set_defaults(run=run_job)
+
+
+def run_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    sessions = open_database(settings)
+    with sessions() as session:
+        listed = jobs.list_jobs(session, find_user(session, args.user).id, args.limit)
+    if args.json:
+        print(json.dumps([job.to_json() for job in listed]))
+        return 0
+    for job in listed:
+        print(
+            f"{job.job_id}  {job.type:<9} {job.status:<15} "
+            f"{job.emails_fetched:>6} mails  {job.created_at.isoformat()}"
+        )
+    return 0
+
+
+def run_job(args: argparse.Namespace, settings: Settings) -> int:
+    sessions = open_database(settings)
+    with sessions() as session:
+        owner = find_user(session, args.user).id if args.user else None
+        if owner is None:
+            found = session.get(PipelineJob, args.job_id)
+            if found is None:
+                raise NotFound(f"job {args.job_id} not found")
+            owner = found.user_id
+        status = jobs.job_status(session, args.job_id, owner)
+    print(json.dumps(status.to_json()) if args.json else describe_job(status))
+    return 0
+
+
+def describe_job(status: JobReport) -> str:
+    """A job in a few lines: status, then one line per account."""
+    lines = [f"job {status.job_id}: {status.status}, {status.emails_fetched} mails"]
+    for run in status.accounts:
+        error = f" ({run.error_class}: {run.error})" if run.error_class else ""
+        lines.append(
+            f"  account {run.account_id} [{run.provider}]: {run.status}, "
+            f"attempt {run.attempt}, saved {run.saved}{error}"
+        )
+    return "\n".join(lines)
