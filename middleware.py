@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import dramatiq
 import redis
+from dramatiq.broker import MessageProxy
 from dramatiq.errors import BrokerConnectionError
 from dramatiq.middleware import Retries, SkipMessage
 from sqlalchemy.orm import Session, sessionmaker
@@ -48,7 +49,7 @@ class DurableRetries(Retries):
     def after_process_message(
         self,
         broker: dramatiq.Broker,
-        message: dramatiq.Message,
+        message: MessageProxy,
         *,
         result: object = None,
         exception: BaseException | None = None,
@@ -100,7 +101,7 @@ class AccountHealth(dramatiq.Middleware):
     def actor_options(self) -> set[str]:
         return {"account_health"}
 
-    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         if not _opted_in(broker, message):
             return
         _attempt.value = None
@@ -122,7 +123,7 @@ class AccountHealth(dramatiq.Middleware):
     def after_process_message(
         self,
         broker: dramatiq.Broker,
-        message: dramatiq.Message,
+        message: MessageProxy,
         *,
         result: object = None,
         exception: BaseException | None = None,
@@ -160,5 +161,5 @@ class AccountHealth(dramatiq.Middleware):
             )
 
 
-def _opted_in(broker: dramatiq.Broker, message: dramatiq.Message) -> bool:
+def _opted_in(broker: dramatiq.Broker, message: MessageProxy) -> bool:
     return bool(broker.get_actor(message.actor_name).options.get("account_health"))

@@ -79,7 +79,7 @@ def fetch_account(job_id: str, account_id: int) -> None:
         attempted=outcome.attempted,
         error_class=outcome.failure.error_class if outcome.failure else None,
     )
-    if outcome.action == Next.RETRY:
+    if outcome.action == Next.RETRY and outcome.failure is not None:
         raise TransientFailure(outcome.failure.error_class) from None
     if outcome.action == Next.BUSY:
         # Another sync of this account (or the host's connection cap) is in the way: wait.

@@ -14,6 +14,7 @@ from actors.fetch import DEFAULT_TIME_LIMIT_MS, fetch_account
 from mailpipe import diagnostics, grants, jobs, reports
 from mailpipe.crypto import DataKey
 from mailpipe.errors import MailpipeError, NotFound
+from mailpipe.models import KeyGrant
 from mailpipe.results import AccountHealth, JobReport, JobSummary, Performance
 from mailpipe.settings import Settings
 from mailpipe.vocabulary import JobType
@@ -171,7 +172,7 @@ def _job_options(max_mails: int | None, timeout_seconds: int) -> dict:
     return {"max_mails": max_mails, "timeout_seconds": timeout_seconds}
 
 
-def _background_grant(session: Session, user_id: int) -> grants.KeyGrant:
+def _background_grant(session: Session, user_id: int) -> KeyGrant:
     """The user's live background grant, or "not found": scheduled fetches need one."""
     grant = grants.background_grant(session, user_id)
     if grant is None:

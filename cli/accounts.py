@@ -10,12 +10,12 @@ from mailpipe.accounts import PROVIDERS, add_account, owned_account
 from mailpipe.imap import SECURITY_MODES, ImapSettings
 from mailpipe.settings import Settings
 
-from .common import STRICT_PARSER, find_user, open_database, password_option, secret, unlock
+from .common import StrictParser, find_user, open_database, password_option, secret, unlock
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     account = commands.add_parser("account", help="IMAP accounts").add_subparsers(
-        title="account", parser_class=STRICT_PARSER
+        title="account", parser_class=StrictParser
     )
     account_add = account.add_parser("add", help="add an IMAP account to a user")
     account_add.add_argument("--user", required=True)

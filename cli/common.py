@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import getpass
 import os
 import sys
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,9 +18,15 @@ from mailpipe.errors import MailpipeError, NotFound
 from mailpipe.models import User
 from mailpipe.settings import Settings
 
-STRICT_PARSER = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+
+class StrictParser(argparse.ArgumentParser):
+    """No abbreviations: `--password x` must not pass for `--password-env x`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
 
 def password_option(parser: argparse.ArgumentParser) -> None:

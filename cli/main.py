@@ -10,7 +10,7 @@ from mailpipe.errors import MailpipeError
 from mailpipe.settings import Settings
 
 from . import accounts, diagnose, jobs, keys, queue, serve, sync, users
-from .common import EXIT_FAILURE, EXIT_USAGE, STRICT_PARSER
+from .common import EXIT_FAILURE, EXIT_USAGE, StrictParser
 
 # In the order `mailpipe --help` lists them.
 COMMAND_GROUPS = (sync, diagnose, users, accounts, jobs, queue, serve, keys)
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviations: `--password x` must not pass for `--password-env x`.
     parser = argparse.ArgumentParser(prog="mailpipe", description=__doc__, allow_abbrev=False)
-    commands = parser.add_subparsers(title="commands", parser_class=STRICT_PARSER)
+    commands = parser.add_subparsers(title="commands", parser_class=StrictParser)
     for group in COMMAND_GROUPS:
         group.add_commands(commands)
     return parser

@@ -8,12 +8,12 @@ from mailpipe import grants
 from mailpipe.accounts import create_user
 from mailpipe.settings import Settings
 
-from .common import STRICT_PARSER, find_user, open_database, password_option, secret, unlock
+from .common import StrictParser, find_user, open_database, password_option, secret, unlock
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     user = commands.add_parser("user", help="mailpipe users").add_subparsers(
-        title="user", parser_class=STRICT_PARSER
+        title="user", parser_class=StrictParser
     )
     user_add = user.add_parser("add", help="create a user with a fresh data key")
     user_add.add_argument("name")

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 HOST = "127.0.0.1"
 CHUNK = 65536
@@ -70,7 +70,7 @@ class Plan:
 class _Pending:
     """A change to the standing plan for the next `remaining` connections (the `times=` option)."""
 
-    changes: dict[str, object]
+    changes: dict[str, Any]
     remaining: int
 
 
@@ -427,7 +427,7 @@ class FaultProxy:
         """Forward `server_bytes` to the client, then reset it (RST), e.g. to break a FETCH."""
         self._set(times, fault=Fault("reset", _count(server_bytes)))
 
-    def _set(self, times: int | None, **changes: object) -> None:
+    def _set(self, times: int | None, **changes: Any) -> None:
         """Change the standing plan, or queue the change for the next `times` connections."""
         if times is not None and times < 1:
             raise ValueError("times must be >= 1")

@@ -19,10 +19,12 @@ from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.serving import make_server
 
 from mailpipe import db, grants, health
 from mailpipe.accounts import add_account, create_user
+from mailpipe.crypto import DataKey
 from mailpipe.errors import MailpipeError
 from mailpipe.imap import ImapSettings
 from mailpipe.models import utcnow
@@ -54,12 +56,12 @@ RUN_MARKS = {"success": "ok", "failed": "FAILED", "skipped": "skipped"}
 
 @dataclass
 class Demo:
-    sessions: object
+    sessions: sessionmaker[Session]
     pipeline: PipelineBroker
     server: DemoServer
     link: FaultProxy
     user_id: int
-    key: object
+    key: DataKey
     accounts: dict[str, int]
 
 

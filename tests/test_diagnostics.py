@@ -14,7 +14,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, select
 
-from actors.diagnose import request_diagnosis
 from cli.diagnose import describe_diagnosis
 from mailpipe import db, diagnostics, grants, imap
 from mailpipe.accounts import add_account, create_user
@@ -370,14 +369,7 @@ def test_the_actor_runs_a_requested_diagnosis_with_a_key_grant_for_it_alone(worl
         lambda message, **kw: sent.append(message) or enqueue(message, **kw),
     )
     # When she asks for a diagnosis and the worker runs it
-    request_id = request_diagnosis(
-        world.sessions,
-        settings=world.pipeline.settings,
-        user_id=alice.id,
-        account_id=account,
-        key=alice.key,
-        public_key=grants.public_key_bytes(world.private_key),
-    )
+    request_id = world.pipeline.request_diagnosis(alice.id, account, key=alice.key)
     world.wait()
     # Then the message named only the request
     assert [message.args for message in sent] == [(request_id,)]
@@ -409,16 +401,8 @@ def test_the_actor_records_a_failed_login_and_refuses_other_peoples_accounts(wor
     # Given alice's account with a wrong password
     alice, bob = world.user("alice"), world.user("bob")
     account = world.account(alice, password="wrong")
-    public_key = grants.public_key_bytes(world.private_key)
     # When she has it diagnosed
-    request_id = request_diagnosis(
-        world.sessions,
-        settings=world.pipeline.settings,
-        user_id=alice.id,
-        account_id=account,
-        key=alice.key,
-        public_key=public_key,
-    )
+    request_id = world.pipeline.request_diagnosis(alice.id, account, key=alice.key)
     world.wait()
     # Then the diagnosis ran and says the login failed
     with world.sessions() as session:
@@ -430,14 +414,7 @@ def test_the_actor_records_a_failed_login_and_refuses_other_peoples_accounts(wor
     )
     # And bob cannot have her account diagnosed
     with pytest.raises(NotFound):
-        request_diagnosis(
-            world.sessions,
-            settings=world.pipeline.settings,
-            user_id=bob.id,
-            account_id=account,
-            key=bob.key,
-            public_key=public_key,
-        )
+        world.pipeline.request_diagnosis(bob.id, account, key=bob.key)
 
 
 def test_a_request_whose_grant_has_gone_fails_in_words_without_connecting(world):

@@ -12,9 +12,10 @@ import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, abort, g, redirect, render_template, request, url_for
+from flask.typing import ResponseReturnValue
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
@@ -125,7 +126,7 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
         return _login_page(language(request))
 
     @app.post("/login")
-    def login() -> Response:
+    def login() -> ResponseReturnValue:
         lang = language(request)
         expected = request.cookies.get(LOGIN_COOKIE, "")
         given = request.form.get("login_token", "")
@@ -150,7 +151,7 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
         return response
 
     @app.post("/logout")
-    def logout() -> Response:
+    def logout() -> ResponseReturnValue:
         login: ServerSession | None = g.login
         if login is None:
             return redirect(url_for("login_form"), code=303)
@@ -165,7 +166,7 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
         return response
 
     @app.get("/")
-    def dashboard() -> Response | str:
+    def dashboard() -> ResponseReturnValue:
         login: ServerSession | None = g.login
         if login is None:
             return redirect(url_for("login_form", **_lang_arg()), code=303)
@@ -187,7 +188,7 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
     return app
 
 
-def _lang_arg() -> dict[str, str]:
+def _lang_arg() -> dict[str, Any]:
     """Keep an explicit `?lang=` across redirects; otherwise the browser's language decides."""
     lang = request.args.get("lang")
     return {"lang": lang} if lang in TEXTS else {}

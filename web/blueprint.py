@@ -23,14 +23,16 @@ import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, jsonify, request, url_for
+from flask.typing import ResponseReturnValue
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
+from mailpipe import db
 from mailpipe.crypto import DataKey
 from mailpipe.errors import NotFound
 from mailpipe.grants import WorkerKeyError
@@ -150,6 +152,7 @@ class _Api:
         timeout = _int(
             data, "timeout_seconds", default=DEFAULT_TIMEOUT_SECONDS, maximum=MAX_TIMEOUT_SECONDS
         )
+        assert timeout is not None  # it has a default
         key = self.key()
         with self.sessions() as session:
             queued = present.open_user_jobs(
@@ -267,12 +270,14 @@ class _Api:
     def mark_all_read(self) -> Response:
         user_id = self.user()
         with self.sessions.begin() as session:
-            marked = session.execute(
-                update(Notification)
-                .where(Notification.user_id == user_id, Notification.read_at.is_(None))
-                .values(read_at=utcnow())
-            ).rowcount
-        return jsonify({"marked": marked or 0})
+            marked = db.rowcount(
+                session.execute(
+                    update(Notification)
+                    .where(Notification.user_id == user_id, Notification.read_at.is_(None))
+                    .values(read_at=utcnow())
+                )
+            )
+        return jsonify({"marked": marked})
 
     # -- operators -------------------------------------------------------------------------
 
@@ -300,7 +305,7 @@ class _Api:
                     select(Notification.dedupe_key).where(Notification.dedupe_key.in_(keys))
                 )
             )
-            fresh = {}
+            fresh: dict[str, dict[str, Any]] = {}
             for row in rows:
                 if row["dedupe_key"] not in known:
                     fresh.setdefault(row["dedupe_key"], row)
@@ -340,7 +345,7 @@ def create_blueprint(
     blueprint.register_error_handler(ApiError, error_response)
     blueprint.register_error_handler(HTTPException, http_error_response)
     blueprint.after_request(_no_store)
-    routes = [
+    routes: list[tuple[str, str, Callable[..., ResponseReturnValue], str]] = [
         ("/jobs/fetch", "fetch", api.fetch, "POST"),
         ("/jobs/history", "history", api.history, "GET"),
         ("/jobs/<job_id>", "job_status", api.job_status, "GET"),

@@ -144,7 +144,14 @@ def _limiter_backend() -> RedisBackend | StubBackend:
 
 
 def _acquire_slot():
-    return _made("acquire_slot", lambda: _limiter_backend().client.register_script(ACQUIRE_SLOT))
+    return _made("acquire_slot", lambda: _redis_backend().client.register_script(ACQUIRE_SLOT))
+
+
+def _redis_backend() -> RedisBackend:
+    backend = _limiter_backend()
+    if not isinstance(backend, RedisBackend):
+        raise TypeError("connection slots in Redis need the Redis broker")
+    return backend
 
 
 def _open(url: str) -> sessionmaker[Session]:
