@@ -17,6 +17,7 @@ from mailpipe.accounts import add_account, create_user
 from mailpipe.imap import ImapSettings
 from mailpipe.models import PipelineJob, utcnow
 from mailpipe.retry import RetryPolicy
+from mailpipe.settings import Settings
 from mailpipe.vocabulary import ErrorClass
 
 BERLIN_WINTER = timezone(timedelta(hours=1))
@@ -74,7 +75,9 @@ def test_instants_leave_the_facade_in_iso_8601_with_their_offset(sessions):
     # Given a job that ran and ended, and the health and notification it left
     user_id, job_id = ended_job(sessions)
     pipeline = PipelineBroker(
-        sessions, public_key=grants.public_key_bytes(X25519PrivateKey.generate())
+        sessions,
+        settings=Settings(),
+        public_key=grants.public_key_bytes(X25519PrivateKey.generate()),
     )
     # When the facade reports the job, the job list, the accounts' health and the notifications
     status = pipeline.get_job_status(job_id, user_id).to_json()
