@@ -10,7 +10,8 @@ repetitions times, each in its own child process:
   initial   `mailpipe sync ... --json` into a fresh database (SQLite file, or a PostgreSQL
             database created for the run and dropped after it with --postgres);
   no-change the same command again on that database: nothing new to fetch.
-Targets are interleaved run by run so drift on a noisy machine hits all alike. It prints the
+Targets are interleaved run by run so drift on a noisy machine hits all alike (with --compare,
+another checkout's `mailpipe` too, for before-and-after figures side by side). It prints the
 median wall seconds, messages/s, peak RSS of the child (os.wait4's ru_maxrss), the ratio to
 raw, and mailpipe's own in-process "duration" from its JSON (the no-change one in ms).
 """
@@ -152,12 +153,11 @@ class Bench:
         s = self.server
         return [self.args.python, "-c", RAW, s.host, str(s.port), self.user, str(BATCH)]
 
-    def sync_argv(self, db_url: str) -> list[str]:
+    def sync_argv(self, db_url: str, command: str) -> list[str]:
         """`mailpipe sync` of the seeded account into db_url."""
-        assert self.mailpipe is not None
         s = self.server
         return [
-            self.mailpipe,
+            command,
             "sync",
             "--host",
             s.host,
@@ -200,14 +200,25 @@ class Bench:
         finally:
             postgres.drop_database(name, self.args.pg_admin_url)
 
-    def run_mailpipe(self, backend: str, initial: Row, nochange: Row, expected: int) -> None:
+    def run_mailpipe(
+        self,
+        backend: str,
+        initial: Row,
+        nochange: Row,
+        expected: int,
+        *,
+        command: str | None = None,
+    ) -> None:
         """Time an initial sync into a fresh database, then a no-change re-sync of it."""
-        if self.mailpipe is None:
+        command = command or self.mailpipe
+        if command is None:
             initial.error = nochange.error = "mailpipe command not found (pip install -e .)"
             return
         with self.fresh_database(backend) as db_url:
             for row, want in ((initial, expected), (nochange, 0)):
-                child = run_child(self.sync_argv(db_url), env=self.env, workdir=self.workdir)
+                child = run_child(
+                    self.sync_argv(db_url, command), env=self.env, workdir=self.workdir
+                )
                 if child.returncode != 0:
                     row.error = failure(child)
                     return
@@ -280,6 +291,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--postgres", action="store_true", help="also sync into PostgreSQL")
     parser.add_argument("--pg-admin-url", default=postgres.ADMIN_URL, help="server to use")
     parser.add_argument("--mailpipe", help="mailpipe command (default: this venv's, then PATH)")
+    parser.add_argument(
+        "--compare",
+        metavar="COMMAND",
+        help="another mailpipe command (an older checkout's) timed run by run beside ours",
+    )
     parser.add_argument("--python", default=sys.executable, help="interpreter for the raw fetch")
     parser.add_argument("--seed", type=int, default=1, help="message generator seed")
     args = parser.parse_args(argv)
@@ -322,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
                     rows[f"{backend}-nochange"] = Row(
                         f"mailpipe no-change ({backend})", counts_messages=False
                     )
+                    if args.compare:
+                        rows[f"{backend}-compare-initial"] = Row(f"compared initial ({backend})")
+                        rows[f"{backend}-compare-nochange"] = Row(
+                            f"compared no-change ({backend})", counts_messages=False
+                        )
             for run in range(args.runs):
                 if "raw" in rows and not rows["raw"].error:
                     bench.run_raw(rows["raw"], args.messages)
@@ -330,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
                     nochange = rows.get(f"{backend}-nochange")
                     if initial and nochange and not (initial.error or nochange.error):
                         bench.run_mailpipe(backend, initial, nochange, args.messages)
+                    initial = rows.get(f"{backend}-compare-initial")
+                    nochange = rows.get(f"{backend}-compare-nochange")
+                    if initial and nochange and not (initial.error or nochange.error):
+                        bench.run_mailpipe(
+                            backend, initial, nochange, args.messages, command=args.compare
+                        )
                 print(f"run {run + 1}/{args.runs} done", flush=True)
             version = subprocess.run(
                 ["/usr/sbin/dovecot", "--version"], capture_output=True, text=True, check=False
