@@ -58,6 +58,7 @@ def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
         security=args.security,
         ca_file=args.ca_file,
     )
+    settings.address_policy.check(imap.host, imap.effective_port)
     with sessions.begin() as session:
         account = add_account(
             session, user, key, imap, folders=args.folders, provider=args.provider

@@ -63,7 +63,11 @@ def run_diagnose(args: argparse.Namespace, settings: Settings) -> int:
         sessions = open_database(settings)
         user, key = unlock(sessions, args.user, args.password_env)
         with sessions() as session:
-            imap = account_settings(owned_account(session, args.account_id, user.id), key)
+            imap = account_settings(
+                owned_account(session, args.account_id, user.id),
+                key,
+                policy=settings.address_policy,
+            )
         diagnosis = diagnostics.diagnose(
             imap, sessions=sessions, account_id=args.account_id, timeout=args.timeout
         )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from .addresses import AddressPolicy
 from .crypto import KDF_ITERATIONS, DataKey, KdfParams, WrappedKey, create_user_key, unwrap_key
 from .errors import MailpipeError, NotFound
 from .imap import ImapSettings
@@ -102,14 +104,27 @@ def set_credentials(account: MailAccount, key: DataKey, settings: ImapSettings) 
     )
 
 
-def account_settings(account: MailAccount, key: DataKey, **overrides: object) -> ImapSettings:
-    """Decrypt an account's connection settings; `overrides` adjust timeouts and the like."""
+def account_settings(
+    account: MailAccount, key: DataKey, *, policy: AddressPolicy, **overrides: object
+) -> ImapSettings:
+    """Decrypt an account's connection settings, bound to the address policy every connection
+    for a stored account goes through; `overrides` adjust timeouts and the like."""
+    return ImapSettings(**{**_credentials(account, key), **overrides}, policy=policy)
+
+
+def account_login(account: MailAccount, key: DataKey) -> str:
+    """The login name an account shows its owner (no connection is made with it)."""
+    return str(_credentials(account, key).get("username") or "")
+
+
+def _credentials(account: MailAccount, key: DataKey) -> dict[str, Any]:
     if account.credentials_enc is None:
         raise MailpipeError(f"account {account.id} has no stored credentials")
     plain = key.decrypt(
         account.credentials_enc, table="mail_accounts", column="credentials", row=account.id
     )
-    return ImapSettings(**{**json.loads(plain), **overrides})
+    found: dict[str, Any] = json.loads(plain)
+    return found
 
 
 def owned_account(session: Session, account_id: int, user_id: int) -> MailAccount:

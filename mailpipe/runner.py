@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import grants, health, jobs, leases
 from .accounts import account_settings
+from .addresses import AddressPolicy
 from .crypto import DataKey
 from .errors import MailpipeError, NotFound
 from .failures import Failure, classify
@@ -68,6 +69,7 @@ def run_account(
     account_id: int,
     attempt: int,
     retry_policy: RetryPolicy,
+    address_policy: AddressPolicy,
     private_key: X25519PrivateKey,
     observer: Observer | None = None,
     processors: Mapping[str, Processor] | None = None,
@@ -77,7 +79,7 @@ def run_account(
     """Sync one account for one job and record the outcome; the last run finalises the job.
 
     `timeouts` are exception types (such as the queue's time-limit interrupt) that count as
-    the timeout error class.
+    the timeout error class; `address_policy` says which servers the account may connect to.
     """
     owner = f"{job_id}:{account_id}"
     start = _start(
@@ -87,6 +89,7 @@ def run_account(
         attempt=attempt,
         owner=owner,
         private_key=private_key,
+        address_policy=address_policy,
     )
     if isinstance(start, RunOutcome):
         return start
@@ -230,6 +233,7 @@ def _start(
     attempt: int,
     owner: str,
     private_key: X25519PrivateKey,
+    address_policy: AddressPolicy,
 ) -> _Start | RunOutcome:
     """Take the account's lease, mark the run started, open the key and read the account and
     its folders' positions, in one transaction; or say why the run cannot go ahead."""
@@ -254,6 +258,7 @@ def _start(
             settings = account_settings(
                 account,
                 key,
+                policy=address_policy,
                 connect_timeout=min(CONNECT_TIMEOUT, timeout),
                 command_timeout=min(COMMAND_TIMEOUT, timeout),
             )

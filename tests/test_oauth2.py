@@ -22,6 +22,7 @@ from mailpipe.sync import sync_account
 from mailpipe.vocabulary import ErrorClass
 from tests.support.dovecot import DOVECOT, Dovecot
 from tests.support.messages import plain_message as message
+from tests.support.policy import LOOPBACK
 
 OAUTH2_CONFIG = """
 auth_mechanisms = plain login xoauth2 oauthbearer
@@ -111,7 +112,7 @@ def test_account_with_an_access_token_syncs_over_xoauth2(oauth, tmp_path):
         )
         account = add_account(session, owner, key, settings)
     # When the account, stored with its token and no password, is synced
-    result = sync_account(sessions, account_id=account.id, key=key)
+    result = sync_account(sessions, account_id=account.id, key=key, policy=LOOPBACK)
     # Then it logged in with XOAUTH2 (the server asked the introspection endpoint) and stored both
     assert result.saved == 2
     assert introspection.asked == ["token-for-test"]

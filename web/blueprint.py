@@ -23,7 +23,7 @@ import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from flask import Blueprint, Response, jsonify, request, url_for
 from flask.typing import ResponseReturnValue
@@ -34,7 +34,7 @@ from werkzeug.exceptions import HTTPException
 
 from mailpipe import db
 from mailpipe.crypto import DataKey
-from mailpipe.errors import NotFound
+from mailpipe.errors import NotFound, TooManyRequests
 from mailpipe.grants import WorkerKeyError
 from mailpipe.jobs import MAX_TIMEOUT_SECONDS
 from mailpipe.models import Notification, utcnow
@@ -74,12 +74,21 @@ MAX_MESSAGE = 1000
 class ApiError(Exception):
     """An answer other than success: status, a stable code, a message and the field at fault."""
 
-    def __init__(self, status: int, code: str, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.retry_after = retry_after
 
 
 def error_response(error: ApiError) -> Response:
@@ -91,6 +100,8 @@ def error_response(error: ApiError) -> Response:
     response.status_code = error.status
     if error.status == 401 and error.code == "alert_token":
         response.headers["WWW-Authenticate"] = 'Bearer realm="mailpipe-alerts"'
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
     return response
 
 
@@ -222,6 +233,10 @@ class _Api:
             request_id = self.pipeline.request_diagnosis(user_id, account_id, key=key)
         except NotFound:
             raise ApiError(404, "not_found", "account not found") from None
+        except TooManyRequests as error:
+            raise ApiError(
+                429, "too_many_checks", str(error), retry_after=error.retry_after
+            ) from None
         except WorkerKeyError:
             raise ApiError(503, "unavailable", "the workers' key is not configured") from None
         location = url_for(f"{BLUEPRINT_NAME}.diagnosis", request_id=request_id)
@@ -374,7 +389,10 @@ def _json_object() -> dict:
     """The request body as a JSON object; an empty body counts as `{}`."""
     if not request.get_data(cache=True):
         return {}
-    data = request.get_json(silent=True)
+    try:
+        data = request.get_json(silent=True)
+    except RecursionError:  # nested deeper than the parser goes: not a body we take
+        data = None
     if not isinstance(data, dict):
         raise ApiError(400, "bad_request", "the body must be a JSON object", field="body")
     return data
@@ -405,6 +423,17 @@ def _query_int(name: str, *, default: int, maximum: int) -> int:
     return int(raw)
 
 
+def _text(value: object) -> TypeGuard[str]:
+    """A string that UTF-8 can hold (JSON lets a lone surrogate through, "\\ud800")."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _alert_rows(payload: dict) -> list[dict]:
     """Validate Alertmanager's webhook payload (version 4) into notification rows."""
     alerts = payload.get("alerts")
@@ -427,7 +456,7 @@ def _alert_rows(payload: dict) -> list[dict]:
                 400, "bad_request", "status must be firing or resolved", field=f"{where}.status"
             )
         for name, value in (("fingerprint", fingerprint), ("startsAt", starts_at)):
-            if not isinstance(value, str) or not 0 < len(value) <= MAX_FINGERPRINT:
+            if not _text(value) or not 0 < len(value) <= MAX_FINGERPRINT:
                 raise ApiError(
                     400,
                     "bad_request",
@@ -436,7 +465,7 @@ def _alert_rows(payload: dict) -> list[dict]:
                 )
         for name, mapping in (("labels", labels), ("annotations", annotations)):
             if not isinstance(mapping, dict) or not all(
-                isinstance(v, str) and len(v) <= MAX_LABEL for v in mapping.values()
+                _text(v) and len(v) <= MAX_LABEL for v in mapping.values()
             ):
                 raise ApiError(
                     400,
