@@ -707,7 +707,7 @@ def test_every_rule_evaluates_and_every_recording_rule_records_a_series(stack: S
     # Then none failed, and every recorded series exists
     assert [r["name"] for r in loaded if r["health"] != "ok"] == []
     recorded = {r["name"] for r in loaded if r["type"] == "recording"}
-    assert len([r for r in loaded if r["type"] == "recording"]) == 10
+    assert len([r for r in loaded if r["type"] == "recording"]) == 12
     assert len([r for r in loaded if r["type"] == "alerting"]) == len(alert_rules())
     assert {name for name in recorded if not stack.query(name)} == set()
 
