@@ -15,7 +15,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import grants, health, jobs, leases
+from . import grants, health, jobs, leases, logs
 from .accounts import account_settings
 from .crypto import DataKey
 from .errors import MailpipeError, NotFound
@@ -34,6 +34,7 @@ LEASE_MARGIN_SECONDS = 60
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 60.0
 LOCKED_MESSAGE = "not synced: log in again so mailpipe may read this account"
+LOGGED_COUNTS = ("fetched", "fetched_bytes", "saved", "duplicates", "quarantined")
 
 
 class Next(StrEnum):
@@ -77,8 +78,48 @@ def run_account(
     """Sync one account for one job and record the outcome; the last run finalises the job.
 
     `timeouts` are exception types (such as the queue's time-limit interrupt) that count as
-    the timeout error class.
+    the timeout error class. Each attempt ends with one `account_run` log event.
     """
+    profiler = Profiler()
+    started = time.perf_counter()
+    outcome = _run_account(
+        sessions,
+        job_id=job_id,
+        account_id=account_id,
+        attempt=attempt,
+        retry_policy=retry_policy,
+        private_key=private_key,
+        observer=observer,
+        processors=processors,
+        connection_slot=connection_slot,
+        timeouts=timeouts,
+        profiler=profiler,
+    )
+    _log_attempt(
+        outcome,
+        job_id=job_id,
+        account_id=account_id,
+        attempt=attempt,
+        profiler=profiler,
+        seconds=time.perf_counter() - started,
+    )
+    return outcome
+
+
+def _run_account(
+    sessions: sessionmaker[Session],
+    *,
+    job_id: str,
+    account_id: int,
+    attempt: int,
+    retry_policy: RetryPolicy,
+    private_key: X25519PrivateKey,
+    observer: Observer | None,
+    processors: Mapping[str, Processor] | None,
+    connection_slot: Callable[[str], AbstractContextManager[bool]] | None,
+    timeouts: tuple[type[BaseException], ...],
+    profiler: Profiler,
+) -> RunOutcome:
     owner = f"{job_id}:{account_id}"
     start = _start(
         sessions,
@@ -95,7 +136,6 @@ def run_account(
     started = time.perf_counter()
     started_at = utcnow()
     released = False
-    profiler = Profiler()
     observers = profiler if observer is None else Observers(observer, profiler)
     observers.before_run(provider=start.provider)
     try:
@@ -208,6 +248,57 @@ def run_account(
                 leases.release(session, account_id, owner=owner)
 
 
+def _log_attempt(
+    outcome: RunOutcome,
+    *,
+    job_id: str,
+    account_id: int,
+    attempt: int,
+    profiler: Profiler,
+    seconds: float,
+) -> None:
+    """The attempt's `account_run` event; a redelivered message that found its run ended is
+    no attempt and logs nothing."""
+    if outcome.action == Next.DUPLICATE:
+        return
+    error_class = outcome.failure.error_class if outcome.failure else None
+    if outcome.action == Next.RETRY:
+        status = RunStatus.RETRYING
+    elif outcome.action == Next.BUSY:
+        status = RunStatus.PENDING
+    elif outcome.failure is not None:
+        status = RunStatus.FAILED
+    elif outcome.result is not None:
+        status = RunStatus.SUCCESS
+    else:  # the one skip inside a run: no live key grant
+        status, error_class = RunStatus.SKIPPED, ErrorClass.LOCKED
+    logs.account_run(
+        job_id=job_id,
+        account_id=account_id,
+        attempt=attempt,
+        status=status,
+        provider=profiler.provider,
+        duration_seconds=seconds,
+        phases={name: figures.wall for name, figures in profiler.phases.items()},
+        counts={name: profiler.mail[name] for name in LOGGED_COUNTS},
+        error_class=error_class,
+    )
+    if outcome.finished is not None:
+        _log_finished(outcome.finished)
+
+
+def _log_finished(finished: jobs.FinishedJob) -> None:
+    logs.job_finished(
+        job_id=finished.job_id,
+        user_id=finished.user_id,
+        job_type=finished.type,
+        status=finished.status,
+        duration_seconds=finished.metrics.get("duration"),
+        metrics=finished.metrics,
+        emails_fetched=finished.emails_fetched,
+    )
+
+
 @dataclass
 class _Start:
     """What a run needs, read in the transaction that takes the lease and starts the run."""
@@ -278,14 +369,25 @@ def skip_run(
     message: str,
 ) -> None:
     """End a run that must not go ahead (open circuit): skipped, which is not a failure."""
-    _finish(sessions, job_id, account_id, RunStatus.SKIPPED, error_class=reason, message=message)
+    finished = _finish(
+        sessions, job_id, account_id, RunStatus.SKIPPED, error_class=reason, message=message
+    ).finished
+    logs.account_run(
+        job_id=job_id,
+        account_id=account_id,
+        status=RunStatus.SKIPPED,
+        error_class=reason,
+        duration_seconds=0.0,
+    )
+    if finished is not None:
+        _log_finished(finished)
 
 
 def record_crash(
     sessions: sessionmaker[Session], *, job_id: str, account_id: int
 ) -> jobs.FinishedJob | None:
     """End a run whose every attempt crashed before it could record anything itself."""
-    return _finish(
+    finished = _finish(
         sessions,
         job_id,
         account_id,
@@ -293,6 +395,16 @@ def record_crash(
         error_class=ErrorClass.UNKNOWN,
         message="the fetch failed repeatedly for an internal reason; operators have been told",
     ).finished
+    logs.account_run(
+        job_id=job_id,
+        account_id=account_id,
+        status=RunStatus.FAILED,
+        error_class=ErrorClass.UNKNOWN,
+        duration_seconds=0.0,
+    )
+    if finished is not None:
+        _log_finished(finished)
+    return finished
 
 
 def _finish(
