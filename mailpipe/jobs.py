@@ -19,6 +19,7 @@ from .results import JobReport, JobSummary, RunReport
 from .vocabulary import (
     JOB_FINAL,
     RUN_FINAL,
+    RUN_OPEN,
     ErrorClass,
     JobStatus,
     JobType,
@@ -276,6 +277,21 @@ def finalise_if_done(session: Session, job_id: str) -> FinishedJob | None:
         metrics=metrics,
         emails_fetched=emails_fetched,
     )
+
+
+def lost_runs(
+    session: Session, *, created_before: datetime, limit: int = PURGE_BATCH
+) -> list[tuple[str, int]]:
+    """(job id, account id) of runs still open in jobs created before `created_before`: no
+    message will run them any more (Redis lost it, or a restored database holds runs whose
+    messages were used up after the dump)."""
+    rows = session.execute(
+        select(AccountRun.job_id, AccountRun.account_id)
+        .join(PipelineJob, PipelineJob.id == AccountRun.job_id)
+        .where(AccountRun.status.in_(RUN_OPEN), PipelineJob.created_at < created_before)
+        .limit(limit)
+    ).all()
+    return [(job_id, account_id) for job_id, account_id in rows]
 
 
 def purge_finished(session: Session, *, before: datetime, limit: int = PURGE_BATCH) -> int:

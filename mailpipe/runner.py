@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -34,6 +35,10 @@ LEASE_MARGIN_SECONDS = 60
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 60.0
 LOCKED_MESSAGE = "not synced: log in again so mailpipe may read this account"
+LOST_MESSAGE = (
+    "not synced: this run's queue message was lost (the broker lost its data, or the database "
+    "was restored); the next fetch syncs the account again"
+)
 LOGGED_COUNTS = ("fetched", "fetched_bytes", "saved", "duplicates", "quarantined")
 
 
@@ -405,6 +410,33 @@ def record_crash(
     if finished is not None:
         _log_finished(finished)
     return finished
+
+
+def end_lost_runs(sessions: sessionmaker[Session], *, created_before: datetime) -> int:
+    """End the open runs of jobs created before `created_before` as failed, so their jobs end
+    and the scheduler takes their accounts again; a late message finds its run ended and is
+    dropped. Returns how many were ended."""
+    with sessions() as session:
+        lost = jobs.lost_runs(session, created_before=created_before)
+    for job_id, account_id in lost:
+        finished = _finish(
+            sessions,
+            job_id,
+            account_id,
+            RunStatus.FAILED,
+            error_class=ErrorClass.UNKNOWN,
+            message=LOST_MESSAGE,
+        ).finished
+        logs.account_run(
+            job_id=job_id,
+            account_id=account_id,
+            status=RunStatus.FAILED,
+            error_class=ErrorClass.UNKNOWN,
+            duration_seconds=0.0,
+        )
+        if finished is not None:
+            _log_finished(finished)
+    return len(lost)
 
 
 def _finish(
