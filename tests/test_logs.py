@@ -10,8 +10,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shlex
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +27,8 @@ from tests.support.cluster import running_cluster
 from tests.support.dovecot import free_ports
 
 FAST_KDF = 1_000
+README = Path(__file__).resolve().parents[1] / "README.md"
+JQ = shutil.which("jq")
 ADDRESS = "canary.sender@example.org"
 SUBJECT_WORD = "Kanarienvogel"
 
@@ -207,3 +213,40 @@ def test_workers_log_each_job_and_attempt_as_json_without_a_secret(dovecot, tmp_
     everything = worker_log + json_lines.getvalue()
     for word in (good, bad, good_password, bad_password, ADDRESS, SUBJECT_WORD, "canary-owner"):
         assert word not in everything, word
+
+    # And README's jq examples read this very log (text lines of the dramatiq CLI included)
+    if JQ is None:
+        pytest.skip("jq is missing: `make test` installs the Debian package jq")
+    log_file = tmp_path / "worker.log"
+    log_file.write_text(worker_log)
+    failed, slowest, by_status = (run_jq(example, log_file) for example in readme_jq_examples())
+    assert sorted(
+        (e["account_id"], e["attempt"], e["status"]) for e in map(json.loads, failed.splitlines())
+    ) == sorted(
+        [(ids["bad"], 1, "failed"), (ids["refused"], 1, "retrying"), (ids["refused"], 2, "failed")]
+    )
+    assert [e["account_id"] for e in json.loads(slowest)] == [ids["good"]]
+    assert json.loads(by_status) == [{"status": "partial_failure", "jobs": 1}]
+
+
+def readme_jq_examples() -> list[str]:
+    """The jq commands of README's "Structured logs" example, each joined into one line."""
+    section = README.read_text().split("### Structured logs", 1)[1].split("\n### ", 1)[0]
+    block = section.split("```sh", 1)[1].split("```", 1)[0]
+    commands: list[str] = []
+    for line in block.splitlines():
+        if line.startswith("jq "):
+            commands.append(line)
+        elif line.startswith(" ") and commands:
+            commands[-1] += "\n" + line
+    return commands
+
+
+def run_jq(example: str, log_file: Path) -> str:
+    assert example.endswith(" worker.log"), example
+    command = example.removesuffix("worker.log") + shlex.quote(str(log_file))
+    done = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
