@@ -29,6 +29,7 @@ bench: $(STAMP) system
 	$(BIN)/python -m bench.sync
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.metrics
+	$(BIN)/python -m bench.logs
 
 system:
 	bash scripts/ensure-system.sh
