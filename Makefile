@@ -33,6 +33,7 @@ bench: $(STAMP) system
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.metrics
 	$(BIN)/python -m bench.login
+	$(BIN)/python -m bench.logs
 
 system:
 	bash scripts/ensure-system.sh

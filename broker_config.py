@@ -10,11 +10,13 @@ own settings with `worker.broker.use_broker`.
 
 import dramatiq
 
+from mailpipe import logs
 from mailpipe.settings import Settings
 from worker import runtime
 from worker.broker import build_broker
 
 SETTINGS = Settings.from_env()
+logs.configure(SETTINGS.log_format)  # the format of the dramatiq CLI's log handlers
 broker = build_broker(SETTINGS)
 dramatiq.set_broker(broker)
 runtime.configure(SETTINGS)

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from actors.diagnose import diagnose_account
 from actors.fetch import DEFAULT_TIME_LIMIT_MS, fetch_account
-from mailpipe import diagnostics, grants, jobs, reports
+from mailpipe import diagnostics, grants, jobs, logs, reports
 from mailpipe.crypto import DataKey
 from mailpipe.errors import MailpipeError, NotFound
 from mailpipe.models import KeyGrant
@@ -91,6 +91,9 @@ class PipelineBroker:
                 grant_id=grant.id,
             )
         self._send(job_id, account_ids, timeout_seconds)
+        logs.job_enqueued(
+            job_id=job_id, user_id=user_id, job_type=job_type, accounts=len(account_ids)
+        )
         return job_id
 
     def enqueue_scheduled_job(
@@ -117,6 +120,9 @@ class PipelineBroker:
                 grant_id=grant.id,
             ).id
         self._send(job_id, account_ids, timeout_seconds)
+        logs.job_enqueued(
+            job_id=job_id, user_id=user_id, job_type=JobType.SCHEDULED, accounts=len(account_ids)
+        )
         return job_id
 
     def _send(self, job_id: str, account_ids: list[int], timeout_seconds: int) -> None:

@@ -15,6 +15,7 @@ from periodiq import cron
 from mailpipe import grants, jobs, schedule
 from mailpipe.errors import NotFound
 from mailpipe.models import utcnow
+from mailpipe.runner import end_lost_runs
 from worker import runtime
 
 logger = logging.getLogger(__name__)
@@ -23,12 +24,20 @@ PURGE_BATCHES = 50  # at most 250,000 old jobs deleted per tick
 
 @dramatiq.actor(queue_name="schedule", periodic=cron("* * * * *"), max_retries=0)
 def schedule_due() -> None:
-    """Claim due accounts, start one scheduled job per user for them; delete expired key grants
-    (a sealed key should not outlive its use) and jobs finished longer ago than the retention."""
+    """End runs whose message was lost, claim due accounts, start one scheduled job per user for
+    them; delete expired key grants (a sealed key should not outlive its use) and jobs finished
+    longer ago than the retention."""
     from actors.pipeline import PipelineBroker
 
     settings = runtime.settings()
     sessions = runtime.sessions()
+    # Runs whose message is gone (Redis lost its data, a restored database) would keep their
+    # accounts from being claimed for good; a job older than its key grant's life is past use.
+    lost = end_lost_runs(
+        sessions, created_before=utcnow() - timedelta(seconds=settings.job_grant_ttl_seconds)
+    )
+    if lost:
+        logger.warning("ended %d runs whose queue message was lost", lost)
     with sessions.begin() as session:
         claimed = schedule.claim_due_accounts(session)
     pipeline = PipelineBroker(sessions, settings=settings)

@@ -168,6 +168,27 @@ def performance() -> dashboard.Dashboard:
                 ),
             )
         )
+        .with_panel(
+            graph(
+                "Phase targets",
+                units.Seconds,
+                "The seed's targets, alerted on: folder list p95 under 1 s; fetching 50 mails under"
+                " 5 s and parsing plus saving them under 2 s (runs that fetched mail, 10 minutes).",
+                query(
+                    "max(phase_provider:mailpipe_phase_duration_seconds:histogram_quantile"
+                    f'{{phase="folder_list", quantile="0.95", {P}}})',
+                    "folder list p95",
+                ),
+                query(
+                    f"max(provider:mailpipe_fetch_seconds_per_50_emails:rate10m{{{P}}})",
+                    "fetch of 50 mails",
+                ),
+                query(
+                    f"max(provider:mailpipe_parse_save_seconds_per_50_emails:rate10m{{{P}}})",
+                    "parse and save of 50 mails",
+                ),
+            )
+        )
         .with_row(dashboard.Row("Throughput"))
         .with_panel(
             graph(

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, Update, delete, func, select, update
 from sqlalchemy.orm import Session
 
+from . import logs
 from .db import rowcount
 from .errors import NotFound
 from .models import AccountRun, MailAccount, PipelineJob, utcnow
 from .results import JobReport, JobSummary, RunReport
-from .vocabulary import JOB_FINAL, RUN_FINAL, ErrorClass, JobStatus, JobType, RunStatus
+from .vocabulary import (
+    JOB_FINAL,
+    RUN_FINAL,
+    RUN_OPEN,
+    ErrorClass,
+    JobStatus,
+    JobType,
+    RunStatus,
+)
 
 TYPE_ACCOUNT = "account"
 TYPE_ALL = "all"
@@ -98,7 +107,7 @@ def begin_run(
     if rowcount(result) == 0:
         return False
     if job_status in (JobStatus.PENDING, JobStatus.RETRYING, None):
-        session.execute(
+        moved = session.execute(
             update(PipelineJob)
             .where(
                 PipelineJob.id == job_id,
@@ -108,6 +117,8 @@ def begin_run(
                 status=JobStatus.RUNNING, started_at=func.coalesce(PipelineJob.started_at, utcnow())
             )
         )
+        if rowcount(moved) and job_status == JobStatus.PENDING:
+            logs.job_started(job_id=job_id, account_id=account_id)
     return True
 
 
@@ -148,6 +159,9 @@ class FinishedJob:
     user_id: int
     status: str
     grant_id: uuid.UUID | None
+    type: str = ""
+    metrics: Mapping[str, Any] = field(default_factory=dict)  # as stored on the job
+    emails_fetched: int = 0
 
 
 def finish_run(
@@ -223,13 +237,22 @@ def finalise_if_done(session: Session, job_id: str) -> FinishedJob | None:
     for run in runs:
         for phase, seconds in (run.phases or {}).items():
             phases[phase] = phases.get(phase, 0.0) + seconds
+    emails_fetched = sum(run.fetched for run in runs)
+    metrics = {
+        "duration": round((finished_at - started).total_seconds(), 3),
+        "accounts": len(runs),
+        "succeeded": statuses.count(RunStatus.SUCCESS),
+        "failed": statuses.count(RunStatus.FAILED),
+        "skipped": statuses.count(RunStatus.SKIPPED),
+        "phases": phases,
+    }
     done = session.execute(
         update(PipelineJob)
         .where(PipelineJob.id == job_id, PipelineJob.status.not_in(JOB_FINAL))
         .values(
             status=status,
             finished_at=finished_at,
-            emails_fetched=sum(run.fetched for run in runs),
+            emails_fetched=emails_fetched,
             emails_processed=sum(run.processed for run in runs),
             errors=[
                 {
@@ -240,19 +263,35 @@ def finalise_if_done(session: Session, job_id: str) -> FinishedJob | None:
                 for run in runs
                 if run.status == RunStatus.FAILED
             ],
-            metrics={
-                "duration": round((finished_at - started).total_seconds(), 3),
-                "accounts": len(runs),
-                "succeeded": statuses.count(RunStatus.SUCCESS),
-                "failed": statuses.count(RunStatus.FAILED),
-                "skipped": statuses.count(RunStatus.SKIPPED),
-                "phases": phases,
-            },
+            metrics=metrics,
         )
     )
     if rowcount(done) == 0:
         return None
-    return FinishedJob(job_id=job_id, user_id=job.user_id, status=status, grant_id=job.grant_id)
+    return FinishedJob(
+        job_id=job_id,
+        user_id=job.user_id,
+        status=status,
+        grant_id=job.grant_id,
+        type=job.type,
+        metrics=metrics,
+        emails_fetched=emails_fetched,
+    )
+
+
+def lost_runs(
+    session: Session, *, created_before: datetime, limit: int = PURGE_BATCH
+) -> list[tuple[str, int]]:
+    """(job id, account id) of runs still open in jobs created before `created_before`: no
+    message will run them any more (Redis lost it, or a restored database holds runs whose
+    messages were used up after the dump)."""
+    rows = session.execute(
+        select(AccountRun.job_id, AccountRun.account_id)
+        .join(PipelineJob, PipelineJob.id == AccountRun.job_id)
+        .where(AccountRun.status.in_(RUN_OPEN), PipelineJob.created_at < created_before)
+        .limit(limit)
+    ).all()
+    return [(job_id, account_id) for job_id, account_id in rows]
 
 
 def purge_finished(session: Session, *, before: datetime, limit: int = PURGE_BATCH) -> int:

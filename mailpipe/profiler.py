@@ -79,6 +79,7 @@ class Profiler(Observer):
         self.mail = dict.fromkeys(MAIL_COUNTS, 0)
         self.wall = 0.0
         self.peak_bytes: int | None = None
+        self.provider = "other"  # the account's, told as the run begins
         self._lock = threading.Lock()
         self._started = 0.0
         self._rss_before = 0
@@ -108,6 +109,9 @@ class Profiler(Observer):
                 tracemalloc.stop()
         else:
             self.peak_bytes = _max_rss() - self._rss_before
+
+    def before_run(self, *, provider: str) -> None:
+        self.provider = provider
 
     def after_phase_cpu(self, phase: str, seconds: float) -> None:
         with self._lock:

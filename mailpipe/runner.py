@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -15,7 +16,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import grants, health, jobs, leases
+from . import grants, health, jobs, leases, logs
 from .accounts import account_settings
 from .addresses import AddressPolicy
 from .crypto import DataKey
@@ -35,6 +36,11 @@ LEASE_MARGIN_SECONDS = 60
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 60.0
 LOCKED_MESSAGE = "not synced: log in again so mailpipe may read this account"
+LOST_MESSAGE = (
+    "not synced: this run's queue message was lost (the broker lost its data, or the database "
+    "was restored); the next fetch syncs the account again"
+)
+LOGGED_COUNTS = ("fetched", "fetched_bytes", "saved", "duplicates", "quarantined")
 
 
 class Next(StrEnum):
@@ -80,7 +86,48 @@ def run_account(
 
     `timeouts` are exception types (such as the queue's time-limit interrupt) that count as
     the timeout error class; `address_policy` says which servers the account may connect to.
+    Each attempt ends with one `account_run` log event.
     """
+    profiler = Profiler()
+    started = time.perf_counter()
+    outcome = _run_account(
+        sessions,
+        job_id=job_id,
+        account_id=account_id,
+        attempt=attempt,
+        retry_policy=retry_policy,
+        private_key=private_key,
+        observer=observer,
+        processors=processors,
+        connection_slot=connection_slot,
+        timeouts=timeouts,
+        profiler=profiler,
+    )
+    _log_attempt(
+        outcome,
+        job_id=job_id,
+        account_id=account_id,
+        attempt=attempt,
+        profiler=profiler,
+        seconds=time.perf_counter() - started,
+    )
+    return outcome
+
+
+def _run_account(
+    sessions: sessionmaker[Session],
+    *,
+    job_id: str,
+    account_id: int,
+    attempt: int,
+    retry_policy: RetryPolicy,
+    private_key: X25519PrivateKey,
+    observer: Observer | None,
+    processors: Mapping[str, Processor] | None,
+    connection_slot: Callable[[str], AbstractContextManager[bool]] | None,
+    timeouts: tuple[type[BaseException], ...],
+    profiler: Profiler,
+) -> RunOutcome:
     owner = f"{job_id}:{account_id}"
     start = _start(
         sessions,
@@ -98,7 +145,6 @@ def run_account(
     started = time.perf_counter()
     started_at = utcnow()
     released = False
-    profiler = Profiler()
     observers = profiler if observer is None else Observers(observer, profiler)
     observers.before_run(provider=start.provider)
     try:
@@ -211,6 +257,57 @@ def run_account(
                 leases.release(session, account_id, owner=owner)
 
 
+def _log_attempt(
+    outcome: RunOutcome,
+    *,
+    job_id: str,
+    account_id: int,
+    attempt: int,
+    profiler: Profiler,
+    seconds: float,
+) -> None:
+    """The attempt's `account_run` event; a redelivered message that found its run ended is
+    no attempt and logs nothing."""
+    if outcome.action == Next.DUPLICATE:
+        return
+    error_class = outcome.failure.error_class if outcome.failure else None
+    if outcome.action == Next.RETRY:
+        status = RunStatus.RETRYING
+    elif outcome.action == Next.BUSY:
+        status = RunStatus.PENDING
+    elif outcome.failure is not None:
+        status = RunStatus.FAILED
+    elif outcome.result is not None:
+        status = RunStatus.SUCCESS
+    else:  # the one skip inside a run: no live key grant
+        status, error_class = RunStatus.SKIPPED, ErrorClass.LOCKED
+    logs.account_run(
+        job_id=job_id,
+        account_id=account_id,
+        attempt=attempt,
+        status=status,
+        provider=profiler.provider,
+        duration_seconds=seconds,
+        phases={name: figures.wall for name, figures in profiler.phases.items()},
+        counts={name: profiler.mail[name] for name in LOGGED_COUNTS},
+        error_class=error_class,
+    )
+    if outcome.finished is not None:
+        _log_finished(outcome.finished)
+
+
+def _log_finished(finished: jobs.FinishedJob) -> None:
+    logs.job_finished(
+        job_id=finished.job_id,
+        user_id=finished.user_id,
+        job_type=finished.type,
+        status=finished.status,
+        duration_seconds=finished.metrics.get("duration"),
+        metrics=finished.metrics,
+        emails_fetched=finished.emails_fetched,
+    )
+
+
 @dataclass
 class _Start:
     """What a run needs, read in the transaction that takes the lease and starts the run."""
@@ -283,14 +380,25 @@ def skip_run(
     message: str,
 ) -> None:
     """End a run that must not go ahead (open circuit): skipped, which is not a failure."""
-    _finish(sessions, job_id, account_id, RunStatus.SKIPPED, error_class=reason, message=message)
+    finished = _finish(
+        sessions, job_id, account_id, RunStatus.SKIPPED, error_class=reason, message=message
+    ).finished
+    logs.account_run(
+        job_id=job_id,
+        account_id=account_id,
+        status=RunStatus.SKIPPED,
+        error_class=reason,
+        duration_seconds=0.0,
+    )
+    if finished is not None:
+        _log_finished(finished)
 
 
 def record_crash(
     sessions: sessionmaker[Session], *, job_id: str, account_id: int
 ) -> jobs.FinishedJob | None:
     """End a run whose every attempt crashed before it could record anything itself."""
-    return _finish(
+    finished = _finish(
         sessions,
         job_id,
         account_id,
@@ -298,6 +406,43 @@ def record_crash(
         error_class=ErrorClass.UNKNOWN,
         message="the fetch failed repeatedly for an internal reason; operators have been told",
     ).finished
+    logs.account_run(
+        job_id=job_id,
+        account_id=account_id,
+        status=RunStatus.FAILED,
+        error_class=ErrorClass.UNKNOWN,
+        duration_seconds=0.0,
+    )
+    if finished is not None:
+        _log_finished(finished)
+    return finished
+
+
+def end_lost_runs(sessions: sessionmaker[Session], *, created_before: datetime) -> int:
+    """End the open runs of jobs created before `created_before` as failed, so their jobs end
+    and the scheduler takes their accounts again; a late message finds its run ended and is
+    dropped. Returns how many were ended."""
+    with sessions() as session:
+        lost = jobs.lost_runs(session, created_before=created_before)
+    for job_id, account_id in lost:
+        finished = _finish(
+            sessions,
+            job_id,
+            account_id,
+            RunStatus.FAILED,
+            error_class=ErrorClass.UNKNOWN,
+            message=LOST_MESSAGE,
+        ).finished
+        logs.account_run(
+            job_id=job_id,
+            account_id=account_id,
+            status=RunStatus.FAILED,
+            error_class=ErrorClass.UNKNOWN,
+            duration_seconds=0.0,
+        )
+        if finished is not None:
+            _log_finished(finished)
+    return len(lost)
 
 
 def _finish(

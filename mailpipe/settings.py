@@ -21,6 +21,8 @@ from .addresses import AddressPolicy
 from .errors import MailpipeError
 from .grants import WORKER_KEY_FILE_ENV, WORKER_PUBLIC_KEY_ENV, X25519_KEY_BYTES
 from .health import CircuitPolicy
+from .logs import LOG_FORMATS
+from .logs import TEXT as TEXT_LOGS
 from .retry import RetryPolicy
 
 STUB_BROKER = "stub"
@@ -65,6 +67,7 @@ class Settings:
     background_grant_hours: float = 24.0
     cookie_secure: bool = False
     debug: bool = False
+    log_format: str = TEXT_LOGS  # or "json": one JSON object per line (mailpipe/logs.py)
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -88,6 +91,11 @@ class Settings:
         _positive("MAILPIPE_SESSION_IDLE_SECONDS", self.session_idle_seconds)
         _positive("MAILPIPE_SESSION_MAX_SECONDS", self.session_max_seconds)
         _positive("MAILPIPE_BACKGROUND_GRANT_HOURS", self.background_grant_hours)
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(
+                f"MAILPIPE_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, "
+                f"not {self.log_format!r}"
+            )
 
     @property
     def worker_key_path(self) -> Path:
@@ -127,6 +135,7 @@ class Settings:
                     background_grant_hours=("MAILPIPE_BACKGROUND_GRANT_HOURS", _number),
                     cookie_secure=("MAILPIPE_COOKIE_SECURE", _flag),
                     debug=("MAILPIPE_DEBUG", _flag),
+                    log_format=("MAILPIPE_LOG_FORMAT", str.lower),
                 ),
                 retry=RetryPolicy(
                     **given.fields(

@@ -82,6 +82,15 @@ LOGINS = Counter(
     "before the password was checked).",
     ["outcome"],
 )
+# The phases of the seed's per-mail targets (fetch of 50 mails; parse plus save), counted only
+# in runs that fetched mail, so that no-change polls (an EXAMINE each, timed as fetch) do not
+# count as time spent on mail.
+MAIL_PHASES = ("fetch", "parse", "save")
+MAIL_PHASE_SECONDS = Counter(
+    "mailpipe_mail_phase_seconds_total",
+    "Seconds of the fetch, parse and save phases in account runs that fetched mail.",
+    ["phase", "provider"],
+)
 
 
 def bounded(value: str | None, allowed: Container[str], *, fallback: str = OTHER) -> str:
@@ -101,6 +110,8 @@ def initialise() -> None:
             ACCOUNT_RUNS.labels(provider, outcome)
         for error_class in AUTH_ERROR_CLASSES:  # what the auth-failure alert counts
             ERRORS.labels(error_class, "connect", provider)
+        for phase in MAIL_PHASES:
+            MAIL_PHASE_SECONDS.labels(phase, provider)
     for job_type in JOB_TYPES[:-1]:
         for status in JOB_FINAL:
             JOBS.labels(job_type, status)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from mailpipe import db
+from mailpipe import db, logs
 from mailpipe.errors import MailpipeError
 from mailpipe.settings import Settings
 
@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        serve(Settings.from_env(), args.port, host=args.host)
+        settings = Settings.from_env()
+        logs.configure(settings.log_format, stream=sys.stderr)
+        serve(settings, args.port, host=args.host)
     except MailpipeError as error:
         print(f"metrics.exporter: {error}", file=sys.stderr)
         return 1

@@ -3,7 +3,8 @@
 Stock `dramatiq.middleware.prometheus.Prometheus` starts an exposition server on port 9191 in a
 fork, and its metrics exist only after the dramatiq CLI's `process_boot`. This subclass writes the
 same metrics into the shared multiprocess directory, where `metrics.exporter` serves them beside
-mailpipe's own. It stays dormant in processes the CLI never booted (embedded workers, tests) and
+mailpipe's own, and creates each actor's counters at zero when the worker starts, so a dashboard
+shows 0 dead letters, errors and retries instead of "No data" until the first one. It stays dormant in processes the CLI never booted (embedded workers, tests) and
 where `PROMETHEUS_MULTIPROC_DIR` is unset: the stock middleware would then write to a directory
 under /tmp that nobody serves or empties. This module must not import prometheus_client.
 """
@@ -43,6 +44,21 @@ class DramatiqMetrics(prometheus.Prometheus):
             )
         super().after_process_boot(broker)
         self.booted = True
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        """Create every actor's counters at zero (the dramatiq CLI imports the actors only after
+        `process_boot`, so they are known here, not there)."""
+        if not self.booted:
+            return
+        counters = (
+            self.total_messages,
+            self.total_errored_messages,
+            self.total_retried_messages,
+            self.total_rejected_messages,
+        )
+        for actor in broker.actors.values():
+            for counter in counters:
+                counter.labels(actor.queue_name, actor.actor_name)
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if self.booted:

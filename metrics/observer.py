@@ -28,6 +28,7 @@ class MetricsObserver(Observer):
 
     def __init__(self, *, provider: str = c.OTHER) -> None:
         self.failed_phase: str | None = None
+        self.mail_phases = dict.fromkeys(c.MAIL_PHASES, 0.0)  # this run's, counted if it had mail
         self._ambient = sys.exc_info()[1]  # an exception already being handled is not ours
         self._lock = threading.Lock()
         self.before_run(provider=provider)
@@ -51,8 +52,10 @@ class MetricsObserver(Observer):
         phase = c.bounded(phase, c.PHASES)
         c.PHASE_DURATION.labels(phase, self.provider).observe(max(seconds, 0.0))
         in_flight = sys.exc_info()[1]
-        if in_flight is not None and in_flight is not self._ambient:
-            with self._lock:
+        with self._lock:
+            if phase in self.mail_phases:
+                self.mail_phases[phase] += max(seconds, 0.0)
+            if in_flight is not None and in_flight is not self._ambient:
                 self.failed_phase = self.failed_phase or phase
 
     def after_batch(
@@ -90,6 +93,9 @@ class MetricsObserver(Observer):
             else:
                 status = RunStatus.SKIPPED
             record_account_run(self.provider, status, seconds)
+        if outcome.result is not None and outcome.result.fetched > 0:
+            for phase, spent in self.mail_phases.items():
+                c.MAIL_PHASE_SECONDS.labels(phase, self.provider).inc(spent)
 
 
 def record_account_run(provider: str, outcome: str, seconds: float) -> None:

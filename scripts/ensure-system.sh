@@ -3,7 +3,7 @@
 # Idempotent; needs root (as on the project's machines and CI).
 set -euo pipefail
 
-PACKAGES=(dovecot-imapd chromium prometheus prometheus-alertmanager redis-server postgresql-client)
+PACKAGES=(dovecot-imapd chromium prometheus prometheus-alertmanager redis-server postgresql-client jq)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -25,7 +25,7 @@ from mailpipe.imap import ImapSettings
 from mailpipe.jobs import FinishedJob
 from mailpipe.observer import PhaseTimer
 from mailpipe.runner import Next, RunOutcome
-from mailpipe.sync import SyncResult
+from mailpipe.sync import FolderResult, SyncResult
 from mailpipe.vocabulary import CircuitState, Health, JobType
 from metrics import exporter, multiprocess
 from metrics.collectors import AccountCollector, QueueCollector
@@ -167,6 +167,33 @@ def test_batches_add_to_the_throughput_counters():
     assert sample("mailpipe_fetched_bytes_total", provider="yahoo") == size + 5000
     assert sample("mailpipe_emails_saved_total") == saved + 4
     assert sample("mailpipe_emails_quarantined_total", reason="not_a_message") == quarantined + 1
+
+
+@pytest.mark.parametrize(("fetched", "counted"), [(3, True), (0, False)])
+def test_mail_phase_seconds_count_only_runs_that_fetched_mail(fetched, counted):
+    # Given the seconds the per-mail targets read, for yahoo
+    phases = ("fetch", "parse", "save")
+    before = {
+        p: sample("mailpipe_mail_phase_seconds_total", phase=p, provider="yahoo") for p in phases
+    }
+    observer = MetricsObserver(provider="yahoo")
+
+    # When a run spends time in its phases and succeeds, with mail or with none (a no-change
+    # poll, whose EXAMINE is timed as fetch)
+    for phase, seconds in (("connect", 1.0), ("fetch", 2.0), ("fetch", 0.5), ("parse", 0.25)):
+        observer.after_phase(phase, seconds)
+    observer.after_phase("save", 0.125)
+    result = SyncResult(folders=[FolderResult(folder="INBOX", fetched=fetched)])
+    observer.record_outcome(RunOutcome(Next.DONE, result=result), seconds=4.0)
+
+    # Then fetch, parse and save seconds are counted only for the run that fetched mail
+    moved = {
+        p: sample("mailpipe_mail_phase_seconds_total", phase=p, provider="yahoo") - before[p]
+        for p in phases
+    }
+    assert moved == (
+        {"fetch": 2.5, "parse": 0.25, "save": 0.125} if counted else dict.fromkeys(phases, 0.0)
+    )
 
 
 @pytest.fixture

@@ -457,6 +457,41 @@ def test_scheduler_tick_deletes_finished_jobs_past_the_retention(world):
         assert set(session.scalars(select(AccountRun.job_id))) == {recent, open_old}
 
 
+def test_scheduler_tick_ends_runs_whose_message_was_lost_and_syncs_their_accounts(world):
+    # Given a user with background sync, and a job of two hours ago whose message never came
+    # (Redis lost it): its run is still pending, so the account is never due
+    alice = world.user("alice")
+    account = world.account(alice, mails=2)
+    background(world, alice)
+    with world.sessions.begin() as session:
+        lost = jobs.create_job(
+            session, user_id=alice.id, account_ids=[account], type="account", options={}
+        ).id
+        session.execute(
+            update(PipelineJob)
+            .where(PipelineJob.id == lost)
+            .values(created_at=utcnow() - timedelta(hours=2))
+        )
+
+    # When the scheduler ticks and the workers run what it enqueued
+    from actors.schedule import schedule_due
+
+    schedule_due()
+    world.wait()
+
+    # Then the lost run failed with its reason, its job ended, and a new scheduled job synced
+    ended = world.pipeline.get_job_status(lost, alice.id)
+    [run] = ended.accounts
+    assert (ended.status, run.status, run.error_class) == ("failed", "failed", "unknown")
+    assert run.error is not None and "message was lost" in run.error
+    [scheduled] = [j for j in world.pipeline.list_jobs(alice.id) if j.job_id != lost]
+    assert (scheduled.type, scheduled.status, scheduled.emails_fetched) == (
+        "scheduled",
+        "success",
+        2,
+    )
+
+
 def test_unreadable_stored_credentials_fail_the_run_and_free_the_account(world):
     # Given an account whose stored credentials were copied from another row (they no longer open)
     alice = world.user("alice")

@@ -1,10 +1,11 @@
 """Prometheus, Alertmanager and Grafana files, checked by their own tools and by the real programs.
 
-The static checks run promtool and amtool on the repository's files. The stack test syncs real
-Dovecot accounts through `run_account` with `MetricsObserver` in a process whose
-PROMETHEUS_MULTIPROC_DIR was set before Python started, serves the result with the real exporter,
-and lets a real Prometheus scrape it (the repository's prometheus.yml with targets on this test's
-ports): every dashboard query must return a series, the recording rules must evaluate, and an
+The static checks run promtool and amtool on the repository's files. The stack test runs one
+fetch job through real `dramatiq` worker processes (Redis broker, PostgreSQL) over three real
+Dovecot accounts (healthy, wrong password, connection refused), with PROMETHEUS_MULTIPROC_DIR set
+before they start, serves what they wrote with the real exporter, and lets a real Prometheus
+scrape it (the repository's prometheus.yml with targets on this test's ports): every query of
+every dashboard panel must return a series (0, not "No data"), the recording rules must evaluate, and an
 alert must travel through a real Alertmanager (the repository's alertmanager.yml) into the
 web app's webhook, which stores it as an operator notification.
 """
@@ -24,6 +25,9 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from email import message_from_bytes
+from email import policy as email_policy
+from email.message import EmailMessage
 from pathlib import Path
 
 import dramatiq
@@ -33,12 +37,13 @@ from dramatiq.brokers.redis import RedisBroker
 from sqlalchemy import select
 from werkzeug.serving import make_server
 
+from mailpipe.accounts import add_account, create_user
+from mailpipe.imap import ImapSettings
 from mailpipe.models import Notification
-from mailpipe.vocabulary import JobType
 from metrics import multiprocess
+from tests.support.cluster import running_cluster
 from tests.support.dovecot import free_ports
-from tests.support.policy import LOOPBACK
-from tests.support.workers import REDIS_URL, ROOT, delete_namespace, new_namespace
+from tests.support.workers import REDIS_URL, ROOT
 
 PROMTOOL = shutil.which("promtool")
 AMTOOL = shutil.which("amtool")
@@ -69,6 +74,8 @@ GRAFANA_VARIABLES = {
 }
 STARTUP_SECONDS = 30
 ALERT_SECONDS = 40
+EMAIL_START, EMAIL_END = "# >>> e-mail", "# <<< e-mail"
+EMAIL_RECEIVER = "operators-email"
 INHIBITED_BY_WORKER_DOWN = (
     "MailpipeQueueBacklogGrowing",
     "MailpipeQueueStalled",
@@ -144,6 +151,28 @@ def test_amtool_accepts_the_alertmanager_config():
     assert "2 inhibit rules" in result.stdout
 
 
+@needs_amtool
+def test_amtool_accepts_the_config_with_its_email_blocks_uncommented(tmp_path: Path):
+    # Given alertmanager.yml with the optional e-mail route and receiver switched on as its
+    # header says (the shipped file has them commented out)
+    variant = tmp_path / "alertmanager.yml"
+    variant.write_text(with_email((ROOT / "alertmanager.yml").read_text()))
+
+    # When amtool checks it, then it is valid and has the second receiver
+    result = subprocess.run(
+        [AMTOOL, "check-config", str(variant)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 receivers" in result.stdout
+    config = yaml.safe_load(variant.read_text())
+    [email_route] = [r for r in config["route"]["routes"] if r["receiver"] == EMAIL_RECEIVER]
+    assert (email_route["matchers"], email_route["continue"]) == (['severity="critical"'], True)
+
+
 def test_every_alert_is_described_and_links_to_its_runbook_section():
     anchors = {
         re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
@@ -209,103 +238,6 @@ def test_dashboards_have_units_the_provider_variable_and_link_to_each_other():
 # -- the real stack ------------------------------------------------------------------------
 
 
-def run_child(spec: dict) -> None:
-    """Sync accounts as a worker process would, recording metrics into the shared directory.
-
-    Runs in its own interpreter (see `synced_directory`); it wires MetricsObserver and
-    DramatiqMetrics itself, as the actors and broker_config do.
-    """
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-    from dramatiq.brokers.stub import StubBroker
-    from dramatiq.middleware import Retries
-
-    from mailpipe import db, grants, jobs
-    from mailpipe.accounts import add_account, create_user
-    from mailpipe.imap import ImapSettings
-    from mailpipe.retry import RetryPolicy
-    from mailpipe.runner import Next, run_account
-    from metrics.middleware import DramatiqMetrics
-    from metrics.observer import MetricsObserver, record_finished_job
-
-    engine = db.make_engine(spec["db_url"])
-    db.migrate(engine)
-    sessions = db.session_factory(engine)
-    private = X25519PrivateKey.generate()
-    public = grants.public_key_bytes(private)
-    with sessions.begin() as session:
-        user, key = create_user(session, spec["user"], "pw", iterations=FAST_KDF)
-        grants.grant_background(
-            session, user_id=user.id, key=key, public_key=public, ttl_seconds=3600
-        )
-        account_ids = [
-            add_account(
-                session,
-                user,
-                key,
-                ImapSettings(
-                    host=spec["host"], port=port, username=login, password=pw, security="none"
-                ),
-                folders=["INBOX", spec["folder"]],
-                provider=PROVIDER,
-            ).id
-            for login, pw, port in spec["accounts"]
-        ]
-        job_id = jobs.new_job_id()
-        grant = grants.grant_for_job(
-            session, user_id=user.id, job_id=job_id, key=key, public_key=public, ttl_seconds=600
-        )
-        jobs.create_job(
-            session,
-            job_id=job_id,
-            user_id=user.id,
-            account_ids=account_ids,
-            type=JobType.ALL,
-            options={"max_mails": None, "timeout_seconds": 30},
-            grant_id=grant.id,
-        )
-    for account_id in account_ids:
-        for attempt in (1, 2):
-            observer = MetricsObserver.for_account(sessions, account_id)
-            started = time.perf_counter()
-            outcome = run_account(
-                sessions,
-                job_id=job_id,
-                account_id=account_id,
-                attempt=attempt,
-                retry_policy=RetryPolicy(max_retries=1),
-                address_policy=LOOPBACK,
-                private_key=private,
-                observer=observer,
-            )
-            observer.record_outcome(outcome, seconds=time.perf_counter() - started)
-            if outcome.finished is not None:
-                record_finished_job(sessions, outcome.finished)
-            if outcome.action != Next.RETRY:
-                break
-
-    # Dramatiq's own metrics, as a booted worker process writes them.
-    broker = StubBroker(
-        middleware=[DramatiqMetrics(), Retries(max_retries=1, min_backoff=10, max_backoff=20)]
-    )
-    broker.emit_after("process_boot")
-
-    @dramatiq.actor(broker=broker, queue_name="fetch")
-    def fetch_account() -> None: ...
-
-    @dramatiq.actor(broker=broker, queue_name="fetch", max_retries=1)
-    def crashing() -> None:
-        raise RuntimeError("this actor always fails")
-
-    worker = dramatiq.Worker(broker, worker_threads=2)
-    worker.start()
-    fetch_account.send()
-    crashing.send()
-    broker.join("fetch", fail_fast=False)
-    worker.join()
-    worker.stop()
-    engine.dispose()
-
-
 @dataclass
 class Planted:
     """Names a label must never carry: they all take part in the synced run."""
@@ -336,17 +268,65 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("observability")
 
 
-@pytest.fixture(scope="module")
-def namespace() -> Iterator[str]:
-    name = new_namespace()
-    yield name
-    delete_namespace(name)
+@dataclass
+class Run:
+    """A finished job of real worker processes, their metrics directory and their namespace."""
+
+    env: dict[str, str]
+    namespace: str
+    job: dict
 
 
 @pytest.fixture(scope="module")
-def queued(namespace: str) -> None:
-    """Two ready fetch messages, one delayed, one dead-lettered, in the real Redis broker."""
-    broker = RedisBroker(url=REDIS_URL, namespace=namespace, middleware=[])
+def synced(dovecot, workdir: Path, planted: Planted) -> Iterator[Run]:
+    """Real `dramatiq` worker processes ran one job over three accounts: one good, one with a
+    wrong password, one whose server refuses connections; then they stopped.
+
+    Nothing is planted in their metrics: what the dashboards show is what such a run leaves.
+    """
+    metrics_dir = workdir / "metrics"
+    extra = {
+        multiprocess.DIRECTORY_ENV: str(metrics_dir),
+        multiprocess.DRAMATIQ_ENV: str(metrics_dir),
+        "MAILPIPE_MAX_RETRIES": "1",
+    }
+    multiprocess.prepare(dict(extra))  # an empty directory, as `mailpipe worker` leaves it
+    good, good_password = dovecot.new_user()
+    bad, _ = dovecot.new_user()
+    planted.logins += [good, bad]
+    dovecot.append(good, good_password, [mail(i, planted) for i in range(3)])
+    dovecot.append(good, good_password, [b"no header block\r\n\r\nbody\r\n"])
+    dovecot.append(good, good_password, [mail(i, planted) for i in (3, 4)], folder=planted.folder)
+    [refused_port] = free_ports(1)
+    with running_cluster(dovecot, workdir, extra_env=extra) as cluster:
+        with cluster.sessions.begin() as session:
+            user, key = create_user(session, planted.user, "pw", iterations=FAST_KDF)
+            user_id = user.id
+            for login, password, port in (
+                (good, good_password, dovecot.port),
+                (bad, "wrong password", dovecot.port),
+                (good, good_password, refused_port),
+            ):
+                imap = ImapSettings(
+                    host=dovecot.host, port=port, username=login, password=password, security="none"
+                )
+                add_account(
+                    session, user, key, imap, folders=["INBOX", planted.folder], provider=PROVIDER
+                )
+        job_id = cluster.pipeline.enqueue_fetch_job(
+            user_id, key=key, max_mails=None, timeout_seconds=30
+        )
+        job = cluster.wait(job_id, user_id)
+        cluster.workers.stop()
+        assert job["status"] == "partial_failure", job
+        yield Run(env=cluster.env, namespace=cluster.namespace, job=job)
+
+
+@pytest.fixture(scope="module")
+def queued(synced: Run) -> None:
+    """After the run, with its workers gone: two ready fetch messages, one delayed, one
+    dead-lettered, in the run's Redis namespace (what the queue alerts look at)."""
+    broker = RedisBroker(url=REDIS_URL, namespace=synced.namespace, middleware=[])
 
     @dramatiq.actor(broker=broker, queue_name="fetch")
     def fetch_account(job_id: str, account_id: int) -> None: ...
@@ -358,57 +338,6 @@ def queued(namespace: str) -> None:
     consumer.nack(next(consumer))
     consumer.close()
     broker.close()
-
-
-def environment(workdir: Path, namespace: str) -> dict[str, str]:
-    metrics_dir = workdir / "metrics"
-    metrics_dir.mkdir(exist_ok=True)
-    return {
-        **os.environ,
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-        "dramatiq_prom_db": str(metrics_dir),
-        "MAILPIPE_DATABASE_URL": f"sqlite:///{workdir / 'mailpipe.db'}",
-        "MAILPIPE_DATA_DIR": str(workdir / "data"),
-        "MAILPIPE_BROKER_URL": REDIS_URL,
-        "MAILPIPE_REDIS_NAMESPACE": namespace,
-    }
-
-
-@pytest.fixture(scope="module")
-def synced(dovecot, workdir: Path, namespace: str, planted: Planted, queued) -> dict[str, str]:
-    """A worker-like process synced three accounts: one good, one wrong password, one refused."""
-    good, good_password = dovecot.new_user()
-    bad, _ = dovecot.new_user()
-    planted.logins += [good, bad]
-    dovecot.append(good, good_password, [mail(i, planted) for i in range(3)])
-    dovecot.append(good, good_password, [b"no header block\r\n\r\nbody\r\n"])
-    dovecot.append(good, good_password, [mail(i, planted) for i in (3, 4)], folder=planted.folder)
-    [refused_port] = free_ports(1)
-    spec = {
-        "db_url": f"sqlite:///{workdir / 'mailpipe.db'}",
-        "host": dovecot.host,
-        "user": planted.user,
-        "folder": planted.folder,
-        "accounts": [
-            [good, good_password, dovecot.port],
-            [bad, "wrong password", dovecot.port],
-            [good, good_password, refused_port],
-        ],
-    }
-    env = environment(workdir, namespace)
-    multiprocess.prepare(env)  # an empty directory, as `mailpipe worker` leaves it
-    code = "import json, sys; from tests.test_prometheus import run_child; run_child(json.loads(sys.argv[1]))"
-    result = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(spec)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return env
 
 
 class Server:
@@ -505,6 +434,8 @@ class Stack:
     webhook: Webhook
     token: str
     servers: dict[str, Server]
+    email_alertmanager_url: str
+    smtp: SmtpSink
 
     def query(self, expr: str) -> list[dict]:
         url = f"{self.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
@@ -514,7 +445,14 @@ class Stack:
 
 
 def prometheus_config(
-    workdir: Path, *, exporter: int, dead_worker: int, web: int, alertmanager: int, prom: int
+    workdir: Path,
+    *,
+    exporter: int,
+    dead_worker: int,
+    web: int,
+    alertmanager: int,
+    prom: int,
+    email_alertmanager: int,
 ) -> Path:
     """prometheus.yml with this test's ports, a 1 s rhythm, and alerts that need no waiting."""
     config = yaml.safe_load((ROOT / "prometheus.yml").read_text())
@@ -529,7 +467,10 @@ def prometheus_config(
         job["static_configs"] = [{"targets": targets.pop(job["job_name"])}]
     assert targets == {}, f"prometheus.yml lacks the jobs {sorted(targets)}"
     [alerting] = config["alerting"]["alertmanagers"]
-    alerting["static_configs"] = [{"targets": [f"127.0.0.1:{alertmanager}"]}]
+    # Alerts go to both: the shipped configuration, and the one with its e-mail blocks on.
+    alerting["static_configs"] = [
+        {"targets": [f"127.0.0.1:{alertmanager}", f"127.0.0.1:{email_alertmanager}"]}
+    ]
     alerts = yaml.safe_load(ALERT_RULES.read_text())
     for group in alerts["groups"]:
         for rule in group["rules"]:
@@ -545,33 +486,86 @@ def prometheus_config(
     return path
 
 
-def alertmanager_config(workdir: Path, *, webhook: int, token_file: Path) -> Path:
-    """alertmanager.yml with the webhook on this test's port, its token file, short waits."""
-    config = yaml.safe_load((ROOT / "alertmanager.yml").read_text())
+def with_email(text: str) -> str:
+    """alertmanager.yml with its e-mail blocks uncommented, as its header tells users to."""
+    lines, inside, found = [], False, 0
+    for line in text.splitlines():
+        marker = line.strip()
+        if marker in (EMAIL_START, EMAIL_END):
+            inside = marker == EMAIL_START
+            found += inside
+            continue
+        if inside:
+            indent = line[: len(line) - len(line.lstrip())]
+            assert line.lstrip().startswith("# "), line
+            line = indent + line.lstrip()[2:]
+        lines.append(line)
+    assert found == 2, "alertmanager.yml should have an e-mail route and an e-mail receiver"
+    return "\n".join(lines) + "\n"
+
+
+def alertmanager_config(
+    workdir: Path,
+    *,
+    webhook: int,
+    token_file: Path,
+    smtp: int | None = None,
+    name: str = "alertmanager.yml",
+) -> Path:
+    """alertmanager.yml with the webhook on this test's port, its token file, short waits; with
+    `smtp`, its e-mail blocks uncommented and the smarthost on that port (plain SMTP)."""
+    text = (ROOT / "alertmanager.yml").read_text()
+    config = yaml.safe_load(with_email(text) if smtp else text)
     routes = [config["route"], *config["route"].get("routes", [])]
     for route in routes:
         route["group_wait"] = "1s"
         route["group_interval"] = "1s"
-    [receiver] = config["receivers"]
-    [hook] = receiver["webhook_configs"]
+    receivers = {receiver["name"]: receiver for receiver in config["receivers"]}
+    [hook] = receivers.pop("mailpipe-web")["webhook_configs"]
     url = urllib.parse.urlsplit(hook["url"])
     hook["url"] = f"http://127.0.0.1:{webhook}{url.path}"
     hook["http_config"]["authorization"]["credentials_file"] = str(token_file)
-    path = workdir / "alertmanager.yml"
+    if smtp:
+        [mail] = receivers.pop(EMAIL_RECEIVER)["email_configs"]
+        mail.update(smarthost=f"127.0.0.1:{smtp}", require_tls=False)
+    assert receivers == {}
+    path = workdir / name
     path.write_text(yaml.safe_dump(config))
     return path
 
 
+class SmtpSink:
+    """A local SMTP server (aiosmtpd) that keeps every message it is given."""
+
+    def __init__(self, port: int) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.messages: list[tuple[str, list[str], EmailMessage]] = []
+        self.controller = Controller(self, hostname="127.0.0.1", port=port)
+        self.controller.start()
+
+    async def handle_DATA(self, server, session, envelope) -> str:  # aiosmtpd calls it so
+        parsed = message_from_bytes(envelope.content, policy=email_policy.default)
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), parsed))
+        return "250 Message accepted for delivery"
+
+    def about(self, alertname: str) -> list[tuple[str, list[str], EmailMessage]]:
+        return [m for m in self.messages if alertname in str(m[2]["Subject"])]
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
 @pytest.fixture(scope="module")
-def stack(workdir: Path, synced: dict[str, str]) -> Iterator[Stack]:
+def stack(workdir: Path, synced: Run, queued: None) -> Iterator[Stack]:
     if PROMETHEUS is None or ALERTMANAGER is None:
         pytest.skip(f"prometheus or alertmanager {MISSING}")
-    exporter_port, dead_worker, web, am_port, am_cluster, prom_port = free_ports(6)
-    del am_cluster
+    exporter_port, dead_worker, web, am_port, email_am_port, smtp_port, prom_port = free_ports(7)
     token = "test-token-" + os.urandom(8).hex()
     token_file = workdir / "webhook-token"
     token_file.write_text(token)
     webhook = Webhook(workdir, token=token)
+    smtp = SmtpSink(smtp_port)
     servers: dict[str, Server] = {}
     try:
         servers["exporter"] = Server(
@@ -582,7 +576,7 @@ def stack(workdir: Path, synced: dict[str, str]) -> Iterator[Stack]:
                 "--host=127.0.0.1",
                 f"--port={exporter_port}",
             ],
-            env=synced,
+            env=synced.env,
             log=workdir / "exporter.log",
         )
         exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
@@ -603,6 +597,25 @@ def stack(workdir: Path, synced: dict[str, str]) -> Iterator[Stack]:
             ],
             log=workdir / "alertmanager.log",
         )
+        # The e-mail variant delivers its webhook nowhere (a port nobody listens on): the
+        # webhook tests read the shipped configuration's deliveries only.
+        email_config = alertmanager_config(
+            workdir,
+            webhook=dead_worker,
+            token_file=token_file,
+            smtp=smtp_port,
+            name="alertmanager-email.yml",
+        )
+        servers["email-alertmanager"] = Server(
+            [
+                ALERTMANAGER,
+                f"--config.file={email_config}",
+                f"--storage.path={workdir / 'alertmanager-email'}",
+                f"--web.listen-address=127.0.0.1:{email_am_port}",
+                "--cluster.listen-address=",
+            ],
+            log=workdir / "alertmanager-email.log",
+        )
         prom_config = prometheus_config(
             workdir,
             exporter=exporter_port,
@@ -610,6 +623,7 @@ def stack(workdir: Path, synced: dict[str, str]) -> Iterator[Stack]:
             web=web,
             alertmanager=am_port,
             prom=prom_port,
+            email_alertmanager=email_am_port,
         )
         servers["prometheus"] = Server(
             [
@@ -627,12 +641,20 @@ def stack(workdir: Path, synced: dict[str, str]) -> Iterator[Stack]:
             webhook=webhook,
             token=token,
             servers=servers,
+            email_alertmanager_url=f"http://127.0.0.1:{email_am_port}",
+            smtp=smtp,
         )
         wait_for(
             lambda: http_get(f"{built.alertmanager_url}/-/ready"),
             seconds=STARTUP_SECONDS,
             what="Alertmanager",
             server=servers["alertmanager"],
+        )
+        wait_for(
+            lambda: http_get(f"{built.email_alertmanager_url}/-/ready"),
+            seconds=STARTUP_SECONDS,
+            what="the e-mail Alertmanager",
+            server=servers["email-alertmanager"],
         )
         scraped = f'count_over_time(up{{instance="127.0.0.1:{exporter_port}"}}[1m]) >= 3'
         wait_for(
@@ -646,10 +668,11 @@ def stack(workdir: Path, synced: dict[str, str]) -> Iterator[Stack]:
         for server in servers.values():
             server.stop()
         webhook.stop()
+        smtp.stop()
 
 
 def test_the_exporter_serves_the_run_without_a_name_in_any_label(stack: Stack, planted: Planted):
-    # Given the exporter over the directory of a real sync run with planted names
+    # Given the exporter over the directory of a real worker run with planted names
     text = http_get(stack.exporter_url).decode()
 
     # Then the run's metrics are there, by provider, and no planted name is
@@ -664,7 +687,15 @@ def test_the_exporter_serves_the_run_without_a_name_in_any_label(stack: Stack, p
     assert 'mailpipe_retries_total{error_class="temporarily_unavailable"} 1.0' in text
     assert 'mailpipe_jobs_total{status="partial_failure",type="all"} 1.0' in text
     assert 'mailpipe_queue_messages{queue="fetch",state="dead"} 1.0' in text
-    assert 'dramatiq_message_rejects_total{actor_name="crashing",queue_name="fetch"} 1.0' in text
+    # And Dramatiq's counters exist at zero for every actor before anything was dead-lettered
+    for counter in ("rejects", "errors", "retries"):
+        sample = (
+            f'dramatiq_message_{counter}_total{{actor_name="fetch_exhausted",queue_name="fetch"}}'
+        )
+        assert f"{sample} 0.0" in text, counter
+    assert (
+        'dramatiq_message_rejects_total{actor_name="fetch_account",queue_name="fetch"} 0.0' in text
+    )
     for word in planted.words():
         assert word.lower() not in text.lower(), word
 
@@ -709,7 +740,7 @@ def test_every_rule_evaluates_and_every_recording_rule_records_a_series(stack: S
     # Then none failed, and every recorded series exists
     assert [r["name"] for r in loaded if r["health"] != "ok"] == []
     recorded = {r["name"] for r in loaded if r["type"] == "recording"}
-    assert len([r for r in loaded if r["type"] == "recording"]) == 10
+    assert len([r for r in loaded if r["type"] == "recording"]) == 12
     assert len([r for r in loaded if r["type"] == "alerting"]) == len(alert_rules())
     assert {name for name in recorded if not stack.query(name)} == set()
 
@@ -768,3 +799,37 @@ def test_a_down_worker_host_silences_the_stalled_queue_it_causes(stack: Stack):
     assert alert["status"]["inhibitedBy"]
     time.sleep(2)  # two more group intervals
     assert stack.webhook.alerts("MailpipeQueueStalled") == []
+
+
+def test_the_optional_email_route_mails_critical_alerts_and_no_warnings(stack: Stack):
+    # Given a real Alertmanager running alertmanager.yml with its e-mail blocks uncommented,
+    # its smarthost a local SMTP server, and Prometheus firing a critical alert (a worker host
+    # down) and a warning (a dead letter)
+
+    # When Alertmanager delivers the critical alert
+    [(sender, recipients, mail), *_] = wait_for(
+        lambda: stack.smtp.about("MailpipeWorkerDown"),
+        seconds=ALERT_SECONDS,
+        what="MailpipeWorkerDown by e-mail",
+        server=stack.servers["email-alertmanager"],
+    )
+
+    # Then it arrives as a mail from and to the configured addresses, saying what fired
+    assert (sender, recipients) == ("alertmanager@example.org", ["oncall@example.org"])
+    assert mail["To"] == "oncall@example.org"
+    assert str(mail["Subject"]).startswith("[FIRING:")
+    body = " ".join(
+        part.get_content() for part in mail.walk() if part.get_content_maintype() == "text"
+    )
+    assert "A worker exporter is down" in body
+    assert "docs/runbook.md#mailpipeworkerdown" in body
+
+    # And the warning, which Alertmanager holds as well, is not mailed
+    def dead_letter_active() -> list[dict]:
+        query = urllib.parse.quote('alertname="MailpipeDeadLetters"')
+        url = f"{stack.email_alertmanager_url}/api/v2/alerts?filter={query}"
+        return json.loads(http_get(url))
+
+    wait_for(dead_letter_active, seconds=ALERT_SECONDS, what="MailpipeDeadLetters there")
+    time.sleep(2)  # two more group intervals
+    assert stack.smtp.about("MailpipeDeadLetters") == []

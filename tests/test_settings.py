@@ -45,6 +45,7 @@ VALID = {
     "MAILPIPE_DEBUG": "1",
     "MAILPIPE_ALLOW_PRIVATE_HOSTS": "dovecot.internal, 10.0.0.0/8",
     "MAILPIPE_EXTRA_IMAP_PORTS": "1993",
+    "MAILPIPE_LOG_FORMAT": "json",
 }
 
 
@@ -106,6 +107,7 @@ def test_every_variable_changes_the_settings(variable):
         ("MAILPIPE_MAX_CONNECTIONS_BY_PROVIDER", "gmial=3", "unknown provider 'gmial'"),
         ("MAILPIPE_MAX_CONNECTIONS_BY_PROVIDER", "gmail=many", "needs a number"),
         ("MAILPIPE_MAX_CONNECTIONS_BY_PROVIDER", "gmail=0", "must be at least 1"),
+        ("MAILPIPE_LOG_FORMAT", "xml", "must be one of text, json, not 'xml'"),
     ],
 )
 def test_a_wrong_value_is_one_line_naming_its_variable(variable, value, said):
