@@ -10,7 +10,20 @@ from mailpipe.accounts import PROVIDERS, add_account, owned_account
 from mailpipe.imap import SECURITY_MODES, ImapSettings
 from mailpipe.settings import Settings
 
-from .common import StrictParser, find_user, open_database, password_option, secret, unlock
+from .common import (
+    StrictParser,
+    count,
+    find_user,
+    nonempty,
+    open_database,
+    password_option,
+    port,
+    row_id,
+    secret,
+    unlock,
+)
+
+MAX_INTERVAL_SECONDS = 7 * 24 * 3600  # a week between syncs at most
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -18,31 +31,39 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         title="account", parser_class=StrictParser
     )
     account_add = account.add_parser("add", help="add an IMAP account to a user")
-    account_add.add_argument("--user", required=True)
+    account_add.add_argument("--user", required=True, type=nonempty)
     password_option(account_add)
-    account_add.add_argument("--host", required=True)
-    account_add.add_argument("--port", type=int)
-    account_add.add_argument("--login", required=True, help="IMAP login name")
+    account_add.add_argument("--host", required=True, type=nonempty)
+    account_add.add_argument("--port", type=port)
+    account_add.add_argument("--login", required=True, type=nonempty, help="IMAP login name")
     account_add.add_argument(
-        "--secret-env", metavar="VAR", help="variable with the IMAP password (default: prompt)"
+        "--secret-env",
+        metavar="VAR",
+        type=nonempty,
+        help="variable with the IMAP password (default: prompt)",
     )
     account_add.add_argument("--security", choices=SECURITY_MODES, default="tls")
     account_add.add_argument("--ca-file")
     account_add.add_argument("--folder", action="append", dest="folders", metavar="F")
-    account_add.add_argument("--interval", type=int, default=300, help="seconds between syncs")
+    account_add.add_argument(
+        "--interval",
+        type=count(minimum=60, maximum=MAX_INTERVAL_SECONDS),
+        default=300,
+        help="seconds between syncs",
+    )
     account_add.add_argument("--provider", choices=PROVIDERS)
     account_add.set_defaults(run=run_account_add)
     account_list = account.add_parser("list", help="a user's accounts and their health")
-    account_list.add_argument("--user", required=True)
+    account_list.add_argument("--user", required=True, type=nonempty)
     account_list.add_argument("--json", action="store_true")
     account_list.set_defaults(run=run_health)
     account_remove = account.add_parser("remove", help="remove an account and its stored mail")
-    account_remove.add_argument("account_id", type=int)
-    account_remove.add_argument("--user", required=True)
+    account_remove.add_argument("account_id", type=row_id)
+    account_remove.add_argument("--user", required=True, type=nonempty)
     account_remove.set_defaults(run=run_account_remove)
 
     health = commands.add_parser("health", help="a user's accounts and their health")
-    health.add_argument("--user", required=True)
+    health.add_argument("--user", required=True, type=nonempty)
     health.add_argument("--json", action="store_true")
     health.set_defaults(run=run_health)
 
@@ -54,7 +75,9 @@ def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host,
         port=args.port,
         username=args.login,
-        password=secret(args.secret_env, f"IMAP password for {args.login}: "),
+        password=secret(
+            args.secret_env, f"IMAP password for {args.login}: ", option="--secret-env VAR"
+        ),
         security=args.security,
         ca_file=args.ca_file,
     )
@@ -86,9 +109,9 @@ def run_health(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     for account in health:
         error = f"  last error: {account.last_error}" if account.last_error else ""
-        last_fetch = account.last_fetch_at.isoformat() if account.last_fetch_at else "never"
+        fetched = account.last_success_at.isoformat() if account.last_success_at else "never"
         print(
             f"{account.account_id:>5}  {account.provider:<8} {account.shown_health:<9}"
-            f" last fetch {last_fetch}{error}"
+            f" last fetched {fetched}{error}"
         )
     return 0

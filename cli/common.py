@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import math
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,29 +22,82 @@ from mailpipe.settings import Settings
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+MAX_ID = 2**63 - 1  # the largest row id the databases hold (BIGINT)
+MAX_PORT = 65_535
 
 
 class StrictParser(argparse.ArgumentParser):
-    """No abbreviations: `--password x` must not pass for `--password-env x`."""
+    """No abbreviations (`--password x` must not pass for `--password-env x`), and a bad
+    command line is one line naming the option, not a usage block."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def count(*, minimum: int = 1, maximum: int = MAX_ID) -> Callable[[str], int]:
+    """An option's whole number within bounds (ports, intervals, limits, ids)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a whole number, not {text!r}") from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"from {minimum} to {maximum}, not {value}")
+        return value
+
+    return parse
+
+
+def amount(*, maximum: float) -> Callable[[str], float]:
+    """An option's positive finite number up to a bound (hours, seconds): no nan, no inf."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a number, not {text!r}") from None
+        if not (math.isfinite(value) and 0 < value <= maximum):
+            raise argparse.ArgumentTypeError(f"above 0 and at most {maximum:g}, not {text}")
+        return value
+
+    return parse
+
+
+def nonempty(value: str) -> str:
+    """A name or host: not empty, not only spaces."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
+port = count(maximum=MAX_PORT)
+row_id = count()
 
 
 def password_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--password-env",
         metavar="VAR",
+        type=nonempty,
         help="variable with the mailpipe user's password (default: prompt)",
     )
 
 
-def secret(variable: str | None, prompt: str, *, confirm: bool = False) -> str:
-    """A password from the named environment variable, or typed at a prompt; never an argument."""
+def secret(
+    variable: str | None, prompt: str, *, option: str = "--password-env VAR", confirm: bool = False
+) -> str:
+    """A password from the named environment variable, or typed at a prompt; never an argument.
+
+    `option` is the command's option that names the variable, said when there is no terminal.
+    """
     if variable:
         return variable_secret(variable)
     if not sys.stdin.isatty():
-        raise MailpipeError(f"{prompt.rstrip(': ')}: no terminal to ask; use the -env option")
+        raise MailpipeError(f"{prompt.rstrip(': ')}: no terminal to ask; use {option}")
     value = getpass.getpass(prompt)
     if confirm and getpass.getpass("again: ") != value:
         raise MailpipeError("the two entries differ")

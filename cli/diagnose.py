@@ -11,7 +11,9 @@ from mailpipe.errors import MailpipeError
 from mailpipe.imap import SECURITY_MODES, ImapSettings
 from mailpipe.settings import Settings
 
-from .common import EXIT_FAILURE, open_database, secret, unlock
+from .common import EXIT_FAILURE, amount, nonempty, open_database, port, row_id, secret, unlock
+
+MAX_STEP_SECONDS = 600.0
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -20,13 +22,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="check one IMAP connection step by step: --host ... for any server, "
         "or --account ID for a stored account",
     )
-    diagnose.add_argument("--host", help="IMAP server (with --user as the IMAP login name)")
-    diagnose.add_argument("--port", type=int)
     diagnose.add_argument(
-        "--user", required=True, help="IMAP login name, or with --account the mailpipe user"
+        "--host", type=nonempty, help="IMAP server (with --user as the IMAP login name)"
+    )
+    diagnose.add_argument("--port", type=port)
+    diagnose.add_argument(
+        "--user",
+        required=True,
+        type=nonempty,
+        help="IMAP login name, or with --account the mailpipe user",
     )
     diagnose.add_argument(
-        "--account", type=int, dest="account_id", help="a stored account of the mailpipe user"
+        "--account", type=row_id, dest="account_id", help="a stored account of the mailpipe user"
     )
     diagnose.add_argument(
         "--password-env",
@@ -37,7 +44,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     diagnose.add_argument("--security", choices=SECURITY_MODES, help="default: tls")
     diagnose.add_argument("--ca-file", help="trust this CA bundle instead of the system's")
     diagnose.add_argument(
-        "--timeout", type=float, default=diagnostics.DIAGNOSE_TIMEOUT, help="seconds per step"
+        "--timeout",
+        type=amount(maximum=MAX_STEP_SECONDS),
+        default=diagnostics.DIAGNOSE_TIMEOUT,
+        help="seconds per step",
     )
     diagnose.add_argument("--json", action="store_true", help="print one JSON object")
     diagnose.set_defaults(run=run_diagnose)

@@ -11,18 +11,20 @@ from mailpipe.models import PipelineJob
 from mailpipe.results import JobReport
 from mailpipe.settings import Settings
 
-from .common import find_user, open_database
+from .common import count, find_user, nonempty, open_database
+
+MAX_LIMIT = 1_000
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     jobs_parser = commands.add_parser("jobs", help="recent fetch jobs")
-    jobs_parser.add_argument("--user", required=True)
-    jobs_parser.add_argument("--limit", type=int, default=20)
+    jobs_parser.add_argument("--user", required=True, type=nonempty)
+    jobs_parser.add_argument("--limit", type=count(maximum=MAX_LIMIT), default=20)
     jobs_parser.add_argument("--json", action="store_true")
     jobs_parser.set_defaults(run=run_jobs)
     job = commands.add_parser("job", help="one job with per-account outcomes")
-    job.add_argument("job_id")
-    job.add_argument("--user", help="only if this user owns the job")
+    job.add_argument("job_id", type=nonempty)
+    job.add_argument("--user", type=nonempty, help="only if this user owns the job")
     job.add_argument("--json", action="store_true")
     job.set_defaults(run=run_job)
 
@@ -58,7 +60,8 @@ def run_job(args: argparse.Namespace, settings: Settings) -> int:
 
 def describe_job(status: JobReport) -> str:
     """A job in a few lines: status, then one line per account."""
-    lines = [f"job {status.job_id}: {status.status}, {status.emails_fetched} mails"]
+    why = f" ({status.reason})" if status.reason else ""
+    lines = [f"job {status.job_id}: {status.status}{why}, {status.emails_fetched} mail(s)"]
     for run in status.accounts:
         error = f" ({run.error_class}: {run.error})" if run.error_class else ""
         lines.append(

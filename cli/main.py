@@ -3,38 +3,118 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import os
 import sys
+import traceback
 from collections.abc import Sequence
+from typing import Any, TextIO
 
 from mailpipe.errors import MailpipeError
 from mailpipe.settings import Settings
 
-from . import accounts, alerts, diagnose, jobs, keys, queue, serve, sync, users
+from . import accounts, alerts, demo, diagnose, jobs, keys, queue, serve, sync, users
 from .common import EXIT_FAILURE, EXIT_USAGE, StrictParser
 
 # In the order `mailpipe --help` lists them.
-COMMAND_GROUPS = (sync, diagnose, users, accounts, jobs, queue, serve, keys, alerts)
+COMMAND_GROUPS = (sync, diagnose, users, accounts, jobs, queue, serve, keys, alerts, demo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `mailpipe` console script: the settings are read once, for the command that runs."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help()
-        return EXIT_USAGE
+    stdout = sys.stdout
+    sys.stdout = GuardedOutput(stdout)
     try:
-        return args.run(args, Settings.from_env()) or 0
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as done:  # --help, or a bad command line already said on stderr
+            sys.stdout.flush()
+            return done.code if isinstance(done.code, int) else EXIT_USAGE
+        if not hasattr(args, "run"):
+            parser.print_help()
+            sys.stdout.flush()
+            return EXIT_USAGE
+        code = _run(args)
+        sys.stdout.flush()  # a closed or full output shows here at the latest, not at exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except OutputLost as lost:
+        return _output_lost(lost.error, stdout)
+    finally:
+        sys.stdout = stdout
+
+
+class OutputLost(Exception):
+    """Writing the command's output failed: its reader went away, or its disk is full."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class GuardedOutput:
+    """Standard output that tells a failed write (`| head -1`, a full disk) apart from any
+    other OSError, so it can be said in one line instead of a traceback."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as error:
+            raise OutputLost(error) from error
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as error:
+            raise OutputLost(error) from error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; any failure but a lost output is one line naming its cause."""
+    settings = None
+    try:
+        settings = Settings.from_env()
+        return args.run(args, settings) or 0
     except MailpipeError as error:
-        print(f"mailpipe: {error}", file=sys.stderr)
+        _say(f"mailpipe: {error}")
         return EXIT_FAILURE
+    except (OutputLost, KeyboardInterrupt):
+        raise
+    except Exception as error:  # never a traceback, unless MAILPIPE_DEBUG asks for one
+        if settings is not None and settings.debug:
+            traceback.print_exc()
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        _say(f"mailpipe: unexpected error ({type(error).__name__}): {cause}")
+        return EXIT_FAILURE
+
+
+def _output_lost(error: OSError, stdout: TextIO) -> int:
+    """Say once, on stderr, that the output could not be written; keep exit from trying again."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+    why = "its reader closed it" if error.errno == errno.EPIPE else os.strerror(error.errno or 0)
+    _say(f"mailpipe: the output could not be written: {why}")
+    return EXIT_FAILURE
+
+
+def _say(line: str) -> None:
+    """One line on stderr, even when stderr itself is gone."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviations: `--password x` must not pass for `--password-env x`.
-    parser = argparse.ArgumentParser(prog="mailpipe", description=__doc__, allow_abbrev=False)
+    parser = StrictParser(prog="mailpipe", description=__doc__)
     commands = parser.add_subparsers(title="commands", parser_class=StrictParser)
     for group in COMMAND_GROUPS:
         group.add_commands(commands)

@@ -17,26 +17,33 @@ from typing import TYPE_CHECKING
 
 from mailpipe import grants
 from mailpipe.errors import MailpipeError
+from mailpipe.jobs import MAX_TIMEOUT_SECONDS
 from mailpipe.results import JobReport
 from mailpipe.settings import Settings
 from mailpipe.vocabulary import JobStatus
 
-from .common import open_database, password_option, unlock
+from .common import count, nonempty, open_database, password_option, row_id, unlock
 from .jobs import describe_job
 
 if TYPE_CHECKING:
     from actors.pipeline import PipelineBroker
 
 POLL_SECONDS = 0.2
+MAX_MAILS = 1_000_000
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     fetch = commands.add_parser("fetch", help="enqueue a fetch job for one or all accounts")
-    fetch.add_argument("--user", required=True)
+    fetch.add_argument("--user", required=True, type=nonempty)
     password_option(fetch)
-    fetch.add_argument("--account", type=int, dest="account_id")
-    fetch.add_argument("--max-mails", type=int, default=100)
-    fetch.add_argument("--timeout", type=int, default=120, help="seconds for the job")
+    fetch.add_argument("--account", type=row_id, dest="account_id")
+    fetch.add_argument("--max-mails", type=count(maximum=MAX_MAILS), default=100)
+    fetch.add_argument(
+        "--timeout",
+        type=count(maximum=MAX_TIMEOUT_SECONDS),
+        default=120,
+        help="seconds for the job",
+    )
     fetch.add_argument("--wait", action="store_true", help="wait for the final status")
     fetch.add_argument("--json", action="store_true")
     fetch.set_defaults(run=run_fetch)
@@ -44,8 +51,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     worker = commands.add_parser(
         "worker", help="run Dramatiq workers (dramatiq broker_config actors)"
     )
-    worker.add_argument("--processes", type=int, default=os.cpu_count() or 1)
-    worker.add_argument("--threads", type=int, default=8)
+    worker.add_argument("--processes", type=count(maximum=1_024), default=os.cpu_count() or 1)
+    worker.add_argument("--threads", type=count(maximum=1_024), default=8)
     worker.add_argument("extra", nargs="*", help="more options for dramatiq, after --")
     worker.set_defaults(run=run_worker)
 

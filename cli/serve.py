@@ -6,11 +6,13 @@ import argparse
 
 from mailpipe.settings import Settings
 
+from .common import nonempty, port
+
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     web = commands.add_parser("web", help="mailpipe's own web app: dashboard and JSON API")
-    web.add_argument("--host", default="127.0.0.1")
-    web.add_argument("--port", type=int, default=8000)
+    web.add_argument("--host", default="127.0.0.1", type=nonempty)
+    web.add_argument("--port", type=port, default=8000)
     web.set_defaults(run=run_web)
 
 

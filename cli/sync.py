@@ -16,7 +16,7 @@ from mailpipe import db
 from mailpipe.accounts import account_settings, add_account, create_user, unlock_user
 from mailpipe.addresses import AddressPolicy
 from mailpipe.crypto import DataKey
-from mailpipe.errors import NotFound
+from mailpipe.errors import MailpipeError, NotFound, WrongPassword
 from mailpipe.failures import classify
 from mailpipe.imap import SECURITY_MODES, ImapSettings
 from mailpipe.models import MailAccount
@@ -25,7 +25,9 @@ from mailpipe.profiler import MEMORY_METHODS, RU_MAXRSS, Profiler
 from mailpipe.settings import Settings
 from mailpipe.sync import BATCH_BYTES, SyncOptions, SyncResult, sync_account
 
-from .common import EXIT_FAILURE, variable_secret
+from .common import EXIT_FAILURE, amount, count, nonempty, port, variable_secret
+
+MAX_COMMAND_SECONDS = 3_600.0
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -52,28 +54,37 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def _sync_options(parser: argparse.ArgumentParser, *, db_help: str) -> None:
     """The connection and run options `sync` and `profile` share."""
-    parser.add_argument("--host", required=True)
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--user", required=True, help="IMAP login name")
+    parser.add_argument("--host", required=True, type=nonempty)
+    parser.add_argument("--port", type=port)
+    parser.add_argument("--user", required=True, type=nonempty, help="IMAP login name")
     parser.add_argument(
         "--password-env",
         required=True,
         metavar="VAR",
+        type=nonempty,
         help="environment variable with the password",
     )
     parser.add_argument("--security", choices=SECURITY_MODES, default="tls")
     parser.add_argument("--ca-file", help="trust this CA bundle instead of the system's")
     parser.add_argument("--folder", action="append", dest="folders", metavar="F")
-    parser.add_argument("--max-mails", type=int)
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per IMAP command")
+    parser.add_argument("--max-mails", type=count())
     parser.add_argument(
-        "--batch-bytes", type=int, default=BATCH_BYTES, help="bound on message bytes per batch"
+        "--timeout",
+        type=amount(maximum=MAX_COMMAND_SECONDS),
+        default=60.0,
+        help="seconds per IMAP command",
+    )
+    parser.add_argument(
+        "--batch-bytes", type=count(), default=BATCH_BYTES, help="bound on message bytes per batch"
     )
     parser.add_argument("--db", help=db_help)
-    parser.add_argument("--owner", default="operator", help="mailpipe user who owns the mail")
+    parser.add_argument(
+        "--owner", default="operator", type=nonempty, help="mailpipe user who owns the mail"
+    )
     parser.add_argument(
         "--owner-password-env",
         metavar="VAR",
+        type=nonempty,
         help="variable with the owner's password (default: the IMAP password's)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -157,11 +168,28 @@ def _sync_target(args: argparse.Namespace, url: str) -> tuple[Engine, _SyncTarge
             user, key = unlock_user(session, args.owner, owner_password)
         except NotFound:
             user, key = create_user(session, args.owner, owner_password)
+        except WrongPassword:
+            raise MailpipeError(_owner_hint(args)) from None
         account_id = _find_or_add_account(session, user, key, settings, args.folders)
     options = SyncOptions(
         folders=args.folders, max_mails=args.max_mails, batch_bytes=args.batch_bytes
     )
     return engine, _SyncTarget(sessions, account_id, key, settings, options)
+
+
+def _owner_hint(args: argparse.Namespace) -> str:
+    """What to do when the database's owner of synced mail has another password."""
+    given = (
+        f"the password in {args.owner_password_env}"
+        if args.owner_password_env
+        else f"the IMAP password in {args.password_env}"
+    )
+    return (
+        f"{given} does not unlock the mailpipe user {args.owner!r} who owns the mail in this "
+        f"database (their password is the one first used for them, by default the first "
+        f"account's IMAP password): give that password with --owner-password-env VAR, or sync "
+        f"this account for another user with --owner NAME"
+    )
 
 
 def _one_line_failure(command: str, error: Exception, *, host: str, debug: bool) -> int:

@@ -8,7 +8,18 @@ from mailpipe import grants
 from mailpipe.accounts import create_user
 from mailpipe.settings import Settings
 
-from .common import StrictParser, find_user, open_database, password_option, secret, unlock
+from .common import (
+    StrictParser,
+    amount,
+    find_user,
+    nonempty,
+    open_database,
+    password_option,
+    secret,
+    unlock,
+)
+
+MAX_GRANT_HOURS = 24 * 366  # a background grant lives a year at most
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -16,16 +27,21 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         title="user", parser_class=StrictParser
     )
     user_add = user.add_parser("add", help="create a user with a fresh data key")
-    user_add.add_argument("name")
+    user_add.add_argument("name", type=nonempty)
     password_option(user_add)
     user_add.set_defaults(run=run_user_add)
     grant = user.add_parser("grant", help="allow background sync (as at login)")
-    grant.add_argument("name")
-    grant.add_argument("--hours", type=float, default=24.0, help="how long the grant lives")
+    grant.add_argument("name", type=nonempty)
+    grant.add_argument(
+        "--hours",
+        type=amount(maximum=MAX_GRANT_HOURS),
+        default=24.0,
+        help="how long the grant lives",
+    )
     password_option(grant)
     grant.set_defaults(run=run_user_grant)
     revoke = user.add_parser("revoke", help="end background sync (as at logout)")
-    revoke.add_argument("name")
+    revoke.add_argument("name", type=nonempty)
     revoke.set_defaults(run=run_user_revoke)
 
 

@@ -11,7 +11,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginEr
 
 from .addresses import AddressRefused
 from .errors import DecryptionFailed, MailpipeError
-from .imap import TokenRefused
+from .imap import NoStartTls, TokenRefused
 from .retry import transient
 from .vocabulary import ErrorClass
 
@@ -64,6 +64,10 @@ def classify(error: BaseException, *, host: str | None = None) -> Failure:
         return Failure(ErrorClass.TEMPORARILY_UNAVAILABLE, f"connection{to} refused")
     if isinstance(error, ConnectionResetError | BrokenPipeError | EOFError):
         return Failure(ErrorClass.CONNECTION_RESET, f"connection{to} was reset")
+    if isinstance(error, NoStartTls):
+        return Failure(
+            ErrorClass.TLS_ERROR, f"{server} does not offer STARTTLS (use TLS, or no encryption)"
+        )
     if isinstance(error, LoginError):
         code = _response_code(error)
         if code == b"ALERT" and _too_many_connections(error):

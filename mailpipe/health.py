@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session
 
 from .accounts import PROVIDER_NAMES
 from .db import rowcount
-from .models import MailAccount, Notification, utcnow
+from .models import MailAccount, Notification, PipelineJob, utcnow
 from .results import Note
-from .retry import RetryPolicy
+from .retry import RetryPolicy, transient
 from .vocabulary import AuthKind, CircuitState, ErrorClass, Gate, Health
 
 # What the owner reads, per cause; {provider} is a display name such as "GMX".
@@ -40,6 +40,10 @@ CIRCUIT_MESSAGE = (
     "{minutes} minutes and then tries again"
 )
 JOB_FAILED_MESSAGE = "Fetching mail failed: {details}"
+RETRIES_EXHAUSTED_MESSAGE = (
+    "{provider}: fetching failed after every retry ({error}); the other accounts were fetched, "
+    "and this one is tried again at the next fetch"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,6 +177,34 @@ def record_outcome(
             )
     session.flush()
     return Transition(health_before, account.health_status, circuit_before, account.circuit_state)
+
+
+def notify_retries_exhausted(session: Session, *, user_id: int, job_id: str) -> int:
+    """Tell the owner of a job that partly succeeded which accounts ran out of retries (a
+    transient failure, so not BROKEN, and not told otherwise); once per account and job."""
+    job = session.get_one(PipelineJob, job_id)
+    told = 0
+    for error in job.errors or []:
+        if not error.get("error_class") or not transient(ErrorClass(error["error_class"])):
+            continue
+        account = session.get(MailAccount, error["account_id"])
+        if account is None:
+            continue
+        provider = PROVIDER_NAMES.get(account.provider, account.provider)
+        told += notify(
+            session,
+            user_id=user_id,
+            account_id=account.id,
+            job_id=job_id,
+            kind="retries_exhausted",
+            severity="warning",
+            message=RETRIES_EXHAUSTED_MESSAGE.format(
+                provider=provider, error=error["error_class"].replace("_", " ")
+            ),
+            params={"provider": provider, "error_class": error["error_class"]},
+            dedupe_key=f"retries_exhausted:{job_id}:{account.id}",
+        )
+    return told
 
 
 def _broken_message(error_class: ErrorClass, auth_kind: str) -> str:

@@ -26,6 +26,10 @@ class TokenRefused(LoginError):  # type: ignore[misc]  # imapclient ships no typ
     """The server refused an OAuth2 access token (expired, withdrawn, or for another user)."""
 
 
+class NoStartTls(Exception):
+    """The settings ask for STARTTLS and the server does not offer it: a setting to fix."""
+
+
 @dataclass(frozen=True)
 class ImapSettings:
     """Where and how to log in to one account; `repr` never shows the secret."""
@@ -151,6 +155,8 @@ class _Client(IMAPClient):  # type: ignore[misc]
 def start_tls(client: IMAPClient, settings: ImapSettings) -> None:
     """Upgrade a plain connection with STARTTLS when the settings ask for it."""
     if settings.security == "starttls":
+        if not client.has_capability("STARTTLS"):
+            raise NoStartTls("the server does not offer STARTTLS")
         client.starttls(tls_context(settings))
 
 

@@ -11,7 +11,7 @@ from typing import Any, cast
 from sqlalchemy import Table, Update, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from . import logs
+from . import grants, logs
 from .db import rowcount
 from .errors import NotFound
 from .models import AccountRun, MailAccount, PipelineJob, utcnow
@@ -21,14 +21,12 @@ from .vocabulary import (
     RUN_FINAL,
     RUN_OPEN,
     ErrorClass,
+    JobReason,
     JobStatus,
     JobType,
     RunStatus,
 )
 
-TYPE_ACCOUNT = "account"
-TYPE_ALL = "all"
-TYPE_SCHEDULED = "scheduled"
 COUNTERS = ("fetched", "saved", "duplicates", "quarantined", "processed")
 MAX_TIMEOUT_SECONDS = 3600  # the longest a fetch job may be given (its timeout_seconds)
 PURGE_BATCH = 5_000  # jobs deleted per call, so one transaction stays short
@@ -71,8 +69,8 @@ def create_job(
                 for a in account_ids
             ],
         )
-    else:
-        finalise_if_done(session, job.id)
+    elif finalise_if_done(session, job.id) is not None and grant_id is not None:
+        grants.drop_job_grant(session, job.id)  # no run will end this job and drop its key
     return job
 
 
@@ -229,7 +227,7 @@ def finalise_if_done(session: Session, job_id: str) -> FinishedJob | None:
     if any(run.status not in RUN_FINAL for run in runs):
         return None
     statuses = [run.status for run in runs]
-    status = final_status(statuses)
+    status, reason = final_status(statuses)
     job = session.get_one(PipelineJob, job_id)
     finished_at = utcnow()
     started = job.started_at or job.created_at
@@ -245,6 +243,7 @@ def finalise_if_done(session: Session, job_id: str) -> FinishedJob | None:
         "failed": statuses.count(RunStatus.FAILED),
         "skipped": statuses.count(RunStatus.SKIPPED),
         "phases": phases,
+        "reason": reason,
     }
     done = session.execute(
         update(PipelineJob)
@@ -314,14 +313,19 @@ def _update_open_run(job_id: str, account_id: int) -> Update:
     )
 
 
-def final_status(statuses: Sequence[str]) -> str:
-    """All succeeded (or nothing to do): success; none succeeded but some failed: failed."""
-    failed = statuses.count(RunStatus.FAILED)
-    if failed == 0:
-        return JobStatus.SUCCESS
-    if failed == len(statuses) or statuses.count(RunStatus.SUCCESS) == 0:
-        return JobStatus.FAILED
-    return JobStatus.PARTIAL_FAILURE
+def final_status(statuses: Sequence[str]) -> tuple[JobStatus, JobReason | None]:
+    """Success only when every account was fetched; failed when none was (no account, or every
+    run failed or was skipped); otherwise a partial failure. The reason says when skips decided."""
+    succeeded = statuses.count(RunStatus.SUCCESS)
+    skipped = statuses.count(RunStatus.SKIPPED)
+    if not statuses:
+        return JobStatus.FAILED, JobReason.NO_ACCOUNTS
+    if succeeded == len(statuses):
+        return JobStatus.SUCCESS, None
+    if skipped == len(statuses):
+        return JobStatus.FAILED, JobReason.ALL_SKIPPED
+    reason = JobReason.SOME_SKIPPED if skipped else None
+    return (JobStatus.PARTIAL_FAILURE if succeeded else JobStatus.FAILED), reason
 
 
 def get_job(session: Session, job_id: str, user_id: int) -> PipelineJob:
@@ -372,6 +376,7 @@ def job_status(session: Session, job_id: str, user_id: int) -> JobReport:
 
 def _summary_fields(job: PipelineJob) -> dict[str, Any]:
     status = JobStatus(job.status)
+    reason = (job.metrics or {}).get("reason")
     return {
         "job_id": job.id,
         "type": JobType(job.type),
@@ -383,6 +388,7 @@ def _summary_fields(job: PipelineJob) -> dict[str, Any]:
         "emails_fetched": job.emails_fetched,
         "emails_processed": job.emails_processed,
         "retry_count": job.retry_count,
+        "reason": JobReason(reason) if reason else None,
         "errors": job.errors or [],
         "metrics": job.metrics or {},
         "options": job.options or {},

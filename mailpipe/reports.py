@@ -14,10 +14,11 @@ from . import grants
 from .models import AccountRun, MailAccount, PipelineJob, utcnow
 from .observer import PHASES
 from .results import AccountHealth, Performance, Summary, TrendDay
-from .vocabulary import ErrorClass, Health, RunStatus
+from .vocabulary import JOB_FINAL, ErrorClass, Health, JobStatus, RunStatus
 
 TREND_DAYS = 7
 RUN_SAMPLE = 500
+RECENT_RUNS = 5  # "N failures in the last 5 attempts" per account
 
 
 def account_health(
@@ -51,9 +52,26 @@ def account_health(
             last_error=account.last_error_message,
             folders=list(account.folders),
             sync_interval_seconds=account.sync_interval_seconds,
+            recent_runs=len(recent := _recent_outcomes(session, account.id)),
+            recent_failures=recent.count(RunStatus.FAILED),
         )
         for account in accounts
     ]
+
+
+def _recent_outcomes(session: Session, account_id: int) -> list[str]:
+    """The statuses of the account's last runs that went ahead (skips are not attempts)."""
+    return list(
+        session.scalars(
+            select(AccountRun.status)
+            .where(
+                AccountRun.account_id == account_id,
+                AccountRun.status.in_((RunStatus.SUCCESS, RunStatus.FAILED)),
+            )
+            .order_by(AccountRun.finished_at.desc())
+            .limit(RECENT_RUNS)
+        )
+    )
 
 
 def performance(session: Session, user_id: int, *, now: datetime | None = None) -> Performance:
@@ -74,7 +92,12 @@ def performance(session: Session, user_id: int, *, now: datetime | None = None) 
         .limit(RUN_SAMPLE)
     ).all()
     jobs = session.execute(
-        select(PipelineJob.created_at, PipelineJob.metrics, PipelineJob.emails_fetched)
+        select(
+            PipelineJob.created_at,
+            PipelineJob.metrics,
+            PipelineJob.emails_fetched,
+            PipelineJob.status,
+        )
         .where(PipelineJob.user_id == user_id, PipelineJob.created_at >= since)
         .order_by(PipelineJob.created_at)
     ).all()
@@ -88,16 +111,33 @@ def performance(session: Session, user_id: int, *, now: datetime | None = None) 
     trend: dict[str, dict[str, Any]] = {}
     for day in range(TREND_DAYS - 1, -1, -1):
         date = (now - timedelta(days=day)).date().isoformat()
-        trend[date] = {"date": date, "jobs": 0, "emails": 0, "durations": []}
-    for created_at, metrics, emails in jobs:
+        trend[date] = {"date": date, "jobs": 0, "succeeded": 0, "emails": 0, "durations": []}
+    for created_at, metrics, emails, status in jobs:
         entry = trend.get(created_at.date().isoformat())
         if entry is None:
             continue
         entry["jobs"] += 1
+        entry["succeeded"] += status == JobStatus.SUCCESS
         entry["emails"] += emails or 0
         if metrics and metrics.get("duration") is not None:
             entry["durations"].append(metrics["duration"])
+    finished = [job for job in jobs if job.status in JOB_FINAL]
+    total_emails = sum(job.emails_fetched or 0 for job in jobs)
+    job_durations = [
+        job.metrics["duration"]
+        for job in finished
+        if job.metrics and job.metrics.get("duration") is not None
+    ]
     return Performance(
+        total_jobs=len(jobs),
+        total_emails=total_emails,
+        avg_duration=round(statistics.fmean(job_durations), 3) if job_durations else None,
+        avg_emails_per_job=round(total_emails / len(jobs), 2) if jobs else None,
+        success_rate=round(
+            sum(job.status == JobStatus.SUCCESS for job in finished) / len(finished), 4
+        )
+        if finished
+        else None,
         runs=len(runs),
         failed_runs=sum(run.status == RunStatus.FAILED for run in runs),
         phases={
@@ -111,6 +151,7 @@ def performance(session: Session, user_id: int, *, now: datetime | None = None) 
             TrendDay(
                 date=entry["date"],
                 jobs=entry["jobs"],
+                succeeded=entry["succeeded"],
                 emails=entry["emails"],
                 avg_duration=round(statistics.fmean(entry["durations"]), 3)
                 if entry["durations"]

@@ -11,7 +11,7 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
-from .vocabulary import ErrorClass, Health, JobStatus, JobType, RunStatus
+from .vocabulary import ErrorClass, Health, JobReason, JobStatus, JobType, RunStatus
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +69,9 @@ class JobSummary(Result):
     emails_fetched: int
     emails_processed: int
     retry_count: int
+    reason: JobReason | None  # why a final job did not fetch every account (vocabulary.JobReason)
     errors: list[dict[str, Any]]  # per failed account: account_id, error_class, message
-    metrics: dict[str, Any]  # duration, accounts, succeeded, failed, skipped, phases
+    metrics: dict[str, Any]  # duration, accounts, succeeded, failed, skipped, phases, reason
     options: dict[str, Any]  # max_mails, timeout_seconds
 
 
@@ -100,6 +101,8 @@ class AccountHealth(Result):
     last_error: str | None
     folders: list[str]
     sync_interval_seconds: int
+    recent_runs: int  # the account's last (at most RECENT_RUNS) runs that went ahead
+    recent_failures: int  # how many of those failed
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -132,14 +135,21 @@ class TrendDay(Result):
 
     date: str
     jobs: int
+    succeeded: int  # jobs that fetched every account
     emails: int
     avg_duration: float | None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Performance(Result):
-    """A user's recent runs: per-phase and run quantiles, throughput and a 7-day trend."""
+    """A user's recent runs: per-phase and run quantiles, throughput, the 7 days' totals and
+    their trend per day."""
 
+    total_jobs: int  # jobs of the last 7 days
+    total_emails: int  # mails those jobs fetched
+    avg_duration: float | None  # seconds per finished job
+    avg_emails_per_job: float | None
+    success_rate: float | None  # share of finished jobs that fetched every account, 0 to 1
     runs: int
     failed_runs: int
     phases: dict[str, Summary]

@@ -502,4 +502,8 @@ def _finish(
                 params={"error_classes": list(dict.fromkeys(e["error_class"] for e in job.errors))},
                 dedupe_key=f"job_failed:{finished.job_id}",
             )
+        if finished is not None and finished.status == JobStatus.PARTIAL_FAILURE:
+            health.notify_retries_exhausted(
+                session, user_id=finished.user_id, job_id=finished.job_id
+            )
     return RunOutcome(Next.DONE, finished=finished)

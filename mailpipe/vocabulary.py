@@ -39,6 +39,19 @@ class RunStatus(StrEnum):
         return self in RUN_FINAL
 
 
+class JobReason(StrEnum):
+    """Why a final job did not fetch every account, where the runs' statuses alone do not say it.
+
+    A job succeeds only when every account in it was fetched. A job with no account, or whose
+    every run was skipped (circuit open, no key grant), fetched nothing: it is failed. A job
+    that fetched some accounts and skipped others is a partial failure. Each says why here.
+    """
+
+    NO_ACCOUNTS = "no_accounts"
+    ALL_SKIPPED = "all_skipped"
+    SOME_SKIPPED = "some_skipped"
+
+
 JOB_FINAL = frozenset({JobStatus.SUCCESS, JobStatus.PARTIAL_FAILURE, JobStatus.FAILED})
 RUN_FINAL = frozenset({RunStatus.SUCCESS, RunStatus.FAILED, RunStatus.SKIPPED})
 RUN_OPEN = frozenset(RunStatus) - RUN_FINAL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -245,3 +246,122 @@ def test_server_stops_when_its_parent_is_killed(tmp_path: Path) -> None:
     # Then it shuts down by itself and frees the port
     assert wait_until_gone(pid)
     assert not port_accepts("127.0.0.1", port)
+
+
+def mailpipe(*args: str, password: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        env={**env, "DEMO_PW": password, "MAILPIPE_DATA_DIR": str(cwd)},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_mailpipe_diagnose_passes_against_the_demo_server(server: DemoServer, tmp_path: Path):
+    # Given the demo server (plain IMAP, as the README says: --security none)
+    address = ["--host", server.host, "--port", str(server.port), "--user", "demo"]
+    # When `mailpipe diagnose` checks the demo mailbox
+    done = mailpipe(
+        "diagnose",
+        *address,
+        "--password-env",
+        "DEMO_PW",
+        "--security",
+        "none",
+        "--json",
+        password=server.users["demo"],
+        cwd=tmp_path,
+    )
+    # Then every check passes (leaving the read-only INBOX too)
+    assert done.returncode == 0, done.stdout + done.stderr
+    checks = {check["name"]: check for check in json.loads(done.stdout)["checks"]}
+    assert checks["inbox"]["status"] == "ok"
+    # And the server's empty identity (pymap answers ID NIL) is said, not printed as nothing
+    assert checks["server_id"]["details"]["fields"] == {}
+    said = mailpipe(
+        "diagnose",
+        *address,
+        "--password-env",
+        "DEMO_PW",
+        "--security",
+        "none",
+        password=server.users["demo"],
+        cwd=tmp_path,
+    )
+    [line] = [line for line in said.stdout.splitlines() if " server_id " in line]
+    assert "the server does not say what it is (ID NIL)" in line
+
+
+def test_starttls_against_a_plain_server_says_it_is_not_offered(server: DemoServer, tmp_path: Path):
+    # Given the demo server, which offers no STARTTLS
+    # When `mailpipe sync --security starttls` runs against it
+    done = mailpipe(
+        "sync",
+        "--host",
+        server.host,
+        "--port",
+        str(server.port),
+        "--user",
+        "demo",
+        "--password-env",
+        "DEMO_PW",
+        "--security",
+        "starttls",
+        password=server.users["demo"],
+        cwd=tmp_path,
+    )
+    # Then it says so in one line, as a TLS error (a setting to fix), not "answered with an error"
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("mailpipe: sync failed (tls_error): ")
+    assert "does not offer STARTTLS" in line
+
+
+def test_a_second_account_with_another_password_is_told_what_to_do(tmp_path: Path):
+    # Given two demo mailboxes with different passwords, the first synced into the default db
+    with DemoServer(workdir=tmp_path / "imap", users={"anna": "anna-pw", "ben": "ben-pw"}) as s:
+        address = ["--host", s.host, "--port", str(s.port), "--security", "none"]
+        first = mailpipe(
+            "sync",
+            *address,
+            "--user",
+            "anna",
+            "--password-env",
+            "DEMO_PW",
+            password="anna-pw",
+            cwd=tmp_path,
+        )
+        assert first.returncode == 0, first.stderr
+        # When the second is synced with its own, right IMAP password
+        second = mailpipe(
+            "sync",
+            *address,
+            "--user",
+            "ben",
+            "--password-env",
+            "DEMO_PW",
+            password="ben-pw",
+            cwd=tmp_path,
+        )
+        # Then the one line names the owner and the two options that solve it
+        assert second.returncode == 1
+        [line] = second.stderr.splitlines()
+        assert "'operator'" in line
+        assert "--owner-password-env" in line and "--owner NAME" in line
+        # And with an owner of its own, the sync works
+        own = mailpipe(
+            "sync",
+            *address,
+            "--user",
+            "ben",
+            "--password-env",
+            "DEMO_PW",
+            "--owner",
+            "ben",
+            password="ben-pw",
+            cwd=tmp_path,
+        )
+        assert own.returncode == 0, own.stderr

@@ -174,11 +174,12 @@ def test_five_failures_open_the_circuit_then_a_probe_closes_it(world, proxy):
     row = account_row(world, account)
     assert row.circuit_state == "open"
     assert [n.kind for n in notes(world, alice)].count("circuit_open") == 1
-    # When another job comes while the circuit is open, the run is skipped, not failed
+    # When another job comes while the circuit is open, the run is skipped, not failed; the job
+    # fetched nothing, so it is failed with that reason (not "success")
     skipped = world.run(alice, account)
     assert skipped["accounts"][0]["status"] == "skipped"
     assert skipped["accounts"][0]["error_class"] == "circuit_open"
-    assert skipped["status"] == "success"
+    assert (skipped["status"], skipped["reason"]) == ("failed", "all_skipped")
     # When the cool-down has passed and the server is back, one probe closes the circuit
     proxy.restore()
     cooldown = timedelta(seconds=broker_config.SETTINGS.circuit.cooldown_seconds)
@@ -189,3 +190,43 @@ def test_five_failures_open_the_circuit_then_a_probe_closes_it(world, proxy):
     row = account_row(world, account)
     assert (row.circuit_state, row.health_status) == ("closed", "HEALTHY")
     stored_once(world, account, MAILS)
+
+
+def test_a_skipped_account_beside_fetched_ones_makes_the_job_a_partial_failure(world, proxy):
+    # Given alice with a healthy account and one whose circuit is open
+    alice = world.user("alice")
+    healthy = world.account(alice, mails=2)
+    paused = world.account(alice, mails=2, port=proxy.port)
+    with world.sessions.begin() as session:
+        row = session.get_one(MailAccount, paused)
+        row.circuit_state, row.circuit_opened_at = "open", utcnow()
+    # When a job for all her accounts runs
+    status = world.run(alice)
+    # Then one account was fetched and one skipped: a partial failure that says why
+    runs = {run["account_id"]: run["status"] for run in status["accounts"]}
+    assert runs == {healthy: "success", paused: "skipped"}
+    assert (status["status"], status["reason"]) == ("partial_failure", "some_skipped")
+    assert proxy.connections == 0
+
+
+def test_retries_running_out_in_a_partly_successful_job_tell_the_owner(world, proxy):
+    # Given alice with a healthy account and one behind a link that refuses every connection
+    proxy.refuse()
+    alice = world.user("alice")
+    healthy = world.account(alice, mails=2)
+    flaky = world.account(alice, mails=2, port=proxy.port)
+    # When a job for all her accounts runs
+    status = world.run(alice)
+    # Then the job partly failed: the flaky account ran out of retries (transient, so DEGRADED,
+    # not BROKEN) and she is told so, once, for that account and job
+    runs = {run["account_id"]: run for run in status["accounts"]}
+    assert status["status"] == "partial_failure"
+    assert status["reason"] is None
+    assert runs[healthy]["status"] == "success"
+    assert (runs[flaky]["status"], runs[flaky]["attempt"]) == ("failed", ATTEMPTS)
+    assert runs[flaky]["error_class"] == "connection_reset"  # accepted, then reset
+    assert account_row(world, flaky).health_status == "DEGRADED"
+    told = [note for note in notes(world, alice) if note.kind == "retries_exhausted"]
+    assert [(note.account_id, note.job_id) for note in told] == [(flaky, status["job_id"])]
+    assert "the other accounts were fetched" in told[0].message
+    assert told[0].params == {"provider": "E-Mail", "error_class": "connection_reset"}

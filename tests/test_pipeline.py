@@ -560,3 +560,37 @@ def test_a_probe_that_never_reports_does_not_hold_the_circuit_half_open(world):
     assert (status["status"], status["accounts"][0]["saved"]) == ("success", 1)
     with world.sessions() as session:
         assert session.get_one(MailAccount, account).circuit_state == "closed"
+
+
+FINAL_STATUSES = {
+    # the runs' final statuses -> the job's status and reason
+    (): ("failed", "no_accounts"),
+    ("success", "success"): ("success", None),
+    ("success", "failed"): ("partial_failure", None),
+    ("success", "skipped"): ("partial_failure", "some_skipped"),
+    ("success", "failed", "skipped"): ("partial_failure", "some_skipped"),
+    ("failed", "failed"): ("failed", None),
+    ("failed", "skipped"): ("failed", "some_skipped"),
+    ("skipped", "skipped"): ("failed", "all_skipped"),
+}
+
+
+@pytest.mark.parametrize("runs", list(FINAL_STATUSES))
+def test_a_job_succeeds_only_when_every_account_was_fetched(runs):
+    # Given the final statuses of a job's runs, When the job is finalised
+    status, reason = jobs.final_status(list(runs))
+    # Then it is success only if every run succeeded, failed if none did, and says why when
+    # skips or the lack of accounts decided it
+    assert (status, reason) == FINAL_STATUSES[runs]
+
+
+def test_a_job_without_accounts_is_failed_at_once_and_drops_its_key(world: World):
+    # Given bob, who has no account
+    bob = world.user("bob")
+    # When he asks for a fetch of all his accounts
+    job_id = world.pipeline.enqueue_fetch_job(bob.id, key=bob.key)
+    # Then the job is final at once, failed for want of accounts, and no key grant outlives it
+    status = world.pipeline.get_job_status(job_id, bob.id)
+    assert (status.status, status.reason, status.final) == ("failed", "no_accounts", True)
+    with world.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(KeyGrant)) == 0

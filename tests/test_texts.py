@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mailpipe.vocabulary import ErrorClass, Health, JobStatus, RunStatus
+from mailpipe.vocabulary import ErrorClass, Health, JobReason, JobStatus, RunStatus
 from web.i18n import LANGUAGES, TEXTS
 from web.present import error_text, status_text
 
@@ -13,6 +13,7 @@ VOCABULARY = [
     *(f"status_{member}" for member in JobStatus),
     *(f"status_{member}" for member in RunStatus),
     *(f"health_{member}" for member in Health),
+    *(f"reason_{member}" for member in JobReason),
 ]
 
 

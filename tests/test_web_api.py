@@ -565,6 +565,38 @@ def test_health_and_performance_for_the_owner(site):
     assert health["label"] == "E-Mail · alice@example.org"
     performance = client.get("/api/metrics/performance").json
     assert performance["runs"] == 0 and len(performance["trend"]) == 7
+    assert (performance["total_jobs"], performance["success_rate"]) == (0, None)
+
+
+def test_a_fetch_without_accounts_fails_and_says_why(site):
+    # Given bob, who has no account yet
+    bob = site.user("bob")
+    client, headers = logged_in(site, bob)
+    # When he presses "Jetzt abrufen"
+    job_id = client.post("/api/jobs/fetch", headers=headers).json["job_id"]
+    # Then the job is final at once, failed, with the reason in his language
+    status = client.get(f"/api/jobs/{job_id}").json
+    assert (status["status"], status["final"], status["reason"]) == ("failed", True, "no_accounts")
+    assert (
+        status["reason_text"] == "Keine Konten gefunden: bitte zuerst ein E-Mail-Konto einrichten."
+    )
+    english = client.get(f"/api/jobs/{job_id}?lang=en").json
+    assert english["reason_text"] == "No accounts found: set up a mail account first."
+    # And the 7 days' totals count it as a job that did not succeed
+    performance = client.get("/api/metrics/performance").json
+    assert performance["total_jobs"] == 1
+    assert (performance["total_emails"], performance["success_rate"]) == (0, 0.0)
+    assert performance["trend"][-1]["jobs"] == 1 and performance["trend"][-1]["succeeded"] == 0
+
+
+def test_metrics_say_their_charset_once_and_the_page_has_an_icon(site):
+    client = site.app.test_client()
+    # When /metrics and the favicon are fetched
+    metrics = client.get("/metrics")
+    icon = client.get("/static/favicon.svg")
+    # Then the content type names the charset once, and the icon is there
+    assert metrics.headers["Content-Type"].count("charset") == 1
+    assert icon.status_code == 200 and icon.mimetype == "image/svg+xml"
 
 
 # -- diagnostics --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ against the real Dovecot, as in tests/test_pipeline.py. Screenshots go to artifa
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -18,7 +19,7 @@ from sqlalchemy import update
 from werkzeug.serving import make_server
 
 from mailpipe import jobs
-from mailpipe.models import PipelineJob, utcnow
+from mailpipe.models import MailAccount, PipelineJob, utcnow
 from mailpipe.vocabulary import JobType
 from tests.test_sync import message
 from tests.test_web_api import PASSWORD, Site, site, worker  # noqa: F401  (fixtures)
@@ -180,3 +181,96 @@ def test_fetch_now_runs_a_job_to_the_end_in_the_page(site, worker, dovecot, serv
     # And nothing broke in the page, and nothing was loaded from anywhere but the app
     assert page.errors == []
     assert all(url.startswith(server) for url in page.requested), page.requested
+
+
+PHONE = {"width": 390, "height": 844}
+WIDER_THAN = """(limit) => [...document.querySelectorAll("body *")]
+    .filter((element) => element.getBoundingClientRect().right > limit + 0.5)
+    .map((element) => `${element.tagName}.${element.className}`)"""
+
+
+def record_runs(on: Site, account_id: int, statuses: list[str]) -> None:
+    """Finished runs of one account, oldest first, as jobs of one account each."""
+    with on.sessions.begin() as session:
+        for status in statuses:
+            job = jobs.create_job(
+                session,
+                user_id=on_user(session, account_id),
+                account_ids=[account_id],
+                type=JobType.ACCOUNT,
+                options={},
+            )
+            failed = status == "failed"
+            jobs.finish_run(
+                session,
+                job_id=job.id,
+                account_id=account_id,
+                status=status,
+                error_class="timeout" if failed else None,
+                message="server did not answer in time" if failed else None,
+            )
+
+
+def on_user(session, account_id: int) -> int:
+    return session.get_one(MailAccount, account_id).user_id
+
+
+def test_the_dashboard_fits_a_phone(site, server, page):  # noqa: F811
+    # Given alice with two accounts, one never fetched and one with 2 failures in 3 attempts,
+    # a week of history and a fetch that found no account at all
+    alice = site.user("alice")
+    never = site.account(alice, login="ben")
+    shaky = site.account(alice, login="clara.mustermann-mit-langem-namen@example.de")
+    seed_history(site, alice.id, [never, shaky])
+    record_runs(site, shaky, ["failed", "success", "failed"])
+    with site.sessions.begin() as session:
+        jobs.create_job(session, user_id=alice.id, account_ids=[], type=JobType.ALL, options={})
+    site.notify(alice.id, "Willkommen: Ihre Konten werden ab jetzt regelmäßig abgerufen.")
+
+    # When she logs in on a phone 390 px wide
+    page.set_viewport_size(PHONE)
+    page.goto(f"{server}/login")
+    page.get_by_label("Benutzername").fill("alice")
+    page.get_by_label("Passwort").fill(PASSWORD)
+    page.get_by_role("button", name="Anmelden").click()
+    expect(page.get_by_role("heading", name="Letzte Abrufe")).to_be_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-390.png"), full_page=True)
+
+    # Then the page is no wider than the phone, and nothing in it sticks out
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    assert page.evaluate(WIDER_THAN, PHONE["width"]) == []
+    header = page.locator("header.top").bounding_box()
+    assert abs(header["width"] - PHONE["width"]) < 1
+    # And the fetch that found no account says so, not "Erfolgreich"
+    empty = page.locator("#jobs tbody tr").first
+    expect(empty).to_have_attribute("data-status", "failed")
+    expect(empty.locator(".reason")).to_have_text(
+        "Keine Konten gefunden: bitte zuerst ein E-Mail-Konto einrichten."
+    )
+    # And times are relative ("gestern", "vor 2 Min."), the exact time in the title
+    yesterday = page.locator("#jobs tbody tr").nth(4).locator("time")
+    expect(yesterday).to_have_text("gestern")
+    expect(yesterday).to_have_attribute("title", re.compile(r"\d"))
+    # And the account never fetched says "nie"; the shaky one counts its recent failures
+    never_card = page.locator(f'article.account[data-account="{never}"]')
+    expect(never_card.locator("dd").nth(1)).to_have_text("nie")
+    shaky_card = page.locator(f'article.account[data-account="{shaky}"]')
+    expect(shaky_card.locator(".recent")).to_have_text("2 Fehler in den letzten 3 Versuchen")
+    expect(page.locator(".totals")).to_contain_text(f"{len(HISTORY) + 4} Abrufe")
+
+    # When she taps a job of the history
+    page.locator("#jobs tbody tr").nth(1).locator(".job-detail").click()
+    # Then its per-account outcome, error and phases show, still within the phone's width
+    expect(page.locator("#progress")).to_be_visible()
+    expect(page.locator("#progress-title")).to_contain_text("Abruf ")
+    expect(page.locator("#progress-accounts li")).to_have_count(1)
+    expect(page.locator("#progress-accounts")).to_contain_text(
+        "Der Mailserver hat nicht rechtzeitig geantwortet."
+    )
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    page.screenshot(path=str(ARTIFACTS / "dashboard-390-detail.png"), full_page=True)
+    # And in English the third kind of account is not labelled in German
+    page.goto(f"{server}/?lang=en")
+    expect(page.locator(f'article.account[data-account="{never}"] h3')).to_have_text("Mail · ben")
+    assert page.errors == []

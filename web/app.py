@@ -224,7 +224,7 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(REGISTRY), mimetype=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
 
     return app
 
@@ -301,9 +301,9 @@ def _dashboard_data(state: WebState, login: ServerSession, lang: str) -> dict:
     pipeline = state.pipeline
     listed = pipeline.list_jobs(login.user_id, DASHBOARD_JOBS)
     health = pipeline.get_account_health(login.user_id)
-    trend = pipeline.get_performance_metrics(login.user_id).to_json()["trend"]
+    performance = pipeline.get_performance_metrics(login.user_id).to_json()
     with state.sessions() as session:
-        labels = present.account_labels(session, login.user_id, login.key)
+        labels = present.account_labels(session, login.user_id, login.key, lang=lang)
         covered = present.job_account_ids(session, [job.job_id for job in listed])
         notes = present.user_notifications(
             session, login.user_id, limit=DASHBOARD_NOTIFICATIONS, lang=lang
@@ -320,7 +320,13 @@ def _dashboard_data(state: WebState, login: ServerSession, lang: str) -> dict:
         "accounts": [present.account_view(a, labels=labels, lang=lang) for a in health],
         "notifications": notes["notifications"],
         "unread": notes["unread"],
-        "page_data": {"lang": lang, "texts": TEXTS[lang], "trend": trend, "running": running},
+        "totals": present.totals_view(performance, lang=lang),
+        "page_data": {
+            "lang": lang,
+            "texts": TEXTS[lang],
+            "trend": performance["trend"],
+            "running": running,
+        },
     }
 
 

@@ -201,7 +201,9 @@ class _Api:
         listed = self.pipeline.list_jobs(user_id, limit)
         with self.sessions() as session:
             covered = present.job_account_ids(session, [job.job_id for job in listed])
-            labels = present.account_labels(session, user_id, self.current_key())
+            labels = present.account_labels(
+                session, user_id, self.current_key(), lang=language(request)
+            )
         lang = language(request)
         return jsonify(
             {
@@ -332,7 +334,9 @@ class _Api:
 
     def _labels(self, user_id: int) -> dict[int, str]:
         with self.sessions() as session:
-            return present.account_labels(session, user_id, self.current_key())
+            return present.account_labels(
+                session, user_id, self.current_key(), lang=language(request)
+            )
 
 
 def create_blueprint(

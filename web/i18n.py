@@ -37,6 +37,12 @@ TEXTS: dict[str, dict[str, str]] = {
         "last_check": "Zuletzt geprüft",
         "last_fetch": "Zuletzt abgerufen",
         "last_error": "Letzter Fehler",
+        "recent": "Letzte Versuche",
+        "recent_failures": "{failures} Fehler in den letzten {runs} Versuchen",
+        "recent_failures_one": "{failures} Fehler im letzten Versuch",
+        "provider_other": "E-Mail",
+        "totals": "{jobs} Abrufe, {mails} E-Mails, {rate} % erfolgreich, Ø {seconds} s",
+        "job_detail": "Abruf {job}",
         "never": "nie",
         "check": "Verbindung prüfen",
         "checking": "Prüfe …",
@@ -49,6 +55,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "trend": "Verlauf der letzten 7 Tage",
         "trend_mails": "E-Mails pro Tag",
         "trend_duration": "Ø Abrufdauer (s)",
+        "trend_day": "{jobs} Abrufe, {succeeded} erfolgreich, {emails} E-Mails",
         "notifications": "Benachrichtigungen",
         "no_notifications": "Keine Benachrichtigungen.",
         "mark_read": "Gelesen",
@@ -68,6 +75,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "status_partial_failure": "Teilweise fehlgeschlagen",
         "status_failed": "Fehlgeschlagen",
         "status_skipped": "Übersprungen",
+        "reason_no_accounts": "Keine Konten gefunden: bitte zuerst ein E-Mail-Konto einrichten.",
+        "reason_all_skipped": "Nichts abgerufen: jedes Konto wurde übersprungen (nach "
+        "wiederholten Fehlern pausiert oder gesperrt).",
+        "reason_some_skipped": "Nicht alle Konten abgerufen: {skipped} von {accounts} "
+        "übersprungen (nach wiederholten Fehlern pausiert oder gesperrt).",
         "health_HEALTHY": "In Ordnung",
         "health_DEGRADED": "Eingeschränkt",
         "health_BROKEN": "Gestört",
@@ -92,6 +104,9 @@ TEXTS: dict[str, dict[str, str]] = {
         "note_circuit_open": "{provider}: Der Abruf schlägt immer wieder fehl. {error} mailpipe "
         "pausiert dieses Konto {minutes} Minuten lang und versucht es dann erneut.",
         "note_job_failed": "Abruf fehlgeschlagen. {errors}",
+        "note_retries_exhausted": "{provider}: Abruf auch nach allen Wiederholungen "
+        "fehlgeschlagen. {error} Die anderen Konten wurden abgerufen; dieses wird beim nächsten "
+        "Abruf erneut versucht.",
         "no_account_read": "Kein Konto konnte gelesen werden.",
     },
     "en": {
@@ -123,6 +138,12 @@ TEXTS: dict[str, dict[str, str]] = {
         "last_check": "Last checked",
         "last_fetch": "Last fetched",
         "last_error": "Last error",
+        "recent": "Recent attempts",
+        "recent_failures": "{failures} failed of the last {runs} attempts",
+        "recent_failures_one": "{failures} failed in the last attempt",
+        "provider_other": "Mail",
+        "totals": "{jobs} fetches, {mails} mails, {rate} % succeeded, avg. {seconds} s",
+        "job_detail": "Fetch {job}",
         "never": "never",
         "check": "Check connection",
         "checking": "Checking …",
@@ -134,6 +155,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "trend": "Last 7 days",
         "trend_mails": "Mails per day",
         "trend_duration": "Avg. fetch time (s)",
+        "trend_day": "{jobs} fetches, {succeeded} succeeded, {emails} mails",
         "notifications": "Notifications",
         "no_notifications": "No notifications.",
         "mark_read": "Read",
@@ -153,6 +175,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "status_partial_failure": "Partly failed",
         "status_failed": "Failed",
         "status_skipped": "Skipped",
+        "reason_no_accounts": "No accounts found: set up a mail account first.",
+        "reason_all_skipped": "Nothing fetched: every account was skipped (paused after "
+        "repeated failures, or locked).",
+        "reason_some_skipped": "Not every account was fetched: {skipped} of {accounts} skipped "
+        "(paused after repeated failures, or locked).",
         "health_HEALTHY": "Healthy",
         "health_DEGRADED": "Degraded",
         "health_BROKEN": "Broken",
@@ -176,6 +203,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "note_circuit_open": "{provider}: fetching keeps failing. {error} mailpipe pauses this "
         "account for {minutes} minutes and then tries again.",
         "note_job_failed": "Fetching mail failed. {errors}",
+        "note_retries_exhausted": "{provider}: fetching failed even after every retry. {error} "
+        "The other accounts were fetched; this one is tried again at the next fetch.",
         "no_account_read": "No account could be read.",
     },
 }

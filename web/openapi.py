@@ -78,6 +78,10 @@ JOB_SUMMARY = object_schema(
     overrides={"created_at": {"description": "ISO 8601 with its offset, as every instant"}},
     extra={
         "status_text": {"type": "string", "description": "the status in user words"},
+        "reason_text": {
+            **NULLABLE_STRING,
+            "description": "why the job did not fetch every account (no account, skips)",
+        },
         "duration": {**NULLABLE_NUMBER, "description": "seconds from start to end"},
         "account_ids": {"type": "array", "items": {"type": "integer"}},
         "accounts_label": {"type": "string", "description": '"alle"/"all" or account names'},
@@ -100,6 +104,10 @@ ACCOUNT_HEALTH = object_schema(
         "label": {"type": "string"},
         "health_text": {"type": "string"},
         "last_error_text": NULLABLE_STRING,
+        "recent_text": {
+            **NULLABLE_STRING,
+            "description": '"N Fehler in den letzten 5 Versuchen", null before the first run',
+        },
     },
 )
 

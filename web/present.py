@@ -15,7 +15,7 @@ from mailpipe.models import AccountRun, MailAccount, Notification, PipelineJob, 
 from mailpipe.results import AccountHealth, JobReport, JobSummary
 from mailpipe.vocabulary import JOB_FINAL, RUN_FINAL, JobType
 
-from .i18n import TEXTS, text
+from .i18n import DEFAULT_LANGUAGE, TEXTS, text
 
 USER_JOB_TYPES = (JobType.ACCOUNT, JobType.ALL)
 NOTIFICATION_FIELDS = (
@@ -31,7 +31,9 @@ NOTIFICATION_FIELDS = (
 )
 
 
-def account_labels(session: Session, user_id: int, key: DataKey | None) -> dict[int, str]:
+def account_labels(
+    session: Session, user_id: int, key: DataKey | None, *, lang: str = DEFAULT_LANGUAGE
+) -> dict[int, str]:
     """Provider and login of each account, so users with several accounts can tell them apart.
 
     The login is decrypted with the owner's key for the owner only; without the key (or if it
@@ -39,7 +41,7 @@ def account_labels(session: Session, user_id: int, key: DataKey | None) -> dict[
     """
     labels = {}
     for account in session.scalars(select(MailAccount).where(MailAccount.user_id == user_id)):
-        name = PROVIDER_NAMES.get(account.provider, PROVIDER_NAMES["other"])
+        name = provider_name(account.provider, lang)
         login = None
         if key is not None and account.credentials_enc is not None:
             try:
@@ -48,6 +50,13 @@ def account_labels(session: Session, user_id: int, key: DataKey | None) -> dict[
                 login = None
         labels[account.id] = f"{name} · {login}" if login else f"{name} #{account.id}"
     return labels
+
+
+def provider_name(provider: str, lang: str) -> str:
+    """A provider's name; "other" is said in the reader's language."""
+    if provider in PROVIDER_NAMES and provider != "other":
+        return PROVIDER_NAMES[provider]
+    return text(lang, "provider_other")
 
 
 def error_text(error_class: str | None, lang: str, *, auth: str | None = None) -> str | None:
@@ -100,7 +109,20 @@ def job_summary_view(
         "accounts_label": accounts_label(job.type, account_ids, labels, lang),
         "duration": job.metrics.get("duration"),
         "status_text": status_text(job.status, lang),
+        "reason_text": reason_text(job, lang),
     }
+
+
+def reason_text(job: JobSummary, lang: str) -> str | None:
+    """Why a final job did not fetch every account, when skips or no accounts decided it."""
+    if job.reason is None:
+        return None
+    return text(
+        lang,
+        f"reason_{job.reason}",
+        skipped=job.metrics.get("skipped", 0),
+        accounts=job.metrics.get("accounts", 0),
+    )
 
 
 def job_status_view(status: JobReport, *, labels: dict[int, str], lang: str) -> dict:
@@ -132,7 +154,36 @@ def account_view(health: AccountHealth, *, labels: dict[int, str], lang: str) ->
         "label": labels.get(health.account_id, f"#{health.account_id}"),
         "health_text": text(lang, f"health_{health.shown_health}"),
         "last_error_text": error_text(health.last_error_class, lang, auth=health.auth),
+        "recent_text": text(
+            lang,
+            "recent_failures" if health.recent_runs > 1 else "recent_failures_one",
+            failures=health.recent_failures,
+            runs=health.recent_runs,
+        )
+        if health.recent_runs
+        else None,
     }
+
+
+def totals_view(performance: dict, *, lang: str) -> str | None:
+    """The 7 days in one line: jobs, mails, success rate and mean duration."""
+    if not performance["total_jobs"]:
+        return None
+    rate = performance["success_rate"]
+    duration = performance["avg_duration"]
+    return text(
+        lang,
+        "totals",
+        jobs=performance["total_jobs"],
+        mails=performance["total_emails"],
+        rate="—" if rate is None else f"{rate * 100:.0f}",
+        seconds="—" if duration is None else _decimal(duration, lang),
+    )
+
+
+def _decimal(value: float, lang: str) -> str:
+    shown = f"{value:.1f}"
+    return shown.replace(".", ",") if lang == "de" else shown
 
 
 def open_user_jobs(session: Session, user_id: int, *, window_seconds: int) -> int:
@@ -172,10 +223,11 @@ def notification_text(row: Notification, lang: str) -> str:
     errors = [
         said for name in row.params.get("error_classes", []) if (said := error_text(name, lang))
     ]
+    provider = row.params.get("provider", "")
     return text(
         lang,
         key,
-        provider=row.params.get("provider", ""),
+        provider=text(lang, "provider_other") if provider == PROVIDER_NAMES["other"] else provider,
         minutes=row.params.get("minutes", ""),
         error=error_text(row.params.get("error_class"), lang, auth=row.params.get("auth")) or "",
         errors=" ".join(errors) or text(lang, "no_account_read"),

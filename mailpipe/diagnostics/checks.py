@@ -278,9 +278,9 @@ def namespace(probe: Probe) -> Check:
 
 
 def inbox(probe: Probe) -> Check:
-    """EXAMINE (read-only: no flag changes), then CLOSE, which expunges nothing when read-only."""
+    """EXAMINE (read-only: no flag changes), then leave the mailbox as it was."""
     selected = probe.client.select_folder("INBOX", readonly=True)
-    probe.client.close_folder()
+    _leave_mailbox(probe)
     details = {
         "exists": selected.get(b"EXISTS"),
         "uidvalidity": selected.get(b"UIDVALIDITY"),
@@ -289,6 +289,20 @@ def inbox(probe: Probe) -> Check:
     if b"HIGHESTMODSEQ" in selected:
         details["highestmodseq"] = selected[b"HIGHESTMODSEQ"]
     return Check(INBOX, OK, details=details)
+
+
+def _leave_mailbox(probe: Probe) -> None:
+    """UNSELECT where offered (RFC 3691), else CLOSE, which expunges nothing when read-only;
+    some servers (pymap) answer CLOSE on a read-only mailbox with NO [READ-ONLY], which leaves
+    the mailbox just as well."""
+    if offers(probe, "UNSELECT"):
+        probe.client.unselect_folder()
+        return
+    try:
+        probe.client.close_folder()
+    except IMAPClientError as error:
+        if "READ-ONLY" not in str(error).upper():
+            raise
 
 
 def folders(probe: Probe) -> Check:

@@ -138,7 +138,10 @@ def summarise(check: Check) -> str:
             + (", ".join(f"{use} {name!r}" for use, name in d["special_use"].items()) or "none")
         ),
         SERVER_ID: lambda: (
-            " ".join(f"{key}={value}" for key, value in d["fields"].items())
+            (
+                " ".join(f"{key}={value}" for key, value in d["fields"].items())
+                or "the server does not say what it is (ID NIL)"
+            )
             + f"; provider {d['provider']}"
         ),
         ROUND_TRIP: lambda: (

@@ -5,7 +5,15 @@
 
   const POLL_MS = 1000;
   const CHECK_WAIT_MS = 130000; // the check's time limit on the worker (120 s) and a little
-  const REFRESHED = ["jobs", "accounts", "notifications"];
+  const REFRESHED = ["jobs", "accounts", "trend", "notifications"];
+  const PHASES = ["connect", "diagnostics", "folder_list", "fetch", "parse", "process", "save", "disconnect"];
+  const RELATIVE_MS = 30000; // how often "vor 2 Min." is said again
+  const RELATIVE_STEPS = [
+    [60, "second", 1],
+    [3600, "minute", 60],
+    [86400, "hour", 3600],
+    [7 * 86400, "day", 86400],
+  ];
   const SVG = "http://www.w3.org/2000/svg";
 
   let page = readPageData(document);
@@ -52,13 +60,25 @@
 
   // -- times in the reader's own time zone -------------------------------------------------
 
+  // Within a week: "vor 2 Min." / "2 min. ago"; older: the date. The exact time is the title.
+  function ago(when, relative) {
+    const seconds = (when.getTime() - Date.now()) / 1000;
+    for (const [limit, unit, size] of RELATIVE_STEPS) {
+      if (Math.abs(seconds) < limit) return relative.format(Math.round(seconds / size), unit);
+    }
+    return null;
+  }
+
   function localTimes(root) {
     const shown = new Intl.DateTimeFormat(page.lang, { dateStyle: "short", timeStyle: "short" });
+    const relative = new Intl.RelativeTimeFormat(page.lang, { numeric: "auto", style: "short" });
     for (const element of root.querySelectorAll("time[datetime]")) {
       const iso = element.getAttribute("datetime");
       if (!iso) continue;
       const when = new Date(iso);
-      if (!Number.isNaN(when.getTime())) element.textContent = shown.format(when);
+      if (Number.isNaN(when.getTime())) continue;
+      element.textContent = ago(when, relative) ?? shown.format(when);
+      element.title = shown.format(when);
     }
   }
 
@@ -68,15 +88,28 @@
   const message = document.getElementById("fetch-message");
   const progress = document.getElementById("progress");
 
-  function renderProgress(job) {
+  // In the order a run goes through them; under 10 ms with a tenth, so nothing reads "0 ms".
+  function phasesText(phases) {
+    return PHASES.filter((phase) => phases && phase in phases)
+      .map((phase) => {
+        const ms = phases[phase] * 1000;
+        const shown = ms < 0.1 ? `<${number(0.1, 1)}` : number(ms, ms < 10 ? 1 : 0);
+        return `${phase} ${shown} ms`;
+      })
+      .join(" · ");
+  }
+
+  function renderProgress(job, detail = false) {
     progress.hidden = false;
     progress.dataset.status = job.status;
     progress.dataset.final = String(job.final);
     progress.dataset.job = job.job_id;
-    document.getElementById("progress-title").textContent = job.final
-      ? job.status_text
-      : T.fetch_running;
+    const title = job.final ? job.status_text : T.fetch_running;
+    document.getElementById("progress-title").textContent = detail
+      ? `${format(T.job_detail, { job: job.job_id.slice(0, 8) })}: ${title}`
+      : title;
     document.getElementById("progress-count").textContent = format(T.progress, job.progress);
+    document.getElementById("progress-reason").textContent = job.reason_text || "";
     const share = job.progress.total ? job.progress.done / job.progress.total : 1;
     document.getElementById("progress-fill").style.width = `${Math.round(share * 100)}%`;
     const list = document.getElementById("progress-accounts");
@@ -99,13 +132,16 @@
           detail.textContent = `${run.fetched} ${T.mails}`;
           if (run.duration !== null) detail.textContent += ` · ${number(run.duration, 2)} s`;
         }
-        item.append(name, state, detail);
+        const phases = document.createElement("span");
+        phases.className = "run-phases";
+        phases.textContent = phasesText(run.phases);
+        item.append(name, state, detail, phases);
         return item;
       }),
     );
   }
 
-  async function follow(jobId) {
+  async function follow(jobId, detail = false) {
     button.disabled = true;
     try {
       for (;;) {
@@ -114,7 +150,7 @@
           message.textContent = errorText(result);
           return;
         }
-        renderProgress(result.data);
+        renderProgress(result.data, detail);
         if (result.data.final) return;
         await new Promise((resolve) => setTimeout(resolve, POLL_MS));
       }
@@ -219,7 +255,16 @@
     if (answer.ok) await refresh();
   }
 
+  // A job of the history, on click: its per-account outcomes, phase timings and errors.
+  async function showJob(target) {
+    await follow(target.dataset.job, true);
+    progress.scrollIntoView({ behavior: "smooth", block: "nearest" });
+  }
+
   function bindSections() {
+    for (const target of document.querySelectorAll(".job-detail")) {
+      target.addEventListener("click", () => showJob(target));
+    }
     for (const target of document.querySelectorAll(".check-account")) {
       target.addEventListener("click", () => checkAccount(target));
     }
@@ -291,7 +336,7 @@
         height: pad.top + inner.h - top,
         class: "bar-mails",
       });
-      bar.append(svg("title", {}, `${entry.date}: ${entry.emails} ${T.mails}`));
+      bar.append(svg("title", {}, `${entry.date}: ${format(T.trend_day, entry)}`));
       chart.append(bar);
       const label = day.format(new Date(`${entry.date}T12:00:00Z`));
       chart.append(svg("text", { x: x + slot / 2, y: height - 10, class: "axis day" }, label));
@@ -312,5 +357,6 @@
   bindSections();
   drawTrend(page.trend);
   localTimes(document);
+  setInterval(() => localTimes(document), RELATIVE_MS);
   if (page.running) follow(page.running);
 })();
