@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,15 +23,44 @@ from .vocabulary import ParseStatus, ProcessStatus
 EMAILS = cast(Table, Email.__table__)
 FOLDER_STATE = cast(Table, FolderState.__table__)
 EMAIL_KEY = ["account_id", "folder", "uidvalidity", "uid"]
+RECENT = "\\recent"
+DELETE_CHUNK = 1000
 
 
 @dataclass
 class FolderPosition:
-    """How far a folder is stored: its UIDVALIDITY, the highest UID taken, and UIDNEXT seen."""
+    """How far a folder is stored: its UIDVALIDITY, the highest UID taken (the high-water mark),
+    UIDNEXT and HIGHESTMODSEQ seen, how many messages the server held up to the high-water mark,
+    and the backfill still due below it: UIDs above `backfill_floor` up to `backfill_uid`
+    (0: none), taken newest first by later runs."""
 
     uidvalidity: int
     last_uid: int
     uidnext: int
+    highestmodseq: int = 0
+    messages: int = 0
+    backfill_uid: int = 0
+    backfill_floor: int = 0
+
+
+@dataclass
+class StateChanges:
+    """What a flag sync found on the server for the stored part of one folder.
+
+    `flags` holds the current flags of the messages the server listed; `vanished` the UIDs it
+    said are gone; `present`, when the server listed every UID up to the high-water mark, that
+    set (so whatever is stored and not in it has vanished).
+    """
+
+    flags: dict[int, str]
+    vanished: set[int]
+    present: set[int] | None = None
+
+
+@dataclass
+class ChangeOutcome:
+    flags_changed: int = 0
+    vanished: int = 0
 
 
 @dataclass
@@ -45,13 +74,74 @@ def folder_states(session: Session, account_id: int) -> dict[str, FolderPosition
     """Every folder's stored position for one account, in one query."""
     rows = session.execute(
         select(
-            FolderState.folder, FolderState.uidvalidity, FolderState.last_uid, FolderState.uidnext
+            FolderState.folder,
+            FolderState.uidvalidity,
+            FolderState.last_uid,
+            FolderState.uidnext,
+            FolderState.highestmodseq,
+            FolderState.messages,
+            FolderState.backfill_uid,
+            FolderState.backfill_floor,
         ).where(FolderState.account_id == account_id)
     )
-    return {
-        folder: FolderPosition(uidvalidity=v, last_uid=last, uidnext=nxt)
-        for folder, v, last, nxt in rows
-    }
+    return {row[0]: FolderPosition(*row[1:]) for row in rows}
+
+
+def flag_text(flags: Sequence[bytes | str]) -> str:
+    """Flags as stored: space-separated, without \\Recent (which only says which session saw
+    the message first, and would look like a change whenever another session looked)."""
+    return " ".join(text for text in map(_text, flags) if text.lower() != RECENT)
+
+
+def apply_state_changes(
+    session: Session,
+    *,
+    account_id: int,
+    folder: str,
+    uidvalidity: int,
+    changes: StateChanges,
+) -> ChangeOutcome:
+    """Update stored flags that differ and delete vanished mail (content and annotations with
+    it), in the caller's transaction, which also advances the folder's position."""
+    outcome = ChangeOutcome()
+    where = (
+        Email.account_id == account_id,
+        Email.folder == folder,
+        Email.uidvalidity == uidvalidity,
+    )
+    vanished = set(changes.vanished)
+    updates: list[dict[str, Any]] = []
+    if changes.present is not None or changes.flags:
+        query = select(Email.id, Email.uid, Email.flags).where(*where)
+        if changes.present is None:
+            query = query.where(Email.uid.in_(list(changes.flags)))
+        for row_id, uid, stored in session.execute(query):
+            if changes.present is not None and uid not in changes.present:
+                vanished.add(uid)
+                continue
+            current = changes.flags.get(uid)
+            if current is not None and set(current.split()) != set(stored.split()):
+                updates.append({"row_id": row_id, "new_flags": current})
+    if updates:
+        session.execute(
+            update(EMAILS)
+            .where(EMAILS.c.id == bindparam("row_id"))
+            .values(flags=bindparam("new_flags"))
+            .execution_options(synchronize_session=False),
+            updates,
+        )
+        outcome.flags_changed = len(updates)
+    ordered = sorted(vanished)
+    for start in range(0, len(ordered), DELETE_CHUNK):
+        chunk = ordered[start : start + DELETE_CHUNK]
+        outcome.vanished += rowcount(
+            session.execute(
+                delete(Email)
+                .where(*where, Email.uid.in_(chunk))
+                .execution_options(synchronize_session=False)
+            )
+        )
+    return outcome
 
 
 def dialect_insert(session: Session, table: Table) -> postgresql.Insert | sqlite.Insert:
@@ -117,6 +207,23 @@ class BatchWriter:
         with self.sessions.begin() as session:
             self._save_position(session, position)
 
+    def apply(
+        self, position: FolderPosition, changes: StateChanges, *, stored: FolderPosition
+    ) -> ChangeOutcome:
+        """Flag changes and vanished mail, and the position with its HIGHESTMODSEQ, together
+        (nothing is written when nothing changed and the position is the one `stored`)."""
+        with self.sessions.begin() as session:
+            outcome = apply_state_changes(
+                session,
+                account_id=self.account_id,
+                folder=self.folder,
+                uidvalidity=position.uidvalidity,
+                changes=changes,
+            )
+            if outcome.flags_changed or outcome.vanished or position != stored:
+                self._save_position(session, position)
+        return outcome
+
     def _row(
         self,
         uidvalidity: int,
@@ -140,7 +247,7 @@ class BatchWriter:
             "message_id": parsed.message_id,
             "internal_date": message.internal_date,
             "sent_date": parsed.sent_date,
-            "flags": " ".join(_text(flag) for flag in message.flags),
+            "flags": flag_text(message.flags),
             "size": len(raw),
             "content_hash": self.key.content_hash(raw),
             "raw_enc": self.key.encrypt(raw, table="emails", column="raw", row=row_id),
@@ -208,6 +315,10 @@ class BatchWriter:
             "uidvalidity": position.uidvalidity,
             "last_uid": position.last_uid,
             "uidnext": position.uidnext,
+            "highestmodseq": position.highestmodseq,
+            "messages": position.messages,
+            "backfill_uid": position.backfill_uid,
+            "backfill_floor": position.backfill_floor,
             "updated_at": utcnow(),
         }
         statement = dialect_insert(session, FOLDER_STATE).values(values)

@@ -169,6 +169,19 @@ def test_batches_add_to_the_throughput_counters():
     assert sample("mailpipe_emails_quarantined_total", reason="not_a_message") == quarantined + 1
 
 
+def test_flag_updates_and_vanished_mail_count_by_provider():
+    # Given the state-sync counters for gmx
+    flags = sample("mailpipe_flag_updates_total", provider="gmx")
+    vanished = sample("mailpipe_vanished_total", provider="gmx")
+
+    # When a folder's flag changes and vanished mail are committed
+    MetricsObserver(provider="gmx").after_state_sync(flags_changed=6, vanished=4)
+
+    # Then each counter moved by those numbers, under the provider only
+    assert sample("mailpipe_flag_updates_total", provider="gmx") == flags + 6
+    assert sample("mailpipe_vanished_total", provider="gmx") == vanished + 4
+
+
 @pytest.fixture
 def sessions(tmp_path: Path):
     engine = db.make_engine(f"sqlite:///{tmp_path / 'metrics.db'}")

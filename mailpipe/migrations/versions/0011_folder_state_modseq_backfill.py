@@ -1,0 +1,30 @@
+"""folder_state: HIGHESTMODSEQ, the server's message count up to the high-water mark, and the
+newest-first backfill range, for flag and expunge sync
+
+Revision ID: 0011
+Revises: 0009
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0011"
+down_revision = "0009"
+branch_labels = None
+depends_on = None
+
+COLUMNS = ("highestmodseq", "messages", "backfill_uid", "backfill_floor")
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("folder_state") as batch_op:
+        for name in COLUMNS:
+            batch_op.add_column(
+                sa.Column(name, sa.BigInteger(), nullable=False, server_default="0")
+            )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("folder_state") as batch_op:
+        for name in COLUMNS:
+            batch_op.drop_column(name)
