@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=10_000, help="folder size (10000)")
     parser.add_argument("--flags", type=int, default=100, help="flag changes per run (100)")
     parser.add_argument("--vanished", type=int, default=10, help="expunges per run (10)")
-    parser.add_argument("--runs", type=int, default=3, help="repetitions; medians shown (3)")
+    parser.add_argument("--runs", type=int, default=5, help="repetitions; medians shown (5)")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="mailpipe-resync-"))
     try:
@@ -101,6 +101,7 @@ def _run(args: argparse.Namespace, server: Dovecot, workdir: Path) -> int:
     )
     rnd = random.Random(1)
     seconds: dict[str, list[float]] = {name: [] for name in ROWS}
+    phases: dict[str, list[dict[str, float]]] = {name: [] for name in ROWS}
     commands: dict[str, int] = {}
 
     def change_server() -> None:
@@ -126,6 +127,7 @@ def _run(args: argparse.Namespace, server: Dovecot, workdir: Path) -> int:
         start = time.perf_counter()
         result = sync(counter)
         seconds[name].append(time.perf_counter() - start)
+        phases[name].append(result.phases)
         commands[name] = counter.commands
         if result.vanished != expect_vanished or result.saved:
             raise SystemExit(f"{name}: unexpected result {result.to_json()}")
@@ -148,6 +150,13 @@ def _run(args: argparse.Namespace, server: Dovecot, workdir: Path) -> int:
     for name in ROWS:
         median = statistics.median(seconds[name])
         print(f"{name:12} {median:9.4f} {commands[name]:21d} {median / base:12.2f}")
+    for name in ROWS:
+        names = list(dict.fromkeys(k for p in phases[name] for k in p))
+        parts = [
+            f"{n} {statistics.median([p.get(n, 0.0) for p in phases[name]]) * 1000:.1f} ms"
+            for n in names
+        ]
+        print(f"  phases, {name}: {', '.join(parts)}")
     return 0
 
 

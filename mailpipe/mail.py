@@ -3,7 +3,7 @@
 Every read is the owner's: mail of another user's account is "not found", as a missing message
 is. Lists come newest first (by INTERNALDATE, then UID), a page at a time; a page's last item
 gives the next page's start. A change feed (new, flags changed, vanished since a cursor) is not
-here yet: vanished mail is deleted outright, so it needs tombstones first.
+here yet: tombstones of vanished mail last only until the end of the sync that found them.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def list_mail(
     query = (
         select(Email)
         .join(MailAccount, MailAccount.id == Email.account_id)
-        .where(MailAccount.user_id == user_id)
+        .where(MailAccount.user_id == user_id, Email.vanished_at.is_(None))
     )
     if account_id is not None:
         query = query.where(Email.account_id == account_id)
@@ -98,7 +98,7 @@ def _owned(session: Session, mail_id: str, *, user_id: int) -> Email:
     email = session.scalar(
         select(Email)
         .join(MailAccount, MailAccount.id == Email.account_id)
-        .where(Email.id == row_id, MailAccount.user_id == user_id)
+        .where(Email.id == row_id, MailAccount.user_id == user_id, Email.vanished_at.is_(None))
     )
     if email is None:
         raise NotFound(f"mail {mail_id} not found")

@@ -159,6 +159,10 @@ class Email(Base):
     )
     annotations_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     fetched_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    # set when the server no longer holds the message here (a tombstone, read by nobody): kept
+    # until the end of the account's sync, so mail moved to another folder keeps its
+    # processing results, then deleted with its content and annotations
+    vanished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class PipelineJob(Base):

@@ -101,13 +101,15 @@ def apply_state_changes(
     uidvalidity: int,
     changes: StateChanges,
 ) -> ChangeOutcome:
-    """Update stored flags that differ and delete vanished mail (content and annotations with
-    it), in the caller's transaction, which also advances the folder's position."""
+    """Update stored flags that differ and mark vanished mail (a tombstone until the account's
+    sync ends), in the caller's transaction, which also advances the folder's position."""
     outcome = ChangeOutcome()
+    now = utcnow()
     where = (
         Email.account_id == account_id,
         Email.folder == folder,
         Email.uidvalidity == uidvalidity,
+        Email.vanished_at.is_(None),
     )
     vanished = set(changes.vanished)
     updates: list[dict[str, Any]] = []
@@ -136,12 +138,24 @@ def apply_state_changes(
         chunk = ordered[start : start + DELETE_CHUNK]
         outcome.vanished += rowcount(
             session.execute(
-                delete(Email)
+                update(Email)
                 .where(*where, Email.uid.in_(chunk))
+                .values(vanished_at=now)
                 .execution_options(synchronize_session=False)
             )
         )
     return outcome
+
+
+def purge_vanished(sessions: sessionmaker[Session], *, account_id: int) -> int:
+    """Delete the account's vanished mail (content and annotations with it) once its sync has
+    seen every folder, so a message moved between them has found its processing results."""
+    with sessions.begin() as session:
+        return rowcount(
+            session.execute(
+                delete(Email).where(Email.account_id == account_id, Email.vanished_at.is_not(None))
+            )
+        )
 
 
 def dialect_insert(session: Session, table: Table) -> postgresql.Insert | sqlite.Insert:
@@ -201,6 +215,25 @@ class BatchWriter:
                 outcome.processed = self._processed(session, rows, outcome)
             self._save_position(session, position)
         return outcome
+
+    def known_annotations(self, hashes: Sequence[bytes]) -> dict[bytes, Annotation]:
+        """What processors said of mail with this content already held in any of the account's
+        folders (a move, or the same mail twice), opened for storing with a new row."""
+        with self.sessions() as session:
+            rows = session.execute(
+                select(Email.content_hash, Email.id, Email.annotations_enc).where(
+                    Email.account_id == self.account_id,
+                    Email.content_hash.in_(list(set(hashes))),
+                    Email.process_status == ProcessStatus.DONE,
+                    Email.annotations_enc.is_not(None),
+                )
+            ).all()
+        known: dict[bytes, Annotation] = {}
+        for content_hash, row_id, sealed in rows:
+            assert sealed is not None  # asked for above
+            document = self.key.decrypt(sealed, table="emails", column="annotations", row=row_id)
+            known[content_hash] = Annotation(status=ProcessStatus.DONE, document=document)
+        return known
 
     def finish(self, position: FolderPosition) -> None:
         """Record the folder's final position for this run (UIDNEXT included when complete)."""
@@ -290,6 +323,7 @@ class BatchWriter:
                     Email.account_id == self.account_id,
                     Email.folder == self.folder,
                     Email.uidvalidity != rows[0]["uidvalidity"],
+                    Email.vanished_at.is_(None),
                     Email.content_hash.in_([row["content_hash"] for row in rows]),
                 )
             ).all()

@@ -25,8 +25,8 @@ from .folders import NOT_BY_WILDCARD, requested_role, role_of
 from .imap import ImapSettings
 from .models import MailAccount
 from .observer import Observer, PhaseTimer
-from .parse import parse_messages
-from .processors import Processor, annotate_batch
+from .parse import ParsedMessage, parse_messages
+from .processors import Annotation, Processor, annotate_batch
 from .vocabulary import FolderRole
 
 BATCH_BYTES = 8 * 1024 * 1024
@@ -187,6 +187,9 @@ def sync_account(
                 budget -= folder_result.fetched + folder_result.expunged
                 if budget <= 0:
                     break
+        if result.vanished:  # every folder has been seen: a moved message found its results
+            with timer.phase("save"):
+                store.purge_vanished(sessions, account_id=account_id)
     finally:
         with timer.phase("disconnect"):
             _logout(client)
@@ -503,16 +506,10 @@ def _store_batch(
     with timer.phase("parse"):
         parsed = parse_messages([message.body for message in messages])
     ids = [uuid.uuid4() for _ in messages]
-    annotations = None
+    annotations: list[Annotation | None] | None = None
     if processors:
         with timer.phase("process"):
-            annotations = annotate_batch(
-                processors,
-                account_id=writer.account_id,
-                folder=writer.folder,
-                ids=ids,
-                fields=[p.fields for p in parsed],
-            )
+            annotations = _annotations(writer, processors, messages, parsed, ids)
     with timer.phase("save"):
         saved = writer.write(position, messages, parsed, ids=ids, annotations=annotations)
     quarantined = [p.quarantine_reason for p in parsed if p.quarantine_reason is not None]
@@ -528,6 +525,31 @@ def _store_batch(
         duplicates=saved.duplicates,
         quarantined={reason: quarantined.count(reason) for reason in set(quarantined)},
     )
+
+
+def _annotations(
+    writer: store.BatchWriter,
+    processors: Mapping[str, Processor],
+    messages: list[FetchedMessage],
+    parsed: list[ParsedMessage],
+    ids: list[uuid.UUID],
+) -> list[Annotation | None]:
+    """Run the processors on a batch, except on mail whose content the account already holds
+    processed (moved from another folder): that keeps its annotations, processed once."""
+    hashes = [writer.key.content_hash(message.body) for message in messages]
+    known = writer.known_annotations(hashes)
+    fresh = [i for i, content_hash in enumerate(hashes) if content_hash not in known]
+    made = annotate_batch(
+        processors,
+        account_id=writer.account_id,
+        folder=writer.folder,
+        ids=[ids[i] for i in fresh],
+        fields=[parsed[i].fields for i in fresh],
+    )
+    annotations: list[Annotation | None] = [known.get(content_hash) for content_hash in hashes]
+    for i, annotation in zip(fresh, made, strict=True):
+        annotations[i] = annotation
+    return annotations
 
 
 class Pipeline:

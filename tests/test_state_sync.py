@@ -206,6 +206,42 @@ def test_expunge_and_move_between_synced_folders(mailbox):
     assert mailbox.sync(folders=["INBOX", "Archiv"]).vanished == 0
 
 
+def test_a_message_moved_to_another_synced_folder_is_not_processed_again(mailbox):
+    # Given INBOX and Archiv synced with a processor that counts what it sees
+    uids = mailbox.deliver([message(i) for i in range(3)])
+    mailbox.deliver([message(100)], folder="Archiv")
+    seen: list[str] = []
+
+    def subject(mail):
+        seen.append(mail.fields["subject"])
+        return {"subject_length": len(mail.fields["subject"])}
+
+    mailbox.sync(folders=["INBOX", "Archiv"], processors={"subject": subject})
+    assert sorted(seen) == ["Nachricht 0", "Nachricht 1", "Nachricht 100", "Nachricht 2"]
+    [before] = [e for e in mailbox.stored(folder="INBOX") if e.uid == uids[1]]
+    annotations = mailbox.key.decrypt(
+        before.annotations_enc, table="emails", column="annotations", row=before.id
+    )
+    # When one message moves from INBOX to Archiv (INBOX is synced first: it vanishes there
+    # before Archiv sees it)
+    move(mailbox, uids[1:2], "Archiv")
+    result = mailbox.sync(folders=["INBOX", "Archiv"], processors={"subject": subject})
+    # Then it left INBOX and was stored in Archiv without running the processor again
+    assert (result.vanished, result.saved, result.processed) == (1, 1, 1)
+    assert len(seen) == 4
+    moved = [e for e in mailbox.stored(folder="Archiv") if b"Inhalt 1 " in mailbox.plaintext(e)]
+    assert len(moved) == 1 and moved[0].process_status == "done"
+    assert (
+        mailbox.key.decrypt(
+            moved[0].annotations_enc, table="emails", column="annotations", row=moved[0].id
+        )
+        == annotations
+    )
+    # And the tombstone is gone: INBOX holds the other two, nothing vanished is kept
+    assert [e.uid for e in mailbox.stored(folder="INBOX")] == [uids[0], uids[2]]
+    assert all(e.vanished_at is None for e in mailbox.stored())
+
+
 def test_uidvalidity_change_with_qresync_resyncs_without_duplicates(mailbox, dovecot):
     # Given a synced folder with a modseq on record
     uids = mailbox.deliver([message(i) for i in range(4)])
