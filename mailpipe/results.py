@@ -100,6 +100,11 @@ class AccountHealth(Result):
     last_error: str | None
     folders: list[str]
     sync_interval_seconds: int
+    # newest first under a cap: older mail still being fetched by later runs, and how far
+    # that is (messages stored, and the messages the server held when last synced)
+    backfill_pending: bool
+    stored_mail: int
+    server_mail: int
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -41,7 +41,7 @@ from mailpipe.models import MailAccount, Notification
 from mailpipe.models import User as UserRow
 from mailpipe.retry import RetryPolicy
 from mailpipe.settings import Settings
-from mailpipe.sync import sync_account
+from mailpipe.sync import SyncOptions, sync_account
 from mailpipe.vocabulary import ErrorClass
 from tests.test_sync import message
 from web.app import SESSION_COOKIE, alert_token, create_app
@@ -512,13 +512,22 @@ def test_another_users_job_account_and_notification_are_not_found(site):
 
 
 def test_mail_is_listed_and_read_by_its_owner_only(site, dovecot):
-    # Given bob's account on Dovecot with three messages, synced, and alice as well
+    # Given bob's account on Dovecot with three messages, and alice as well
     alice, bob = site.user("alice"), site.user("bob")
     login, password = dovecot.new_user()
     dovecot.append(login, password, [message(i) for i in range(3)])
     account_id = site.account(bob, port=dovecot.port, login=login, password=password)
-    sync_account(site.sessions, account_id=account_id, key=bob.key)
+    sync_account(
+        site.sessions, account_id=account_id, key=bob.key, options=SyncOptions(max_mails=2)
+    )
     client, _headers = logged_in(site, bob)
+    # And after a capped sync the dashboard shows the backfill's progress
+    assert "werden nachgeladen: 2 von 3" in client.get("/").text
+    assert "being fetched: 2 of 3" in client.get("/?lang=en").text
+    [card] = client.get("/api/accounts/health").json["accounts"]
+    assert (card["backfill_pending"], card["stored_mail"], card["server_mail"]) == (True, 2, 3)
+    sync_account(site.sessions, account_id=account_id, key=bob.key)
+    assert 'class="backfill"' not in client.get("/").text
     # When bob lists his mail two at a time, then he gets it newest first, page by page
     first = client.get(f"/api/mail?account_id={account_id}&folder=INBOX&limit=2").json
     assert [item["subject"] for item in first["mail"]] == ["Nachricht 2", "Nachricht 1"]
