@@ -30,6 +30,7 @@ test: $(STAMP) system
 ## bench: the benchmarks (not part of `make test`): sync, orchestration, metrics overhead, crashes
 bench: $(STAMP) system
 	$(BIN)/python -m bench.sync
+	$(BIN)/python -m bench.resync
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.metrics
 	$(BIN)/python -m bench.login

@@ -219,7 +219,8 @@ def summary(result: SyncResult) -> str:
     return (
         f"{len(result.folders)} folder(s), {unchanged} unchanged: fetched {result.fetched}, "
         f"saved {result.saved}, duplicates {result.duplicates}, "
-        f"quarantined {result.quarantined} in {result.duration:.3f} s\n"
+        f"quarantined {result.quarantined}, flags changed {result.flags_changed}, "
+        f"vanished {result.vanished} in {result.duration:.3f} s\n"
         f"phases: {phases}"
     )
 

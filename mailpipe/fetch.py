@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
@@ -29,6 +29,7 @@ SIZE_ITEM = re.compile(rb"RFC822\.SIZE (\d+)", re.IGNORECASE)
 FLAGS_ITEM = re.compile(rb"FLAGS \(([^)]*)\)", re.IGNORECASE)
 DATE_ITEM = re.compile(rb'INTERNALDATE "([^"]*)"', re.IGNORECASE)
 BODY_NIL = re.compile(rb"BODY\[\] NIL", re.IGNORECASE)
+VANISHED = re.compile(rb"\* VANISHED (?:\(EARLIER\) )?([0-9:,]+)", re.IGNORECASE)
 MONTHS = {
     name.encode(): number
     for number, name in enumerate(
@@ -63,6 +64,14 @@ class Literal(bytes):
     """A literal's bytes, kept apart from atoms so that a body is never mistaken for one."""
 
 
+@dataclass(slots=True)
+class FlagReport:
+    """What a flag fetch told: each listed message's flags by UID, and the UIDs reported gone."""
+
+    flags: dict[int, tuple[bytes, ...]]
+    vanished: set[int]
+
+
 def fetch_messages(
     imap: ImapConnection, uids: Sequence[int] | str, items: str
 ) -> dict[int, FetchedMessage]:
@@ -71,31 +80,64 @@ def fetch_messages(
     `uids` is a list of UIDs or a UID set such as "101:*". Messages expunged since the UIDs were
     listed are simply absent from the result.
     """
-    tag = imap._new_tag()
     uid_set = uids if isinstance(uids, str) else _uid_set(uids)
-    command = b"%s UID FETCH %s (%s)\r\n" % (tag, uid_set.encode(), items.encode())
+    messages: dict[int, FetchedMessage] = {}
+    for parts in command(imap, b"UID FETCH %s (%s)" % (uid_set.encode(), items.encode())):
+        if FETCH_START.match(parts[0]):
+            try:
+                message = _fetched(parts)
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise ProtocolError(MALFORMED_FETCH) from None
+            if message is not None:
+                messages[message.uid] = message
+    return messages
+
+
+def fetch_flags(imap: ImapConnection, request: str, *, highest: int) -> FlagReport:
+    """Run a flag fetch such as `UID FETCH 1:500 (UID FLAGS) (CHANGEDSINCE 7 VANISHED)` or
+    `FETCH 901:* (UID FLAGS)` and read each message's flags and any VANISHED answer (UIDs above
+    `highest` are left out of it: nothing is stored there, and a range stays bounded)."""
+    report = FlagReport(flags={}, vanished=set())
+    for parts in command(imap, request.encode()):
+        head = parts[0]
+        if FETCH_START.match(head):
+            uid = UID_ITEM.search(head)
+            flags = FLAGS_ITEM.search(head)
+            if uid is None or flags is None:
+                continue  # not about flags (or a message without its UID): nothing to learn
+            report.flags[int(uid.group(1))] = tuple(flags.group(1).split())
+        elif (vanished := VANISHED.match(head)) is not None:
+            try:
+                report.vanished.update(uid_set_members(vanished.group(1), highest=highest))
+            except ValueError:
+                raise ProtocolError(MALFORMED_FETCH) from None
+    return report
+
+
+def command(imap: ImapConnection, text: bytes) -> Iterator[list[bytes]]:
+    """Send one tagged command and yield each untagged response until it completes.
+
+    For what imaplib cannot say or read fast: FETCH, and ENABLE in the selected state (which
+    imaplib refuses although servers accept it). A NO or BAD raises IMAPClientError.
+    """
+    tag = imap._new_tag()
+    words = text.split(b" ", 2)
+    name = b" ".join(words[:2] if words[0].upper() == b"UID" else words[:1]).decode(
+        errors="replace"
+    )
     try:
-        imap.send(command)
-        messages: dict[int, FetchedMessage] = {}
+        imap.send(b"%s %s\r\n" % (tag, text))
         while True:
             parts = _read_response(imap)
             head = parts[0]
             if head.startswith(tag + b" "):
                 status = head[len(tag) + 1 :].split(b" ", 1)[0].upper()
                 if status != b"OK":
-                    raise IMAPClientError(
-                        f"UID FETCH failed: {head.decode(errors='replace').strip()}"
-                    )
-                return messages
+                    raise IMAPClientError(f"{name} failed: {head.decode(errors='replace').strip()}")
+                return
             if head.startswith(b"* BYE"):
                 raise IMAPClientAbortError(head.decode(errors="replace").strip())
-            if FETCH_START.match(head):
-                try:
-                    message = _fetched(parts)
-                except (ValueError, KeyError, IndexError, TypeError):
-                    raise ProtocolError(MALFORMED_FETCH) from None
-                if message is not None:
-                    messages[message.uid] = message
+            yield parts
     finally:
         imap.tagged_commands.pop(tag, None)
 
@@ -245,3 +287,13 @@ def _uid_set(uids: Sequence[int]) -> str:
         start = previous = uid
     ranges.append(f"{start}:{previous}" if start != previous else str(start))
     return ",".join(ranges)
+
+
+def uid_set_members(text: bytes, *, highest: int) -> list[int]:
+    """The UIDs up to `highest` of a UID set such as b"5:7,9" (ranges in either order)."""
+    uids: list[int] = []
+    for part in text.split(b","):
+        first, _, last = part.partition(b":")
+        low, high = sorted((int(first), int(last or first)))
+        uids.extend(range(low, min(high, highest) + 1))
+    return uids

@@ -110,7 +110,9 @@ class MailAccount(Base):
 
 
 class FolderState(Base):
-    """Where incremental sync of one folder stands: UIDVALIDITY, highest UID stored, UIDNEXT."""
+    """Where incremental sync of one folder stands: UIDVALIDITY, highest UID stored, UIDNEXT,
+    HIGHESTMODSEQ, how many messages the server held up to that UID, and the backfill still due
+    below it (newest first: UIDs above `backfill_floor` up to `backfill_uid`)."""
 
     __tablename__ = "folder_state"
     __table_args__ = (UniqueConstraint("account_id", "folder", name="uq_folder_state_folder"),)
@@ -121,6 +123,10 @@ class FolderState(Base):
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
     uidnext: Mapped[int] = mapped_column(BigInteger, default=0)
+    highestmodseq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    messages: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    backfill_uid: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    backfill_floor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
@@ -153,6 +159,10 @@ class Email(Base):
     )
     annotations_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     fetched_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    # set when the server no longer holds the message here (a tombstone, read by nobody): kept
+    # until the end of the account's sync, so mail moved to another folder keeps its
+    # processing results, then deleted with its content and annotations
+    vanished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class PipelineJob(Base):

@@ -12,6 +12,7 @@ PHASES = (
     "diagnostics",
     "folder_list",
     "fetch",
+    "flags",
     "parse",
     "save",
     "process",
@@ -44,6 +45,9 @@ class Observer:
         quarantined: Mapping[str, int],
     ) -> None:
         """One batch was committed; `quarantined` counts messages by reason."""
+
+    def after_state_sync(self, *, flags_changed: int, vanished: int) -> None:
+        """A folder's flag changes and vanished mail were committed (counts of stored mail)."""
 
 
 class Observers(Observer):
@@ -81,6 +85,10 @@ class Observers(Observer):
                 duplicates=duplicates,
                 quarantined=quarantined,
             )
+
+    def after_state_sync(self, *, flags_changed: int, vanished: int) -> None:
+        for observer in self.observers:
+            observer.after_state_sync(flags_changed=flags_changed, vanished=vanished)
 
 
 class PhaseTimer:

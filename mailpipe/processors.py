@@ -158,6 +158,7 @@ def process_backlog(
                 Email.process_status.in_((ProcessStatus.PENDING, ProcessStatus.RETRY)),
                 Email.status == ParseStatus.PARSED,
                 Email.fetched_at < stored_before,
+                Email.vanished_at.is_(None),
             )
             .limit(REPROCESS_LIMIT)
         ).all()

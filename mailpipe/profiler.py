@@ -34,7 +34,16 @@ CPU_BOUND = "cpu"
 MIXED = "mixed"
 IO_BOUND_BELOW = 0.3  # CPU/wall under this: the phase mostly waited
 CPU_BOUND_FROM = 0.7  # CPU/wall from this on: the phase mostly computed
-MAIL_COUNTS = ("batches", "fetched", "fetched_bytes", "saved", "duplicates", "quarantined")
+MAIL_COUNTS = (
+    "batches",
+    "fetched",
+    "fetched_bytes",
+    "saved",
+    "duplicates",
+    "quarantined",
+    "flags_changed",
+    "vanished",
+)
 
 
 @dataclass
@@ -139,6 +148,11 @@ class Profiler(Observer):
             self.mail["saved"] += saved
             self.mail["duplicates"] += duplicates
             self.mail["quarantined"] += sum(quarantined.values())
+
+    def after_state_sync(self, *, flags_changed: int, vanished: int) -> None:
+        with self._lock:
+            self.mail["flags_changed"] += flags_changed
+            self.mail["vanished"] += vanished
 
     def to_json(self) -> dict[str, Any]:
         """Phases in pipeline order, then totals; plain numbers only, fit for a JSON column."""

@@ -7,11 +7,11 @@ from collections import defaultdict
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from . import grants
-from .models import AccountRun, MailAccount, PipelineJob, utcnow
+from .models import AccountRun, Email, FolderState, MailAccount, PipelineJob, utcnow
 from .observer import PHASES
 from .results import AccountHealth, Performance, Summary, TrendDay
 from .vocabulary import JOB_FINAL, ErrorClass, Health, JobStatus, RunStatus
@@ -32,6 +32,26 @@ def account_health(
     background = user_id in grants.users_with_background_grant(session, now=now)
     accounts = session.scalars(
         select(MailAccount).where(MailAccount.user_id == user_id).order_by(MailAccount.id)
+    ).all()
+    owned = [account.id for account in accounts]
+    folders = {
+        account_id: (bool(pending), int(held or 0))
+        for account_id, pending, held in session.execute(
+            select(
+                FolderState.account_id,
+                func.max(FolderState.backfill_uid),
+                func.sum(FolderState.messages),
+            )
+            .where(FolderState.account_id.in_(owned))
+            .group_by(FolderState.account_id)
+        )
+    }
+    stored = dict(
+        session.execute(
+            select(Email.account_id, func.count())
+            .where(Email.account_id.in_(owned), Email.vanished_at.is_(None))
+            .group_by(Email.account_id)
+        ).all()
     )
     return [
         AccountHealth(
@@ -54,6 +74,9 @@ def account_health(
             sync_interval_seconds=account.sync_interval_seconds,
             recent_runs=len(recent := _recent_outcomes(session, account.id)),
             recent_failures=recent.count(RunStatus.FAILED),
+            backfill_pending=folders.get(account.id, (False, 0))[0],
+            stored_mail=stored.get(account.id, 0),
+            server_mail=folders.get(account.id, (False, 0))[1],
         )
         for account in accounts
     ]

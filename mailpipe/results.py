@@ -103,6 +103,11 @@ class AccountHealth(Result):
     sync_interval_seconds: int
     recent_runs: int  # the account's last (at most RECENT_RUNS) runs that went ahead
     recent_failures: int  # how many of those failed
+    # newest first under a cap: older mail still being fetched by later runs, and how far
+    # that is (messages stored, and the messages the server held when last synced)
+    backfill_pending: bool
+    stored_mail: int
+    server_mail: int
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -156,3 +161,36 @@ class Performance(Result):
     account_run_duration: Summary | None
     emails_per_second: float | None
     trend: list[TrendDay]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MailItem(Result):
+    """One stored message as a list shows it: sender, subject, date and read state."""
+
+    id: str
+    account_id: int
+    folder: str
+    uid: int
+    sender: str  # the first From address, as "Name <address>" or the address alone
+    subject: str
+    date: datetime | None  # when the server received it (INTERNALDATE), else its Date header
+    read: bool
+    flagged: bool
+    quarantined: bool
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MailPage(Result):
+    """Newest first; `next_before` is the `before` of the next (older) page, None at the end."""
+
+    mail: list[MailItem]
+    next_before: str | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MailMessage(MailItem):
+    """One message with its parsed fields and what processors said of it."""
+
+    flags: list[str]
+    fields: dict[str, Any]  # subject, from, to, cc, date, text, attachments, ... (see parse.py)
+    annotations: dict[str, Any] | None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,15 +23,44 @@ from .vocabulary import ParseStatus, ProcessStatus
 EMAILS = cast(Table, Email.__table__)
 FOLDER_STATE = cast(Table, FolderState.__table__)
 EMAIL_KEY = ["account_id", "folder", "uidvalidity", "uid"]
+RECENT = "\\recent"
+DELETE_CHUNK = 1000
 
 
 @dataclass
 class FolderPosition:
-    """How far a folder is stored: its UIDVALIDITY, the highest UID taken, and UIDNEXT seen."""
+    """How far a folder is stored: its UIDVALIDITY, the highest UID taken (the high-water mark),
+    UIDNEXT and HIGHESTMODSEQ seen, how many messages the server held up to the high-water mark,
+    and the backfill still due below it: UIDs above `backfill_floor` up to `backfill_uid`
+    (0: none), taken newest first by later runs."""
 
     uidvalidity: int
     last_uid: int
     uidnext: int
+    highestmodseq: int = 0
+    messages: int = 0
+    backfill_uid: int = 0
+    backfill_floor: int = 0
+
+
+@dataclass
+class StateChanges:
+    """What a flag sync found on the server for the stored part of one folder.
+
+    `flags` holds the current flags of the messages the server listed; `vanished` the UIDs it
+    said are gone; `present`, when the server listed every UID up to the high-water mark, that
+    set (so whatever is stored and not in it has vanished).
+    """
+
+    flags: dict[int, str]
+    vanished: set[int]
+    present: set[int] | None = None
+
+
+@dataclass
+class ChangeOutcome:
+    flags_changed: int = 0
+    vanished: int = 0
 
 
 @dataclass
@@ -45,13 +74,88 @@ def folder_states(session: Session, account_id: int) -> dict[str, FolderPosition
     """Every folder's stored position for one account, in one query."""
     rows = session.execute(
         select(
-            FolderState.folder, FolderState.uidvalidity, FolderState.last_uid, FolderState.uidnext
+            FolderState.folder,
+            FolderState.uidvalidity,
+            FolderState.last_uid,
+            FolderState.uidnext,
+            FolderState.highestmodseq,
+            FolderState.messages,
+            FolderState.backfill_uid,
+            FolderState.backfill_floor,
         ).where(FolderState.account_id == account_id)
     )
-    return {
-        folder: FolderPosition(uidvalidity=v, last_uid=last, uidnext=nxt)
-        for folder, v, last, nxt in rows
-    }
+    return {row[0]: FolderPosition(*row[1:]) for row in rows}
+
+
+def flag_text(flags: Sequence[bytes | str]) -> str:
+    """Flags as stored: space-separated, without \\Recent (which only says which session saw
+    the message first, and would look like a change whenever another session looked)."""
+    return " ".join(text for text in map(_text, flags) if text.lower() != RECENT)
+
+
+def apply_state_changes(
+    session: Session,
+    *,
+    account_id: int,
+    folder: str,
+    uidvalidity: int,
+    changes: StateChanges,
+) -> ChangeOutcome:
+    """Update stored flags that differ and mark vanished mail (a tombstone until the account's
+    sync ends), in the caller's transaction, which also advances the folder's position."""
+    outcome = ChangeOutcome()
+    now = utcnow()
+    where = (
+        Email.account_id == account_id,
+        Email.folder == folder,
+        Email.uidvalidity == uidvalidity,
+        Email.vanished_at.is_(None),
+    )
+    vanished = set(changes.vanished)
+    updates: list[dict[str, Any]] = []
+    if changes.present is not None or changes.flags:
+        query = select(Email.id, Email.uid, Email.flags).where(*where)
+        if changes.present is None:
+            query = query.where(Email.uid.in_(list(changes.flags)))
+        for row_id, uid, stored in session.execute(query):
+            if changes.present is not None and uid not in changes.present:
+                vanished.add(uid)
+                continue
+            current = changes.flags.get(uid)
+            if current is not None and set(current.split()) != set(stored.split()):
+                updates.append({"row_id": row_id, "new_flags": current})
+    if updates:
+        session.execute(
+            update(EMAILS)
+            .where(EMAILS.c.id == bindparam("row_id"))
+            .values(flags=bindparam("new_flags"))
+            .execution_options(synchronize_session=False),
+            updates,
+        )
+        outcome.flags_changed = len(updates)
+    ordered = sorted(vanished)
+    for start in range(0, len(ordered), DELETE_CHUNK):
+        chunk = ordered[start : start + DELETE_CHUNK]
+        outcome.vanished += rowcount(
+            session.execute(
+                update(Email)
+                .where(*where, Email.uid.in_(chunk))
+                .values(vanished_at=now)
+                .execution_options(synchronize_session=False)
+            )
+        )
+    return outcome
+
+
+def purge_vanished(sessions: sessionmaker[Session], *, account_id: int) -> int:
+    """Delete the account's vanished mail (content and annotations with it) once its sync has
+    seen every folder, so a message moved between them has found its processing results."""
+    with sessions.begin() as session:
+        return rowcount(
+            session.execute(
+                delete(Email).where(Email.account_id == account_id, Email.vanished_at.is_not(None))
+            )
+        )
 
 
 def dialect_insert(session: Session, table: Table) -> postgresql.Insert | sqlite.Insert:
@@ -112,10 +216,46 @@ class BatchWriter:
             self._save_position(session, position)
         return outcome
 
+    def known_annotations(self, hashes: Sequence[bytes]) -> dict[bytes, Annotation]:
+        """What processors said of mail with this content already held in any of the account's
+        folders (a move, or the same mail twice), opened for storing with a new row."""
+        with self.sessions() as session:
+            rows = session.execute(
+                select(Email.content_hash, Email.id, Email.annotations_enc).where(
+                    Email.account_id == self.account_id,
+                    Email.content_hash.in_(list(set(hashes))),
+                    Email.process_status == ProcessStatus.DONE,
+                    Email.annotations_enc.is_not(None),
+                )
+            ).all()
+        known: dict[bytes, Annotation] = {}
+        for content_hash, row_id, sealed in rows:
+            assert sealed is not None  # asked for above
+            document = self.key.decrypt(sealed, table="emails", column="annotations", row=row_id)
+            known[content_hash] = Annotation(status=ProcessStatus.DONE, document=document)
+        return known
+
     def finish(self, position: FolderPosition) -> None:
         """Record the folder's final position for this run (UIDNEXT included when complete)."""
         with self.sessions.begin() as session:
             self._save_position(session, position)
+
+    def apply(
+        self, position: FolderPosition, changes: StateChanges, *, stored: FolderPosition
+    ) -> ChangeOutcome:
+        """Flag changes and vanished mail, and the position with its HIGHESTMODSEQ, together
+        (nothing is written when nothing changed and the position is the one `stored`)."""
+        with self.sessions.begin() as session:
+            outcome = apply_state_changes(
+                session,
+                account_id=self.account_id,
+                folder=self.folder,
+                uidvalidity=position.uidvalidity,
+                changes=changes,
+            )
+            if outcome.flags_changed or outcome.vanished or position != stored:
+                self._save_position(session, position)
+        return outcome
 
     def _row(
         self,
@@ -140,7 +280,7 @@ class BatchWriter:
             "message_id": parsed.message_id,
             "internal_date": message.internal_date,
             "sent_date": parsed.sent_date,
-            "flags": " ".join(_text(flag) for flag in message.flags),
+            "flags": flag_text(message.flags),
             "size": len(raw),
             "content_hash": self.key.content_hash(raw),
             "raw_enc": self.key.encrypt(raw, table="emails", column="raw", row=row_id),
@@ -183,6 +323,7 @@ class BatchWriter:
                     Email.account_id == self.account_id,
                     Email.folder == self.folder,
                     Email.uidvalidity != rows[0]["uidvalidity"],
+                    Email.vanished_at.is_(None),
                     Email.content_hash.in_([row["content_hash"] for row in rows]),
                 )
             ).all()
@@ -208,6 +349,10 @@ class BatchWriter:
             "uidvalidity": position.uidvalidity,
             "last_uid": position.last_uid,
             "uidnext": position.uidnext,
+            "highestmodseq": position.highestmodseq,
+            "messages": position.messages,
+            "backfill_uid": position.backfill_uid,
+            "backfill_floor": position.backfill_floor,
             "updated_at": utcnow(),
         }
         statement = dialect_insert(session, FOLDER_STATE).values(values)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import queue
 import threading
 import time
@@ -12,6 +13,7 @@ from types import TracebackType
 from typing import Any, ParamSpec
 
 from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import imap, store
@@ -19,12 +21,14 @@ from .accounts import account_settings
 from .addresses import AddressPolicy
 from .crypto import DataKey
 from .errors import ProtocolError
-from .fetch import FetchedMessage, fetch_messages
+from .fetch import FetchedMessage, command, fetch_flags, fetch_messages
+from .folders import NOT_BY_WILDCARD, requested_role, role_of
 from .imap import ImapSettings
 from .models import MailAccount
 from .observer import Observer, PhaseTimer
-from .parse import parse_messages
-from .processors import Processor, annotate_batch
+from .parse import ParsedMessage, parse_messages
+from .processors import Annotation, Processor, annotate_batch
+from .vocabulary import FolderRole
 
 BATCH_BYTES = 8 * 1024 * 1024
 BATCH_MESSAGES = 500
@@ -32,6 +36,12 @@ FETCH_ITEMS = "UID FLAGS INTERNALDATE BODY.PEEK[]"
 REQUIRED_CAPABILITY = "IMAP4REV1"
 WILDCARDS = ("*", "%")
 PIPELINE_DEPTH = 2
+FLAG_WINDOW = 200  # without CONDSTORE: the newest messages whose flags each run refreshes
+# how a folder's flag changes and expunges are learnt (see _state_method)
+QRESYNC = "qresync"
+CHANGEDSINCE = "changedsince"
+FULL = "full"
+WINDOW = "window"
 
 _P = ParamSpec("_P")
 # a step queued for the storage thread: the function and its arguments
@@ -60,6 +70,9 @@ class FolderResult:
     quarantined: int = 0
     processed: int = 0
     expunged: int = 0
+    flags_changed: int = 0  # stored messages whose flags the server changed
+    vanished: int = 0  # stored messages the server no longer holds here (expunged or moved)
+    backfill_pending: bool = False  # older mail still to come (newest first under a cap)
     unchanged: bool = False
     uidvalidity_changed: bool = False
     complete: bool = True
@@ -97,12 +110,22 @@ class SyncResult:
     def processed(self) -> int:
         return self._total("processed")
 
+    @property
+    def flags_changed(self) -> int:
+        return self._total("flags_changed")
+
+    @property
+    def vanished(self) -> int:
+        return self._total("vanished")
+
     def to_json(self) -> dict[str, Any]:
         return {
             "fetched": self.fetched,
             "saved": self.saved,
             "duplicates": self.duplicates,
             "quarantined": self.quarantined,
+            "flags_changed": self.flags_changed,
+            "vanished": self.vanished,
             "folders": [asdict(folder) for folder in self.folders],
             "phases": {name: round(seconds, 6) for name, seconds in self.phases.items()},
             "duration": round(self.duration, 6),
@@ -148,6 +171,7 @@ def sync_account(
             result.capabilities = quick_check(client)
         with timer.phase("folder_list"):
             folders = resolve_folders(client, wanted)
+        server = ServerFeatures.of(result.capabilities)
         budget = options.max_mails
         for folder in folders:
             folder_result = _sync_folder(
@@ -160,12 +184,16 @@ def sync_account(
                 budget=budget,
                 options=options,
                 timer=timer,
+                server=server,
             )
             result.folders.append(folder_result)
             if budget is not None:
                 budget -= folder_result.fetched + folder_result.expunged
                 if budget <= 0:
                     break
+        if result.vanished:  # every folder has been seen: a moved message found its results
+            with timer.phase("save"):
+                store.purge_vanished(sessions, account_id=account_id)
     finally:
         with timer.phase("disconnect"):
             _logout(client)
@@ -183,16 +211,37 @@ def quick_check(client: IMAPClient) -> tuple[str, ...]:
 
 
 def resolve_folders(client: IMAPClient, wanted: Sequence[str]) -> list[str]:
-    """Plain names are used as given (no LIST round trip); patterns are expanded with LIST."""
+    """Plain names are used as given (no LIST round trip); patterns are expanded with LIST,
+    leaving out Gmail's \\All (it would copy every message again); a role such as `@sent`
+    names the folders LIST shows with that role (SPECIAL-USE, else a common name)."""
     folders: list[str] = []
+    everything: list[tuple[Sequence[bytes], str | None, str]] | None = None
     for name in wanted:
-        if any(w in name for w in WILDCARDS):
-            for flags, _delimiter, found in client.list_folders(pattern=name):
-                if b"\\Noselect" not in flags and b"\\NonExistent" not in flags:
+        role = requested_role(name)
+        if role is FolderRole.INBOX:
+            folders.append("INBOX")
+        elif role is not None:
+            if everything is None:
+                everything = _selectable(client, "*")
+            folders.extend(
+                found for flags, sep, found in everything if role_of(flags, found, sep) is role
+            )
+        elif any(w in name for w in WILDCARDS):
+            for flags, sep, found in _selectable(client, name):
+                if role_of(flags, found, sep) not in NOT_BY_WILDCARD:
                     folders.append(found)
         else:
             folders.append(name)
     return list(dict.fromkeys(folders))
+
+
+def _selectable(client: IMAPClient, pattern: str) -> list[tuple[Sequence[bytes], str | None, str]]:
+    """LIST's selectable folders matching a pattern: flags, hierarchy delimiter, name."""
+    return [
+        (flags, delimiter.decode() if isinstance(delimiter, bytes) else delimiter, found)
+        for flags, delimiter, found in client.list_folders(pattern=pattern)
+        if b"\\Noselect" not in flags and b"\\NonExistent" not in flags
+    ]
 
 
 def _sync_folder(
@@ -206,59 +255,246 @@ def _sync_folder(
     budget: int | None,
     options: SyncOptions,
     timer: PhaseTimer,
+    server: ServerFeatures,
 ) -> FolderResult:
     outcome = FolderResult(folder=folder)
     with timer.phase("fetch"):
-        selected = client.select_folder(folder, readonly=True)
-    uidvalidity = int(selected[b"UIDVALIDITY"])
-    uidnext = int(selected.get(b"UIDNEXT", 0))
-    exists = int(selected[b"EXISTS"])
-    changed = state is not None and state.uidvalidity != uidvalidity
-    if state is not None and not changed and uidnext and uidnext == state.uidnext:
-        outcome.unchanged = True
-        return outcome
+        box = examine(client, folder, condstore=server.condstore)
+    changed = state is not None and state.uidvalidity != box.uidvalidity
+    known = None if state is None or changed else state
     outcome.uidvalidity_changed = changed
-    last_uid = state.last_uid if state is not None and not changed else 0
-    position = store.FolderPosition(uidvalidity=uidvalidity, last_uid=last_uid, uidnext=0)
-    sizes: dict[int, int] = {}
-    if exists:
-        with timer.phase("fetch"):
-            sizes = _sizes_above(client, last_uid)
-    uids = sorted(sizes)
-    if budget is not None and len(uids) > budget:
-        uids = uids[: max(budget, 0)]
-        outcome.complete = False
-    writer = store.BatchWriter(
-        sessions, account_id=account_id, key=key, folder=folder, dedupe_by_content=changed
+    position = store.FolderPosition(
+        uidvalidity=box.uidvalidity,
+        last_uid=known.last_uid if known else 0,
+        uidnext=0,
+        highestmodseq=box.modseq,
+        messages=known.messages if known else 0,
+        backfill_uid=known.backfill_uid if known else 0,
+        backfill_floor=known.backfill_floor if known else 0,
     )
-    batches = list(_batches(uids, sizes, options))
-    # UIDNEXT is recorded only when every new message was taken, so that a run stopped by the
-    # cap is not mistaken for an unchanged folder next time. It goes with the last batch.
-    final_uidnext = uidnext if outcome.complete else 0
-    # A single batch has nothing to overlap with: store it in this thread.
-    with Pipeline(threaded=len(batches) > 1) as pipeline:
+    # UIDNEXT is recorded only when a run took everything, so an equal one means nothing new
+    settled = known is not None and box.uidnext != 0 and box.uidnext == known.uidnext
+    sizes: dict[int, int] = {}
+    if box.exists and not settled:
+        with timer.phase("fetch"):
+            sizes = _sizes_above(client, position.last_uid)
+    new = sorted(sizes)
+    # mail already held under an older UIDVALIDITY is re-keyed, not copied: in the run that
+    # finds the change, and in the backfill runs that follow a capped one
+    writer = store.BatchWriter(
+        sessions,
+        account_id=account_id,
+        key=key,
+        folder=folder,
+        dedupe_by_content=changed or bool(position.backfill_uid),
+    )
+    saved: store.FolderPosition | None = None  # the position this run committed last
+    method = _state_method(server, known, box, new=len(new))
+    if known is not None and method is not None:
+        with timer.phase("flags"):
+            changes = _state_changes(client, server, method, known=known, box=box)
+            position.messages = box.exists - len(new)
+            if not new and not position.backfill_uid:
+                position.uidnext = box.uidnext
+            applied = writer.apply(replace(position), changes, stored=known)
+        saved = replace(position)
+        outcome.flags_changed, outcome.vanished = applied.flags_changed, applied.vanished
+        timer.observer.after_state_sync(
+            flags_changed=applied.flags_changed, vanished=applied.vanished
+        )
+    if settled:
+        outcome.unchanged = not (outcome.flags_changed or outcome.vanished)
+        return outcome
+    steps, backfill_sizes = _plan_new(position, new, sizes, budget, box=box, options=options)
+    remaining = None if budget is None else budget - sum(len(batch) for batch, _ in steps)
+    if steps:
+        position = steps[-1][1]
+    taken_new = sum(len(batch) for batch, _ in steps)
+    outcome.complete = backfill_sizes is not None or taken_new == len(new)
+    if position.backfill_uid and (remaining is None or remaining > 0):
+        if backfill_sizes is None:
+            with timer.phase("fetch"):
+                backfill_sizes = _sizes_between(
+                    client, position.backfill_floor, position.backfill_uid
+                )
+        older = sorted(
+            uid for uid in backfill_sizes if position.backfill_floor < uid <= position.backfill_uid
+        )
+        take = older if remaining is None else older[len(older) - remaining :]
+        batches = list(_batches(take, backfill_sizes, options))
+        batches.reverse()  # newest first: each commit lowers the backfill mark
         for number, batch in enumerate(batches, start=1):
+            done = len(take) == len(older) and number == len(batches)
+            position = replace(
+                position,
+                backfill_uid=0 if done else batch[0] - 1,
+                backfill_floor=0 if done else position.backfill_floor,
+            )
+            steps.append((batch, position))
+        if not older:
+            position = replace(position, backfill_uid=0, backfill_floor=0)
+    outcome.backfill_pending = bool(position.backfill_uid)
+    outcome.complete = outcome.complete and not outcome.backfill_pending
+    final = replace(position, uidnext=box.uidnext if outcome.complete else 0)
+    if steps:
+        steps[-1] = (steps[-1][0], final)
+    # A single batch has nothing to overlap with: store it in this thread.
+    with Pipeline(threaded=len(steps) > 1) as pipeline:
+        for batch, after in steps:
             with timer.phase("fetch"):
                 fetched = fetch_messages(client._imap, batch, FETCH_ITEMS)
             messages = [fetched[uid] for uid in batch if uid in fetched]
-            position.last_uid = batch[-1]
-            if number == len(batches):
-                position.uidnext = final_uidnext
             outcome.expunged += len(batch) - len(messages)
             pipeline.submit(
                 _store_batch,
                 writer,
-                replace(position),
+                after,
                 messages,
                 outcome=outcome,
                 processors=options.processors,
                 timer=timer,
             )
-    if not batches:  # nothing new (mail came and went): the position still moves on
-        position.uidnext = final_uidnext
+    if not steps and final != saved:  # nothing to fetch: the position still moves on
         with timer.phase("save"):
-            writer.finish(position)
+            writer.finish(final)
     return outcome
+
+
+@dataclass
+class ServerFeatures:
+    """What the connection offers for flag and expunge sync, from the login's capabilities."""
+
+    condstore: bool = False
+    qresync: bool = False
+    qresync_enabled: bool = False
+
+    @classmethod
+    def of(cls, capabilities: Sequence[str]) -> ServerFeatures:
+        names = {name.upper() for name in capabilities}
+        qresync = "QRESYNC" in names and "ENABLE" in names
+        return cls(condstore="CONDSTORE" in names or qresync, qresync=qresync)
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """A folder as EXAMINE showed it; `modseq` 0 when the server keeps no mod-sequences."""
+
+    uidvalidity: int
+    exists: int
+    uidnext: int
+    modseq: int
+
+
+def examine(client: IMAPClient, folder: str, *, condstore: bool) -> Mailbox:
+    """EXAMINE (read-only SELECT), with HIGHESTMODSEQ when the server has CONDSTORE; UIDNEXT
+    from STATUS when the answer lacks it (Courier does), so the no-change shortcut still works."""
+    name = client._normalise_folder(folder)
+    if condstore:
+        name += b" (CONDSTORE)"
+    client._command_and_check("select", name, True)
+    selected = client._process_select_response(client._imap.untagged_responses)
+    uidnext = int(selected.get(b"UIDNEXT", 0))
+    if not uidnext:
+        uidnext = int(client.folder_status(folder, ["UIDNEXT"]).get(b"UIDNEXT", 0))
+    return Mailbox(
+        uidvalidity=int(selected[b"UIDVALIDITY"]),
+        exists=int(selected[b"EXISTS"]),
+        uidnext=uidnext,
+        modseq=int(selected.get(b"HIGHESTMODSEQ", 0)),
+    )
+
+
+def _state_method(
+    server: ServerFeatures, known: store.FolderPosition | None, box: Mailbox, *, new: int
+) -> str | None:
+    """How to learn the flag changes and expunges of the stored part of a folder, or None when
+    nothing can have changed there (the no-change poll pays nothing for it)."""
+    if known is None or not known.last_uid:
+        return None
+    # what the server holds up to the high-water mark, against what it held the last time
+    count_agrees = box.exists - new == known.messages
+    if box.modseq and known.highestmodseq:
+        if box.modseq == known.highestmodseq:
+            return None if count_agrees else FULL
+        if server.qresync:
+            return QRESYNC
+        return CHANGEDSINCE if count_agrees else FULL
+    if box.modseq or not count_agrees:
+        return FULL  # no mod-sequence stored yet, or something vanished: compare the UID sets
+    return WINDOW if box.exists else None
+
+
+def _state_changes(
+    client: IMAPClient,
+    server: ServerFeatures,
+    method: str,
+    *,
+    known: store.FolderPosition,
+    box: Mailbox,
+) -> store.StateChanges:
+    """Ask the server what changed among the stored messages, in one round trip (ENABLE
+    QRESYNC is sent once per connection before the first QRESYNC fetch)."""
+    last, since = known.last_uid, known.highestmodseq
+    if method == QRESYNC and not _enable_qresync(client, server):
+        method = FULL  # QRESYNC announced but refused: learn expunges by comparison this once
+    if method == QRESYNC:
+        request = f"UID FETCH 1:{last} (UID FLAGS) (CHANGEDSINCE {since} VANISHED)"
+    elif method == CHANGEDSINCE:
+        request = f"UID FETCH 1:{last} (UID FLAGS) (CHANGEDSINCE {since})"
+    elif method == FULL:
+        request = f"UID FETCH 1:{last} (UID FLAGS)"
+    else:
+        request = f"FETCH {max(1, box.exists - FLAG_WINDOW + 1)}:* (UID FLAGS)"
+    report = fetch_flags(client._imap, request, highest=last)
+    flags = {uid: store.flag_text(value) for uid, value in report.flags.items() if uid <= last}
+    present = set(report.flags) if method == FULL else None
+    return store.StateChanges(flags=flags, vanished=report.vanished, present=present)
+
+
+def _enable_qresync(client: IMAPClient, server: ServerFeatures) -> bool:
+    """ENABLE QRESYNC once per connection; a server that refuses it is used without."""
+    if not server.qresync_enabled:
+        try:
+            for _ in command(client._imap, b"ENABLE QRESYNC"):
+                pass
+        except IMAPClientAbortError:
+            raise
+        except IMAPClientError:
+            server.qresync = False
+            return False
+        server.qresync_enabled = True
+    return True
+
+
+def _plan_new(
+    position: store.FolderPosition,
+    new: list[int],
+    sizes: dict[int, int],
+    budget: int | None,
+    *,
+    box: Mailbox,
+    options: SyncOptions,
+) -> tuple[list[tuple[list[int], store.FolderPosition]], dict[int, int] | None]:
+    """Batches of new mail above the high-water mark, each with the position its commit records.
+
+    Under a cap the newest new mail comes first: the high-water mark jumps to the newest UID
+    and what lies between becomes the backfill (its sizes are returned, already known). While
+    a backfill is pending, new mail is taken oldest first, so there is only ever one gap.
+    """
+    if not new:
+        return [], None
+    if budget is not None and len(new) > budget and not position.backfill_uid:
+        position.backfill_floor = position.last_uid
+        position.backfill_uid = position.last_uid = new[-1]
+        position.messages = box.exists
+        return [], sizes
+    take = new if budget is None else new[: max(budget, 0)]
+    steps: list[tuple[list[int], store.FolderPosition]] = []
+    for batch in _batches(take, sizes, options):
+        above = len(new) - bisect.bisect_right(new, batch[-1])
+        position = replace(position, last_uid=batch[-1], messages=box.exists - above)
+        steps.append((batch, position))
+    return steps, None
 
 
 def _store_batch(
@@ -274,16 +510,10 @@ def _store_batch(
     with timer.phase("parse"):
         parsed = parse_messages([message.body for message in messages])
     ids = [uuid.uuid4() for _ in messages]
-    annotations = None
+    annotations: list[Annotation | None] | None = None
     if processors:
         with timer.phase("process"):
-            annotations = annotate_batch(
-                processors,
-                account_id=writer.account_id,
-                folder=writer.folder,
-                ids=ids,
-                fields=[p.fields for p in parsed],
-            )
+            annotations = _annotations(writer, processors, messages, parsed, ids)
     with timer.phase("save"):
         saved = writer.write(position, messages, parsed, ids=ids, annotations=annotations)
     quarantined = [p.quarantine_reason for p in parsed if p.quarantine_reason is not None]
@@ -299,6 +529,31 @@ def _store_batch(
         duplicates=saved.duplicates,
         quarantined={reason: quarantined.count(reason) for reason in set(quarantined)},
     )
+
+
+def _annotations(
+    writer: store.BatchWriter,
+    processors: Mapping[str, Processor],
+    messages: list[FetchedMessage],
+    parsed: list[ParsedMessage],
+    ids: list[uuid.UUID],
+) -> list[Annotation | None]:
+    """Run the processors on a batch, except on mail whose content the account already holds
+    processed (moved from another folder): that keeps its annotations, processed once."""
+    hashes = [writer.key.content_hash(message.body) for message in messages]
+    known = writer.known_annotations(hashes)
+    fresh = [i for i, content_hash in enumerate(hashes) if content_hash not in known]
+    made = annotate_batch(
+        processors,
+        account_id=writer.account_id,
+        folder=writer.folder,
+        ids=[ids[i] for i in fresh],
+        fields=[parsed[i].fields for i in fresh],
+    )
+    annotations: list[Annotation | None] = [known.get(content_hash) for content_hash in hashes]
+    for i, annotation in zip(fresh, made, strict=True):
+        annotations[i] = annotation
+    return annotations
 
 
 class Pipeline:
@@ -397,6 +652,17 @@ def _sizes_above(client: IMAPClient, last_uid: int) -> dict[int, int]:
     response = fetch_messages(client._imap, f"{last_uid + 1}:*", "UID RFC822.SIZE")
     # "n:*" always matches the highest UID, even when that is below n.
     return {uid: message.size for uid, message in response.items() if uid > last_uid}
+
+
+def _sizes_between(client: IMAPClient, floor: int, top: int) -> dict[int, int]:
+    """UIDs above `floor` up to `top` with their sizes: the backfill still due."""
+    return {
+        uid: message.size
+        for uid, message in fetch_messages(
+            client._imap, f"{floor + 1}:{top}", "UID RFC822.SIZE"
+        ).items()
+        if floor < uid <= top
+    }
 
 
 def _batches(

@@ -136,3 +136,16 @@ class ProcessStatus(StrEnum):
     PENDING = "pending"
     DONE = "done"
     RETRY = "retry"
+
+
+class FolderRole(StrEnum):
+    """What a folder is for (RFC 6154 SPECIAL-USE, or its common name); `@sent` names it."""
+
+    INBOX = "inbox"
+    SENT = "sent"
+    DRAFTS = "drafts"
+    TRASH = "trash"
+    JUNK = "junk"
+    ARCHIVE = "archive"
+    ALL = "all"
+    FLAGGED = "flagged"

@@ -68,6 +68,16 @@ FETCHED_BYTES = Counter(
     "Bytes of message bodies fetched from IMAP servers.",
     ["provider"],
 )
+FLAG_UPDATES = Counter(
+    "mailpipe_flag_updates_total",
+    "Stored messages whose flags were updated from the server (read, flagged, answered...).",
+    ["provider"],
+)
+VANISHED = Counter(
+    "mailpipe_vanished_total",
+    "Stored messages removed because the server no longer holds them (expunged or moved).",
+    ["provider"],
+)
 ERRORS = Counter(
     "mailpipe_errors_total",
     "Failed account-run attempts, by error class and the phase they failed in.",
@@ -106,6 +116,8 @@ def initialise() -> None:
     for provider in PROVIDERS:
         EMAILS_FETCHED.labels(provider)
         FETCHED_BYTES.labels(provider)
+        FLAG_UPDATES.labels(provider)
+        VANISHED.labels(provider)
         for outcome in RUN_FINAL:
             ACCOUNT_RUNS.labels(provider, outcome)
         for error_class in AUTH_ERROR_CLASSES:  # what the auth-failure alert counts

@@ -75,6 +75,10 @@ class MetricsObserver(Observer):
                 c.bounded(reason, c.QUARANTINE_REASONS, fallback=c.PARSE_ERROR)
             ).inc(count)
 
+    def after_state_sync(self, *, flags_changed: int, vanished: int) -> None:
+        c.FLAG_UPDATES.labels(self.provider).inc(flags_changed)
+        c.VANISHED.labels(self.provider).inc(vanished)
+
     def record_outcome(self, outcome: RunOutcome, *, seconds: float) -> None:
         """Count what `run_account` returned: a final run, or a failed attempt sent to retry.
 

@@ -15,7 +15,17 @@ import pytest
 
 from tests.support.messages import plain_message as message
 
-JSON_KEYS = {"fetched", "saved", "duplicates", "quarantined", "folders", "phases", "duration"}
+JSON_KEYS = {
+    "fetched",
+    "saved",
+    "duplicates",
+    "quarantined",
+    "flags_changed",
+    "vanished",
+    "folders",
+    "phases",
+    "duration",
+}
 
 
 def mailpipe(*args: str, password: str, **kwargs) -> subprocess.CompletedProcess:

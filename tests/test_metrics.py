@@ -196,6 +196,19 @@ def test_mail_phase_seconds_count_only_runs_that_fetched_mail(fetched, counted):
     )
 
 
+def test_flag_updates_and_vanished_mail_count_by_provider():
+    # Given the state-sync counters for gmx
+    flags = sample("mailpipe_flag_updates_total", provider="gmx")
+    vanished = sample("mailpipe_vanished_total", provider="gmx")
+
+    # When a folder's flag changes and vanished mail are committed
+    MetricsObserver(provider="gmx").after_state_sync(flags_changed=6, vanished=4)
+
+    # Then each counter moved by those numbers, under the provider only
+    assert sample("mailpipe_flag_updates_total", provider="gmx") == flags + 6
+    assert sample("mailpipe_vanished_total", provider="gmx") == vanished + 4
+
+
 @pytest.fixture
 def sessions(tmp_path: Path):
     engine = db.make_engine(f"sqlite:///{tmp_path / 'metrics.db'}")

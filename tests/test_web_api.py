@@ -41,6 +41,7 @@ from mailpipe.models import MailAccount, Notification
 from mailpipe.models import User as UserRow
 from mailpipe.retry import RetryPolicy
 from mailpipe.settings import Settings
+from mailpipe.sync import SyncOptions, sync_account
 from mailpipe.vocabulary import ErrorClass
 from tests.test_sync import message
 from web.app import SESSION_COOKIE, alert_token, create_app
@@ -329,6 +330,8 @@ API_GETS = [
     "/api/metrics/performance",
     "/api/notifications",
     "/api/diagnostics/0123456789abcdef0123456789abcdef",
+    "/api/mail",
+    "/api/mail/00000000-0000-0000-0000-000000000000",
 ]
 API_POSTS = [
     "/api/jobs/fetch",
@@ -506,6 +509,46 @@ def test_another_users_job_account_and_notification_are_not_found(site):
     assert client.get("/api/accounts/health").json == {"accounts": []}
     assert client.get("/api/notifications").json == {"notifications": [], "unread": 0}
     assert "bob@example.org" not in client.get("/").text
+
+
+def test_mail_is_listed_and_read_by_its_owner_only(site, dovecot):
+    # Given bob's account on Dovecot with three messages, and alice as well
+    alice, bob = site.user("alice"), site.user("bob")
+    login, password = dovecot.new_user()
+    dovecot.append(login, password, [message(i) for i in range(3)])
+    account_id = site.account(bob, port=dovecot.port, login=login, password=password)
+    sync_account(
+        site.sessions, account_id=account_id, key=bob.key, options=SyncOptions(max_mails=2)
+    )
+    client, _headers = logged_in(site, bob)
+    # And after a capped sync the dashboard shows the backfill's progress
+    assert "werden nachgeladen: 2 von 3" in client.get("/").text
+    assert "being fetched: 2 of 3" in client.get("/?lang=en").text
+    [card] = client.get("/api/accounts/health").json["accounts"]
+    assert (card["backfill_pending"], card["stored_mail"], card["server_mail"]) == (True, 2, 3)
+    sync_account(site.sessions, account_id=account_id, key=bob.key)
+    assert 'class="backfill"' not in client.get("/").text
+    # When bob lists his mail two at a time, then he gets it newest first, page by page
+    first = client.get(f"/api/mail?account_id={account_id}&folder=INBOX&limit=2").json
+    assert [item["subject"] for item in first["mail"]] == ["Nachricht 2", "Nachricht 1"]
+    rest = client.get(f"/api/mail?limit=2&before={first['next_before']}").json
+    assert [item["subject"] for item in rest["mail"]] == ["Nachricht 0"]
+    assert rest["next_before"] is None
+    assert client.get("/api/mail?since=2999-01-01T00:00:00%2B00:00").json["mail"] == []
+    # And one message reads whole
+    one = client.get(f"/api/mail/{first['mail'][0]['id']}").json
+    assert "Inhalt 2" in one["fields"]["text"] and one["read"] is False
+    # And the dashboard lists the latest mail of the account, in German and in English
+    german, english = client.get("/").text, client.get("/?lang=en").text
+    assert "Nachricht 2" in german and "Neueste E-Mails" in german and "ungelesen" in german
+    assert "Latest mail" in english and "unread" in english
+    # And a time without an offset is refused by name
+    response = client.get("/api/mail?since=2026-01-01T00:00:00")
+    assert (response.status_code, response.json["field"]) == (400, "since")
+    # When alice asks, then bob's mail is neither listed nor found
+    alice_client, _headers = logged_in(site, alice)
+    assert alice_client.get("/api/mail").json == {"mail": [], "next_before": None}
+    assert alice_client.get(f"/api/mail/{one['id']}").status_code == 404
 
 
 def test_job_errors_are_said_in_user_words_in_german_or_english(site):

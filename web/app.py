@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import run_simple
 
-from mailpipe import db, grants
+from mailpipe import db, grants, mail
 from mailpipe.accounts import unlock_user
 from mailpipe.crypto import KDF_ITERATIONS, SALT_BYTES, DataKey, KdfParams, derive_kek
 from mailpipe.errors import NotFound, WrongPassword
@@ -47,6 +47,7 @@ LOGIN_COOKIE = "mailpipe_login"
 LOGIN_FORM_SECONDS = 15 * 60
 DASHBOARD_JOBS = 10
 DASHBOARD_NOTIFICATIONS = 20
+DASHBOARD_MAIL = 5  # latest messages shown per account
 MAX_CONTENT_LENGTH = 1024 * 1024
 HSTS = "max-age=31536000"
 SECURITY_HEADERS = {
@@ -308,6 +309,19 @@ def _dashboard_data(state: WebState, login: ServerSession, lang: str) -> dict:
         notes = present.user_notifications(
             session, login.user_id, limit=DASHBOARD_NOTIFICATIONS, lang=lang
         )
+        latest = {
+            a.account_id: [
+                item.to_json()
+                for item in mail.list_mail(
+                    session,
+                    user_id=login.user_id,
+                    key=login.key,
+                    account_id=a.account_id,
+                    limit=DASHBOARD_MAIL,
+                ).mail
+            ]
+            for a in health
+        }
     jobs = [
         present.job_summary_view(
             job, account_ids=covered.get(job.job_id, []), labels=labels, lang=lang
@@ -320,6 +334,7 @@ def _dashboard_data(state: WebState, login: ServerSession, lang: str) -> dict:
         "accounts": [present.account_view(a, labels=labels, lang=lang) for a in health],
         "notifications": notes["notifications"],
         "unread": notes["unread"],
+        "mail": latest,
         "totals": present.totals_view(performance, lang=lang),
         "page_data": {
             "lang": lang,

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 from flask import Blueprint, Response, jsonify, request, url_for
@@ -32,11 +33,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
-from mailpipe import db
+from mailpipe import db, mail
 from mailpipe.crypto import DataKey
 from mailpipe.errors import NotFound, TooManyRequests
 from mailpipe.grants import WorkerKeyError
 from mailpipe.jobs import MAX_TIMEOUT_SECONDS
+from mailpipe.mail import MAX_PAGE_SIZE, PAGE_SIZE
 from mailpipe.models import Notification, utcnow
 
 from . import diagnostics, present
@@ -260,6 +262,49 @@ class _Api:
     def performance(self) -> Response:
         return jsonify(self.pipeline.get_performance_metrics(self.user()).to_json())
 
+    # -- mail ------------------------------------------------------------------------------
+
+    def mail(self) -> Response:
+        user_id = self.user()
+        key = self.key()
+        limit = _query_int("limit", default=PAGE_SIZE, maximum=MAX_PAGE_SIZE)
+        account_id = None
+        if "account_id" in request.args:
+            account_id = _query_int("account_id", default=1, maximum=MAX_ID)
+        since = None
+        if "since" in request.args:
+            since = _query_instant("since")
+        with self.sessions() as session:
+            try:
+                page = mail.list_mail(
+                    session,
+                    user_id=user_id,
+                    key=key,
+                    account_id=account_id,
+                    folder=request.args.get("folder"),
+                    since=since,
+                    before=request.args.get("before"),
+                    limit=limit,
+                )
+            except NotFound:
+                raise ApiError(
+                    400,
+                    "bad_request",
+                    "before must be a next_before you were given",
+                    field="before",
+                ) from None
+        return jsonify(page.to_json())
+
+    def mail_message(self, mail_id: str) -> Response:
+        user_id = self.user()
+        key = self.key()
+        with self.sessions() as session:
+            try:
+                message = mail.read_mail(session, user_id=user_id, key=key, mail_id=mail_id)
+            except NotFound:
+                raise ApiError(404, "not_found", "mail not found") from None
+        return jsonify(message.to_json())
+
     # -- notifications ---------------------------------------------------------------------
 
     def notifications(self) -> Response:
@@ -372,6 +417,8 @@ def create_blueprint(
         (f"/accounts/<{ID}:account_id>/diagnostics", "diagnostics", api.diagnostics, "POST"),
         ("/diagnostics/<request_id>", "diagnosis", api.diagnosis, "GET"),
         ("/metrics/performance", "performance", api.performance, "GET"),
+        ("/mail", "mail", api.mail, "GET"),
+        ("/mail/<mail_id>", "mail_message", api.mail_message, "GET"),
         ("/notifications", "notifications", api.notifications, "GET"),
         (f"/notifications/<{ID}:notification_id>/read", "mark_read", api.mark_read, "POST"),
         ("/notifications/read-all", "mark_all_read", api.mark_all_read, "POST"),
@@ -436,6 +483,20 @@ def _text(value: object) -> TypeGuard[str]:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _query_instant(name: str) -> datetime:
+    """An instant from the query string: ISO 8601 with its offset (a time without one names no
+    instant)."""
+    try:
+        moment = datetime.fromisoformat(request.args[name])
+    except ValueError:
+        moment = None
+    if moment is None or moment.utcoffset() is None:
+        raise ApiError(
+            400, "bad_request", f"{name} must be ISO 8601 with an offset, e.g. +00:00", field=name
+        )
+    return moment
 
 
 def _alert_rows(payload: dict) -> list[dict]:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from mailpipe import diagnostics
 from mailpipe.jobs import MAX_TIMEOUT_SECONDS
-from mailpipe.results import AccountHealth, JobSummary, Performance, RunReport
+from mailpipe.mail import MAX_PAGE_SIZE, PAGE_SIZE
+from mailpipe.results import (
+    AccountHealth,
+    JobSummary,
+    MailMessage,
+    MailPage,
+    Performance,
+    RunReport,
+)
 
 from .schemas import object_schema
 
@@ -112,6 +120,12 @@ ACCOUNT_HEALTH = object_schema(
 )
 
 PERFORMANCE = object_schema(Performance, overrides={"trend": {"description": "the last 7 days"}})
+
+MAIL_PAGE = object_schema(
+    MailPage,
+    overrides={"next_before": {"description": "pass as `before` for the next, older page"}},
+)
+MAIL_MESSAGE = object_schema(MailMessage)
 
 NOTIFICATION = {
     "type": "object",
@@ -284,6 +298,68 @@ OPENAPI: dict = {
                 },
             }
         },
+        "/api/mail": {
+            "get": {
+                "operationId": "mail",
+                "summary": "The user's stored mail, newest first, a page at a time",
+                "security": SESSION,
+                "parameters": [
+                    {
+                        "name": "account_id",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+                    },
+                    {
+                        "name": "folder",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "required": False,
+                        "description": "received at or after this instant (ISO 8601 with offset)",
+                        "schema": {"type": "string", "format": "date-time"},
+                    },
+                    {
+                        "name": "before",
+                        "in": "query",
+                        "required": False,
+                        "description": "the `next_before` of the previous page",
+                        "schema": {"type": "string"},
+                    },
+                    _limit(PAGE_SIZE, MAX_PAGE_SIZE),
+                ],
+                "responses": {
+                    "200": _json(_ref("MailPage"), "one page of mail"),
+                    "400": _error("BadRequest"),
+                    "401": _error("Unauthorized"),
+                },
+            }
+        },
+        "/api/mail/{mail_id}": {
+            "get": {
+                "operationId": "mail_message",
+                "summary": "One message with its parsed fields and annotations",
+                "security": SESSION,
+                "parameters": [
+                    {
+                        "name": "mail_id",
+                        "in": "path",
+                        "required": True,
+                        "description": "a message's id, as the list gives it",
+                        "schema": {"type": "string", "pattern": "^[0-9a-f-]{32,36}$"},
+                    }
+                ],
+                "responses": {
+                    "200": _json(_ref("MailMessage"), "the message"),
+                    "401": _error("Unauthorized"),
+                    "404": _error("NotFound"),
+                },
+            }
+        },
         "/api/notifications": {
             "get": {
                 "operationId": "notifications",
@@ -391,7 +467,7 @@ OPENAPI: dict = {
                 "BadRequest": "bad input; `field` names the field at fault",
                 "Unauthorized": "not logged in, data key missing, or wrong bearer token",
                 "Forbidden": "missing or wrong X-CSRF-Token",
-                "NotFound": "no such job, account, check or notification of this user",
+                "NotFound": "no such job, account, check, notification or mail of this user",
                 "TooManyJobs": "too many of the user's jobs are still queued or running",
                 "TooManyChecks": "too many connection checks within a minute; the Retry-After "
                 "header says when to ask again",
@@ -530,6 +606,8 @@ OPENAPI: dict = {
             },
             "Performance": PERFORMANCE,
             "Notification": NOTIFICATION,
+            "MailPage": MAIL_PAGE,
+            "MailMessage": MAIL_MESSAGE,
             "AlertmanagerPayload": {
                 "type": "object",
                 "required": ["alerts"],
