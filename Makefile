@@ -29,6 +29,8 @@ bench: $(STAMP) system
 	$(BIN)/python -m bench.sync
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.metrics
+	$(BIN)/python -m bench.push
+	$(BIN)/python -m bench.watcher
 
 system:
 	bash scripts/ensure-system.sh

@@ -28,6 +28,7 @@ def account_health(
     Without a live background grant the scheduler cannot read the user's accounts: they show
     LOCKED, which is not an error.
     """
+    now = now or utcnow()
     background = user_id in grants.users_with_background_grant(session, now=now)
     accounts = session.scalars(
         select(MailAccount).where(MailAccount.user_id == user_id).order_by(MailAccount.id)
@@ -51,6 +52,11 @@ def account_health(
             last_error=account.last_error_message,
             folders=list(account.folders),
             sync_interval_seconds=account.sync_interval_seconds,
+            push_enabled=account.push_enabled,
+            pushed=account.push_enabled
+            and account.watch_owner is not None
+            and account.watch_until is not None
+            and account.watch_until > now,
         )
         for account in accounts
     ]

@@ -100,6 +100,8 @@ class AccountHealth(Result):
     last_error: str | None
     folders: list[str]
     sync_interval_seconds: int
+    push_enabled: bool  # the owner wants push for this account
+    pushed: bool  # a watcher holds an IDLE connection for it now
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

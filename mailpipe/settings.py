@@ -21,6 +21,7 @@ from .errors import MailpipeError
 from .grants import WORKER_KEY_FILE_ENV, WORKER_PUBLIC_KEY_ENV, X25519_KEY_BYTES
 from .health import CircuitPolicy
 from .retry import RetryPolicy
+from .watcher import WatchPolicy
 
 STUB_BROKER = "stub"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -48,6 +49,7 @@ class Settings:
     redis_maintenance_chance: int = 1_000  # per million commands
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     circuit: CircuitPolicy = field(default_factory=CircuitPolicy)
+    watch: WatchPolicy = field(default_factory=WatchPolicy)
     max_connections_per_host: int = 10
     max_connections_by_provider: Mapping[str, int] = field(default_factory=dict)
     host_slot_ttl_ms: int = 15 * 60 * 1000
@@ -138,6 +140,14 @@ class Settings:
                         failures=("MAILPIPE_CIRCUIT_FAILURES", _integer),
                         window_seconds=("MAILPIPE_CIRCUIT_WINDOW_SECONDS", _integer),
                         cooldown_seconds=("MAILPIPE_CIRCUIT_COOLDOWN_SECONDS", _integer),
+                    )
+                ),
+                watch=WatchPolicy(
+                    **given.fields(
+                        lease_seconds=("MAILPIPE_WATCH_LEASE_SECONDS", _number),
+                        capacity=("MAILPIPE_WATCH_CAPACITY", _integer),
+                        renew_seconds=("MAILPIPE_IDLE_RENEW_SECONDS", _number),
+                        connect_threads=("MAILPIPE_WATCH_CONNECT_THREADS", _integer),
                     )
                 ),
             )

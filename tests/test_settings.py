@@ -43,6 +43,10 @@ VALID = {
     "MAILPIPE_BACKGROUND_GRANT_HOURS": "1",
     "MAILPIPE_COOKIE_SECURE": "true",
     "MAILPIPE_DEBUG": "1",
+    "MAILPIPE_WATCH_LEASE_SECONDS": "20",
+    "MAILPIPE_WATCH_CAPACITY": "1000",
+    "MAILPIPE_IDLE_RENEW_SECONDS": "300",
+    "MAILPIPE_WATCH_CONNECT_THREADS": "4",
 }
 
 
@@ -104,6 +108,8 @@ def test_every_variable_changes_the_settings(variable):
         ("MAILPIPE_MAX_CONNECTIONS_BY_PROVIDER", "gmial=3", "unknown provider 'gmial'"),
         ("MAILPIPE_MAX_CONNECTIONS_BY_PROVIDER", "gmail=many", "needs a number"),
         ("MAILPIPE_MAX_CONNECTIONS_BY_PROVIDER", "gmail=0", "must be at least 1"),
+        ("MAILPIPE_IDLE_RENEW_SECONDS", "1800", "below 1740"),
+        ("MAILPIPE_WATCH_CAPACITY", "0", "must be at least 1"),
     ],
 )
 def test_a_wrong_value_is_one_line_naming_its_variable(variable, value, said):

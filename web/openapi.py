@@ -100,6 +100,7 @@ ACCOUNT_HEALTH = object_schema(
         "label": {"type": "string"},
         "health_text": {"type": "string"},
         "last_error_text": NULLABLE_STRING,
+        "fetch_mode_text": {"type": "string"},
     },
 )
 
