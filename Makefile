@@ -35,6 +35,8 @@ bench: $(STAMP) system
 	$(BIN)/python -m bench.metrics
 	$(BIN)/python -m bench.login
 	$(BIN)/python -m bench.logs
+	$(BIN)/python -m bench.push
+	$(BIN)/python -m bench.watcher
 
 system:
 	bash scripts/ensure-system.sh

@@ -103,10 +103,14 @@ class PipelineBroker:
         *,
         max_mails: int | None = None,
         timeout_seconds: int = 120,
+        job_type: JobType = JobType.SCHEDULED,
+        noticed_at: float | None = None,
     ) -> str:
         """One job for the accounts of a user that the scheduler found due, under the user's
         background grant; accounts the user does not own (or that are disabled) are left out."""
         options = _job_options(max_mails, timeout_seconds)
+        if noticed_at is not None:
+            options["noticed_at"] = noticed_at
         with self.sessions.begin() as session:
             grant = _background_grant(session, user_id)
             owned = set(jobs.owned_accounts(session, user_id))
@@ -115,7 +119,7 @@ class PipelineBroker:
                 session,
                 user_id=user_id,
                 account_ids=account_ids,
-                type=JobType.SCHEDULED,
+                type=job_type,
                 options=options,
                 grant_id=grant.id,
             ).id
@@ -124,6 +128,16 @@ class PipelineBroker:
             job_id=job_id, user_id=user_id, job_type=JobType.SCHEDULED, accounts=len(account_ids)
         )
         return job_id
+
+    def enqueue_push_job(
+        self, user_id: int, account_ids: list[int], *, noticed_at: float | None = None
+    ) -> str:
+        """A watcher saw new mail (at `noticed_at`, Unix time): one job (type push, as job
+        history shows it) for these accounts, under the user's background grant, like a
+        scheduled one; the run measures push latency from `noticed_at`."""
+        return self.enqueue_scheduled_job(
+            user_id, account_ids, job_type=JobType.PUSH, noticed_at=noticed_at
+        )
 
     def _send(self, job_id: str, account_ids: list[int], timeout_seconds: int) -> None:
         time_limit = min(DEFAULT_TIME_LIMIT_MS, timeout_seconds * 1000 + TIME_LIMIT_MARGIN_MS)

@@ -61,6 +61,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     account_remove.add_argument("account_id", type=row_id)
     account_remove.add_argument("--user", required=True, type=nonempty)
     account_remove.set_defaults(run=run_account_remove)
+    account_push = account.add_parser(
+        "push", help="turn push (IMAP IDLE watching) on or off for an account"
+    )
+    account_push.add_argument("account_id", type=int)
+    account_push.add_argument("state", choices=("on", "off"))
+    account_push.add_argument("--user", required=True)
+    account_push.set_defaults(run=run_account_push)
 
     health = commands.add_parser("health", help="a user's accounts and their health")
     health.add_argument("--user", required=True, type=nonempty)
@@ -100,6 +107,16 @@ def run_account_remove(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def run_account_push(args: argparse.Namespace, settings: Settings) -> int:
+    """Push on: a watcher holds an IDLE connection for it; off: it is only polled."""
+    sessions = open_database(settings)
+    with sessions.begin() as session:
+        user = find_user(session, args.user)
+        owned_account(session, args.account_id, user.id).push_enabled = args.state == "on"
+    print(f"account {args.account_id}: push {args.state}")
+    return 0
+
+
 def run_health(args: argparse.Namespace, settings: Settings) -> int:
     sessions = open_database(settings)
     with sessions() as session:
@@ -110,8 +127,9 @@ def run_health(args: argparse.Namespace, settings: Settings) -> int:
     for account in health:
         error = f"  last error: {account.last_error}" if account.last_error else ""
         fetched = account.last_success_at.isoformat() if account.last_success_at else "never"
+        mode = "push" if account.pushed else f"every {account.sync_interval_seconds // 60} min"
         print(
             f"{account.account_id:>5}  {account.provider:<8} {account.shown_health:<9}"
-            f" last fetched {fetched}{error}"
+            f" {mode:<14} last fetched {fetched}{error}"
         )
     return 0

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
 
 from sqlalchemy import select
@@ -133,3 +135,21 @@ def find_user(session: Session, name: str) -> User:
     if user is None:
         raise NotFound(f"no user named {name!r}")
     return user
+
+
+def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:
+    """Run a long-lived coroutine until it ends or Ctrl-C / SIGTERM cancel it, which is a clean
+    end: its `finally` blocks close connections and give leases back."""
+
+    async def guarded() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(number, task.cancel)
+        try:
+            await main
+        except asyncio.CancelledError:
+            return
+
+    asyncio.run(guarded())

@@ -14,11 +14,11 @@ from typing import Any, TextIO
 from mailpipe.errors import MailpipeError
 from mailpipe.settings import Settings
 
-from . import accounts, alerts, demo, diagnose, jobs, keys, queue, serve, sync, users
+from . import accounts, alerts, demo, diagnose, jobs, keys, queue, serve, sync, users, watch
 from .common import EXIT_FAILURE, EXIT_USAGE, StrictParser
 
 # In the order `mailpipe --help` lists them.
-COMMAND_GROUPS = (sync, diagnose, users, accounts, jobs, queue, serve, keys, alerts, demo)
+COMMAND_GROUPS = (sync, watch, diagnose, users, accounts, jobs, queue, serve, keys, alerts, demo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

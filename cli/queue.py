@@ -1,4 +1,4 @@
-"""The commands that need the broker: `mailpipe fetch`, `worker` and `scheduler`.
+"""The commands that need the broker: `mailpipe fetch`, `worker`, `scheduler` and `watcher`.
 
 They load the broker and the actors only when they run, so the other commands start without
 them.
@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -21,8 +22,17 @@ from mailpipe.jobs import MAX_TIMEOUT_SECONDS
 from mailpipe.results import JobReport
 from mailpipe.settings import Settings
 from mailpipe.vocabulary import JobStatus
+from mailpipe.watcher import Watcher, owner_name
 
-from .common import count, nonempty, open_database, password_option, row_id, unlock
+from .common import (
+    count,
+    nonempty,
+    open_database,
+    password_option,
+    row_id,
+    run_until_stopped,
+    unlock,
+)
 from .jobs import describe_job
 
 if TYPE_CHECKING:
@@ -30,6 +40,7 @@ if TYPE_CHECKING:
 
 POLL_SECONDS = 0.2
 MAX_MAILS = 1_000_000
+WATCHER_METRICS_PORT = 9192
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -58,6 +69,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     scheduler = commands.add_parser("scheduler", help="run the periodic scheduler (periodiq)")
     scheduler.set_defaults(run=run_scheduler)
+
+    watcher = commands.add_parser(
+        "watcher",
+        help="hold IMAP IDLE connections and start a fetch run when new mail arrives (push)",
+    )
+    watcher.add_argument(
+        "--metrics-port",
+        type=int,
+        default=WATCHER_METRICS_PORT,
+        help="serve this watcher's /metrics here (0: not at all)",
+    )
+    watcher.add_argument("--metrics-host", default="0.0.0.0")
+    watcher.set_defaults(run=run_watcher)
 
 
 def run_fetch(args: argparse.Namespace, settings: Settings) -> int:
@@ -136,6 +160,49 @@ def run_scheduler(args: argparse.Namespace, settings: Settings) -> int:
         raise MailpipeError("the scheduler needs a shared broker: set MAILPIPE_BROKER_URL")
     command = [_tool("periodiq"), "broker_config", "actors"]
     os.execvpe(command[0], command, {**os.environ, "TZ": "UTC"})
+
+
+def run_watcher(args: argparse.Namespace, settings: Settings) -> int:
+    """Watch the push accounts this process gets leases on, until Ctrl-C or SIGTERM; runs go
+    to the workers through the broker (on the embedded broker, to a worker in this process)."""
+    from metrics.observer import WatchMetrics
+    from worker import runtime
+    from worker.broker import use_broker
+    from worker.embedded import embedded_worker
+
+    sessions = open_database(settings)
+    broker = use_broker(settings)
+    from actors.pipeline import PipelineBroker  # declares the actors on that broker
+
+    pipeline = PipelineBroker(sessions, settings=settings, broker=broker)
+    slots = None
+    if not settings.embedded:  # IDLE connections count against the hosts' connection caps
+        runtime.configure(settings, sessions=sessions)
+        slots = runtime.IdleSlots(ttl_ms=int(settings.watch.lease_seconds * 1000))
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.metrics_host)
+    with (
+        embedded_worker(settings, sessions=sessions, broker=broker)
+        if settings.embedded
+        else contextlib.nullcontext()
+    ):
+        watcher = Watcher(
+            sessions,
+            owner=owner_name(socket.gethostname(), os.getpid()),
+            private_key=grants.load_private_key(settings.worker_key_path),
+            enqueue=lambda user, accounts, noticed: pipeline.enqueue_push_job(
+                user, accounts, noticed_at=noticed
+            ),
+            retry=settings.retry,
+            policy=settings.watch,
+            address_policy=settings.address_policy,
+            observer=WatchMetrics(),
+            slots=slots,
+        )
+        run_until_stopped(watcher.run())
+    return 0
 
 
 def _tool(name: str) -> str:

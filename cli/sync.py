@@ -32,13 +32,13 @@ MAX_COMMAND_SECONDS = 3_600.0
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     sync = commands.add_parser("sync", help="one-shot incremental sync of one account")
-    _sync_options(sync, db_help="database URL (default: MAILPIPE_DATABASE_URL or SQLite)")
+    sync_options(sync, db_help="database URL (default: MAILPIPE_DATABASE_URL or SQLite)")
     sync.set_defaults(run=run_sync)
 
     profile = commands.add_parser(
         "profile", help="sync one account and show per phase wall and CPU time, memory, counts"
     )
-    _sync_options(
+    sync_options(
         profile,
         db_help="database URL (default: a new temporary SQLite, so the whole mailbox is synced)",
     )
@@ -52,7 +52,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     profile.set_defaults(run=run_profile)
 
 
-def _sync_options(parser: argparse.ArgumentParser, *, db_help: str) -> None:
+def sync_options(parser: argparse.ArgumentParser, *, db_help: str) -> None:
     """The connection and run options `sync` and `profile` share."""
     parser.add_argument("--host", required=True, type=nonempty)
     parser.add_argument("--port", type=port)
@@ -92,11 +92,11 @@ def _sync_options(parser: argparse.ArgumentParser, *, db_help: str) -> None:
 
 def run_sync(args: argparse.Namespace, settings: Settings) -> int:
     """Sync one account straight from the command line, with no queue in between."""
-    engine, target = _sync_target(args, args.db or settings.database_url)
+    engine, target = sync_target(args, args.db or settings.database_url)
     try:
         result = target.sync()
     except Exception as error:  # every failure becomes one line naming its cause
-        return _one_line_failure("sync", error, host=args.host, debug=settings.debug)
+        return one_line_failure("sync", error, host=args.host, debug=settings.debug)
     finally:
         engine.dispose()
     print(json.dumps(result.to_json()) if args.json else summary(result))
@@ -106,13 +106,13 @@ def run_sync(args: argparse.Namespace, settings: Settings) -> int:
 def run_profile(args: argparse.Namespace, settings: Settings) -> int:
     """A sync under the profiler; by default into a new database, so every message is synced."""
     with tempfile.TemporaryDirectory(prefix="mailpipe-profile-") as scratch:
-        engine, target = _sync_target(args, args.db or f"sqlite:///{scratch}/profile.db")
+        engine, target = sync_target(args, args.db or f"sqlite:///{scratch}/profile.db")
         profiler = Profiler(memory=args.memory)
         try:
             with profiler:
                 result = target.sync(observer=profiler)
         except Exception as error:
-            return _one_line_failure("profile", error, host=args.host, debug=settings.debug)
+            return one_line_failure("profile", error, host=args.host, debug=settings.debug)
         finally:
             engine.dispose()
     profile = profiler.to_json()
@@ -124,7 +124,7 @@ def run_profile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 @dataclass(frozen=True)
-class _SyncTarget:
+class SyncTarget:
     """The account named on the command line, ready to sync."""
 
     sessions: sessionmaker[Session]
@@ -144,7 +144,7 @@ class _SyncTarget:
         )
 
 
-def _sync_target(args: argparse.Namespace, url: str) -> tuple[Engine, _SyncTarget]:
+def sync_target(args: argparse.Namespace, url: str) -> tuple[Engine, SyncTarget]:
     """The database (migrated), its owner's key and the account, created on first use."""
     password = variable_secret(args.password_env)
     owner_password = (
@@ -174,7 +174,7 @@ def _sync_target(args: argparse.Namespace, url: str) -> tuple[Engine, _SyncTarge
     options = SyncOptions(
         folders=args.folders, max_mails=args.max_mails, batch_bytes=args.batch_bytes
     )
-    return engine, _SyncTarget(sessions, account_id, key, settings, options)
+    return engine, SyncTarget(sessions, account_id, key, settings, options)
 
 
 def _owner_hint(args: argparse.Namespace) -> str:
@@ -192,7 +192,7 @@ def _owner_hint(args: argparse.Namespace) -> str:
     )
 
 
-def _one_line_failure(command: str, error: Exception, *, host: str, debug: bool) -> int:
+def one_line_failure(command: str, error: Exception, *, host: str, debug: bool) -> int:
     if debug:
         traceback.print_exc()
     failure = classify(error, host=host)

@@ -257,6 +257,43 @@ def performance() -> dashboard.Dashboard:
                 ),
             )
         )
+        .with_row(dashboard.Row("Push"))
+        .with_panel(
+            graph(
+                "IDLE connections held",
+                units.Short,
+                "IMAP IDLE connections the watchers hold now, by provider (0 with no watcher).",
+                # a gauge of live processes only: with no watcher up it has no series, so the
+                # providers the push counter knows show 0 instead of an empty panel
+                query(
+                    f"sum by (provider) (mailpipe_idle_connections{{{P}}}) or "
+                    f"0 * sum by (provider) (mailpipe_push_runs_total{{{P}}})",
+                    "{{provider}}",
+                ),
+            )
+        )
+        .with_panel(
+            graph(
+                "Push runs per second",
+                units.OpsPerSecond,
+                "Fetch runs the watchers enqueued because new mail arrived.",
+                query(
+                    f"sum by (provider) (rate(mailpipe_push_runs_total{{{P}}}[{RATE}]))",
+                    "{{provider}}",
+                ),
+            )
+        )
+        .with_panel(
+            graph(
+                "IDLE reconnects per second",
+                units.OpsPerSecond,
+                "IDLE connections lost or not opened and tried again, by error class.",
+                query(
+                    f"sum by (error_class) (rate(mailpipe_idle_reconnects_total[{RATE}]))",
+                    "{{error_class}}",
+                ),
+            )
+        )
         .with_row(dashboard.Row("7-day trend"))
         .with_panel(
             graph(

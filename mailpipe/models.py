@@ -21,6 +21,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    true,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -100,6 +101,10 @@ class MailAccount(Base):
     next_sync_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # push: whether a watcher keeps an IDLE connection (off: polled only), and which one does
+    push_enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    watch_owner: Mapped[str | None] = mapped_column(String(64))
+    watch_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
     circuit_state: Mapped[str] = mapped_column(
         String(20), default=CircuitState.CLOSED, server_default=CircuitState.CLOSED.value
     )

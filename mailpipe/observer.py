@@ -49,6 +49,9 @@ class Observer:
     def after_state_sync(self, *, flags_changed: int, vanished: int) -> None:
         """A folder's flag changes and vanished mail were committed (counts of stored mail)."""
 
+    def after_push(self, *, seconds: float) -> None:
+        """A push run stored new mail `seconds` after its watcher saw the server report it."""
+
 
 class Observers(Observer):
     """Fan one stream of events out to several observers."""
@@ -59,6 +62,10 @@ class Observers(Observer):
     def before_run(self, *, provider: str) -> None:
         for observer in self.observers:
             observer.before_run(provider=provider)
+
+    def after_push(self, *, seconds: float) -> None:
+        for observer in self.observers:
+            observer.after_push(seconds=seconds)
 
     def after_phase(self, phase: str, seconds: float) -> None:
         for observer in self.observers:
@@ -120,3 +127,20 @@ class PhaseTimer:
         if cpu_seconds is not None:
             self.observer.after_phase_cpu(name, cpu_seconds)
         self.observer.after_phase(name, seconds)
+
+
+class WatchObserver:
+    """What a push watcher reports (no-op hooks); `metrics/` counts it. Called on the watcher's
+    event loop, never with an account, user or folder: the provider is one of a fixed set."""
+
+    def idle_connected(self, *, provider: str) -> None:
+        """An IDLE connection was established (the gauge of held connections goes up)."""
+
+    def idle_closed(self, *, provider: str) -> None:
+        """An IDLE connection ended, for whatever reason (the gauge goes down)."""
+
+    def reconnect(self, *, error_class: str) -> None:
+        """A connection was lost or could not be opened and will be tried again."""
+
+    def push_runs(self, *, provider: str, count: int) -> None:
+        """`count` fetch runs were enqueued because the server reported new mail."""

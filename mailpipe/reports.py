@@ -29,6 +29,7 @@ def account_health(
     Without a live background grant the scheduler cannot read the user's accounts: they show
     LOCKED, which is not an error.
     """
+    now = now or utcnow()
     background = user_id in grants.users_with_background_grant(session, now=now)
     accounts = session.scalars(
         select(MailAccount).where(MailAccount.user_id == user_id).order_by(MailAccount.id)
@@ -77,6 +78,11 @@ def account_health(
             backfill_pending=folders.get(account.id, (False, 0))[0],
             stored_mail=stored.get(account.id, 0),
             server_mail=folders.get(account.id, (False, 0))[1],
+            push_enabled=account.push_enabled,
+            pushed=account.push_enabled
+            and account.watch_owner is not None
+            and account.watch_until is not None
+            and account.watch_until > now,
         )
         for account in accounts
     ]

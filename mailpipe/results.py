@@ -108,6 +108,8 @@ class AccountHealth(Result):
     backfill_pending: bool
     stored_mail: int
     server_mail: int
+    push_enabled: bool  # the owner wants push for this account
+    pushed: bool  # a watcher holds an IDLE connection for it now
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -4,6 +4,7 @@ read this one object."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from .vocabulary import ErrorClass, Health
@@ -57,6 +58,13 @@ class RetryPolicy:
     def should_retry(self, error_class: ErrorClass, *, attempt: int) -> bool:
         """Whether attempt number `attempt` (1 for the first) that failed so is tried again."""
         return attempt <= self.retries(error_class)
+
+    def backoff_seconds(self, failures: int, *, rng: random.Random | None = None) -> float:
+        """The wait before trying again after `failures` failures in a row (1 for the first):
+        the same doubling backoff with up to 100 % jitter, so reconnects spread out."""
+        exponent = min(max(failures - 1, 0), 30)
+        jitter = (rng or random).uniform(1, 2)
+        return min(self.min_backoff_ms * (1 << exponent) * jitter, self.max_backoff_ms) / 1000
 
     def retry_crash(self, retries: int) -> bool:
         """Whether a message that crashed outside the sync (after `retries` retries) comes back."""

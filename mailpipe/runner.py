@@ -218,6 +218,9 @@ def _run_account(
             duration=time.perf_counter() - started,
         ).finished
         released = True
+        noticed_at = options.get("noticed_at")  # a push run: when the watcher saw the mail come
+        if noticed_at is not None and result.saved:
+            observers.after_push(seconds=max(time.time() - float(noticed_at), 0.0))
         return RunOutcome(Next.DONE, result=result, finished=finished, attempted=True)
     except HostBusy:
         with sessions.begin() as session:

@@ -24,6 +24,7 @@ from .health import CircuitPolicy
 from .logs import LOG_FORMATS
 from .logs import TEXT as TEXT_LOGS
 from .retry import RetryPolicy
+from .watcher import WatchPolicy
 
 STUB_BROKER = "stub"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -52,6 +53,7 @@ class Settings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     circuit: CircuitPolicy = field(default_factory=CircuitPolicy)
     address_policy: AddressPolicy = field(default_factory=AddressPolicy)
+    watch: WatchPolicy = field(default_factory=WatchPolicy)
     max_connections_per_host: int = 10
     max_connections_by_provider: Mapping[str, int] = field(default_factory=dict)
     host_slot_ttl_ms: int = 15 * 60 * 1000
@@ -155,6 +157,14 @@ class Settings:
                     **given.fields(
                         allow=("MAILPIPE_ALLOW_PRIVATE_HOSTS", _words),
                         extra_ports=("MAILPIPE_EXTRA_IMAP_PORTS", _ports),
+                    )
+                ),
+                watch=WatchPolicy(
+                    **given.fields(
+                        lease_seconds=("MAILPIPE_WATCH_LEASE_SECONDS", _number),
+                        capacity=("MAILPIPE_WATCH_CAPACITY", _integer),
+                        renew_seconds=("MAILPIPE_IDLE_RENEW_SECONDS", _number),
+                        connect_threads=("MAILPIPE_WATCH_CONNECT_THREADS", _integer),
                     )
                 ),
             )

@@ -58,11 +58,13 @@ RUN_OPEN = frozenset(RunStatus) - RUN_FINAL
 
 
 class JobType(StrEnum):
-    """Who asked for a job: a user for one account or all of them, or the scheduler."""
+    """Who asked for a job: a user for one account or all of them, the scheduler, or a
+    watcher that saw new mail arrive (push)."""
 
     ACCOUNT = "account"
     ALL = "all"
     SCHEDULED = "scheduled"
+    PUSH = "push"
 
 
 class Health(StrEnum):

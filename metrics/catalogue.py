@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Container
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from mailpipe import accounts, observer, parse, retry
 from mailpipe.vocabulary import FAILURES, JOB_FINAL, RUN_FINAL, ErrorClass, JobType
@@ -17,7 +17,7 @@ OTHER = "other"
 PROVIDERS = accounts.PROVIDERS  # includes "other", the fallback
 PHASES = (*observer.PHASES, OTHER)  # "other": an error outside any timed phase
 RUN_OUTCOMES = (*RUN_FINAL, OTHER)
-JOB_TYPES = (JobType.ACCOUNT, JobType.ALL, JobType.SCHEDULED, OTHER)
+JOB_TYPES = (JobType.ACCOUNT, JobType.ALL, JobType.SCHEDULED, JobType.PUSH, OTHER)
 JOB_STATUSES = (*JOB_FINAL, OTHER)
 ERROR_CLASSES = FAILURES  # includes "unknown", the fallback; skips are not errors
 PARSE_ERROR = "parse_error"
@@ -102,6 +102,29 @@ MAIL_PHASE_SECONDS = Counter(
     ["phase", "provider"],
 )
 
+IDLE_CONNECTIONS = Gauge(
+    "mailpipe_idle_connections",
+    "IMAP IDLE connections the watchers hold now.",
+    ["provider"],
+    multiprocess_mode="livesum",
+)
+PUSH_RUNS = Counter(
+    "mailpipe_push_runs_total",
+    "Fetch runs a watcher enqueued because the server reported new mail.",
+    ["provider"],
+)
+PUSH_LATENCY = Histogram(
+    "mailpipe_push_latency_seconds",
+    "From the watcher seeing the server report new mail to that mail stored by a push run.",
+    ["provider"],
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60),
+)
+IDLE_RECONNECTS = Counter(
+    "mailpipe_idle_reconnects_total",
+    "IDLE connections lost, or not opened, and tried again, by error class.",
+    ["error_class"],
+)
+
 
 def bounded(value: str | None, allowed: Container[str], *, fallback: str = OTHER) -> str:
     """The value when it belongs to the fixed vocabulary, else the fallback: no free text in labels."""
@@ -133,6 +156,11 @@ def initialise() -> None:
         EMAILS_QUARANTINED.labels(reason)
     for login_outcome in LOGIN_OUTCOMES:
         LOGINS.labels(login_outcome)
+    for provider in PROVIDERS:
+        IDLE_CONNECTIONS.labels(provider)
+        PUSH_RUNS.labels(provider)
+    for error_class in ERROR_CLASSES:
+        IDLE_RECONNECTS.labels(error_class)
 
 
 initialise()

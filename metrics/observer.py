@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mailpipe import models
 from mailpipe.jobs import FinishedJob
-from mailpipe.observer import Observer
+from mailpipe.observer import Observer, WatchObserver
 from mailpipe.runner import Next, RunOutcome
 from mailpipe.vocabulary import ErrorClass, RunStatus
 
@@ -78,6 +78,9 @@ class MetricsObserver(Observer):
     def after_state_sync(self, *, flags_changed: int, vanished: int) -> None:
         c.FLAG_UPDATES.labels(self.provider).inc(flags_changed)
         c.VANISHED.labels(self.provider).inc(vanished)
+
+    def after_push(self, *, seconds: float) -> None:
+        c.PUSH_LATENCY.labels(self.provider).observe(seconds)
 
     def record_outcome(self, outcome: RunOutcome, *, seconds: float) -> None:
         """Count what `run_account` returned: a final run, or a failed attempt sent to retry.
@@ -151,3 +154,19 @@ def record_finished_job(sessions: sessionmaker[Session], finished: FinishedJob) 
             return
         ended = job.finished_at or datetime.now(UTC)
         record_job(job.type, finished.status, (ended - job.created_at).total_seconds())
+
+
+class WatchMetrics(WatchObserver):
+    """A watcher's connections, reconnects and push runs as Prometheus metrics."""
+
+    def idle_connected(self, *, provider: str) -> None:
+        c.IDLE_CONNECTIONS.labels(c.bounded(provider, c.PROVIDERS)).inc()
+
+    def idle_closed(self, *, provider: str) -> None:
+        c.IDLE_CONNECTIONS.labels(c.bounded(provider, c.PROVIDERS)).dec()
+
+    def reconnect(self, *, error_class: str) -> None:
+        c.IDLE_RECONNECTS.labels(c.bounded(error_class, c.ERROR_CLASSES, fallback="unknown")).inc()
+
+    def push_runs(self, *, provider: str, count: int) -> None:
+        c.PUSH_RUNS.labels(c.bounded(provider, c.PROVIDERS)).inc(count)

@@ -19,6 +19,7 @@ EXPECTED = {
     "postgres",
     "worker",
     "scheduler",
+    "watcher",
     "web",
     "exporter",
     "prometheus",
@@ -56,7 +57,7 @@ def test_compose_runs_every_part_of_the_stack():
     assert set(SERVICES) == EXPECTED
     assert (ROOT / "Dockerfile").is_file()
     assert {SERVICES[name]["build"] for name in OWN} == {"."}
-    assert OWN == ["exporter", "scheduler", "web", "worker"]
+    assert OWN == ["exporter", "scheduler", "watcher", "web", "worker"]
 
 
 def test_every_bind_mount_exists_and_every_volume_is_declared():
@@ -110,14 +111,15 @@ def test_prometheus_targets_are_the_services_on_their_ports():
     }
     assert targets["mailpipe-worker"] == [f"exporter:{port('exporter')}"]
     assert targets["mailpipe-web"] == [f"web:{port('web')}"]
+    assert targets["mailpipe-watcher"] == [f"watcher:{port('watcher', option='--metrics-port')}"]
     assert targets["alertmanager"] == ["alertmanager:9093"]
     [alerting] = parsed["alerting"]["alertmanagers"]
     assert alerting["static_configs"][0]["targets"] == ["alertmanager:9093"]
 
 
-def port(service: str) -> int:
+def port(service: str, *, option: str = "--port") -> int:
     command = SERVICES[service]["command"]
-    return int(command[command.index("--port") + 1])
+    return int(command[command.index(option) + 1])
 
 
 def test_alertmanager_posts_to_the_web_app_with_the_token_both_share():

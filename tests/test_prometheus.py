@@ -460,6 +460,8 @@ def prometheus_config(
     targets = {
         "mailpipe-worker": [f"127.0.0.1:{exporter}", f"127.0.0.1:{dead_worker}"],
         "mailpipe-web": [f"127.0.0.1:{web}"],
+        # no watcher runs here: the exporter stands in, as it serves the same push metrics
+        "mailpipe-watcher": [f"127.0.0.1:{exporter}"],
         "alertmanager": [f"127.0.0.1:{alertmanager}"],
         "prometheus": [f"127.0.0.1:{prom}"],
     }

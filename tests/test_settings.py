@@ -46,6 +46,10 @@ VALID = {
     "MAILPIPE_ALLOW_PRIVATE_HOSTS": "dovecot.internal, 10.0.0.0/8",
     "MAILPIPE_EXTRA_IMAP_PORTS": "1993",
     "MAILPIPE_LOG_FORMAT": "json",
+    "MAILPIPE_WATCH_LEASE_SECONDS": "20",
+    "MAILPIPE_WATCH_CAPACITY": "1000",
+    "MAILPIPE_IDLE_RENEW_SECONDS": "300",
+    "MAILPIPE_WATCH_CONNECT_THREADS": "4",
 }
 
 
@@ -108,6 +112,8 @@ def test_every_variable_changes_the_settings(variable):
         ("MAILPIPE_MAX_CONNECTIONS_BY_PROVIDER", "gmail=many", "needs a number"),
         ("MAILPIPE_MAX_CONNECTIONS_BY_PROVIDER", "gmail=0", "must be at least 1"),
         ("MAILPIPE_LOG_FORMAT", "xml", "must be one of text, json, not 'xml'"),
+        ("MAILPIPE_IDLE_RENEW_SECONDS", "1800", "below 1740"),
+        ("MAILPIPE_WATCH_CAPACITY", "0", "must be at least 1"),
     ],
 )
 def test_a_wrong_value_is_one_line_naming_its_variable(variable, value, said):

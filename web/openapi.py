@@ -116,6 +116,7 @@ ACCOUNT_HEALTH = object_schema(
             **NULLABLE_STRING,
             "description": '"N Fehler in den letzten 5 Versuchen", null before the first run',
         },
+        "fetch_mode_text": {"type": "string"},
     },
 )
 

@@ -90,12 +90,14 @@ def job_account_ids(session: Session, job_ids: list[str]) -> dict[str, list[int]
 
 
 def accounts_label(job_type: str, account_ids: list[int], labels: dict[int, str], lang: str) -> str:
-    """ "alle" for a fetch of all accounts, else the accounts' names (scheduled ones marked)."""
+    """ "alle" for a fetch of all accounts, else the accounts' names (scheduled and push ones marked)."""
     if job_type == JobType.ALL:
         return text(lang, "all_accounts")
     named = ", ".join(labels.get(a, f"#{a}") for a in account_ids) or "—"
     if job_type == JobType.SCHEDULED:
         return f"{named} ({text(lang, 'automatic')})"
+    if job_type == JobType.PUSH:
+        return f"{named} ({text(lang, 'pushed')})"
     return named
 
 
@@ -162,6 +164,9 @@ def account_view(health: AccountHealth, *, labels: dict[int, str], lang: str) ->
         )
         if health.recent_runs
         else None,
+        "fetch_mode_text": text(lang, "push_active")
+        if health.pushed
+        else text(lang, "poll_every").format(minutes=round(health.sync_interval_seconds / 60)),
     }
 
 

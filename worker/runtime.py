@@ -45,6 +45,20 @@ end
 return 1
 """
 
+# A watcher renews the claims of its IDLE connections: each member gets a new lapse time.
+RENEW_SLOTS = """
+local now = redis.call('time')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('zadd', key, 'XX', now_ms + ttl, ARGV[i + 1])
+  if redis.call('pttl', key) < ttl then
+    redis.call('pexpire', key, ttl)
+  end
+end
+return 1
+"""
+
 logger = logging.getLogger(__name__)
 _SETUP = threading.RLock()  # what is made on first use may need another such thing
 _state: dict = {}
@@ -107,19 +121,18 @@ def host_slot(host: str, *, ttl_ms: int | None = None) -> Iterator[bool]:
     """
     current = settings()
     ttl_ms = ttl_ms or current.host_slot_ttl_ms
-    digest = hashlib.sha256(host.lower().encode()).hexdigest()[:16]
     backend = _limiter_backend()
     if not isinstance(backend, RedisBackend):  # the in-process stub: no other process to outlive
         limiter = ConcurrentRateLimiter(
             backend,
-            f"{current.redis_namespace}:host-connections:{digest}",
+            f"{current.redis_namespace}:host-connections:{_host_digest(host)}",
             limit=connection_cap(host),
             ttl=ttl_ms,
         )
         with limiter.acquire(raise_on_failure=False) as acquired:
             yield acquired
         return
-    key = f"{current.redis_namespace}:host-slots:{digest}"
+    key = _slot_key(host)
     holder = secrets.token_hex(8)
     acquired = bool(_acquire_slot()(keys=[key], args=[connection_cap(host), ttl_ms, holder]))
     try:
@@ -132,6 +145,42 @@ def host_slot(host: str, *, ttl_ms: int | None = None) -> Iterator[bool]:
                 logger.warning(
                     "connection slot not released (%s); it lapses in %d ms", error, ttl_ms
                 )
+
+
+class IdleSlots:
+    """The slots a watcher's IDLE connections hold, in the same sorted sets as the fetches'
+    (Redis only): an IDLE connection counts against its host's cap like any other; each claim
+    lapses after `ttl_ms` unless renewed, so a killed watcher's slots come back by themselves."""
+
+    def __init__(self, *, ttl_ms: int) -> None:
+        self.ttl_ms = ttl_ms
+
+    def claim(self, host: str, holder: str) -> bool:
+        acquire = _acquire_slot()
+        return bool(
+            acquire(keys=[_slot_key(host)], args=[connection_cap(host), self.ttl_ms, holder])
+        )
+
+    def renew(self, claims: list[tuple[str, str]]) -> None:
+        script = _made("renew_slots", lambda: _redis_backend().client.register_script(RENEW_SLOTS))
+        for start in range(0, len(claims), 500):  # a few hundred keys per script call
+            chunk = claims[start : start + 500]
+            script(
+                keys=[_slot_key(host) for host, _holder in chunk],
+                args=[self.ttl_ms, *(holder for _host, holder in chunk)],
+            )
+
+    def release(self, host: str, holder: str) -> None:
+        _redis_backend().client.zrem(_slot_key(host), holder)
+
+
+def _slot_key(host: str) -> str:
+    """The sorted set of one host's slots: a digest of its name, never the name, namespaced."""
+    return f"{settings().redis_namespace}:host-slots:{_host_digest(host)}"
+
+
+def _host_digest(host: str) -> str:
+    return hashlib.sha256(host.lower().encode()).hexdigest()[:16]
 
 
 def _limiter_backend() -> RedisBackend | StubBackend:

@@ -73,6 +73,15 @@ class FaultProxy(faultproxy.FaultProxy):
         """Forward the greeting line, then end the connection cleanly (FIN), as a dying server."""
         self._set(times, fault=Fault("close", None))
 
+    def cut(self) -> None:
+        """Reset every connection open now (both sides), as a dropped link would."""
+
+        def abort_all() -> None:
+            for conn in list(self._conns):
+                conn.abort()
+
+        self._call(abort_all)
+
     def refuse_hard(self) -> None:
         """Stop listening now, so connect() raises ConnectionRefusedError until `restore()`."""
         self._call(self._unlisten)
