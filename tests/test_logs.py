@@ -10,10 +10,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shlex
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -250,3 +253,44 @@ def run_jq(example: str, log_file: Path) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def test_mailpipe_web_logs_json_lines_when_asked(tmp_path):
+    # Given `mailpipe web` started with MAILPIPE_LOG_FORMAT=json on the embedded defaults
+    [port] = free_ports(1)
+    env = {
+        **os.environ,
+        "MAILPIPE_LOG_FORMAT": "json",
+        "MAILPIPE_DATA_DIR": str(tmp_path),
+        "MAILPIPE_BROKER_URL": "stub",
+    }
+    env.pop("MAILPIPE_DATABASE_URL", None)
+    log = tmp_path / "web.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "cli", "web", "--port", str(port)],
+            cwd=README.parent,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        # When a page is asked for
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=5) as page:
+                    assert page.status == 200
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+
+    # Then every line it logged is a JSON object, the request among them
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]
+    assert any("GET /login" in r.get("message", "") for r in records), lines
+    assert all(r["time"].endswith("+00:00") for r in records)

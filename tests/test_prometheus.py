@@ -5,9 +5,11 @@ fetch job through real `dramatiq` worker processes (Redis broker, PostgreSQL) ov
 Dovecot accounts (healthy, wrong password, connection refused), with PROMETHEUS_MULTIPROC_DIR set
 before they start, serves what they wrote with the real exporter, and lets a real Prometheus
 scrape it (the repository's prometheus.yml with targets on this test's ports): every query of
-every dashboard panel must return a series (0, not "No data"), the recording rules must evaluate, and an
-alert must travel through a real Alertmanager (the repository's alertmanager.yml) into the
-web app's webhook, which stores it as an operator notification.
+every dashboard panel must return a series (0, not "No data"), the recording rules must
+evaluate, and an alert must travel through a real Alertmanager (the repository's
+alertmanager.yml) into the web app's webhook, which stores it as an operator notification. A
+second real Alertmanager runs alertmanager.yml with its optional e-mail blocks uncommented and
+mails critical alerts to a local SMTP server (aiosmtpd).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import contextlib
 import hmac
 import logging
 import secrets
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import run_simple
 
-from mailpipe import db, grants, mail
+from mailpipe import db, grants, logs, mail
 from mailpipe.accounts import unlock_user
 from mailpipe.crypto import KDF_ITERATIONS, SALT_BYTES, DataKey, KdfParams, derive_kek
 from mailpipe.errors import NotFound, WrongPassword
@@ -362,7 +363,12 @@ def _when(value: str | None) -> str:
 
 
 def serve(settings: Settings, *, host: str, port: int) -> int:
-    """`mailpipe web`: on the embedded broker this process also runs the jobs, like the demo."""
+    """`mailpipe web`: on the embedded broker this process also runs the jobs, like the demo.
+
+    With MAILPIPE_LOG_FORMAT=json every line it logs (requests, job events) is a JSON object.
+    """
+    if settings.log_format == logs.JSON:
+        logs.configure(logs.JSON, stream=sys.stderr)
     pipeline = _pipeline(settings)
     app = create_app(settings, pipeline=pipeline)
     with (
