@@ -128,8 +128,13 @@ def run_health(args: argparse.Namespace, settings: Settings) -> int:
         error = f"  last error: {account.last_error}" if account.last_error else ""
         fetched = account.last_success_at.isoformat() if account.last_success_at else "never"
         mode = "push" if account.pushed else f"every {account.sync_interval_seconds // 60} min"
+        recent = (
+            f"  {account.recent_failures} of the last {account.recent_runs} attempt(s) failed"
+            if account.recent_runs
+            else ""
+        )
         print(
             f"{account.account_id:>5}  {account.provider:<8} {account.shown_health:<9}"
-            f" {mode:<14} last fetched {fetched}{error}"
+            f" {mode:<14} last fetched {fetched}{recent}{error}"
         )
     return 0

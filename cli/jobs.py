@@ -37,9 +37,10 @@ def run_jobs(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps([job.to_json() for job in listed]))
         return 0
     for job in listed:
+        why = f" ({job.reason})" if job.reason else ""
         print(
-            f"{job.job_id}  {job.type:<9} {job.status:<15} "
-            f"{job.emails_fetched:>6} mails  {job.created_at.isoformat()}"
+            f"{job.job_id}  {job.type:<9} {job.status + why:<30} "
+            f"{job.emails_fetched:>6} mail(s)  {job.created_at.isoformat()}"
         )
     return 0
 

@@ -38,11 +38,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"demo: {missing.name} is not installed: {INSTALL_HINT}", file=sys.stderr)
         return EXIT_FAILURE
     try:
-        return run_demo(Settings.from_env(), rounds=rounds)
+        code = run_demo(Settings.from_env(), rounds=rounds)
+        sys.stdout.flush()  # a closed output shows here at the latest, not at exit
+        return code
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # the terminal's reader went away: nothing more to say to it
+    except BrokenPipeError:  # the output's reader went away: say so once, on stderr
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("demo: the output could not be written: its reader closed it", file=sys.stderr)
         return EXIT_FAILURE
     except MailpipeError as error:
         print(f"demo: {error}", file=sys.stderr)

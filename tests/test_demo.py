@@ -100,3 +100,28 @@ def test_a_round_that_misbehaves_says_which_check_failed(tmp_path):
     assert result.returncode == 1
     [verdict] = [line for line in result.stdout.splitlines() if "NOT behave" in line]
     assert "clara's run failed (connection_reset), expected success" in verdict
+
+
+def test_a_closed_output_is_one_line_not_a_traceback(tmp_path):
+    # Given an output whose reader has gone (`| head -c 0`)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")}
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        # When `mailpipe demo --rounds 1` writes its rounds to it
+        done = subprocess.run(
+            [sys.executable, "-m", "cli", "demo", "--rounds", "1"],
+            cwd=tmp_path,
+            env=clean,
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(writer)
+    # Then the demo says so in one line and exits non-zero
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "demo: the output could not be written: its reader closed it"
+    ]

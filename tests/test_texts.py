@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from mailpipe.models import Notification
 from mailpipe.vocabulary import ErrorClass, Health, JobReason, JobStatus, RunStatus
 from web.i18n import LANGUAGES, TEXTS
-from web.present import error_text, status_text
+from web.present import error_text, notification_text, status_text
 
 VOCABULARY = [
     *(f"error_{member}" for member in ErrorClass),
@@ -42,3 +43,19 @@ def test_a_skipped_run_with_an_open_circuit_says_so_not_something_unexpected():
     # Then it is a skip with its reason, not "Something unexpected went wrong"
     assert status == "Skipped"
     assert "kept failing" in cause and "unexpected" not in cause
+
+
+def test_running_out_of_retries_is_said_in_the_readers_language():
+    # Given the notification a partly successful job leaves for an account out of retries
+    row = Notification(
+        kind="retries_exhausted",
+        message="E-Mail: fetching failed after every retry (timeout); ...",
+        params={"provider": "E-Mail", "error_class": "timeout"},
+    )
+    # When the page says it in German and in English
+    german, english = notification_text(row, "de"), notification_text(row, "en")
+    # Then each names the account's provider in that language and the cause in user words
+    assert german.startswith("E-Mail: Abruf auch nach allen Wiederholungen fehlgeschlagen.")
+    assert "Der Mailserver hat nicht rechtzeitig geantwortet." in german
+    assert english.startswith("Mail: fetching failed even after every retry.")
+    assert "The mail server did not answer in time." in english
