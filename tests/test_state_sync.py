@@ -20,6 +20,7 @@ from mailpipe.sync import SyncOptions, sync_account
 from mailpipe.vocabulary import FolderRole
 from tests.support.dovecot import DOVECOT, Dovecot
 from tests.support.messages import plain_message as message
+from tests.support.policy import LOOPBACK
 from tests.support.scripted_imap import UIDVALIDITY, ScriptedImap, tagged
 from tests.test_cli import mailpipe, sync_args
 from tests.test_sync import BatchCounter, Mailbox, Recorder, make_mailbox
@@ -362,7 +363,9 @@ def test_courier_without_uidnext_in_examine_takes_it_from_status(tmp_path):
             )
 
         def sync():
-            return sync_account(sessions, account_id=account.id, key=key, options=SyncOptions())
+            return sync_account(
+                sessions, account_id=account.id, key=key, options=SyncOptions(), policy=LOOPBACK
+            )
 
         assert sync().saved == 2
         server.commands.clear()

@@ -88,6 +88,8 @@ def test_watch_prints_first_sync_then_each_new_message(dovecot, imap_user, tmp_p
             "saved",
             "duplicates",
             "quarantined",
+            "flags_changed",
+            "vanished",
             "folders",
             "phases",
             "duration",

@@ -43,6 +43,7 @@ from mailpipe.retry import RetryPolicy
 from mailpipe.settings import Settings
 from mailpipe.sync import SyncOptions, sync_account
 from mailpipe.vocabulary import ErrorClass
+from tests.support.policy import LOOPBACK
 from tests.test_sync import message
 from web.app import SESSION_COOKIE, alert_token, create_app
 from web.blueprint import create_blueprint
@@ -518,7 +519,11 @@ def test_mail_is_listed_and_read_by_its_owner_only(site, dovecot):
     dovecot.append(login, password, [message(i) for i in range(3)])
     account_id = site.account(bob, port=dovecot.port, login=login, password=password)
     sync_account(
-        site.sessions, account_id=account_id, key=bob.key, options=SyncOptions(max_mails=2)
+        site.sessions,
+        account_id=account_id,
+        key=bob.key,
+        options=SyncOptions(max_mails=2),
+        policy=LOOPBACK,
     )
     client, _headers = logged_in(site, bob)
     # And after a capped sync the dashboard shows the backfill's progress
@@ -526,7 +531,7 @@ def test_mail_is_listed_and_read_by_its_owner_only(site, dovecot):
     assert "being fetched: 2 of 3" in client.get("/?lang=en").text
     [card] = client.get("/api/accounts/health").json["accounts"]
     assert (card["backfill_pending"], card["stored_mail"], card["server_mail"]) == (True, 2, 3)
-    sync_account(site.sessions, account_id=account_id, key=bob.key)
+    sync_account(site.sessions, account_id=account_id, key=bob.key, policy=LOOPBACK)
     assert 'class="backfill"' not in client.get("/").text
     # When bob lists his mail two at a time, then he gets it newest first, page by page
     first = client.get(f"/api/mail?account_id={account_id}&folder=INBOX&limit=2").json
