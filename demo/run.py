@@ -5,12 +5,13 @@ A built-in IMAP server (pymap) holds three demo mailboxes: anna's is healthy and
 every round; ben's password is stored wrong, so his account goes BROKEN and he is notified;
 clara's sits behind a slow, flaky link that breaks her first attempt each round, which is
 retried and recovers. The stub broker and an in-process worker run the jobs, SQLite stores the
-mail, and the web dashboard with /metrics is served on http://127.0.0.1:8000 (log in as
-demo/demo). `--once` runs one round, prints a summary and exits 0 when it behaved as designed.
+mail, and the web dashboard is served on http://127.0.0.1:8000 (log in as demo/demo), with
+/metrics for the bearer token the demo writes to its data dir. `--once` runs one round, prints a summary and exits 0 when it behaved as designed.
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -52,6 +53,7 @@ WEB_PORT = 8000
 ROUND_SECONDS = 30
 JOB_SECONDS = 120
 POLL_SECONDS = 0.25
+METRICS_TOKEN_FILENAME = "metrics.token"
 RUN_MARKS = {"success": "ok", "failed": "FAILED", "skipped": "skipped"}
 
 
@@ -79,6 +81,7 @@ def run_demo(settings: Settings, *, once: bool) -> int:
     data.mkdir(parents=True, exist_ok=True)
     for stale in data.glob("demo.db*"):
         stale.unlink()
+    settings = with_metrics_token(settings, data)
     engine = db.make_engine(f"sqlite:///{data / 'demo.db'}")
     db.migrate(engine)
     sessions = db.session_factory(engine)
@@ -107,6 +110,18 @@ def allow_demo_servers(settings: Settings) -> Settings:
     if DEMO_HOST in policy.allow:
         return settings
     return replace(settings, address_policy=replace(policy, allow=(*policy.allow, DEMO_HOST)))
+
+
+def with_metrics_token(settings: Settings, data: Path) -> Settings:
+    """/metrics answers only the scraper's bearer token: the demo makes one in its data dir
+    (unless MAILPIPE_METRICS_TOKEN_FILE names one), so a curl can look."""
+    if settings.metrics_token_file is not None:
+        return settings
+    token_file = data / METRICS_TOKEN_FILENAME
+    if not token_file.exists():
+        token_file.write_text(secrets.token_urlsafe(32) + "\n")
+        token_file.chmod(0o600)
+    return replace(settings, metrics_token_file=token_file)
 
 
 def _setup(pipeline: PipelineBroker, server: DemoServer, link: FaultProxy) -> Demo:
@@ -148,7 +163,11 @@ def _start_web(demo: Demo, settings: Settings):
         return None
     threading.Thread(target=server.serve_forever, name="mailpipe-web", daemon=True).start()
     print(f"dashboard: http://{WEB_HOST}:{WEB_PORT}/  (log in as {DEMO_USER}/{DEMO_PASSWORD})")
-    print(f"metrics:   http://{WEB_HOST}:{WEB_PORT}/metrics")
+    token_file = settings.metrics_token_file
+    print(
+        f'metrics:   curl -H "Authorization: Bearer $(cat {token_file})" '
+        f"http://{WEB_HOST}:{WEB_PORT}/metrics"
+    )
     return server
 
 

@@ -59,6 +59,7 @@ class Settings:
     job_retention_days: int = 30
     alert_token: str | None = field(default=None, repr=False)
     alert_token_file: Path | None = None
+    metrics_token_file: Path | None = None  # None: the web app serves no /metrics
     max_queued_jobs: int = 3
     session_idle_seconds: float = 30 * 60
     session_max_seconds: float = 12 * 60 * 60
@@ -121,6 +122,7 @@ class Settings:
                     job_retention_days=("MAILPIPE_JOB_RETENTION_DAYS", _integer),
                     alert_token=("MAILPIPE_ALERT_TOKEN", str),
                     alert_token_file=("MAILPIPE_ALERT_TOKEN_FILE", Path),
+                    metrics_token_file=("MAILPIPE_METRICS_TOKEN_FILE", Path),
                     max_queued_jobs=("MAILPIPE_MAX_QUEUED_JOBS", _integer),
                     session_idle_seconds=("MAILPIPE_SESSION_IDLE_SECONDS", _number),
                     session_max_seconds=("MAILPIPE_SESSION_MAX_SECONDS", _number),

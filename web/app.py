@@ -1,4 +1,5 @@
-"""mailpipe's own small web app: login, the dashboard, the API blueprint and /metrics.
+"""mailpipe's own small web app: login, the dashboard, the API blueprint and /metrics (for the
+scraper, with its bearer token).
 
 `create_app(settings)` builds it; `serve(settings, host=..., port=...)` is `mailpipe web`. The
 data key derived at login lives only in the in-process session store (see web.sessions); the
@@ -77,6 +78,14 @@ def alert_token(settings: Settings) -> str | None:
     if not token and settings.alert_token_file:
         token = settings.alert_token_file.read_text().strip()
     return token or None
+
+
+def metrics_token(settings: Settings) -> str | None:
+    """The scraper's bearer token for the web app's /metrics: the first line of
+    `MAILPIPE_METRICS_TOKEN_FILE` (the file Prometheus sends as credentials_file)."""
+    if settings.metrics_token_file is None:
+        return None
+    return settings.metrics_token_file.read_text().strip() or None
 
 
 def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) -> Flask:
@@ -222,8 +231,23 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
             **_dashboard_data(state, login, lang),
         )
 
+    scraper_token = metrics_token(settings)
+
     @app.get("/metrics")
     def metrics() -> Response:
+        """For the scraper only: off without a token file, else its bearer token is needed."""
+        if scraper_token is None:
+            abort(404)
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), scraper_token.encode()
+        ):
+            return Response(
+                "bearer token required\n",
+                status=401,
+                mimetype="text/plain",
+                headers={"WWW-Authenticate": 'Bearer realm="mailpipe-metrics"'},
+            )
         return Response(generate_latest(REGISTRY), mimetype=CONTENT_TYPE_LATEST)
 
     return app
