@@ -28,7 +28,14 @@ from tests.test_web_api import (  # noqa: F401  (fixtures)
 )
 from web.app import LOGIN_COOKIE, SESSION_COOKIE, create_app
 from web.sessions import SessionStore
-from web.throttle import PER_NAME, WINDOW_SECONDS, LoginThrottle, RedisFailures, name_digest
+from web.throttle import (
+    PER_NAME,
+    WINDOW_SECONDS,
+    LoginThrottle,
+    RedisFailures,
+    login_throttle,
+    name_digest,
+)
 
 WRONG = "wrong horse"
 
@@ -121,8 +128,12 @@ def test_a_right_password_clears_the_names_count(site):  # noqa: F811
 
 
 def test_the_throttle_on_redis_keeps_no_name_and_ends_with_its_window():
-    # Given the Redis store under a namespace of its own, and a clock we move
+    # Given web processes on the Redis broker: their throttle lives in Redis
     namespace = new_namespace()
+    made = login_throttle(Settings(broker_url=REDIS_URL, redis_namespace=namespace), None)
+    assert isinstance(made.store, RedisFailures) and made.store.namespace == namespace
+    made.store.client.close()
+    # Given that store under a namespace of its own, and a clock we move
     client = redis.Redis.from_url(REDIS_URL)
     now = [1_000_000.0]
     throttle = LoginThrottle(RedisFailures(client, namespace), clock=lambda: now[0])
