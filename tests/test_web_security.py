@@ -3,16 +3,19 @@ connection checks, background grants that end, cookies and headers for TLS, purg
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
 from prometheus_client import REGISTRY
 
+from actors import PipelineBroker
 from mailpipe import crypto, grants
 from mailpipe.crypto import DataKey
 from mailpipe.diagnostics.requests import RATE_LIMIT
@@ -27,7 +30,7 @@ from tests.test_web_api import (  # noqa: F401  (fixtures)
     site_with,
 )
 from web.app import LOGIN_COOKIE, SESSION_COOKIE, create_app
-from web.sessions import SessionStore
+from web.sessions import SealedSessionStore, SessionStore
 from web.throttle import (
     PER_NAME,
     WINDOW_SECONDS,
@@ -310,3 +313,102 @@ def test_operators_read_the_alerts_the_webhook_stored(site):  # noqa: F811
         "MailpipeWorkerDown (firing): A worker exporter is down",
     )
     assert note["created_at"].endswith("+00:00")
+
+
+# -- sessions shared by several web processes ------------------------------------------------
+
+
+@pytest.fixture
+def redis_namespace() -> Iterator[tuple[redis.Redis, str]]:
+    namespace = new_namespace()
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        yield client, namespace
+    finally:
+        delete_namespace(namespace, REDIS_URL)
+        client.close()
+
+
+def test_a_sealed_session_opens_in_any_process_and_redis_alone_opens_nothing(redis_namespace):
+    client, namespace = redis_namespace
+    now = [1_000.0]
+    one, other = (
+        SealedSessionStore(client, namespace, idle_seconds=10, max_seconds=25, clock=lambda: now[0])
+        for _ in range(2)
+    )
+    key = DataKey.generate()
+    # Given a login in one web process
+    session = one.create(user_id=7, user_name="alice", key=key)
+    # When another process reads the cookie, Then it opens the same session and data key
+    found = other.get(session.id)
+    assert (found.user_id, found.csrf_token) == (7, session.csrf_token)
+    assert found.key.export() == key.export()
+    # And Redis holds the key in no usable form: not in clear, and no cookie but this one opens it
+    [stored] = [client.get(k) for k in client.scan_iter(match=f"{namespace}*")]
+    for encoded in (key.export().hex(), base64.b64encode(key.export()).decode()):
+        assert encoded.encode() not in stored
+    record_id, _, secret = session.id.partition(".")
+    forged = base64.urlsafe_b64encode(bytes(32)).decode().rstrip("=")
+    assert other.get(f"{record_id}.{forged}") is None
+    assert other.get(record_id) is None and other.get(f".{secret}") is None
+    # And a record copied under another id does not open with its cookie
+    client.set(f"{namespace}:web-session:moved", stored)
+    assert other.get(f"moved.{secret}") is None
+
+
+def test_a_sealed_session_ends_when_idle_too_old_or_logged_out(redis_namespace):
+    client, namespace = redis_namespace
+    now = [1_000.0]
+    store = SealedSessionStore(
+        client, namespace, idle_seconds=10, max_seconds=25, clock=lambda: now[0]
+    )
+    session = store.create(user_id=1, user_name="alice", key=DataKey.generate())
+    now[0] += 9
+    assert store.get(session.id) is not None  # seen again: idle time starts over
+    now[0] += 9
+    assert store.get(session.id) is not None
+    now[0] += 9  # 27 s old: past the maximum age however active
+    assert store.get(session.id) is None
+    idle = store.create(user_id=1, user_name="alice", key=DataKey.generate())
+    now[0] += 11
+    assert store.get(idle.id) is None
+    ended = store.create(user_id=1, user_name="alice", key=DataKey.generate())
+    store.end(ended.id)
+    assert store.get(ended.id) is None
+    assert list(client.scan_iter(match=f"{namespace}*")) == []  # nothing left behind
+
+
+def test_two_web_processes_on_redis_serve_one_login(site, redis_namespace):  # noqa: F811
+    # Given two web apps (two processes) on the Redis broker's settings and one database
+    _client, namespace = redis_namespace
+    settings = Settings(broker_url=REDIS_URL, redis_namespace=namespace)
+    first, second = (create_app(settings, pipeline=site.pipeline) for _ in range(2))
+    alice = site.user("alice")
+    # When alice logs in on the first
+    browser = first.test_client()
+    assert post_login(browser, "alice", PASSWORD).status_code == 303
+    cookie = browser.get_cookie(SESSION_COOKIE).value
+    # Then the second serves her dashboard and her API with that cookie
+    other = second.test_client()
+    other.set_cookie(SESSION_COOKIE, cookie)
+    page = other.get("/")
+    assert page.status_code == 200 and "alice" in page.text
+    assert other.get("/api/jobs/history").status_code == 200
+    assert alice.id == second.extensions["mailpipe"].logins.get(cookie).user_id
+
+
+def test_the_notice_after_login_travels_in_the_url_and_only_ours_is_shown(site, tmp_path):  # noqa: F811
+    # Given an app whose workers' key is missing, so background sync cannot be granted
+    pipeline = PipelineBroker(site.sessions, settings=Settings(data_dir=tmp_path / "no-key"))
+    app = create_app(Settings(), pipeline=pipeline)
+    site.user("alice")
+    browser = app.test_client()
+    token = LOGIN_TOKEN.search(browser.get("/login").text).group(1)
+    # When alice logs in asking for background sync
+    form = {"login_token": token, "username": "alice", "password": PASSWORD, "background": "on"}
+    answer = browser.post("/login", data=form)
+    # Then the dashboard she is sent to says why there is none (any web process can show it)
+    assert answer.status_code == 303 and "notice=background_unavailable" in answer.location
+    assert "Hintergrundabruf ist gerade nicht verfügbar" in browser.get(answer.location).text
+    # And a notice key someone else put in a link shows nothing
+    assert 'class="notice"' not in browser.get("/?notice=%3Cscript%3E").text

@@ -36,7 +36,7 @@ from worker.embedded import embedded_worker
 from . import present
 from .blueprint import API_PREFIX, CSRF_HEADER, create_blueprint, http_error_response
 from .i18n import TEXTS, language, text
-from .sessions import ServerSession, SessionStore
+from .sessions import SealedSessionStore, ServerSession, SessionStore, session_store
 from .throttle import LoginThrottle, login_throttle, name_digest
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ DASHBOARD_JOBS = 10
 DASHBOARD_NOTIFICATIONS = 20
 MAX_CONTENT_LENGTH = 1024 * 1024
 HSTS = "max-age=31536000"
+NOTICES = ("background_unavailable",)
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -65,7 +66,7 @@ SECURITY_HEADERS = {
 class WebState:
     """What the views share: the session store, the database and the pipeline."""
 
-    logins: SessionStore
+    logins: SessionStore | SealedSessionStore
     sessions: sessionmaker[Session]
     pipeline: PipelineBroker
     background_grant_seconds: float
@@ -96,16 +97,12 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
     if pipeline is None:
         pipeline = _pipeline(settings)
     state = WebState(
-        logins=SessionStore(
-            idle_seconds=settings.session_idle_seconds,
-            max_seconds=settings.session_max_seconds,
-        ),
+        logins=session_store(settings),
         sessions=pipeline.sessions,
         pipeline=pipeline,
         background_grant_seconds=settings.background_grant_hours * 3600,
         throttle=login_throttle(settings, pipeline.sessions),
     )
-    state.logins.purge_every()
     app.extensions["mailpipe"] = state
     app.register_blueprint(
         create_blueprint(
@@ -184,12 +181,13 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
         record_login("success")
         user_id, name, key = user
         login = state.logins.create(user_id=user_id, user_name=name, key=key)
+        notice = None
         if request.form.get("background"):
-            login.notice = _grant_background(state, login)
+            notice = _grant_background(state, login)
         else:  # an earlier login's background grant ends: the user did not allow it this time
             with state.sessions.begin() as session:
                 grants.revoke_background(session, user_id)
-        response = redirect(_dashboard_url(), code=303)
+        response = redirect(_dashboard_url(notice=notice), code=303)
         response.set_cookie(
             SESSION_COOKIE,
             login.id,
@@ -221,7 +219,8 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
         if login is None:
             return redirect(url_for("login_form", **_lang_arg()), code=303)
         lang = language(request)
-        notice, login.notice = login.notice, None
+        notice = request.args.get("notice")  # one of ours, or nothing is shown
+        notice = notice if notice in NOTICES else None
         return render_template(
             "dashboard.html",
             lang=lang,
@@ -259,8 +258,11 @@ def _lang_arg() -> dict[str, Any]:
     return {"lang": lang} if lang in TEXTS else {}
 
 
-def _dashboard_url() -> str:
-    return url_for("dashboard", **_lang_arg())
+def _dashboard_url(*, notice: str | None = None) -> str:
+    """The dashboard, with a notice key for the page after login (sessions hold no notice:
+    every web process reads them alike)."""
+    arguments: dict[str, Any] = {**_lang_arg(), **({"notice": notice} if notice else {})}
+    return url_for("dashboard", **arguments)
 
 
 def _login_page(
