@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mailpipe.errors import MailpipeError
 from mailpipe.settings import Settings
 
 
@@ -11,11 +12,24 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     web = commands.add_parser("web", help="mailpipe's own web app: dashboard and JSON API")
     web.add_argument("--host", default="127.0.0.1")
     web.add_argument("--port", type=int, default=8000)
+    web.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes (gunicorn; above 1 needs the Redis broker); default 1, in this process",
+    )
     web.set_defaults(run=run_web)
 
 
 def run_web(args: argparse.Namespace, settings: Settings) -> int:
     """Flask, the broker and the actors load only when this command runs."""
+    if args.workers < 1:
+        raise MailpipeError("--workers must be 1 or more")
+    if args.workers > 1:
+        from metrics import multiprocess
+
+        # before the metrics are first imported: their files go into this directory
+        multiprocess.prepare()
     from web.app import serve
 
-    return serve(settings, host=args.host, port=args.port)
+    return serve(settings, host=args.host, port=args.port, workers=args.workers)

@@ -160,6 +160,15 @@ def test_workers_and_exporter_share_one_metrics_directory():
     assert exporter["pid"] == "service:worker"  # process ids name the metric files
 
 
+def test_the_web_app_runs_several_processes_with_metrics_of_their_own():
+    # Given the web service: gunicorn processes (sessions shared through Redis)
+    args = build_parser().parse_args(SERVICES["web"]["command"][1:])
+    assert args.workers > 1
+    # Then their metrics meet in a directory no worker process writes to
+    web = SERVICES["web"]["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+    assert web != SERVICES["worker"]["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+
+
 def test_nothing_in_the_stack_is_open_by_default():
     # Given the compose file as shipped
     text = (ROOT / "docker-compose.yml").read_text()

@@ -4,8 +4,11 @@ connection checks, background grants that end, cookies and headers for TLS, purg
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,13 +16,16 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+import requests
 from prometheus_client import REGISTRY
 
 from actors import PipelineBroker
-from mailpipe import crypto, grants
+from mailpipe import crypto, db, grants
+from mailpipe.accounts import create_user
 from mailpipe.crypto import DataKey
 from mailpipe.diagnostics.requests import RATE_LIMIT
 from mailpipe.settings import Settings
+from tests.support.dovecot import free_ports
 from tests.support.workers import REDIS_URL, ROOT, delete_namespace, new_namespace
 from tests.test_web_api import (  # noqa: F401  (fixtures)
     ALERT_TOKEN,
@@ -412,3 +418,78 @@ def test_the_notice_after_login_travels_in_the_url_and_only_ours_is_shown(site, 
     assert "Hintergrundabruf ist gerade nicht verfügbar" in browser.get(answer.location).text
     # And a notice key someone else put in a link shows nothing
     assert 'class="notice"' not in browser.get("/?notice=%3Cscript%3E").text
+
+
+def test_gunicorn_processes_share_one_login(tmp_path, redis_namespace):
+    # Given `mailpipe web --workers 2` on the Redis broker (gunicorn) and a user
+    _client, namespace = redis_namespace
+    url = f"sqlite:///{tmp_path / 'web.db'}"
+    engine = db.make_engine(url)
+    db.migrate(engine)
+    with db.session_factory(engine).begin() as session:
+        create_user(session, "alice", PASSWORD, iterations=1_000)
+    engine.dispose()
+    [port] = free_ports(1)
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text("scraper")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "MAILPIPE_BROKER_URL": REDIS_URL,
+        "MAILPIPE_REDIS_NAMESPACE": namespace,
+        "MAILPIPE_DATABASE_URL": url,
+        "MAILPIPE_DATA_DIR": str(tmp_path),
+        "MAILPIPE_METRICS_TOKEN_FILE": str(token_file),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "web-metrics"),
+    }
+    command = [sys.executable, "-m", "cli", "web", "--port", str(port), "--workers", "2"]
+    server = subprocess.Popen(
+        command, cwd=ROOT, env=env, start_new_session=True, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        browser = requests.Session()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                form = browser.get(f"{base}/login", timeout=5)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline and server.poll() is None, "web did not start"
+                time.sleep(0.2)
+        # When she logs in once
+        token = LOGIN_TOKEN.search(form.text).group(1)
+        answer = browser.post(
+            f"{base}/login",
+            data={"login_token": token, "username": "alice", "password": PASSWORD},
+            allow_redirects=False,
+            timeout=30,
+        )
+        assert answer.status_code == 303
+        # Then every request is served, whichever of the two processes takes it
+        assert len(subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True,
+                                  text=True).stdout.split()) == 2  # fmt: skip
+        answers = [browser.get(f"{base}/api/jobs/history", timeout=30) for _ in range(20)]
+        assert [a.status_code for a in answers] == [200] * 20
+        # And /metrics counts the one login whichever process the scraper reaches
+        scraper = {"Authorization": "Bearer scraper"}
+        for _ in range(6):
+            exposed = requests.get(f"{base}/metrics", headers=scraper, timeout=30).text
+            assert 'mailpipe_web_logins_total{outcome="success"} 1.0' in exposed
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+
+
+def test_several_web_processes_need_the_redis_broker(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "MAILPIPE_DATA_DIR": str(tmp_path)}
+    refused = subprocess.run(
+        [sys.executable, "-m", "cli", "web", "--workers", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0 and refused.stderr.count("\n") == 1
+    assert "needs MAILPIPE_BROKER_URL=redis://" in refused.stderr

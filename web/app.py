@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, abort, g, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from gunicorn.app.base import BaseApplication
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import run_simple
@@ -26,9 +28,10 @@ from werkzeug.serving import run_simple
 from mailpipe import db, grants
 from mailpipe.accounts import unlock_user
 from mailpipe.crypto import KDF_ITERATIONS, SALT_BYTES, DataKey, KdfParams, derive_kek
-from mailpipe.errors import NotFound, WrongPassword
+from mailpipe.errors import MailpipeError, NotFound, WrongPassword
 from mailpipe.settings import Settings
 from mailpipe.vocabulary import JOB_FINAL
+from metrics import multiprocess
 from metrics.observer import record_login
 from worker.broker import use_broker
 from worker.embedded import embedded_worker
@@ -247,7 +250,7 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
                 mimetype="text/plain",
                 headers={"WWW-Authenticate": 'Bearer realm="mailpipe-metrics"'},
             )
-        return Response(generate_latest(REGISTRY), mimetype=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(_registry()), mimetype=CONTENT_TYPE_LATEST)
 
     return app
 
@@ -366,8 +369,18 @@ def _when(value: str | None) -> str:
     return datetime.fromisoformat(value).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def serve(settings: Settings, *, host: str, port: int) -> int:
-    """`mailpipe web`: on the embedded broker this process also runs the jobs, like the demo."""
+def serve(settings: Settings, *, host: str, port: int, workers: int = 1) -> int:
+    """`mailpipe web`: on the embedded broker this process also runs the jobs, like the demo;
+    with `workers` above 1, gunicorn runs that many processes (the Redis broker only: they
+    share sessions and the login throttle through Redis)."""
+    if workers > 1:
+        if settings.embedded:
+            raise MailpipeError(
+                "--workers above 1 needs MAILPIPE_BROKER_URL=redis://...: processes on the "
+                "embedded broker share no sessions"
+            )
+        _Gunicorn(settings, bind=f"{host}:{port}", workers=workers).run()
+        return 0
     pipeline = _pipeline(settings)
     app = create_app(settings, pipeline=pipeline)
     with (
@@ -377,6 +390,32 @@ def serve(settings: Settings, *, host: str, port: int) -> int:
     ):
         run_simple(host, port, app, threaded=True)
     return 0
+
+
+def _registry() -> CollectorRegistry:
+    """This process's metrics, or every web process's when they share a directory."""
+    if multiprocess.directory() is None:
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return registry
+
+
+class _Gunicorn(BaseApplication):
+    """gunicorn with the app built in each worker process (after the fork: its own database
+    pool and Redis connections)."""
+
+    def __init__(self, settings: Settings, *, bind: str, workers: int) -> None:
+        self.settings = settings
+        self.options = {"bind": bind, "workers": workers, "accesslog": "-"}
+        super().__init__()
+
+    def load_config(self) -> None:
+        for name, value in self.options.items():
+            self.cfg.set(name, value)
+
+    def load(self) -> Flask:
+        return create_app(self.settings)
 
 
 def _pipeline(settings: Settings) -> PipelineBroker:
