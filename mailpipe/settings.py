@@ -65,6 +65,7 @@ class Settings:
     session_max_seconds: float = 12 * 60 * 60
     background_grant_hours: float = 24.0
     cookie_secure: bool = False
+    trusted_proxies: int = 0  # reverse proxies in front of the web app whose X-Forwarded-* count
     debug: bool = False
 
     def __post_init__(self) -> None:
@@ -86,6 +87,7 @@ class Settings:
         _at_least(1, "MAILPIPE_JOB_GRANT_TTL_SECONDS", self.job_grant_ttl_seconds)
         _at_least(1, "MAILPIPE_JOB_RETENTION_DAYS", self.job_retention_days)
         _at_least(1, "MAILPIPE_MAX_QUEUED_JOBS", self.max_queued_jobs)
+        _at_least(0, "MAILPIPE_TRUSTED_PROXIES", self.trusted_proxies)
         _positive("MAILPIPE_SESSION_IDLE_SECONDS", self.session_idle_seconds)
         _positive("MAILPIPE_SESSION_MAX_SECONDS", self.session_max_seconds)
         _positive("MAILPIPE_BACKGROUND_GRANT_HOURS", self.background_grant_hours)
@@ -128,6 +130,7 @@ class Settings:
                     session_max_seconds=("MAILPIPE_SESSION_MAX_SECONDS", _number),
                     background_grant_hours=("MAILPIPE_BACKGROUND_GRANT_HOURS", _number),
                     cookie_secure=("MAILPIPE_COOKIE_SECURE", _flag),
+                    trusted_proxies=("MAILPIPE_TRUSTED_PROXIES", _integer),
                     debug=("MAILPIPE_DEBUG", _flag),
                 ),
                 retry=RetryPolicy(

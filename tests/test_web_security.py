@@ -493,3 +493,24 @@ def test_several_web_processes_need_the_redis_broker(tmp_path):
     )
     assert refused.returncode != 0 and refused.stderr.count("\n") == 1
     assert "needs MAILPIPE_BROKER_URL=redis://" in refused.stderr
+
+
+def test_the_throttle_sees_the_clients_address_only_through_a_trusted_proxy(site_with, caplog):  # noqa: F811
+    # Given an app behind one trusted proxy, and one that trusts none (the default)
+    caplog.set_level(logging.WARNING, logger="web.app")
+    for trusted, seen in ((1, "203.0.113.5"), (0, "10.0.0.1")):
+        app = site_with(trusted_proxies=trusted)
+        client = app.app.test_client()
+        token = LOGIN_TOKEN.search(client.get("/login").text).group(1)
+        caplog.clear()
+        # When a wrong login arrives from the proxy, forwarded for a client
+        client.post(
+            "/login",
+            data={"login_token": token, "username": "nobody", "password": WRONG},
+            headers={"X-Forwarded-For": "203.0.113.5"},
+            environ_base={"REMOTE_ADDR": "10.0.0.1"},
+        )
+        # Then the failure is counted for the client only when the proxy is trusted (else a
+        # client could name any address and escape its limit)
+        [record] = [r.getMessage() for r in caplog.records if "login failed" in r.getMessage()]
+        assert record.endswith(f"from {seen}")

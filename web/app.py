@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import run_simple
 
 from mailpipe import db, grants
@@ -97,6 +98,9 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
     them, on the settings' database and the broker the actors are declared on."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_CONTENT_LENGTH
+    if settings.trusted_proxies:  # the client's address (for the login throttle) and scheme
+        proxies = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # type: ignore[method-assign]
     if pipeline is None:
         pipeline = _pipeline(settings)
     state = WebState(
