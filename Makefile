@@ -46,7 +46,7 @@ system:
 audit:
 	$(PYTHON) -m venv $(AUDIT)
 	$(AUDIT)/bin/pip install --quiet --disable-pip-version-check pip-audit==$(PIP_AUDIT_VERSION)
-	$(AUDIT)/bin/pip-audit --requirement requirements.lock --no-deps --disable-pip --progress-spinner off
+	$(AUDIT)/bin/pip-audit --strict --requirement requirements.lock --no-deps --disable-pip --progress-spinner off
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -8,6 +8,7 @@ Prints the worker CPU time and wall time per account run for each round.
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import dramatiq
@@ -20,6 +21,7 @@ from mailpipe.accounts import add_account, create_user
 from mailpipe.imap import ImapSettings
 from tests.support import postgres
 from tests.support.dovecot import Dovecot
+from tests.support.policy import LOOPBACK
 from worker import runtime
 
 ROUNDS = 3
@@ -37,24 +39,26 @@ def main() -> int:
             db.migrate(engine)
             sessions = db.session_factory(engine)
             private_key = X25519PrivateKey.generate()
-            runtime.configure(broker_config.SETTINGS, sessions=sessions, private_key=private_key)
+            # the benchmark's own Dovecot listens on loopback: allow it, as tests/conftest.py does
+            settings = replace(broker_config.SETTINGS, address_policy=LOOPBACK)
+            runtime.configure(settings, sessions=sessions, private_key=private_key)
             with sessions.begin() as session:
                 user, key = create_user(session, "bench", "pw", iterations=1000)
                 for login, password in boxes:
-                    settings = ImapSettings(
+                    account = ImapSettings(
                         host=server.host,
                         port=server.port,
                         username=login,
                         password=password,
                         security="none",
                     )
-                    add_account(session, user, key, settings)
+                    add_account(session, user, key, account)
                 user_id = user.id
             worker = dramatiq.Worker(broker_config.broker, worker_threads=8)
             worker.start()
             pipeline = PipelineBroker(
                 sessions,
-                settings=broker_config.SETTINGS,
+                settings=settings,
                 public_key=grants.public_key_bytes(private_key),
             )
             for number in range(1, ROUNDS + 1):

@@ -5,14 +5,15 @@ A built-in IMAP server (pymap) holds three demo mailboxes: anna's is healthy and
 every round; ben's password is stored wrong, so his account goes BROKEN and he is notified;
 clara's sits behind a slow, flaky link that breaks her first attempt each round, which is
 retried and recovers. The stub broker and an in-process worker run the jobs, SQLite stores the
-mail, and the web dashboard with /metrics is served on http://127.0.0.1:8000 (log in as
-demo/demo). `--rounds N` runs N rounds without the dashboard, back to back, and exits 0 only
+mail, and the web dashboard is served on http://127.0.0.1:8000 (log in as demo/demo), with
+/metrics for the bearer token the demo writes to its data dir. `--rounds N` runs N rounds without the dashboard, back to back, and exits 0 only
 when every round behaved as designed; a round that did not says which check failed.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -57,6 +58,7 @@ WEB_PORT = 8000
 ROUND_SECONDS = 30
 JOB_SECONDS = 120
 POLL_SECONDS = 0.25
+METRICS_TOKEN_FILENAME = "metrics.token"
 RUN_MARKS = {"success": "ok", "failed": "FAILED", "skipped": "skipped"}
 # ben's wrong password fails his run, until after MAILPIPE_CIRCUIT_FAILURES such rounds his
 # circuit opens and skips it (one probe per cool-down fails again)
@@ -92,6 +94,7 @@ def run_demo(settings: Settings, *, rounds: int | None) -> int:
     data.mkdir(parents=True, exist_ok=True)
     for stale in data.glob("demo.db*"):
         stale.unlink()
+    settings = with_metrics_token(settings, data)
     engine = db.make_engine(f"sqlite:///{data / 'demo.db'}")
     db.migrate(engine)
     sessions = db.session_factory(engine)
@@ -127,6 +130,18 @@ def _quiet_logs() -> None:
     retry) would cut into it, and the demo says the same in its own words."""
     logging.getLogger("dramatiq").setLevel(logging.CRITICAL)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+
+
+def with_metrics_token(settings: Settings, data: Path) -> Settings:
+    """/metrics answers only the scraper's bearer token: the demo makes one in its data dir
+    (unless MAILPIPE_METRICS_TOKEN_FILE names one), so a curl can look."""
+    if settings.metrics_token_file is not None:
+        return settings
+    token_file = data / METRICS_TOKEN_FILENAME
+    if not token_file.exists():
+        token_file.write_text(secrets.token_urlsafe(32) + "\n")
+        token_file.chmod(0o600)
+    return replace(settings, metrics_token_file=token_file)
 
 
 def _setup(pipeline: PipelineBroker, server: DemoServer, link: FaultProxy) -> Demo:
@@ -168,7 +183,11 @@ def _start_web(demo: Demo, settings: Settings):
         return None
     threading.Thread(target=server.serve_forever, name="mailpipe-web", daemon=True).start()
     print(f"dashboard: http://{WEB_HOST}:{WEB_PORT}/  (log in as {DEMO_USER}/{DEMO_PASSWORD})")
-    print(f"metrics:   http://{WEB_HOST}:{WEB_PORT}/metrics")
+    token_file = settings.metrics_token_file
+    print(
+        f'metrics:   curl -H "Authorization: Bearer $(cat {token_file})" '
+        f"http://{WEB_HOST}:{WEB_PORT}/metrics"
+    )
     return server
 
 

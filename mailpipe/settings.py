@@ -63,11 +63,13 @@ class Settings:
     job_retention_days: int = 30
     alert_token: str | None = field(default=None, repr=False)
     alert_token_file: Path | None = None
+    metrics_token_file: Path | None = None  # None: the web app serves no /metrics
     max_queued_jobs: int = 3
     session_idle_seconds: float = 30 * 60
     session_max_seconds: float = 12 * 60 * 60
     background_grant_hours: float = 24.0
     cookie_secure: bool = False
+    trusted_proxies: int = 0  # reverse proxies in front of the web app whose X-Forwarded-* count
     debug: bool = False
     log_format: str = TEXT_LOGS  # or "json": one JSON object per line (mailpipe/logs.py)
 
@@ -90,6 +92,7 @@ class Settings:
         _at_least(1, "MAILPIPE_JOB_GRANT_TTL_SECONDS", self.job_grant_ttl_seconds)
         _at_least(1, "MAILPIPE_JOB_RETENTION_DAYS", self.job_retention_days)
         _at_least(1, "MAILPIPE_MAX_QUEUED_JOBS", self.max_queued_jobs)
+        _at_least(0, "MAILPIPE_TRUSTED_PROXIES", self.trusted_proxies)
         _positive("MAILPIPE_SESSION_IDLE_SECONDS", self.session_idle_seconds)
         _positive("MAILPIPE_SESSION_MAX_SECONDS", self.session_max_seconds)
         _positive("MAILPIPE_BACKGROUND_GRANT_HOURS", self.background_grant_hours)
@@ -131,11 +134,13 @@ class Settings:
                     job_retention_days=("MAILPIPE_JOB_RETENTION_DAYS", _integer),
                     alert_token=("MAILPIPE_ALERT_TOKEN", str),
                     alert_token_file=("MAILPIPE_ALERT_TOKEN_FILE", Path),
+                    metrics_token_file=("MAILPIPE_METRICS_TOKEN_FILE", Path),
                     max_queued_jobs=("MAILPIPE_MAX_QUEUED_JOBS", _integer),
                     session_idle_seconds=("MAILPIPE_SESSION_IDLE_SECONDS", _number),
                     session_max_seconds=("MAILPIPE_SESSION_MAX_SECONDS", _number),
                     background_grant_hours=("MAILPIPE_BACKGROUND_GRANT_HOURS", _number),
                     cookie_secure=("MAILPIPE_COOKIE_SECURE", _flag),
+                    trusted_proxies=("MAILPIPE_TRUSTED_PROXIES", _integer),
                     debug=("MAILPIPE_DEBUG", _flag),
                     log_format=("MAILPIPE_LOG_FORMAT", str.lower),
                 ),

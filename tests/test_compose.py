@@ -162,6 +162,15 @@ def test_workers_and_exporter_share_one_metrics_directory():
     assert exporter["pid"] == "service:worker"  # process ids name the metric files
 
 
+def test_the_web_app_runs_several_processes_with_metrics_of_their_own():
+    # Given the web service: gunicorn processes (sessions shared through Redis)
+    args = build_parser().parse_args(SERVICES["web"]["command"][1:])
+    assert args.workers > 1
+    # Then their metrics meet in a directory no worker process writes to
+    web = SERVICES["web"]["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+    assert web != SERVICES["worker"]["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+
+
 def test_nothing_in_the_stack_is_open_by_default():
     # Given the compose file as shipped
     text = (ROOT / "docker-compose.yml").read_text()
@@ -179,3 +188,16 @@ def test_nothing_in_the_stack_is_open_by_default():
         re.findall(r"\$\{POSTGRES_PASSWORD[^}]*\}", text)
         == ["${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}"] * 2
     )
+
+
+def test_prometheus_scrapes_the_web_app_with_the_token_the_web_app_reads():
+    # Given the web app's /metrics, which answers only its bearer token
+    parsed = yaml.safe_load((ROOT / "prometheus.yml").read_text())
+    [web_job] = [job for job in parsed["scrape_configs"] if job["job_name"] == "mailpipe-web"]
+    # Then Prometheus sends the very file the web app reads, a secret both services mount
+    credentials = web_job["authorization"]["credentials_file"]
+    assert SERVICES["web"]["environment"]["MAILPIPE_METRICS_TOKEN_FILE"] == credentials
+    assert credentials == "/run/secrets/web_metrics_token"
+    for service in ("web", "prometheus"):
+        assert "web_metrics_token" in SERVICES[service]["secrets"], service
+    assert COMPOSE["secrets"]["web_metrics_token"] == {"environment": "MAILPIPE_METRICS_TOKEN"}

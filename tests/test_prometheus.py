@@ -121,8 +121,20 @@ def grafana_expr(expr: str) -> str:
 
 
 @needs_promtool
-def test_promtool_accepts_the_config_and_its_rule_files():
-    result = promtool("check", "config", "prometheus.yml")
+def test_promtool_accepts_the_config_and_its_rule_files(tmp_path):
+    # Given prometheus.yml with its secrets where they are in the container (here, temp files:
+    # promtool wants every credentials file to exist)
+    config = yaml.safe_load((ROOT / "prometheus.yml").read_text())
+    secrets = [job["authorization"] for job in config["scrape_configs"] if "authorization" in job]
+    assert [s["credentials_file"] for s in secrets] == ["/run/secrets/web_metrics_token"]
+    for secret in secrets:
+        secret["credentials_file"] = str(tmp_path / "web_metrics_token")
+        Path(secret["credentials_file"]).write_text("token")
+    config["rule_files"] = [str(ROOT / pattern) for pattern in config["rule_files"]]
+    checked = tmp_path / "prometheus.yml"
+    checked.write_text(yaml.safe_dump(config))
+    # When promtool checks it, Then it and its rule files pass
+    result = promtool("check", "config", str(checked))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 rule files found" in result.stdout
 
@@ -455,6 +467,7 @@ def prometheus_config(
     alertmanager: int,
     prom: int,
     email_alertmanager: int,
+    token_file: Path,
 ) -> Path:
     """prometheus.yml with this test's ports, a 1 s rhythm, and alerts that need no waiting."""
     config = yaml.safe_load((ROOT / "prometheus.yml").read_text())
@@ -469,6 +482,8 @@ def prometheus_config(
     }
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": targets.pop(job["job_name"])}]
+        if "authorization" in job:  # the secret lives in /run/secrets in the container
+            job["authorization"]["credentials_file"] = str(token_file)
     assert targets == {}, f"prometheus.yml lacks the jobs {sorted(targets)}"
     [alerting] = config["alerting"]["alertmanagers"]
     # Alerts go to both: the shipped configuration, and the one with its e-mail blocks on.
@@ -628,6 +643,7 @@ def stack(workdir: Path, synced: Run, queued: None) -> Iterator[Stack]:
             alertmanager=am_port,
             prom=prom_port,
             email_alertmanager=email_am_port,
+            token_file=token_file,
         )
         servers["prometheus"] = Server(
             [

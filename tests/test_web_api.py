@@ -1024,8 +1024,20 @@ def test_dashboard_sends_a_visitor_to_the_login(site):
     assert response.headers["Location"] == "/login?lang=en"
 
 
-def test_metrics_are_served_for_prometheus(site):
-    response = site.app.test_client().get("/metrics")
+def test_metrics_are_served_to_the_scraper_only(site, site_with, tmp_path):
+    # Given the default (no token file): the user-facing app serves no /metrics at all
+    assert site.app.test_client().get("/metrics").status_code == 404
+    # Given a token file, as Prometheus's credentials_file
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text("scraper-token\n")
+    client = site_with(metrics_token_file=token_file).app.test_client()
+    # Then without the token, or with another, the answer is 401 and no metric
+    for headers in ({}, {"Authorization": "Bearer guess"}, {"Authorization": "scraper-token"}):
+        refused = client.get("/metrics", headers=headers)
+        assert refused.status_code == 401 and b"# TYPE" not in refused.data
+        assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    # And with it, the metrics
+    response = client.get("/metrics", headers={"Authorization": "Bearer scraper-token"})
     assert response.status_code == 200
     assert response.content_type.startswith("text/plain")
     assert b"# TYPE" in response.data

@@ -3,20 +3,29 @@ connection checks, background grants that end, cookies and headers for TLS, purg
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
+import requests
 from prometheus_client import REGISTRY
 
-from mailpipe import crypto, grants
+from actors import PipelineBroker
+from mailpipe import crypto, db, grants
+from mailpipe.accounts import create_user
 from mailpipe.crypto import DataKey
 from mailpipe.diagnostics.requests import RATE_LIMIT
 from mailpipe.settings import Settings
+from tests.support.dovecot import free_ports
 from tests.support.workers import REDIS_URL, ROOT, delete_namespace, new_namespace
 from tests.test_web_api import (  # noqa: F401  (fixtures)
     ALERT_TOKEN,
@@ -27,8 +36,15 @@ from tests.test_web_api import (  # noqa: F401  (fixtures)
     site_with,
 )
 from web.app import LOGIN_COOKIE, SESSION_COOKIE, create_app
-from web.sessions import SessionStore
-from web.throttle import PER_NAME, WINDOW_SECONDS, LoginThrottle, RedisFailures, name_digest
+from web.sessions import SealedSessionStore, SessionStore
+from web.throttle import (
+    PER_NAME,
+    WINDOW_SECONDS,
+    LoginThrottle,
+    RedisFailures,
+    login_throttle,
+    name_digest,
+)
 
 WRONG = "wrong horse"
 
@@ -121,8 +137,12 @@ def test_a_right_password_clears_the_names_count(site):  # noqa: F811
 
 
 def test_the_throttle_on_redis_keeps_no_name_and_ends_with_its_window():
-    # Given the Redis store under a namespace of its own, and a clock we move
+    # Given web processes on the Redis broker: their throttle lives in Redis
     namespace = new_namespace()
+    made = login_throttle(Settings(broker_url=REDIS_URL, redis_namespace=namespace), None)
+    assert isinstance(made.store, RedisFailures) and made.store.namespace == namespace
+    made.store.client.close()
+    # Given that store under a namespace of its own, and a clock we move
     client = redis.Redis.from_url(REDIS_URL)
     now = [1_000_000.0]
     throttle = LoginThrottle(RedisFailures(client, namespace), clock=lambda: now[0])
@@ -299,3 +319,198 @@ def test_operators_read_the_alerts_the_webhook_stored(site):  # noqa: F811
         "MailpipeWorkerDown (firing): A worker exporter is down",
     )
     assert note["created_at"].endswith("+00:00")
+
+
+# -- sessions shared by several web processes ------------------------------------------------
+
+
+@pytest.fixture
+def redis_namespace() -> Iterator[tuple[redis.Redis, str]]:
+    namespace = new_namespace()
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        yield client, namespace
+    finally:
+        delete_namespace(namespace, REDIS_URL)
+        client.close()
+
+
+def test_a_sealed_session_opens_in_any_process_and_redis_alone_opens_nothing(redis_namespace):
+    client, namespace = redis_namespace
+    now = [1_000.0]
+    one, other = (
+        SealedSessionStore(client, namespace, idle_seconds=10, max_seconds=25, clock=lambda: now[0])
+        for _ in range(2)
+    )
+    key = DataKey.generate()
+    # Given a login in one web process
+    session = one.create(user_id=7, user_name="alice", key=key)
+    # When another process reads the cookie, Then it opens the same session and data key
+    found = other.get(session.id)
+    assert (found.user_id, found.csrf_token) == (7, session.csrf_token)
+    assert found.key.export() == key.export()
+    # And Redis holds the key in no usable form: not in clear, and no cookie but this one opens it
+    [stored] = [client.get(k) for k in client.scan_iter(match=f"{namespace}*")]
+    for encoded in (key.export().hex(), base64.b64encode(key.export()).decode()):
+        assert encoded.encode() not in stored
+    record_id, _, secret = session.id.partition(".")
+    forged = base64.urlsafe_b64encode(bytes(32)).decode().rstrip("=")
+    assert other.get(f"{record_id}.{forged}") is None
+    assert other.get(record_id) is None and other.get(f".{secret}") is None
+    # And a record copied under another id does not open with its cookie
+    client.set(f"{namespace}:web-session:moved", stored)
+    assert other.get(f"moved.{secret}") is None
+
+
+def test_a_sealed_session_ends_when_idle_too_old_or_logged_out(redis_namespace):
+    client, namespace = redis_namespace
+    now = [1_000.0]
+    store = SealedSessionStore(
+        client, namespace, idle_seconds=10, max_seconds=25, clock=lambda: now[0]
+    )
+    session = store.create(user_id=1, user_name="alice", key=DataKey.generate())
+    now[0] += 9
+    assert store.get(session.id) is not None  # seen again: idle time starts over
+    now[0] += 9
+    assert store.get(session.id) is not None
+    now[0] += 9  # 27 s old: past the maximum age however active
+    assert store.get(session.id) is None
+    idle = store.create(user_id=1, user_name="alice", key=DataKey.generate())
+    now[0] += 11
+    assert store.get(idle.id) is None
+    ended = store.create(user_id=1, user_name="alice", key=DataKey.generate())
+    store.end(ended.id)
+    assert store.get(ended.id) is None
+    assert list(client.scan_iter(match=f"{namespace}*")) == []  # nothing left behind
+
+
+def test_two_web_processes_on_redis_serve_one_login(site, redis_namespace):  # noqa: F811
+    # Given two web apps (two processes) on the Redis broker's settings and one database
+    _client, namespace = redis_namespace
+    settings = Settings(broker_url=REDIS_URL, redis_namespace=namespace)
+    first, second = (create_app(settings, pipeline=site.pipeline) for _ in range(2))
+    alice = site.user("alice")
+    # When alice logs in on the first
+    browser = first.test_client()
+    assert post_login(browser, "alice", PASSWORD).status_code == 303
+    cookie = browser.get_cookie(SESSION_COOKIE).value
+    # Then the second serves her dashboard and her API with that cookie
+    other = second.test_client()
+    other.set_cookie(SESSION_COOKIE, cookie)
+    page = other.get("/")
+    assert page.status_code == 200 and "alice" in page.text
+    assert other.get("/api/jobs/history").status_code == 200
+    assert alice.id == second.extensions["mailpipe"].logins.get(cookie).user_id
+
+
+def test_the_notice_after_login_travels_in_the_url_and_only_ours_is_shown(site, tmp_path):  # noqa: F811
+    # Given an app whose workers' key is missing, so background sync cannot be granted
+    pipeline = PipelineBroker(site.sessions, settings=Settings(data_dir=tmp_path / "no-key"))
+    app = create_app(Settings(), pipeline=pipeline)
+    site.user("alice")
+    browser = app.test_client()
+    token = LOGIN_TOKEN.search(browser.get("/login").text).group(1)
+    # When alice logs in asking for background sync
+    form = {"login_token": token, "username": "alice", "password": PASSWORD, "background": "on"}
+    answer = browser.post("/login", data=form)
+    # Then the dashboard she is sent to says why there is none (any web process can show it)
+    assert answer.status_code == 303 and "notice=background_unavailable" in answer.location
+    assert "Hintergrundabruf ist gerade nicht verfügbar" in browser.get(answer.location).text
+    # And a notice key someone else put in a link shows nothing
+    assert 'class="notice"' not in browser.get("/?notice=%3Cscript%3E").text
+
+
+def test_gunicorn_processes_share_one_login(tmp_path, redis_namespace):
+    # Given `mailpipe web --workers 2` on the Redis broker (gunicorn) and a user
+    _client, namespace = redis_namespace
+    url = f"sqlite:///{tmp_path / 'web.db'}"
+    engine = db.make_engine(url)
+    db.migrate(engine)
+    with db.session_factory(engine).begin() as session:
+        create_user(session, "alice", PASSWORD, iterations=1_000)
+    engine.dispose()
+    [port] = free_ports(1)
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text("scraper")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "MAILPIPE_BROKER_URL": REDIS_URL,
+        "MAILPIPE_REDIS_NAMESPACE": namespace,
+        "MAILPIPE_DATABASE_URL": url,
+        "MAILPIPE_DATA_DIR": str(tmp_path),
+        "MAILPIPE_METRICS_TOKEN_FILE": str(token_file),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "web-metrics"),
+    }
+    command = [sys.executable, "-m", "cli", "web", "--port", str(port), "--workers", "2"]
+    server = subprocess.Popen(
+        command, cwd=ROOT, env=env, start_new_session=True, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        browser = requests.Session()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                form = browser.get(f"{base}/login", timeout=5)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline and server.poll() is None, "web did not start"
+                time.sleep(0.2)
+        # When she logs in once
+        token = LOGIN_TOKEN.search(form.text).group(1)
+        answer = browser.post(
+            f"{base}/login",
+            data={"login_token": token, "username": "alice", "password": PASSWORD},
+            allow_redirects=False,
+            timeout=30,
+        )
+        assert answer.status_code == 303
+        # Then every request is served, whichever of the two processes takes it
+        assert len(subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True,
+                                  text=True).stdout.split()) == 2  # fmt: skip
+        answers = [browser.get(f"{base}/api/jobs/history", timeout=30) for _ in range(20)]
+        assert [a.status_code for a in answers] == [200] * 20
+        # And /metrics counts the one login whichever process the scraper reaches
+        scraper = {"Authorization": "Bearer scraper"}
+        for _ in range(6):
+            exposed = requests.get(f"{base}/metrics", headers=scraper, timeout=30).text
+            assert 'mailpipe_web_logins_total{outcome="success"} 1.0' in exposed
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+
+
+def test_several_web_processes_need_the_redis_broker(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "MAILPIPE_DATA_DIR": str(tmp_path)}
+    refused = subprocess.run(
+        [sys.executable, "-m", "cli", "web", "--workers", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0 and refused.stderr.count("\n") == 1
+    assert "needs MAILPIPE_BROKER_URL=redis://" in refused.stderr
+
+
+def test_the_throttle_sees_the_clients_address_only_through_a_trusted_proxy(site_with, caplog):  # noqa: F811
+    # Given an app behind one trusted proxy, and one that trusts none (the default)
+    caplog.set_level(logging.WARNING, logger="web.app")
+    for trusted, seen in ((1, "203.0.113.5"), (0, "10.0.0.1")):
+        app = site_with(trusted_proxies=trusted)
+        client = app.app.test_client()
+        token = LOGIN_TOKEN.search(client.get("/login").text).group(1)
+        caplog.clear()
+        # When a wrong login arrives from the proxy, forwarded for a client
+        client.post(
+            "/login",
+            data={"login_token": token, "username": "nobody", "password": WRONG},
+            headers={"X-Forwarded-For": "203.0.113.5"},
+            environ_base={"REMOTE_ADDR": "10.0.0.1"},
+        )
+        # Then the failure is counted for the client only when the proxy is trusted (else a
+        # client could name any address and escape its limit)
+        [record] = [r.getMessage() for r in caplog.records if "login failed" in r.getMessage()]
+        assert record.endswith(f"from {seen}")

@@ -1,4 +1,5 @@
-"""mailpipe's own small web app: login, the dashboard, the API blueprint and /metrics.
+"""mailpipe's own small web app: login, the dashboard, the API blueprint and /metrics (for the
+scraper, with its bearer token).
 
 `create_app(settings)` builds it; `serve(settings, host=..., port=...)` is `mailpipe web`. The
 data key derived at login lives only in the in-process session store (see web.sessions); the
@@ -18,17 +19,21 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, abort, g, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from gunicorn.app.base import BaseApplication
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import run_simple
 
 from mailpipe import db, grants, logs, mail
 from mailpipe.accounts import unlock_user
 from mailpipe.crypto import KDF_ITERATIONS, SALT_BYTES, DataKey, KdfParams, derive_kek
-from mailpipe.errors import NotFound, WrongPassword
+from mailpipe.errors import MailpipeError, NotFound, WrongPassword
 from mailpipe.settings import Settings
 from mailpipe.vocabulary import JOB_FINAL
+from metrics import multiprocess
 from metrics.observer import record_login
 from worker.broker import use_broker
 from worker.embedded import embedded_worker
@@ -36,7 +41,7 @@ from worker.embedded import embedded_worker
 from . import present
 from .blueprint import API_PREFIX, CSRF_HEADER, create_blueprint, http_error_response
 from .i18n import TEXTS, language, text
-from .sessions import ServerSession, SessionStore
+from .sessions import SealedSessionStore, ServerSession, SessionStore, session_store
 from .throttle import LoginThrottle, login_throttle, name_digest
 
 if TYPE_CHECKING:
@@ -51,6 +56,7 @@ DASHBOARD_NOTIFICATIONS = 20
 DASHBOARD_MAIL = 5  # latest messages shown per account
 MAX_CONTENT_LENGTH = 1024 * 1024
 HSTS = "max-age=31536000"
+NOTICES = ("background_unavailable",)
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -66,7 +72,7 @@ SECURITY_HEADERS = {
 class WebState:
     """What the views share: the session store, the database and the pipeline."""
 
-    logins: SessionStore
+    logins: SessionStore | SealedSessionStore
     sessions: sessionmaker[Session]
     pipeline: PipelineBroker
     background_grant_seconds: float
@@ -81,24 +87,31 @@ def alert_token(settings: Settings) -> str | None:
     return token or None
 
 
+def metrics_token(settings: Settings) -> str | None:
+    """The scraper's bearer token for the web app's /metrics: the first line of
+    `MAILPIPE_METRICS_TOKEN_FILE` (the file Prometheus sends as credentials_file)."""
+    if settings.metrics_token_file is None:
+        return None
+    return settings.metrics_token_file.read_text().strip() or None
+
+
 def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) -> Flask:
     """The whole app on `settings`; `pipeline` (tests, embedding) overrides the one built from
     them, on the settings' database and the broker the actors are declared on."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_CONTENT_LENGTH
+    if settings.trusted_proxies:  # the client's address (for the login throttle) and scheme
+        proxies = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # type: ignore[method-assign]
     if pipeline is None:
         pipeline = _pipeline(settings)
     state = WebState(
-        logins=SessionStore(
-            idle_seconds=settings.session_idle_seconds,
-            max_seconds=settings.session_max_seconds,
-        ),
+        logins=session_store(settings),
         sessions=pipeline.sessions,
         pipeline=pipeline,
         background_grant_seconds=settings.background_grant_hours * 3600,
         throttle=login_throttle(settings, pipeline.sessions),
     )
-    state.logins.purge_every()
     app.extensions["mailpipe"] = state
     app.register_blueprint(
         create_blueprint(
@@ -177,12 +190,13 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
         record_login("success")
         user_id, name, key = user
         login = state.logins.create(user_id=user_id, user_name=name, key=key)
+        notice = None
         if request.form.get("background"):
-            login.notice = _grant_background(state, login)
+            notice = _grant_background(state, login)
         else:  # an earlier login's background grant ends: the user did not allow it this time
             with state.sessions.begin() as session:
                 grants.revoke_background(session, user_id)
-        response = redirect(_dashboard_url(), code=303)
+        response = redirect(_dashboard_url(notice=notice), code=303)
         response.set_cookie(
             SESSION_COOKIE,
             login.id,
@@ -214,7 +228,8 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
         if login is None:
             return redirect(url_for("login_form", **_lang_arg()), code=303)
         lang = language(request)
-        notice, login.notice = login.notice, None
+        notice = request.args.get("notice")  # one of ours, or nothing is shown
+        notice = notice if notice in NOTICES else None
         return render_template(
             "dashboard.html",
             lang=lang,
@@ -224,9 +239,24 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
             **_dashboard_data(state, login, lang),
         )
 
+    scraper_token = metrics_token(settings)
+
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+        """For the scraper only: off without a token file, else its bearer token is needed."""
+        if scraper_token is None:
+            abort(404)
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), scraper_token.encode()
+        ):
+            return Response(
+                "bearer token required\n",
+                status=401,
+                mimetype="text/plain",
+                headers={"WWW-Authenticate": 'Bearer realm="mailpipe-metrics"'},
+            )
+        return Response(generate_latest(_registry()), content_type=CONTENT_TYPE_LATEST)
 
     return app
 
@@ -237,8 +267,11 @@ def _lang_arg() -> dict[str, Any]:
     return {"lang": lang} if lang in TEXTS else {}
 
 
-def _dashboard_url() -> str:
-    return url_for("dashboard", **_lang_arg())
+def _dashboard_url(*, notice: str | None = None) -> str:
+    """The dashboard, with a notice key for the page after login (sessions hold no notice:
+    every web process reads them alike)."""
+    arguments: dict[str, Any] = {**_lang_arg(), **({"notice": notice} if notice else {})}
+    return url_for("dashboard", **arguments)
 
 
 def _login_page(
@@ -362,13 +395,21 @@ def _when(value: str | None) -> str:
     return datetime.fromisoformat(value).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def serve(settings: Settings, *, host: str, port: int) -> int:
-    """`mailpipe web`: on the embedded broker this process also runs the jobs, like the demo.
-
-    With MAILPIPE_LOG_FORMAT=json every line it logs (requests, job events) is a JSON object.
-    """
+def serve(settings: Settings, *, host: str, port: int, workers: int = 1) -> int:
+    """`mailpipe web`: on the embedded broker this process also runs the jobs, like the demo;
+    with `workers` above 1, gunicorn runs that many processes (the Redis broker only: they
+    share sessions and the login throttle through Redis). With MAILPIPE_LOG_FORMAT=json every
+    line it logs (requests, job events) is a JSON object."""
     if settings.log_format == logs.JSON:
         logs.configure(logs.JSON, stream=sys.stderr)
+    if workers > 1:
+        if settings.embedded:
+            raise MailpipeError(
+                "--workers above 1 needs MAILPIPE_BROKER_URL=redis://...: processes on the "
+                "embedded broker share no sessions"
+            )
+        _Gunicorn(settings, bind=f"{host}:{port}", workers=workers).run()
+        return 0
     pipeline = _pipeline(settings)
     app = create_app(settings, pipeline=pipeline)
     with (
@@ -378,6 +419,32 @@ def serve(settings: Settings, *, host: str, port: int) -> int:
     ):
         run_simple(host, port, app, threaded=True)
     return 0
+
+
+def _registry() -> CollectorRegistry:
+    """This process's metrics, or every web process's when they share a directory."""
+    if multiprocess.directory() is None:
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return registry
+
+
+class _Gunicorn(BaseApplication):
+    """gunicorn with the app built in each worker process (after the fork: its own database
+    pool and Redis connections)."""
+
+    def __init__(self, settings: Settings, *, bind: str, workers: int) -> None:
+        self.settings = settings
+        self.options = {"bind": bind, "workers": workers, "accesslog": "-"}
+        super().__init__()
+
+    def load_config(self) -> None:
+        for name, value in self.options.items():
+            self.cfg.set(name, value)
+
+    def load(self) -> Flask:
+        return create_app(self.settings)
 
 
 def _pipeline(settings: Settings) -> PipelineBroker:
