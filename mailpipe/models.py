@@ -106,6 +106,8 @@ class MailAccount(Base):
     circuit_opened_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     failure_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     failure_window_start: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # the number of the account's last change to its stored mail (the change feed's clock)
+    mail_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
@@ -137,6 +139,7 @@ class Email(Base):
     __table_args__ = (
         UniqueConstraint("account_id", "folder", "uidvalidity", "uid", name="uq_emails_uid"),
         Index("ix_emails_content_hash", "account_id", "content_hash"),
+        Index("ix_emails_account_seq", "account_id", "seq"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -159,10 +162,15 @@ class Email(Base):
     )
     annotations_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     fetched_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
-    # set when the server no longer holds the message here (a tombstone, read by nobody): kept
-    # until the end of the account's sync, so mail moved to another folder keeps its
-    # processing results, then deleted with its content and annotations
+    # set when the server no longer holds the message here (a tombstone only the change feed
+    # reads): its content and annotations are kept until the end of the account's sync, so mail
+    # moved to another folder keeps its processing results, then dropped; the row goes after
+    # store.TOMBSTONE_DAYS
     vanished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # the account's change numbers (MailAccount.mail_seq) when the row was stored and when it
+    # last changed (stored, flags, re-keyed, vanished): what the change feed reads
+    created_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class PipelineJob(Base):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, cast
 
 import orjson
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .crypto import DataKey
 from .db import rowcount
 from .fetch import FetchedMessage
-from .models import Email, FolderState, utcnow
+from .models import Email, FolderState, MailAccount, utcnow
 from .parse import ParsedMessage
 from .processors import Annotation
 from .vocabulary import ParseStatus, ProcessStatus
@@ -25,6 +26,7 @@ FOLDER_STATE = cast(Table, FolderState.__table__)
 EMAIL_KEY = ["account_id", "folder", "uidvalidity", "uid"]
 RECENT = "\\recent"
 DELETE_CHUNK = 1000
+TOMBSTONE_DAYS = 7  # how long the change feed still says that a message vanished
 
 
 @dataclass
@@ -124,11 +126,14 @@ def apply_state_changes(
             current = changes.flags.get(uid)
             if current is not None and set(current.split()) != set(stored.split()):
                 updates.append({"row_id": row_id, "new_flags": current})
+    if not updates and not vanished:
+        return outcome
+    seq = next_seq(session, account_id)
     if updates:
         session.execute(
             update(EMAILS)
             .where(EMAILS.c.id == bindparam("row_id"))
-            .values(flags=bindparam("new_flags"))
+            .values(flags=bindparam("new_flags"), seq=seq)
             .execution_options(synchronize_session=False),
             updates,
         )
@@ -140,21 +145,40 @@ def apply_state_changes(
             session.execute(
                 update(Email)
                 .where(*where, Email.uid.in_(chunk))
-                .values(vanished_at=now)
+                .values(vanished_at=now, seq=seq)
                 .execution_options(synchronize_session=False)
             )
         )
     return outcome
 
 
-def purge_vanished(sessions: sessionmaker[Session], *, account_id: int) -> int:
-    """Delete the account's vanished mail (content and annotations with it) once its sync has
-    seen every folder, so a message moved between them has found its processing results."""
+def next_seq(session: Session, account_id: int) -> int:
+    """The account's next change number, taken in the transaction that makes the change (one
+    sync per account at a time, so its changes commit in the order of their numbers)."""
+    return session.execute(
+        update(MailAccount)
+        .where(MailAccount.id == account_id)
+        .values(mail_seq=MailAccount.mail_seq + 1)
+        .returning(MailAccount.mail_seq)
+    ).scalar_one()
+
+
+def purge_vanished(sessions: sessionmaker[Session], *, account_id: int) -> None:
+    """Once an account's sync has seen every folder (so a moved message has found its
+    processing results), drop the content and annotations of its vanished mail, and the
+    tombstones older than TOMBSTONE_DAYS, which change feed readers have had time to see."""
+    vanished = (Email.account_id == account_id, Email.vanished_at.is_not(None))
     with sessions.begin() as session:
-        return rowcount(
-            session.execute(
-                delete(Email).where(Email.account_id == account_id, Email.vanished_at.is_not(None))
-            )
+        session.execute(
+            update(Email)
+            .where(*vanished, Email.parsed_enc.is_not(None) | Email.annotations_enc.is_not(None))
+            .values(raw_enc=b"", parsed_enc=None, annotations_enc=None)
+            .execution_options(synchronize_session=False)
+        )
+        session.execute(
+            delete(Email)
+            .where(*vanished, Email.vanished_at < utcnow() - timedelta(days=TOMBSTONE_DAYS))
+            .execution_options(synchronize_session=False)
         )
 
 
@@ -200,6 +224,10 @@ class BatchWriter:
         ]
         outcome = WriteOutcome()
         with self.sessions.begin() as session:
+            if rows:
+                seq = next_seq(session, self.account_id)
+                for row in rows:
+                    row["seq"] = row["created_seq"] = seq
             if self.dedupe_by_content and rows:
                 rows = self._rekey_known_content(session, rows, outcome)
             if rows:
@@ -337,7 +365,12 @@ class BatchWriter:
             session.execute(
                 update(Email)
                 .where(Email.id == email_id)
-                .values(uidvalidity=row["uidvalidity"], uid=row["uid"], flags=row["flags"])
+                .values(
+                    uidvalidity=row["uidvalidity"],
+                    uid=row["uid"],
+                    flags=row["flags"],
+                    seq=row["seq"],
+                )
             )
             outcome.duplicates += 1
         return fresh

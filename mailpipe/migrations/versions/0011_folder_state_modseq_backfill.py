@@ -1,6 +1,6 @@
 """folder_state: HIGHESTMODSEQ, the server's message count up to the high-water mark, and the
-newest-first backfill range, for flag and expunge sync; emails.vanished_at, the tombstone that
-lets a moved message keep its processing results
+newest-first backfill range, for flag and expunge sync; emails.vanished_at (tombstones), the
+change numbers of the change feed (emails.created_seq and seq, mail_accounts.mail_seq)
 
 Revision ID: 0011
 Revises: 0009
@@ -25,11 +25,24 @@ def upgrade() -> None:
             )
     with op.batch_alter_table("emails") as batch_op:
         batch_op.add_column(sa.Column("vanished_at", sa.DateTime(timezone=True), nullable=True))
+        for name in ("created_seq", "seq"):
+            batch_op.add_column(
+                sa.Column(name, sa.BigInteger(), nullable=False, server_default="0")
+            )
+        batch_op.create_index("ix_emails_account_seq", ["account_id", "seq"])
+    with op.batch_alter_table("mail_accounts") as batch_op:
+        batch_op.add_column(
+            sa.Column("mail_seq", sa.BigInteger(), nullable=False, server_default="0")
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("mail_accounts") as batch_op:
+        batch_op.drop_column("mail_seq")
     with op.batch_alter_table("emails") as batch_op:
-        batch_op.drop_column("vanished_at")
+        batch_op.drop_index("ix_emails_account_seq")
+        for name in ("vanished_at", "created_seq", "seq"):
+            batch_op.drop_column(name)
     with op.batch_alter_table("folder_state") as batch_op:
         for name in COLUMNS:
             batch_op.drop_column(name)
