@@ -10,7 +10,15 @@ from mailpipe.accounts import PROVIDERS, add_account, owned_account
 from mailpipe.imap import SECURITY_MODES, ImapSettings
 from mailpipe.settings import Settings
 
-from .common import StrictParser, find_user, open_database, password_option, secret, unlock
+from .common import (
+    StrictParser,
+    find_user,
+    instant,
+    open_database,
+    password_option,
+    secret,
+    unlock,
+)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -31,6 +39,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     account_add.add_argument("--folder", action="append", dest="folders", metavar="F")
     account_add.add_argument("--interval", type=int, default=300, help="seconds between syncs")
     account_add.add_argument("--provider", choices=PROVIDERS)
+    account_add.add_argument(
+        "--since", type=instant, help="never fetch mail received before this date (UTC) or time"
+    )
     account_add.set_defaults(run=run_account_add)
     account_list = account.add_parser("list", help="a user's accounts and their health")
     account_list.add_argument("--user", required=True)
@@ -63,6 +74,7 @@ def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
             session, user, key, imap, folders=args.folders, provider=args.provider
         )
         account.sync_interval_seconds = args.interval
+        account.sync_since = args.since
         print(f"account {account.id} added ({account.provider})")
     return 0
 

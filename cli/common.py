@@ -6,6 +6,7 @@ import argparse
 import getpass
 import os
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -78,3 +79,18 @@ def find_user(session: Session, name: str) -> User:
     if user is None:
         raise NotFound(f"no user named {name!r}")
     return user
+
+
+def instant(text: str) -> datetime:
+    """An argparse type: a date (midnight UTC) or an ISO 8601 time with its offset."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = None
+    if moment is not None and len(text) == 10:  # a plain date
+        moment = moment.replace(tzinfo=UTC)
+    if moment is None or moment.utcoffset() is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a date (2026-01-31) or a time with its offset (…T08:00+01:00)"
+        )
+    return moment.astimezone(UTC)

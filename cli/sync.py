@@ -24,7 +24,7 @@ from mailpipe.profiler import MEMORY_METHODS, RU_MAXRSS, Profiler
 from mailpipe.settings import Settings
 from mailpipe.sync import BATCH_BYTES, SyncOptions, SyncResult, sync_account
 
-from .common import EXIT_FAILURE, variable_secret
+from .common import EXIT_FAILURE, instant, variable_secret
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -63,7 +63,10 @@ def _sync_options(parser: argparse.ArgumentParser, *, db_help: str) -> None:
     parser.add_argument("--security", choices=SECURITY_MODES, default="tls")
     parser.add_argument("--ca-file", help="trust this CA bundle instead of the system's")
     parser.add_argument("--folder", action="append", dest="folders", metavar="F")
-    parser.add_argument("--max-mails", type=int)
+    parser.add_argument("--max-mails", type=int, help="take at most N, the newest first")
+    parser.add_argument(
+        "--since", type=instant, help="never fetch mail received before this date (UTC) or time"
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per IMAP command")
     parser.add_argument(
         "--batch-bytes", type=int, default=BATCH_BYTES, help="bound on message bytes per batch"
@@ -158,7 +161,10 @@ def _sync_target(args: argparse.Namespace, url: str) -> tuple[Engine, _SyncTarge
             user, key = create_user(session, args.owner, owner_password)
         account_id = _find_or_add_account(session, user, key, settings, args.folders)
     options = SyncOptions(
-        folders=args.folders, max_mails=args.max_mails, batch_bytes=args.batch_bytes
+        folders=args.folders,
+        max_mails=args.max_mails,
+        batch_bytes=args.batch_bytes,
+        since=args.since,
     )
     return engine, _SyncTarget(sessions, account_id, key, settings, options)
 

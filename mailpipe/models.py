@@ -97,6 +97,8 @@ class MailAccount(Base):
     last_error_class: Mapped[str | None] = mapped_column(String(40))
     last_error_message: Mapped[str | None] = mapped_column(String(500))
     sync_interval_seconds: Mapped[int] = mapped_column(Integer, default=300, server_default="300")
+    # the account's window ("sync since"): mail the server received earlier is never fetched
+    sync_since: Mapped[datetime | None] = mapped_column(UtcDateTime())
     next_sync_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime())

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from types import TracebackType
 from typing import Any, ParamSpec
 
@@ -56,6 +57,7 @@ class SyncOptions:
     processors: Mapping[str, Processor] | None = None  # run on each batch before it is stored
     batch_bytes: int = BATCH_BYTES
     batch_messages: int = BATCH_MESSAGES
+    since: datetime | None = None  # the account's window: mail received earlier is not fetched
 
 
 @dataclass
@@ -273,7 +275,7 @@ def _sync_folder(
     sizes: dict[int, int] = {}
     if box.exists and not settled:
         with timer.phase("fetch"):
-            sizes = _sizes_above(client, position.last_uid)
+            sizes = _sizes_above(client, position.last_uid, since=options.since)
     new = sorted(sizes)
     # mail already held under an older UIDVALIDITY is re-keyed, not copied: in the run that
     # finds the change, and in the backfill runs that follow a capped one
@@ -311,7 +313,7 @@ def _sync_folder(
         if backfill_sizes is None:
             with timer.phase("fetch"):
                 backfill_sizes = _sizes_between(
-                    client, position.backfill_floor, position.backfill_uid
+                    client, position.backfill_floor, position.backfill_uid, since=options.since
                 )
         older = sorted(
             uid for uid in backfill_sizes if position.backfill_floor < uid <= position.backfill_uid
@@ -643,22 +645,31 @@ class Pipeline:
                 self._error = error
 
 
-def _sizes_above(client: IMAPClient, last_uid: int) -> dict[int, int]:
+def _sizes_above(client: IMAPClient, last_uid: int, *, since: datetime | None) -> dict[int, int]:
     """UIDs above the high-water mark with their sizes, in one round trip and without SEARCH."""
-    response = fetch_messages(client._imap, f"{last_uid + 1}:*", "UID RFC822.SIZE")
     # "n:*" always matches the highest UID, even when that is below n.
-    return {uid: message.size for uid, message in response.items() if uid > last_uid}
+    return _sizes(client, f"{last_uid + 1}:*", since=since, low=last_uid + 1, high=None)
 
 
-def _sizes_between(client: IMAPClient, floor: int, top: int) -> dict[int, int]:
-    """UIDs above `floor` up to `top` with their sizes: the backfill still due."""
+def _sizes(
+    client: IMAPClient, uid_set: str, *, since: datetime | None, low: int, high: int | None
+) -> dict[int, int]:
+    """Sizes of the UIDs from `low` to `high` in a UID set; with `since`, only of the messages
+    the server received then or later (the account's window: older mail is never fetched)."""
+    items = "UID RFC822.SIZE INTERNALDATE" if since is not None else "UID RFC822.SIZE"
     return {
         uid: message.size
-        for uid, message in fetch_messages(
-            client._imap, f"{floor + 1}:{top}", "UID RFC822.SIZE"
-        ).items()
-        if floor < uid <= top
+        for uid, message in fetch_messages(client._imap, uid_set, items).items()
+        if low <= uid and (high is None or uid <= high)
+        if since is None or message.internal_date is None or message.internal_date >= since
     }
+
+
+def _sizes_between(
+    client: IMAPClient, floor: int, top: int, *, since: datetime | None
+) -> dict[int, int]:
+    """UIDs above `floor` up to `top` with their sizes: the backfill still due."""
+    return _sizes(client, f"{floor + 1}:{top}", since=since, low=floor + 1, high=top)
 
 
 def _batches(

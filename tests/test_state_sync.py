@@ -6,6 +6,7 @@ import json
 import sqlite3
 import tempfile
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -532,3 +533,24 @@ def test_change_feed_read_page_by_page_while_a_sync_runs(dovecot, db_url):
         assert mail_changes(session, user_id=owner, key=box.key, cursor=page.cursor).changes == []
         with pytest.raises(ValueError):
             mail_changes(session, user_id=owner, key=box.key, cursor="1.x.y")
+
+
+# -- the account's window ----------------------------------------------------------------------
+
+
+def test_mail_before_the_window_is_never_fetched_newest_first_or_not(mailbox, dovecot):
+    # Given six messages received in 2024 and six in 2026, interleaved
+    with dovecot.session(mailbox.user, mailbox.password) as client:
+        for i in range(12):
+            year = 2024 if i % 2 else 2026
+            client.append("INBOX", message(i), msg_time=datetime(year, 3, 1, 12, i, tzinfo=UTC))
+    since = datetime(2025, 1, 1, tzinfo=UTC)
+    # When capped syncs with the window run until nothing is left, then an uncapped one
+    first = mailbox.sync(max_mails=4, since=since)
+    assert first.saved == 4 and first.folders[0].backfill_pending
+    rest = mailbox.sync(max_mails=4, since=since)
+    # Then only the six from 2026 are stored, newest first, and the backfill ends at the window
+    assert rest.saved == 2 and not rest.folders[0].backfill_pending
+    subjects = sorted(e.uid for e in held(mailbox))
+    assert subjects == [1, 3, 5, 7, 9, 11]
+    assert mailbox.sync(since=since).folders[0].unchanged

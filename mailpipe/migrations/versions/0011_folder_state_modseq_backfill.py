@@ -1,6 +1,7 @@
 """folder_state: HIGHESTMODSEQ, the server's message count up to the high-water mark, and the
 newest-first backfill range, for flag and expunge sync; emails.vanished_at (tombstones), the
-change numbers of the change feed (emails.created_seq and seq, mail_accounts.mail_seq)
+change numbers of the change feed (emails.created_seq and seq, mail_accounts.mail_seq);
+mail_accounts.sync_since, the account's window
 
 Revision ID: 0011
 Revises: 0009
@@ -34,11 +35,13 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("mail_seq", sa.BigInteger(), nullable=False, server_default="0")
         )
+        batch_op.add_column(sa.Column("sync_since", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("mail_accounts") as batch_op:
         batch_op.drop_column("mail_seq")
+        batch_op.drop_column("sync_since")
     with op.batch_alter_table("emails") as batch_op:
         batch_op.drop_index("ix_emails_account_seq")
         for name in ("vanished_at", "created_seq", "seq"):
