@@ -131,6 +131,7 @@ class FolderState(Base):
     messages: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     backfill_uid: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     backfill_floor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    role: Mapped[str | None] = mapped_column(String(20))  # vocabulary.FolderRole, when known
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 

@@ -43,6 +43,7 @@ class FolderPosition:
     messages: int = 0
     backfill_uid: int = 0
     backfill_floor: int = 0
+    role: str | None = None  # what the folder is for (vocabulary.FolderRole), when known
 
 
 @dataclass
@@ -84,6 +85,7 @@ def folder_states(session: Session, account_id: int) -> dict[str, FolderPosition
             FolderState.messages,
             FolderState.backfill_uid,
             FolderState.backfill_floor,
+            FolderState.role,
         ).where(FolderState.account_id == account_id)
     )
     return {row[0]: FolderPosition(*row[1:]) for row in rows}
@@ -386,6 +388,7 @@ class BatchWriter:
             "messages": position.messages,
             "backfill_uid": position.backfill_uid,
             "backfill_floor": position.backfill_floor,
+            "role": position.role,
             "updated_at": utcnow(),
         }
         statement = dialect_insert(session, FOLDER_STATE).values(values)

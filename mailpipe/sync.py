@@ -168,10 +168,10 @@ def sync_account(
         with timer.phase("diagnostics"):
             result.capabilities = quick_check(client)
         with timer.phase("folder_list"):
-            folders = resolve_folders(client, wanted)
+            folders = folder_roles(client, wanted)
         server = ServerFeatures.of(result.capabilities)
         budget = options.max_mails
-        for folder in folders:
+        for folder, role in folders.items():
             folder_result = _sync_folder(
                 client,
                 sessions,
@@ -179,6 +179,7 @@ def sync_account(
                 key=key,
                 folder=folder,
                 state=states.get(folder),
+                role=role,
                 budget=budget,
                 options=options,
                 timer=timer,
@@ -212,25 +213,32 @@ def resolve_folders(client: IMAPClient, wanted: Sequence[str]) -> list[str]:
     """Plain names are used as given (no LIST round trip); patterns are expanded with LIST,
     leaving out Gmail's \\All (it would copy every message again); a role such as `@sent`
     names the folders LIST shows with that role (SPECIAL-USE, else a common name)."""
-    folders: list[str] = []
+    return list(folder_roles(client, wanted))
+
+
+def folder_roles(client: IMAPClient, wanted: Sequence[str]) -> dict[str, FolderRole | None]:
+    """The folders `resolve_folders` finds, each with its role (from LIST's SPECIAL-USE
+    attribute when LIST was asked, else from its name)."""
+    folders: dict[str, FolderRole | None] = {}
     everything: list[tuple[Sequence[bytes], str | None, str]] | None = None
     for name in wanted:
         role = requested_role(name)
         if role is FolderRole.INBOX:
-            folders.append("INBOX")
+            folders.setdefault("INBOX", role)
         elif role is not None:
             if everything is None:
                 everything = _selectable(client, "*")
-            folders.extend(
-                found for flags, sep, found in everything if role_of(flags, found, sep) is role
-            )
+            for flags, sep, found in everything:
+                if role_of(flags, found, sep) is role:
+                    folders.setdefault(found, role)
         elif any(w in name for w in WILDCARDS):
             for flags, sep, found in _selectable(client, name):
-                if role_of(flags, found, sep) not in NOT_BY_WILDCARD:
-                    folders.append(found)
+                found_role = role_of(flags, found, sep)
+                if found_role not in NOT_BY_WILDCARD:
+                    folders.setdefault(found, found_role)
         else:
-            folders.append(name)
-    return list(dict.fromkeys(folders))
+            folders.setdefault(name, role_of((), name, "/"))
+    return folders
 
 
 def _selectable(client: IMAPClient, pattern: str) -> list[tuple[Sequence[bytes], str | None, str]]:
@@ -254,6 +262,7 @@ def _sync_folder(
     options: SyncOptions,
     timer: PhaseTimer,
     server: ServerFeatures,
+    role: FolderRole | None = None,
 ) -> FolderResult:
     outcome = FolderResult(folder=folder)
     with timer.phase("fetch"):
@@ -269,6 +278,7 @@ def _sync_folder(
         messages=known.messages if known else 0,
         backfill_uid=known.backfill_uid if known else 0,
         backfill_floor=known.backfill_floor if known else 0,
+        role=role,
     )
     # UIDNEXT is recorded only when a run took everything, so an equal one means nothing new
     settled = known is not None and box.uidnext != 0 and box.uidnext == known.uidnext

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from mailpipe import db, store
 from mailpipe.accounts import add_account, create_user
@@ -17,7 +18,7 @@ from mailpipe.errors import NotFound
 from mailpipe.folders import requested_role, role_of
 from mailpipe.imap import ImapSettings
 from mailpipe.mail import list_mail, mail_changes, read_mail
-from mailpipe.models import MailAccount
+from mailpipe.models import FolderState, MailAccount
 from mailpipe.sync import SyncOptions, sync_account
 from mailpipe.vocabulary import FolderRole
 from tests.support.dovecot import DOVECOT, Dovecot
@@ -428,6 +429,10 @@ def test_a_role_names_the_folder_and_a_wildcard_leaves_all_mail_out(mailbox):
     result = mailbox.sync(folders=["@sent", "@archive"])
     # Then exactly those folders are synced, found by their common names
     assert [f.folder for f in result.folders] == ["Gesendet", "Archiv"]
+    # And each folder's role is stored with its position
+    with mailbox.sessions() as session:
+        roles = dict(session.execute(select(FolderState.folder, FolderState.role)).all())
+    assert roles == {"Gesendet": "sent", "Archiv": "archive"}
     # When it syncs every folder by wildcard, then "All Mail" is left out
     everything = mailbox.sync(folders=["*"])
     assert sorted(f.folder for f in everything.folders) == ["Archiv", "Gesendet", "INBOX"]

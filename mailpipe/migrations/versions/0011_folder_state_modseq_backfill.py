@@ -1,5 +1,5 @@
-"""folder_state: HIGHESTMODSEQ, the server's message count up to the high-water mark, and the
-newest-first backfill range, for flag and expunge sync; emails.vanished_at (tombstones), the
+"""folder_state: HIGHESTMODSEQ, the server's message count up to the high-water mark, the
+newest-first backfill range and the folder's role, for flag and expunge sync; emails.vanished_at (tombstones), the
 change numbers of the change feed (emails.created_seq and seq, mail_accounts.mail_seq);
 mail_accounts.sync_since, the account's window
 
@@ -24,6 +24,7 @@ def upgrade() -> None:
             batch_op.add_column(
                 sa.Column(name, sa.BigInteger(), nullable=False, server_default="0")
             )
+        batch_op.add_column(sa.Column("role", sa.String(length=20), nullable=True))
     with op.batch_alter_table("emails") as batch_op:
         batch_op.add_column(sa.Column("vanished_at", sa.DateTime(timezone=True), nullable=True))
         for name in ("created_seq", "seq"):
@@ -47,5 +48,6 @@ def downgrade() -> None:
         for name in ("vanished_at", "created_seq", "seq"):
             batch_op.drop_column(name)
     with op.batch_alter_table("folder_state") as batch_op:
+        batch_op.drop_column("role")
         for name in COLUMNS:
             batch_op.drop_column(name)
