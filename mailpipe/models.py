@@ -143,6 +143,7 @@ class Email(Base):
         UniqueConstraint("account_id", "folder", "uidvalidity", "uid", name="uq_emails_uid"),
         Index("ix_emails_content_hash", "account_id", "content_hash"),
         Index("ix_emails_account_seq", "account_id", "seq"),
+        Index("ix_emails_account_vanished", "account_id", "vanished_at"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)

@@ -170,6 +170,7 @@ def sync_account(
         with timer.phase("folder_list"):
             folders = folder_roles(client, wanted)
         server = ServerFeatures.of(result.capabilities)
+        tombstones: list[uuid.UUID] = []  # rows made tombstones in this run
         budget = options.max_mails
         for folder, role in folders.items():
             folder_result = _sync_folder(
@@ -184,15 +185,16 @@ def sync_account(
                 options=options,
                 timer=timer,
                 server=server,
+                tombstones=tombstones,
             )
             result.folders.append(folder_result)
             if budget is not None:
                 budget -= folder_result.fetched + folder_result.expunged
                 if budget <= 0:
                     break
-        if result.vanished:  # every folder has been seen: a moved message found its results
+        if tombstones:  # every folder has been seen: a moved message found its results
             with timer.phase("save"):
-                store.purge_vanished(sessions, account_id=account_id)
+                store.purge_vanished(sessions, account_id=account_id, ids=tombstones)
     finally:
         with timer.phase("disconnect"):
             _logout(client)
@@ -262,6 +264,7 @@ def _sync_folder(
     options: SyncOptions,
     timer: PhaseTimer,
     server: ServerFeatures,
+    tombstones: list[uuid.UUID],
     role: FolderRole | None = None,
 ) -> FolderResult:
     outcome = FolderResult(folder=folder)
@@ -307,6 +310,7 @@ def _sync_folder(
             applied = writer.apply(replace(position), changes, stored=known)
         saved = replace(position)
         outcome.flags_changed, outcome.vanished = applied.flags_changed, applied.vanished
+        tombstones.extend(applied.vanished_ids)
         timer.observer.after_state_sync(
             flags_changed=applied.flags_changed, vanished=applied.vanished
         )

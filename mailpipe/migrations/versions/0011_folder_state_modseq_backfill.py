@@ -32,6 +32,7 @@ def upgrade() -> None:
                 sa.Column(name, sa.BigInteger(), nullable=False, server_default="0")
             )
         batch_op.create_index("ix_emails_account_seq", ["account_id", "seq"])
+        batch_op.create_index("ix_emails_account_vanished", ["account_id", "vanished_at"])
     with op.batch_alter_table("mail_accounts") as batch_op:
         batch_op.add_column(
             sa.Column("mail_seq", sa.BigInteger(), nullable=False, server_default="0")
@@ -45,6 +46,7 @@ def downgrade() -> None:
         batch_op.drop_column("sync_since")
     with op.batch_alter_table("emails") as batch_op:
         batch_op.drop_index("ix_emails_account_seq")
+        batch_op.drop_index("ix_emails_account_vanished")
         for name in ("vanished_at", "created_seq", "seq"):
             batch_op.drop_column(name)
     with op.batch_alter_table("folder_state") as batch_op:
