@@ -412,7 +412,8 @@ def examine(client: IMAPClient, folder: str, *, condstore: bool) -> Mailbox:
         uidvalidity=int(selected[b"UIDVALIDITY"]),
         exists=int(selected[b"EXISTS"]),
         uidnext=uidnext,
-        modseq=int(selected.get(b"HIGHESTMODSEQ", 0)),
+        # some servers (Cyrus) send HIGHESTMODSEQ unasked: used only where CONDSTORE is offered
+        modseq=int(selected.get(b"HIGHESTMODSEQ", 0)) if condstore else 0,
     )
 
 

@@ -342,6 +342,49 @@ def test_server_without_condstore_refreshes_recent_flags_and_finds_expunges(
     assert again.folders[0].unchanged
 
 
+def scripted_account(tmp_path, port: int):
+    """A fresh database with one account on the scripted server; returns its sync."""
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    db.migrate(engine)
+    sessions = db.session_factory(engine)
+    with sessions.begin() as session:
+        owner, key = create_user(session, "scripted-owner", "pw", iterations=1_000)
+        account = add_account(
+            session,
+            owner,
+            key,
+            ImapSettings(host="127.0.0.1", port=port, username="u", password="p", security="none"),
+        )
+    return lambda: sync_account(sessions, account_id=account.id, key=key, options=SyncOptions())
+
+
+def test_highestmodseq_sent_unasked_is_not_taken_for_condstore(tmp_path):
+    # Given a server that does not announce CONDSTORE but sends HIGHESTMODSEQ anyway (as Cyrus
+    # does), whose modseq moves between two syncs
+    modseq = [5]
+
+    def examine(tag: bytes, args: bytes) -> bytes:
+        assert b"CONDSTORE" not in args
+        return (
+            b"* 2 EXISTS\r\n* OK [UIDVALIDITY %d] v\r\n* OK [UIDNEXT 3] n\r\n"
+            b"* OK [HIGHESTMODSEQ %d] m\r\n" % (UIDVALIDITY, modseq[0])
+        ) + tagged(tag, b"OK [READ-ONLY] EXAMINE completed")
+
+    def flags(tag: bytes, args: bytes) -> bytes:
+        return b"* 1 FETCH (UID 1 FLAGS (\\Seen))\r\n" + tagged(tag, b"OK FETCH completed")
+
+    with ScriptedImap({"EXAMINE": examine, "FETCH": flags}) as server:
+        sync = scripted_account(tmp_path, server.port)
+        assert sync().saved == 2
+        modseq[0] = 9
+        server.commands.clear()
+        # When it syncs again
+        again = sync()
+        # Then no CHANGEDSINCE went to it: the newest messages' flags were refreshed instead
+        assert again.flags_changed == 1
+        assert server.commands == ["CAPABILITY", "LOGIN", "EXAMINE", "FETCH", "LOGOUT"]
+
+
 def test_courier_without_uidnext_in_examine_takes_it_from_status(tmp_path):
     # Given a scripted server that answers EXAMINE without UIDNEXT (as Courier does), has no
     # CONDSTORE, and says UIDNEXT in STATUS
@@ -359,25 +402,8 @@ def test_courier_without_uidnext_in_examine_takes_it_from_status(tmp_path):
             tag, b"OK FETCH completed"
         )
 
-    replies = {"EXAMINE": examine, "STATUS": status, "FETCH": flags}
-    with ScriptedImap(replies) as server:
-        engine = db.make_engine(f"sqlite:///{tmp_path / 'm.db'}")
-        db.migrate(engine)
-        sessions = db.session_factory(engine)
-        with sessions.begin() as session:
-            owner, key = create_user(session, "courier-owner", "pw", iterations=1_000)
-            account = add_account(
-                session,
-                owner,
-                key,
-                ImapSettings(
-                    host="127.0.0.1", port=server.port, username="u", password="p", security="none"
-                ),
-            )
-
-        def sync():
-            return sync_account(sessions, account_id=account.id, key=key, options=SyncOptions())
-
+    with ScriptedImap({"EXAMINE": examine, "STATUS": status, "FETCH": flags}) as server:
+        sync = scripted_account(tmp_path, server.port)
         assert sync().saved == 2
         server.commands.clear()
         # When it syncs again with nothing new
