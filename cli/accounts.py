@@ -14,6 +14,7 @@ from .common import (
     StrictParser,
     count,
     find_user,
+    instant,
     nonempty,
     open_database,
     password_option,
@@ -52,6 +53,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="seconds between syncs",
     )
     account_add.add_argument("--provider", choices=PROVIDERS)
+    account_add.add_argument(
+        "--since", type=instant, help="never fetch mail received before this date (UTC) or time"
+    )
     account_add.set_defaults(run=run_account_add)
     account_list = account.add_parser("list", help="a user's accounts and their health")
     account_list.add_argument("--user", required=True, type=nonempty)
@@ -94,6 +98,7 @@ def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
             session, user, key, imap, folders=args.folders, provider=args.provider
         )
         account.sync_interval_seconds = args.interval
+        account.sync_since = args.since
         print(f"account {account.id} added ({account.provider})")
     return 0
 

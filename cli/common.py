@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from sqlalchemy import select
@@ -153,3 +154,18 @@ def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:
             return
 
     asyncio.run(guarded())
+
+
+def instant(text: str) -> datetime:
+    """An argparse type: a date (midnight UTC) or an ISO 8601 time with its offset."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = None
+    if moment is not None and len(text) == 10:  # a plain date
+        moment = moment.replace(tzinfo=UTC)
+    if moment is None or moment.utcoffset() is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a date (2026-01-31) or a time with its offset (…T08:00+01:00)"
+        )
+    return moment.astimezone(UTC)

@@ -25,7 +25,7 @@ from mailpipe.profiler import MEMORY_METHODS, RU_MAXRSS, Profiler
 from mailpipe.settings import Settings
 from mailpipe.sync import BATCH_BYTES, SyncOptions, SyncResult, sync_account
 
-from .common import EXIT_FAILURE, amount, count, nonempty, port, variable_secret
+from .common import EXIT_FAILURE, amount, count, instant, nonempty, port, variable_secret
 
 MAX_COMMAND_SECONDS = 3_600.0
 
@@ -67,7 +67,10 @@ def sync_options(parser: argparse.ArgumentParser, *, db_help: str) -> None:
     parser.add_argument("--security", choices=SECURITY_MODES, default="tls")
     parser.add_argument("--ca-file", help="trust this CA bundle instead of the system's")
     parser.add_argument("--folder", action="append", dest="folders", metavar="F")
-    parser.add_argument("--max-mails", type=count())
+    parser.add_argument("--max-mails", type=count(), help="take at most N, the newest first")
+    parser.add_argument(
+        "--since", type=instant, help="never fetch mail received before this date (UTC) or time"
+    )
     parser.add_argument(
         "--timeout",
         type=amount(maximum=MAX_COMMAND_SECONDS),
@@ -172,7 +175,10 @@ def sync_target(args: argparse.Namespace, url: str) -> tuple[Engine, SyncTarget]
             raise MailpipeError(_owner_hint(args)) from None
         account_id = _find_or_add_account(session, user, key, settings, args.folders)
     options = SyncOptions(
-        folders=args.folders, max_mails=args.max_mails, batch_bytes=args.batch_bytes
+        folders=args.folders,
+        max_mails=args.max_mails,
+        batch_bytes=args.batch_bytes,
+        since=args.since,
     )
     return engine, SyncTarget(sessions, account_id, key, settings, options)
 

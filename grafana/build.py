@@ -215,6 +215,22 @@ def performance() -> dashboard.Dashboard:
         )
         .with_panel(
             graph(
+                "Flag updates and vanished mail per second",
+                units.MessagesPerSecond,
+                "Stored messages whose flags were brought in step with the server, and stored "
+                "messages removed because the server no longer holds them (expunged or moved).",
+                query(
+                    f"sum by (provider) (rate(mailpipe_flag_updates_total{{{P}}}[{RATE}]))",
+                    "flags {{provider}}",
+                ),
+                query(
+                    f"sum by (provider) (rate(mailpipe_vanished_total{{{P}}}[{RATE}]))",
+                    "vanished {{provider}}",
+                ),
+            )
+        )
+        .with_panel(
+            graph(
                 "Account runs per second",
                 units.OpsPerSecond,
                 "Account runs that ended, by outcome.",

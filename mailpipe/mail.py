@@ -2,8 +2,8 @@
 
 Every read is the owner's: mail of another user's account is "not found", as a missing message
 is. Lists come newest first (by INTERNALDATE, then UID), a page at a time; a page's last item
-gives the next page's start. A change feed (new, flags changed, vanished since a cursor) is not
-here yet: tombstones of vanished mail last only until the end of the sync that found them.
+gives the next page's start. The change feed says what is new, changed or vanished since a
+cursor, for a reader that keeps its own copy.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from sqlalchemy.orm import Session
 from .crypto import DataKey
 from .errors import NotFound
 from .models import Email, MailAccount
-from .results import MailItem, MailMessage, MailPage
-from .vocabulary import ParseStatus
+from .results import ChangePage, MailChange, MailItem, MailMessage, MailPage
+from .vocabulary import MailChangeKind, ParseStatus
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 SEEN = "\\seen"
 FLAGGED = "\\flagged"
+NO_ROW = uuid.UUID(int=0)  # before every row of a change number
 
 
 def list_mail(
@@ -88,6 +89,80 @@ def read_mail(session: Session, *, user_id: int, key: DataKey, mail_id: str) -> 
         fields=fields,
         annotations=annotations,
     )
+
+
+def mail_changes(
+    session: Session,
+    *,
+    user_id: int,
+    key: DataKey,
+    cursor: str | None = None,
+    limit: int = PAGE_SIZE,
+) -> ChangePage:
+    """What changed in the user's stored mail since `cursor` (None: since the beginning): new
+    messages, flag changes and vanished ones, oldest change first, account by account.
+
+    Each account numbers its changes (MailAccount.mail_seq), and its one sync at a time commits
+    them in order, so a reader paging while a sync runs misses nothing and sees nothing twice.
+    Tombstones of vanished mail are kept store.TOMBSTONE_DAYS: read the feed more often than
+    that. A cursor that does not parse raises ValueError.
+    """
+    limit = max(1, min(limit, MAX_PAGE_SIZE))
+    seen = _parse_cursor(cursor)
+    accounts = session.scalars(
+        select(MailAccount.id).where(MailAccount.user_id == user_id).order_by(MailAccount.id)
+    ).all()
+    changes: list[MailChange] = []
+    for account_id in accounts:
+        if len(changes) >= limit:
+            break
+        seq, last = seen.get(account_id, (0, NO_ROW))
+        rows = session.scalars(
+            select(Email)
+            .where(
+                Email.account_id == account_id,
+                or_(Email.seq > seq, and_(Email.seq == seq, Email.id > last)),
+            )
+            .order_by(Email.seq, Email.id)
+            .limit(limit - len(changes))
+        ).all()
+        for email in rows:
+            known = email.created_seq < seq or (email.created_seq == seq and email.id <= last)
+            if email.vanished_at is not None:
+                kind, item = MailChangeKind.VANISHED, None
+            else:
+                kind = MailChangeKind.FLAGS if known else MailChangeKind.NEW
+                item = _item(email, _fields(email, key))
+            changes.append(
+                MailChange(
+                    kind=kind,
+                    mail_id=str(email.id),
+                    account_id=account_id,
+                    seq=email.seq,
+                    mail=item,
+                )
+            )
+        if rows:
+            seen[account_id] = (rows[-1].seq, rows[-1].id)
+    return ChangePage(changes=changes, cursor=_format_cursor(seen), more=len(changes) >= limit)
+
+
+def _parse_cursor(cursor: str | None) -> dict[int, tuple[int, uuid.UUID]]:
+    """`account.seq.row` per account, comma-separated; the row is the last one read."""
+    seen: dict[int, tuple[int, uuid.UUID]] = {}
+    for part in (cursor or "").split(","):
+        if not part:
+            continue
+        try:
+            account, seq, row = part.split(".")
+            seen[int(account)] = (int(seq), uuid.UUID(hex=row))
+        except ValueError:
+            raise ValueError("not a cursor this feed gave") from None
+    return seen
+
+
+def _format_cursor(seen: dict[int, tuple[int, uuid.UUID]]) -> str:
+    return ",".join(f"{account}.{seq}.{row.hex}" for account, (seq, row) in sorted(seen.items()))
 
 
 def _owned(session: Session, mail_id: str, *, user_id: int) -> Email:

@@ -98,6 +98,8 @@ class MailAccount(Base):
     last_error_class: Mapped[str | None] = mapped_column(String(40))
     last_error_message: Mapped[str | None] = mapped_column(String(500))
     sync_interval_seconds: Mapped[int] = mapped_column(Integer, default=300, server_default="300")
+    # the account's window ("sync since"): mail the server received earlier is never fetched
+    sync_since: Mapped[datetime | None] = mapped_column(UtcDateTime())
     next_sync_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
@@ -111,6 +113,8 @@ class MailAccount(Base):
     circuit_opened_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     failure_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     failure_window_start: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # the number of the account's last change to its stored mail (the change feed's clock)
+    mail_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
@@ -132,6 +136,7 @@ class FolderState(Base):
     messages: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     backfill_uid: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     backfill_floor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    role: Mapped[str | None] = mapped_column(String(20))  # vocabulary.FolderRole, when known
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
@@ -142,6 +147,8 @@ class Email(Base):
     __table_args__ = (
         UniqueConstraint("account_id", "folder", "uidvalidity", "uid", name="uq_emails_uid"),
         Index("ix_emails_content_hash", "account_id", "content_hash"),
+        Index("ix_emails_account_seq", "account_id", "seq"),
+        Index("ix_emails_account_vanished", "account_id", "vanished_at"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -164,10 +171,15 @@ class Email(Base):
     )
     annotations_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     fetched_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
-    # set when the server no longer holds the message here (a tombstone, read by nobody): kept
-    # until the end of the account's sync, so mail moved to another folder keeps its
-    # processing results, then deleted with its content and annotations
+    # set when the server no longer holds the message here (a tombstone only the change feed
+    # reads): its content and annotations are kept until the end of the account's sync, so mail
+    # moved to another folder keeps its processing results, then dropped; the row goes after
+    # store.TOMBSTONE_DAYS
     vanished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # the account's change numbers (MailAccount.mail_seq) when the row was stored and when it
+    # last changed (stored, flags, re-keyed, vanished): what the change feed reads
+    created_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class PipelineJob(Base):

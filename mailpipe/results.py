@@ -11,7 +11,15 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
-from .vocabulary import ErrorClass, Health, JobReason, JobStatus, JobType, RunStatus
+from .vocabulary import (
+    ErrorClass,
+    Health,
+    JobReason,
+    JobStatus,
+    JobType,
+    MailChangeKind,
+    RunStatus,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,3 +204,23 @@ class MailMessage(MailItem):
     flags: list[str]
     fields: dict[str, Any]  # subject, from, to, cc, date, text, attachments, ... (see parse.py)
     annotations: dict[str, Any] | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MailChange(Result):
+    """One change in the feed; `mail` is the message as it is now (None once it vanished)."""
+
+    kind: MailChangeKind
+    mail_id: str
+    account_id: int
+    seq: int  # the account's change number
+    mail: MailItem | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChangePage(Result):
+    """Changes oldest first; pass `cursor` to the next call; `more` when the page was full."""
+
+    changes: list[MailChange]
+    cursor: str
+    more: bool

@@ -181,6 +181,7 @@ def _run_account(
                         folders=start.folders,
                         max_mails=options.get("max_mails"),
                         processors=processors,
+                        since=start.since,
                     ),
                     observer=observers,
                     states=start.states,
@@ -323,6 +324,7 @@ class _Start:
     # the account is LOCKED for this job
     access: tuple[DataKey, ImapSettings] | None = None
     folders: list[str] = field(default_factory=list)
+    since: datetime | None = None
     states: dict[str, FolderPosition] = field(default_factory=dict)
     problem: Exception | None = None  # raised inside the run, so it is classified and recorded
 
@@ -366,6 +368,7 @@ def _start(
             )
             start.access = key, settings
             start.folders = list(account.folders)
+            start.since = account.sync_since
             start.states = folder_states(session, account_id)
         except NotFound:
             start.access = None

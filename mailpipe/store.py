@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, cast
 
 import orjson
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .crypto import DataKey
 from .db import rowcount
 from .fetch import FetchedMessage
-from .models import Email, FolderState, utcnow
+from .models import Email, FolderState, MailAccount, utcnow
 from .parse import ParsedMessage
 from .processors import Annotation
 from .vocabulary import ParseStatus, ProcessStatus
@@ -25,6 +26,7 @@ FOLDER_STATE = cast(Table, FolderState.__table__)
 EMAIL_KEY = ["account_id", "folder", "uidvalidity", "uid"]
 RECENT = "\\recent"
 DELETE_CHUNK = 1000
+TOMBSTONE_DAYS = 7  # how long the change feed still says that a message vanished
 
 
 @dataclass
@@ -41,6 +43,7 @@ class FolderPosition:
     messages: int = 0
     backfill_uid: int = 0
     backfill_floor: int = 0
+    role: str | None = None  # what the folder is for (vocabulary.FolderRole), when known
 
 
 @dataclass
@@ -61,6 +64,7 @@ class StateChanges:
 class ChangeOutcome:
     flags_changed: int = 0
     vanished: int = 0
+    vanished_ids: list[uuid.UUID] = field(default_factory=list)  # the rows made tombstones
 
 
 @dataclass
@@ -82,6 +86,7 @@ def folder_states(session: Session, account_id: int) -> dict[str, FolderPosition
             FolderState.messages,
             FolderState.backfill_uid,
             FolderState.backfill_floor,
+            FolderState.role,
         ).where(FolderState.account_id == account_id)
     )
     return {row[0]: FolderPosition(*row[1:]) for row in rows}
@@ -102,59 +107,93 @@ def apply_state_changes(
     changes: StateChanges,
 ) -> ChangeOutcome:
     """Update stored flags that differ and mark vanished mail (a tombstone until the account's
-    sync ends), in the caller's transaction, which also advances the folder's position."""
+    sync ends), in the caller's transaction, which also advances the folder's position.
+
+    Rows are found by the folder's unique key; tombstones are skipped here rather than in SQL,
+    where `vanished_at IS NULL` would lead SQLite's planner to the account's vanished index.
+    """
     outcome = ChangeOutcome()
-    now = utcnow()
-    where = (
+    query = select(Email.id, Email.uid, Email.flags, Email.vanished_at).where(
         Email.account_id == account_id,
         Email.folder == folder,
         Email.uidvalidity == uidvalidity,
-        Email.vanished_at.is_(None),
     )
-    vanished = set(changes.vanished)
+    if changes.present is None:
+        wanted = sorted(set(changes.flags) | changes.vanished)
+        if not wanted:
+            return outcome
+        query = query.where(Email.uid.in_(wanted))
     updates: list[dict[str, Any]] = []
-    if changes.present is not None or changes.flags:
-        query = select(Email.id, Email.uid, Email.flags).where(*where)
-        if changes.present is None:
-            query = query.where(Email.uid.in_(list(changes.flags)))
-        for row_id, uid, stored in session.execute(query):
-            if changes.present is not None and uid not in changes.present:
-                vanished.add(uid)
-                continue
-            current = changes.flags.get(uid)
-            if current is not None and set(current.split()) != set(stored.split()):
-                updates.append({"row_id": row_id, "new_flags": current})
+    for row_id, uid, stored, vanished_at in session.execute(query):
+        if vanished_at is not None:
+            continue
+        if uid in changes.vanished or (changes.present is not None and uid not in changes.present):
+            outcome.vanished_ids.append(row_id)
+            continue
+        current = changes.flags.get(uid)
+        if current is not None and set(current.split()) != set(stored.split()):
+            updates.append({"row_id": row_id, "new_flags": current})
+    if not updates and not outcome.vanished_ids:
+        return outcome
+    seq = next_seq(session, account_id)
     if updates:
         session.execute(
             update(EMAILS)
             .where(EMAILS.c.id == bindparam("row_id"))
-            .values(flags=bindparam("new_flags"))
+            .values(flags=bindparam("new_flags"), seq=seq)
             .execution_options(synchronize_session=False),
             updates,
         )
         outcome.flags_changed = len(updates)
-    ordered = sorted(vanished)
-    for start in range(0, len(ordered), DELETE_CHUNK):
-        chunk = ordered[start : start + DELETE_CHUNK]
-        outcome.vanished += rowcount(
-            session.execute(
-                update(Email)
-                .where(*where, Email.uid.in_(chunk))
-                .values(vanished_at=now)
-                .execution_options(synchronize_session=False)
-            )
+    for chunk in _chunks(outcome.vanished_ids):
+        session.execute(
+            update(Email)
+            .where(Email.id.in_(chunk))
+            .values(vanished_at=utcnow(), seq=seq)
+            .execution_options(synchronize_session=False)
         )
+    outcome.vanished = len(outcome.vanished_ids)
     return outcome
 
 
-def purge_vanished(sessions: sessionmaker[Session], *, account_id: int) -> int:
-    """Delete the account's vanished mail (content and annotations with it) once its sync has
-    seen every folder, so a message moved between them has found its processing results."""
+def _chunks(ids: list[uuid.UUID]) -> Iterator[list[uuid.UUID]]:
+    for start in range(0, len(ids), DELETE_CHUNK):
+        yield ids[start : start + DELETE_CHUNK]
+
+
+def next_seq(session: Session, account_id: int) -> int:
+    """The account's next change number, taken in the transaction that makes the change (one
+    sync per account at a time, so its changes commit in the order of their numbers)."""
+    return session.execute(
+        update(MailAccount)
+        .where(MailAccount.id == account_id)
+        .values(mail_seq=MailAccount.mail_seq + 1)
+        .returning(MailAccount.mail_seq)
+    ).scalar_one()
+
+
+def purge_vanished(
+    sessions: sessionmaker[Session], *, account_id: int, ids: Sequence[uuid.UUID]
+) -> None:
+    """Once an account's sync has seen every folder (so a moved message has found its
+    processing results), drop the content and annotations of the mail that vanished in it, and
+    the account's tombstones older than TOMBSTONE_DAYS, which change feed readers have had time
+    to see."""
     with sessions.begin() as session:
-        return rowcount(
+        for chunk in _chunks(list(ids)):
             session.execute(
-                delete(Email).where(Email.account_id == account_id, Email.vanished_at.is_not(None))
+                update(Email)
+                .where(Email.id.in_(chunk))
+                .values(raw_enc=b"", parsed_enc=None, annotations_enc=None)
+                .execution_options(synchronize_session=False)
             )
+        session.execute(
+            delete(Email)
+            .where(
+                Email.account_id == account_id,
+                Email.vanished_at < utcnow() - timedelta(days=TOMBSTONE_DAYS),
+            )
+            .execution_options(synchronize_session=False)
         )
 
 
@@ -200,6 +239,10 @@ class BatchWriter:
         ]
         outcome = WriteOutcome()
         with self.sessions.begin() as session:
+            if rows:
+                seq = next_seq(session, self.account_id)
+                for row in rows:
+                    row["seq"] = row["created_seq"] = seq
             if self.dedupe_by_content and rows:
                 rows = self._rekey_known_content(session, rows, outcome)
             if rows:
@@ -317,17 +360,18 @@ class BatchWriter:
         self, session: Session, rows: list[dict[str, Any]], outcome: WriteOutcome
     ) -> list[dict[str, Any]]:
         """After a UIDVALIDITY change, move mail we already hold to its new UID, not copy it."""
-        existing = dict(
-            session.execute(
-                select(Email.content_hash, Email.id).where(
+        existing = {
+            content_hash: email_id
+            for content_hash, email_id, vanished_at in session.execute(
+                select(Email.content_hash, Email.id, Email.vanished_at).where(
                     Email.account_id == self.account_id,
                     Email.folder == self.folder,
                     Email.uidvalidity != rows[0]["uidvalidity"],
-                    Email.vanished_at.is_(None),
                     Email.content_hash.in_([row["content_hash"] for row in rows]),
                 )
-            ).all()
-        )
+            )
+            if vanished_at is None
+        }
         fresh = []
         for row in rows:
             email_id = existing.pop(row["content_hash"], None)
@@ -337,7 +381,12 @@ class BatchWriter:
             session.execute(
                 update(Email)
                 .where(Email.id == email_id)
-                .values(uidvalidity=row["uidvalidity"], uid=row["uid"], flags=row["flags"])
+                .values(
+                    uidvalidity=row["uidvalidity"],
+                    uid=row["uid"],
+                    flags=row["flags"],
+                    seq=row["seq"],
+                )
             )
             outcome.duplicates += 1
         return fresh
@@ -353,6 +402,7 @@ class BatchWriter:
             "messages": position.messages,
             "backfill_uid": position.backfill_uid,
             "backfill_floor": position.backfill_floor,
+            "role": position.role,
             "updated_at": utcnow(),
         }
         statement = dialect_insert(session, FOLDER_STATE).values(values)

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from types import TracebackType
 from typing import Any, ParamSpec
 
@@ -57,6 +58,7 @@ class SyncOptions:
     processors: Mapping[str, Processor] | None = None  # run on each batch before it is stored
     batch_bytes: int = BATCH_BYTES
     batch_messages: int = BATCH_MESSAGES
+    since: datetime | None = None  # the account's window: mail received earlier is not fetched
 
 
 @dataclass
@@ -170,10 +172,11 @@ def sync_account(
         with timer.phase("diagnostics"):
             result.capabilities = quick_check(client)
         with timer.phase("folder_list"):
-            folders = resolve_folders(client, wanted)
+            folders = folder_roles(client, wanted)
         server = ServerFeatures.of(result.capabilities)
+        tombstones: list[uuid.UUID] = []  # rows made tombstones in this run
         budget = options.max_mails
-        for folder in folders:
+        for folder, role in folders.items():
             folder_result = _sync_folder(
                 client,
                 sessions,
@@ -181,19 +184,21 @@ def sync_account(
                 key=key,
                 folder=folder,
                 state=states.get(folder),
+                role=role,
                 budget=budget,
                 options=options,
                 timer=timer,
                 server=server,
+                tombstones=tombstones,
             )
             result.folders.append(folder_result)
             if budget is not None:
                 budget -= folder_result.fetched + folder_result.expunged
                 if budget <= 0:
                     break
-        if result.vanished:  # every folder has been seen: a moved message found its results
+        if tombstones:  # every folder has been seen: a moved message found its results
             with timer.phase("save"):
-                store.purge_vanished(sessions, account_id=account_id)
+                store.purge_vanished(sessions, account_id=account_id, ids=tombstones)
     finally:
         with timer.phase("disconnect"):
             _logout(client)
@@ -214,25 +219,32 @@ def resolve_folders(client: IMAPClient, wanted: Sequence[str]) -> list[str]:
     """Plain names are used as given (no LIST round trip); patterns are expanded with LIST,
     leaving out Gmail's \\All (it would copy every message again); a role such as `@sent`
     names the folders LIST shows with that role (SPECIAL-USE, else a common name)."""
-    folders: list[str] = []
+    return list(folder_roles(client, wanted))
+
+
+def folder_roles(client: IMAPClient, wanted: Sequence[str]) -> dict[str, FolderRole | None]:
+    """The folders `resolve_folders` finds, each with its role (from LIST's SPECIAL-USE
+    attribute when LIST was asked, else from its name)."""
+    folders: dict[str, FolderRole | None] = {}
     everything: list[tuple[Sequence[bytes], str | None, str]] | None = None
     for name in wanted:
         role = requested_role(name)
         if role is FolderRole.INBOX:
-            folders.append("INBOX")
+            folders.setdefault("INBOX", role)
         elif role is not None:
             if everything is None:
                 everything = _selectable(client, "*")
-            folders.extend(
-                found for flags, sep, found in everything if role_of(flags, found, sep) is role
-            )
+            for flags, sep, found in everything:
+                if role_of(flags, found, sep) is role:
+                    folders.setdefault(found, role)
         elif any(w in name for w in WILDCARDS):
             for flags, sep, found in _selectable(client, name):
-                if role_of(flags, found, sep) not in NOT_BY_WILDCARD:
-                    folders.append(found)
+                found_role = role_of(flags, found, sep)
+                if found_role not in NOT_BY_WILDCARD:
+                    folders.setdefault(found, found_role)
         else:
-            folders.append(name)
-    return list(dict.fromkeys(folders))
+            folders.setdefault(name, role_of((), name, "/"))
+    return folders
 
 
 def _selectable(client: IMAPClient, pattern: str) -> list[tuple[Sequence[bytes], str | None, str]]:
@@ -256,6 +268,8 @@ def _sync_folder(
     options: SyncOptions,
     timer: PhaseTimer,
     server: ServerFeatures,
+    tombstones: list[uuid.UUID],
+    role: FolderRole | None = None,
 ) -> FolderResult:
     outcome = FolderResult(folder=folder)
     with timer.phase("fetch"):
@@ -271,13 +285,14 @@ def _sync_folder(
         messages=known.messages if known else 0,
         backfill_uid=known.backfill_uid if known else 0,
         backfill_floor=known.backfill_floor if known else 0,
+        role=role,
     )
     # UIDNEXT is recorded only when a run took everything, so an equal one means nothing new
     settled = known is not None and box.uidnext != 0 and box.uidnext == known.uidnext
     sizes: dict[int, int] = {}
     if box.exists and not settled:
         with timer.phase("fetch"):
-            sizes = _sizes_above(client, position.last_uid)
+            sizes = _sizes_above(client, position.last_uid, since=options.since)
     new = sorted(sizes)
     # mail already held under an older UIDVALIDITY is re-keyed, not copied: in the run that
     # finds the change, and in the backfill runs that follow a capped one
@@ -299,6 +314,7 @@ def _sync_folder(
             applied = writer.apply(replace(position), changes, stored=known)
         saved = replace(position)
         outcome.flags_changed, outcome.vanished = applied.flags_changed, applied.vanished
+        tombstones.extend(applied.vanished_ids)
         timer.observer.after_state_sync(
             flags_changed=applied.flags_changed, vanished=applied.vanished
         )
@@ -315,7 +331,7 @@ def _sync_folder(
         if backfill_sizes is None:
             with timer.phase("fetch"):
                 backfill_sizes = _sizes_between(
-                    client, position.backfill_floor, position.backfill_uid
+                    client, position.backfill_floor, position.backfill_uid, since=options.since
                 )
         older = sorted(
             uid for uid in backfill_sizes if position.backfill_floor < uid <= position.backfill_uid
@@ -400,7 +416,8 @@ def examine(client: IMAPClient, folder: str, *, condstore: bool) -> Mailbox:
         uidvalidity=int(selected[b"UIDVALIDITY"]),
         exists=int(selected[b"EXISTS"]),
         uidnext=uidnext,
-        modseq=int(selected.get(b"HIGHESTMODSEQ", 0)),
+        # some servers (Cyrus) send HIGHESTMODSEQ unasked: used only where CONDSTORE is offered
+        modseq=int(selected.get(b"HIGHESTMODSEQ", 0)) if condstore else 0,
     )
 
 
@@ -647,22 +664,31 @@ class Pipeline:
                 self._error = error
 
 
-def _sizes_above(client: IMAPClient, last_uid: int) -> dict[int, int]:
+def _sizes_above(client: IMAPClient, last_uid: int, *, since: datetime | None) -> dict[int, int]:
     """UIDs above the high-water mark with their sizes, in one round trip and without SEARCH."""
-    response = fetch_messages(client._imap, f"{last_uid + 1}:*", "UID RFC822.SIZE")
     # "n:*" always matches the highest UID, even when that is below n.
-    return {uid: message.size for uid, message in response.items() if uid > last_uid}
+    return _sizes(client, f"{last_uid + 1}:*", since=since, low=last_uid + 1, high=None)
 
 
-def _sizes_between(client: IMAPClient, floor: int, top: int) -> dict[int, int]:
-    """UIDs above `floor` up to `top` with their sizes: the backfill still due."""
+def _sizes(
+    client: IMAPClient, uid_set: str, *, since: datetime | None, low: int, high: int | None
+) -> dict[int, int]:
+    """Sizes of the UIDs from `low` to `high` in a UID set; with `since`, only of the messages
+    the server received then or later (the account's window: older mail is never fetched)."""
+    items = "UID RFC822.SIZE INTERNALDATE" if since is not None else "UID RFC822.SIZE"
     return {
         uid: message.size
-        for uid, message in fetch_messages(
-            client._imap, f"{floor + 1}:{top}", "UID RFC822.SIZE"
-        ).items()
-        if floor < uid <= top
+        for uid, message in fetch_messages(client._imap, uid_set, items).items()
+        if low <= uid and (high is None or uid <= high)
+        if since is None or message.internal_date is None or message.internal_date >= since
     }
+
+
+def _sizes_between(
+    client: IMAPClient, floor: int, top: int, *, since: datetime | None
+) -> dict[int, int]:
+    """UIDs above `floor` up to `top` with their sizes: the backfill still due."""
+    return _sizes(client, f"{floor + 1}:{top}", since=since, low=floor + 1, high=top)
 
 
 def _batches(

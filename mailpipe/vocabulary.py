@@ -151,3 +151,11 @@ class FolderRole(StrEnum):
     ARCHIVE = "archive"
     ALL = "all"
     FLAGGED = "flagged"
+
+
+class MailChangeKind(StrEnum):
+    """What the change feed says happened to a stored message."""
+
+    NEW = "new"
+    FLAGS = "flags"  # its flags changed (read, flagged, answered ...), or it moved to a new UID
+    VANISHED = "vanished"  # the server no longer holds it in this folder (expunged or moved)

@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import sqlite3
 import tempfile
+import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from mailpipe import db, store
 from mailpipe.accounts import add_account, create_user
 from mailpipe.errors import NotFound
 from mailpipe.folders import requested_role, role_of
 from mailpipe.imap import ImapSettings
-from mailpipe.mail import list_mail, read_mail
-from mailpipe.models import MailAccount
+from mailpipe.mail import list_mail, mail_changes, read_mail
+from mailpipe.models import FolderState, MailAccount
 from mailpipe.sync import SyncOptions, sync_account
 from mailpipe.vocabulary import FolderRole
 from tests.support.dovecot import DOVECOT, Dovecot
@@ -56,8 +59,13 @@ def move(box: Mailbox, uids, target: str) -> None:
         client.move(uids, target)
 
 
+def held(box: Mailbox, **where) -> list:
+    """The stored mail that the server still holds (tombstones of vanished mail left out)."""
+    return [e for e in box.stored(**where) if e.vanished_at is None]
+
+
 def stored_flags(box: Mailbox, folder: str = "INBOX") -> dict[int, set[str]]:
-    return {e.uid: set(e.flags.split()) for e in box.stored(folder=folder)}
+    return {e.uid: set(e.flags.split()) for e in held(box, folder=folder)}
 
 
 def server_flags(box: Mailbox, folder: str = "INBOX") -> dict[int, set[str]]:
@@ -103,7 +111,11 @@ def test_cli_reports_flag_changes_and_vanished_mail_then_nothing(dovecot, imap_u
     assert (inbox["folder"], inbox["flags_changed"], inbox["vanished"]) == ("INBOX", 6, 4)
     # And the store holds what the server holds, with its flags
     with sqlite3.connect(tmp_path / "m.db") as connection:
-        rows = dict(connection.execute("SELECT uid, flags FROM emails WHERE folder = 'INBOX'"))
+        rows = dict(
+            connection.execute(
+                "SELECT uid, flags FROM emails WHERE folder = 'INBOX' AND vanished_at IS NULL"
+            )
+        )
     assert sorted(rows) == sorted(set(uids) - set(uids[10:13]) - {uids[15]})
     assert all("\\Seen" in rows[uid] for uid in uids[0:3])
     assert all("\\Flagged" in rows[uid] for uid in uids[3:5])
@@ -201,8 +213,8 @@ def test_expunge_and_move_between_synced_folders(mailbox):
     # Then INBOX lost both, and Archiv holds the moved one
     inbox, archive = result.folders
     assert (inbox.vanished, archive.vanished, archive.saved) == (2, 0, 1)
-    assert [e.uid for e in mailbox.stored(folder="INBOX")] == uids[2:]
-    moved = [mailbox.plaintext(e) for e in mailbox.stored(folder="Archiv")]
+    assert [e.uid for e in held(mailbox, folder="INBOX")] == uids[2:]
+    moved = [mailbox.plaintext(e) for e in held(mailbox, folder="Archiv")]
     assert any(b"Inhalt 1 " in body for body in moved)
     assert mailbox.sync(folders=["INBOX", "Archiv"]).vanished == 0
 
@@ -219,7 +231,7 @@ def test_a_message_moved_to_another_synced_folder_is_not_processed_again(mailbox
 
     mailbox.sync(folders=["INBOX", "Archiv"], processors={"subject": subject})
     assert sorted(seen) == ["Nachricht 0", "Nachricht 1", "Nachricht 100", "Nachricht 2"]
-    [before] = [e for e in mailbox.stored(folder="INBOX") if e.uid == uids[1]]
+    [before] = [e for e in held(mailbox, folder="INBOX") if e.uid == uids[1]]
     annotations = mailbox.key.decrypt(
         before.annotations_enc, table="emails", column="annotations", row=before.id
     )
@@ -230,7 +242,7 @@ def test_a_message_moved_to_another_synced_folder_is_not_processed_again(mailbox
     # Then it left INBOX and was stored in Archiv without running the processor again
     assert (result.vanished, result.saved, result.processed) == (1, 1, 1)
     assert len(seen) == 4
-    moved = [e for e in mailbox.stored(folder="Archiv") if b"Inhalt 1 " in mailbox.plaintext(e)]
+    moved = [e for e in held(mailbox, folder="Archiv") if b"Inhalt 1 " in mailbox.plaintext(e)]
     assert len(moved) == 1 and moved[0].process_status == "done"
     assert (
         mailbox.key.decrypt(
@@ -238,16 +250,18 @@ def test_a_message_moved_to_another_synced_folder_is_not_processed_again(mailbox
         )
         == annotations
     )
-    # And the tombstone is gone: INBOX holds the other two, nothing vanished is kept
-    assert [e.uid for e in mailbox.stored(folder="INBOX")] == [uids[0], uids[2]]
-    assert all(e.vanished_at is None for e in mailbox.stored())
+    # And INBOX holds the other two; the moved one's tombstone there keeps no content
+    assert [e.uid for e in held(mailbox, folder="INBOX")] == [uids[0], uids[2]]
+    [tombstone] = [e for e in mailbox.stored() if e.vanished_at is not None]
+    assert (tombstone.uid, tombstone.raw_enc, tombstone.parsed_enc) == (uids[1], b"", None)
+    assert tombstone.annotations_enc is None
 
 
 def test_uidvalidity_change_with_qresync_resyncs_without_duplicates(mailbox, dovecot):
     # Given a synced folder with a modseq on record
     uids = mailbox.deliver([message(i) for i in range(4)])
     mailbox.sync()
-    before = {e.id for e in mailbox.stored()}
+    before = {e.id for e in held(mailbox)}
     # When a message is flagged and the folder gets a new UIDVALIDITY
     set_flags(mailbox, uids[:1], add=[b"\\Flagged"])
     new_validity = dovecot.change_uidvalidity(mailbox.user)
@@ -255,8 +269,8 @@ def test_uidvalidity_change_with_qresync_resyncs_without_duplicates(mailbox, dov
     # Then the same rows are re-keyed (no QRESYNC against the old validity), flags included
     assert result.folders[0].uidvalidity_changed
     assert (result.saved, result.duplicates, result.vanished) == (0, 4, 0)
-    assert {e.id for e in mailbox.stored()} == before
-    assert {e.uidvalidity for e in mailbox.stored()} == {new_validity}
+    assert {e.id for e in held(mailbox)} == before
+    assert {e.uidvalidity for e in held(mailbox)} == {new_validity}
     assert stored_flags(mailbox) == server_flags(mailbox)
     # And afterwards flag sync works against the new validity
     set_flags(mailbox, uids[1:2], add=[b"\\Seen"])
@@ -281,7 +295,7 @@ def test_crash_between_flag_fetch_and_commit_converges(mailbox, monkeypatch):
         mailbox.sync()
     # Then nothing of it was kept
     assert stored_flags(mailbox)[uids[0]] == set()
-    assert len(mailbox.stored()) == 5
+    assert len(held(mailbox)) == 5
     # And the next run brings the store in step
     monkeypatch.setattr(store, "apply_state_changes", real)
     result = mailbox.sync()
@@ -321,12 +335,57 @@ def test_server_without_condstore_refreshes_recent_flags_and_finds_expunges(
     # When two are deleted, then the count disagrees and the UID sets are compared
     plain_dovecot.expunge(box.user, box.password, uids[:2])
     assert box.sync().vanished == 2
-    assert [e.uid for e in box.stored()] == uids[2:]
+    assert [e.uid for e in held(box)] == uids[2:]
     assert stored_flags(box) == server_flags(box)
     # And with nothing changed no row is written (flags refreshed, found equal)
     again = box.sync()
     assert (again.flags_changed, again.vanished, again.saved) == (0, 0, 0)
     assert again.folders[0].unchanged
+
+
+def scripted_account(tmp_path, port: int):
+    """A fresh database with one account on the scripted server; returns its sync."""
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    db.migrate(engine)
+    sessions = db.session_factory(engine)
+    with sessions.begin() as session:
+        owner, key = create_user(session, "scripted-owner", "pw", iterations=1_000)
+        account = add_account(
+            session,
+            owner,
+            key,
+            ImapSettings(host="127.0.0.1", port=port, username="u", password="p", security="none"),
+        )
+    return lambda: sync_account(
+        sessions, account_id=account.id, key=key, options=SyncOptions(), policy=LOOPBACK
+    )
+
+
+def test_highestmodseq_sent_unasked_is_not_taken_for_condstore(tmp_path):
+    # Given a server that does not announce CONDSTORE but sends HIGHESTMODSEQ anyway (as Cyrus
+    # does), whose modseq moves between two syncs
+    modseq = [5]
+
+    def examine(tag: bytes, args: bytes) -> bytes:
+        assert b"CONDSTORE" not in args
+        return (
+            b"* 2 EXISTS\r\n* OK [UIDVALIDITY %d] v\r\n* OK [UIDNEXT 3] n\r\n"
+            b"* OK [HIGHESTMODSEQ %d] m\r\n" % (UIDVALIDITY, modseq[0])
+        ) + tagged(tag, b"OK [READ-ONLY] EXAMINE completed")
+
+    def flags(tag: bytes, args: bytes) -> bytes:
+        return b"* 1 FETCH (UID 1 FLAGS (\\Seen))\r\n" + tagged(tag, b"OK FETCH completed")
+
+    with ScriptedImap({"EXAMINE": examine, "FETCH": flags}) as server:
+        sync = scripted_account(tmp_path, server.port)
+        assert sync().saved == 2
+        modseq[0] = 9
+        server.commands.clear()
+        # When it syncs again
+        again = sync()
+        # Then no CHANGEDSINCE went to it: the newest messages' flags were refreshed instead
+        assert again.flags_changed == 1
+        assert server.commands == ["CAPABILITY", "LOGIN", "EXAMINE", "FETCH", "LOGOUT"]
 
 
 def test_courier_without_uidnext_in_examine_takes_it_from_status(tmp_path):
@@ -346,27 +405,8 @@ def test_courier_without_uidnext_in_examine_takes_it_from_status(tmp_path):
             tag, b"OK FETCH completed"
         )
 
-    replies = {"EXAMINE": examine, "STATUS": status, "FETCH": flags}
-    with ScriptedImap(replies) as server:
-        engine = db.make_engine(f"sqlite:///{tmp_path / 'm.db'}")
-        db.migrate(engine)
-        sessions = db.session_factory(engine)
-        with sessions.begin() as session:
-            owner, key = create_user(session, "courier-owner", "pw", iterations=1_000)
-            account = add_account(
-                session,
-                owner,
-                key,
-                ImapSettings(
-                    host="127.0.0.1", port=server.port, username="u", password="p", security="none"
-                ),
-            )
-
-        def sync():
-            return sync_account(
-                sessions, account_id=account.id, key=key, options=SyncOptions(), policy=LOOPBACK
-            )
-
+    with ScriptedImap({"EXAMINE": examine, "STATUS": status, "FETCH": flags}) as server:
+        sync = scripted_account(tmp_path, server.port)
         assert sync().saved == 2
         server.commands.clear()
         # When it syncs again with nothing new
@@ -385,12 +425,12 @@ def test_newest_first_backfill_survives_a_crash_without_loss_or_duplicates(mailb
     # Given 30 messages and a capped sync whose batches hold three messages
     mailbox.deliver([message(i, size=2_000) for i in range(30)])
     first = mailbox.sync(max_mails=12, batch_bytes=7_000)
-    assert sorted(e.uid for e in mailbox.stored()) == list(range(19, 31))
+    assert sorted(e.uid for e in held(mailbox)) == list(range(19, 31))
     assert first.folders[0].backfill_pending
     # When the next capped backfill dies after its first committed batch
     with pytest.raises(RuntimeError, match="crash"):
         mailbox.sync(max_mails=12, batch_bytes=7_000, observer=BatchCounter(fail_at=1))
-    partial = sorted(e.uid for e in mailbox.stored())
+    partial = sorted(e.uid for e in held(mailbox))
     # Then what it committed is the newest part of the backfill, contiguous with the rest
     assert partial == list(range(partial[0], 31)) and partial[0] < 19
     # When new mail arrives and runs go on to the end
@@ -399,7 +439,7 @@ def test_newest_first_backfill_survives_a_crash_without_loss_or_duplicates(mailb
         if not mailbox.sync(max_mails=12, batch_bytes=7_000).folders[0].backfill_pending:
             break
     # Then every message is stored exactly once, and a re-sync finds nothing
-    uids = [e.uid for e in mailbox.stored()]
+    uids = [e.uid for e in held(mailbox)]
     assert sorted(uids) == list(range(1, 32))
     assert len(uids) == len(set(uids))
     assert mailbox.sync().folders[0].unchanged
@@ -418,10 +458,14 @@ def test_a_role_names_the_folder_and_a_wildcard_leaves_all_mail_out(mailbox):
     result = mailbox.sync(folders=["@sent", "@archive"])
     # Then exactly those folders are synced, found by their common names
     assert [f.folder for f in result.folders] == ["Gesendet", "Archiv"]
+    # And each folder's role is stored with its position
+    with mailbox.sessions() as session:
+        roles = dict(session.execute(select(FolderState.folder, FolderState.role)).all())
+    assert roles == {"Gesendet": "sent", "Archiv": "archive"}
     # When it syncs every folder by wildcard, then "All Mail" is left out
     everything = mailbox.sync(folders=["*"])
     assert sorted(f.folder for f in everything.folders) == ["Archiv", "Gesendet", "INBOX"]
-    assert len(mailbox.stored()) == 3
+    assert len(held(mailbox)) == 3
 
 
 def test_roles_come_from_special_use_before_names():
@@ -481,3 +525,66 @@ def test_host_app_reads_the_owners_mail_newest_first_page_by_page(mailbox, dovec
         with pytest.raises(NotFound):
             read_mail(session, user_id=stranger_id, key=key, mail_id=one.id)
         assert list_mail(session, user_id=stranger_id, key=key).mail == []
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+def test_change_feed_read_page_by_page_while_a_sync_runs(dovecot, db_url):
+    # Given 40 messages on the server and a sync storing them in small batches, in a thread
+    box = make_mailbox(dovecot, db_url)
+    uids = box.deliver([message(i, size=2_000) for i in range(40)])
+    with box.sessions() as session:
+        owner = session.get_one(MailAccount, box.account_id).user_id
+    syncing = threading.Thread(target=lambda: box.sync(batch_bytes=7_000))
+    # When a reader pages through the feed, seven changes at a time, while the sync runs
+    cursor, new, pages = None, [], 0
+    syncing.start()
+    while True:
+        running = syncing.is_alive()
+        with box.sessions() as session:
+            page = mail_changes(session, user_id=owner, key=box.key, cursor=cursor, limit=7)
+        pages += 1
+        new += [c.mail_id for c in page.changes if c.kind == "new"]
+        assert all(c.kind == "new" for c in page.changes)
+        cursor = page.cursor
+        if not running and not page.more:
+            break
+    syncing.join()
+    # Then it saw every stored message once, as new, over several pages
+    assert sorted(new) == sorted(str(e.id) for e in held(box))
+    assert len(new) == len(set(new)) == 40 and pages > 5
+    # When flags change on two messages and one is deleted, then the feed says just that
+    set_flags(box, uids[:2], add=[b"\\Seen"])
+    box.dovecot.expunge(box.user, box.password, uids[-1:])
+    box.sync()
+    with box.sessions() as session:
+        page = mail_changes(session, user_id=owner, key=box.key, cursor=cursor)
+    kinds = sorted((c.kind, c.mail.uid if c.mail else None) for c in page.changes)
+    assert kinds == [("flags", uids[0]), ("flags", uids[1]), ("vanished", None)]
+    assert all(c.mail.read for c in page.changes if c.kind == "flags")
+    assert not page.more
+    # And from the new cursor there is nothing more; a cursor it never gave is refused
+    with box.sessions() as session:
+        assert mail_changes(session, user_id=owner, key=box.key, cursor=page.cursor).changes == []
+        with pytest.raises(ValueError):
+            mail_changes(session, user_id=owner, key=box.key, cursor="1.x.y")
+
+
+# -- the account's window ----------------------------------------------------------------------
+
+
+def test_mail_before_the_window_is_never_fetched_newest_first_or_not(mailbox, dovecot):
+    # Given six messages received in 2024 and six in 2026, interleaved
+    with dovecot.session(mailbox.user, mailbox.password) as client:
+        for i in range(12):
+            year = 2024 if i % 2 else 2026
+            client.append("INBOX", message(i), msg_time=datetime(year, 3, 1, 12, i, tzinfo=UTC))
+    since = datetime(2025, 1, 1, tzinfo=UTC)
+    # When capped syncs with the window run until nothing is left, then an uncapped one
+    first = mailbox.sync(max_mails=4, since=since)
+    assert first.saved == 4 and first.folders[0].backfill_pending
+    rest = mailbox.sync(max_mails=4, since=since)
+    # Then only the six from 2026 are stored, newest first, and the backfill ends at the window
+    assert rest.saved == 2 and not rest.folders[0].backfill_pending
+    subjects = sorted(e.uid for e in held(mailbox))
+    assert subjects == [1, 3, 5, 7, 9, 11]
+    assert mailbox.sync(since=since).folders[0].unchanged

@@ -332,6 +332,7 @@ API_GETS = [
     "/api/notifications",
     "/api/diagnostics/0123456789abcdef0123456789abcdef",
     "/api/mail",
+    "/api/mail/changes",
     "/api/mail/00000000-0000-0000-0000-000000000000",
 ]
 API_POSTS = [
@@ -550,10 +551,17 @@ def test_mail_is_listed_and_read_by_its_owner_only(site, dovecot):
     # And a time without an offset is refused by name
     response = client.get("/api/mail?since=2026-01-01T00:00:00")
     assert (response.status_code, response.json["field"]) == (400, "since")
+    # And the change feed gives the three as new, then nothing; a foreign cursor gets 400
+    feed = client.get("/api/mail/changes").json
+    assert sorted(c["kind"] for c in feed["changes"]) == ["new"] * 3 and not feed["more"]
+    assert client.get(f"/api/mail/changes?cursor={feed['cursor']}").json["changes"] == []
+    refused = client.get("/api/mail/changes?cursor=nonsense")
+    assert (refused.status_code, refused.json["field"]) == (400, "cursor")
     # When alice asks, then bob's mail is neither listed nor found
     alice_client, _headers = logged_in(site, alice)
     assert alice_client.get("/api/mail").json == {"mail": [], "next_before": None}
     assert alice_client.get(f"/api/mail/{one['id']}").status_code == 404
+    assert alice_client.get("/api/mail/changes").json["changes"] == []
 
 
 def test_job_errors_are_said_in_user_words_in_german_or_english(site):

@@ -295,6 +295,25 @@ class _Api:
                 ) from None
         return jsonify(page.to_json())
 
+    def mail_changes(self) -> Response:
+        user_id = self.user()
+        key = self.key()
+        limit = _query_int("limit", default=PAGE_SIZE, maximum=MAX_PAGE_SIZE)
+        with self.sessions() as session:
+            try:
+                page = mail.mail_changes(
+                    session,
+                    user_id=user_id,
+                    key=key,
+                    cursor=request.args.get("cursor"),
+                    limit=limit,
+                )
+            except ValueError:
+                raise ApiError(
+                    400, "bad_request", "cursor must be one this feed gave", field="cursor"
+                ) from None
+        return jsonify(page.to_json())
+
     def mail_message(self, mail_id: str) -> Response:
         user_id = self.user()
         key = self.key()
@@ -418,6 +437,7 @@ def create_blueprint(
         ("/diagnostics/<request_id>", "diagnosis", api.diagnosis, "GET"),
         ("/metrics/performance", "performance", api.performance, "GET"),
         ("/mail", "mail", api.mail, "GET"),
+        ("/mail/changes", "mail_changes", api.mail_changes, "GET"),
         ("/mail/<mail_id>", "mail_message", api.mail_message, "GET"),
         ("/notifications", "notifications", api.notifications, "GET"),
         (f"/notifications/<{ID}:notification_id>/read", "mark_read", api.mark_read, "POST"),

@@ -7,6 +7,7 @@ from mailpipe.jobs import MAX_TIMEOUT_SECONDS
 from mailpipe.mail import MAX_PAGE_SIZE, PAGE_SIZE
 from mailpipe.results import (
     AccountHealth,
+    ChangePage,
     JobSummary,
     MailMessage,
     MailPage,
@@ -127,6 +128,7 @@ MAIL_PAGE = object_schema(
     overrides={"next_before": {"description": "pass as `before` for the next, older page"}},
 )
 MAIL_MESSAGE = object_schema(MailMessage)
+CHANGE_PAGE = object_schema(ChangePage)
 
 NOTIFICATION = {
     "type": "object",
@@ -335,6 +337,28 @@ OPENAPI: dict = {
                 ],
                 "responses": {
                     "200": _json(_ref("MailPage"), "one page of mail"),
+                    "400": _error("BadRequest"),
+                    "401": _error("Unauthorized"),
+                },
+            }
+        },
+        "/api/mail/changes": {
+            "get": {
+                "operationId": "mail_changes",
+                "summary": "What is new, changed or vanished in the user's mail since a cursor",
+                "security": SESSION,
+                "parameters": [
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "required": False,
+                        "description": "the `cursor` of the previous answer; left out: from the start",
+                        "schema": {"type": "string"},
+                    },
+                    _limit(PAGE_SIZE, MAX_PAGE_SIZE),
+                ],
+                "responses": {
+                    "200": _json(_ref("ChangePage"), "changes, oldest first, and the next cursor"),
                     "400": _error("BadRequest"),
                     "401": _error("Unauthorized"),
                 },
@@ -609,6 +633,7 @@ OPENAPI: dict = {
             "Notification": NOTIFICATION,
             "MailPage": MAIL_PAGE,
             "MailMessage": MAIL_MESSAGE,
+            "ChangePage": CHANGE_PAGE,
             "AlertmanagerPayload": {
                 "type": "object",
                 "required": ["alerts"],
