@@ -263,3 +263,19 @@ def test_server_without_idle_is_unsupported():
         with pytest.raises(idle.IdleUnsupported):
             idle.open_idle(settings)
         assert "EXAMINE" not in server.commands
+
+
+def test_watch_polls_a_server_without_idle(tmp_path):
+    # Given a server that does not announce IDLE (two messages in its INBOX)
+    with ScriptedImap() as server:
+        args = watch_args(HOST, server.port, "u", f"sqlite:///{tmp_path / 'm.db'}", "--json")
+        process = start_watch(args, "p")
+        try:
+            # When watch starts, Then it syncs at once all the same
+            assert json.loads(Lines(process.stdout).next())["saved"] == 2
+        finally:
+            code, stderr = stop(process)
+    # And says in one line that it polls instead, and Ctrl-C ends it cleanly
+    assert code == 0
+    assert "does not offer IDLE; polling every 60 s" in stderr
+    assert "Traceback" not in stderr
