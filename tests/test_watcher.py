@@ -154,6 +154,7 @@ def test_new_mail_triggers_exactly_one_run_and_is_stored(cluster, tmp_path):
         jobs = push_jobs(cluster, user_id)
         assert len(jobs) == 1 and jobs[0].status == "success"
         assert cluster.runs(jobs[0].id)[0].saved == 1
+        assert "noticed_at" in jobs[0].options  # push latency is measured from there
         # And no other run follows it
         time.sleep(2)  # a few flush rounds of the watcher
         assert len(push_jobs(cluster, user_id)) == 1
