@@ -18,7 +18,7 @@ from sqlalchemy import update
 from werkzeug.serving import make_server
 
 from mailpipe import jobs
-from mailpipe.models import PipelineJob, utcnow
+from mailpipe.models import MailAccount, PipelineJob, utcnow
 from mailpipe.vocabulary import JobType
 from tests.test_sync import message
 from tests.test_web_api import PASSWORD, Site, site, worker  # noqa: F401  (fixtures)
@@ -170,6 +170,15 @@ def test_fetch_now_runs_a_job_to_the_end_in_the_page(site, worker, dovecot, serv
     expect(broken.locator(".check-result")).to_contain_text(
         "Prüfung fehlgeschlagen: Anmeldung fehlgeschlagen, bitte das Passwort neu eingeben."
     )
+
+    # And the card says how mail is fetched, and push goes off and on again with its button
+    expect(healthy.locator(".fetch-mode")).to_have_text("Abruf alle 5 min")
+    healthy.get_by_role("button", name="Push ausschalten").click()
+    expect(healthy.get_by_role("button", name="Push einschalten")).to_be_visible()
+    with site.sessions() as session:
+        assert session.get_one(MailAccount, accounts[0]).push_enabled is False
+    healthy.get_by_role("button", name="Push einschalten").click()
+    expect(healthy.get_by_role("button", name="Push ausschalten")).to_be_visible()
 
     # And the page speaks English on request
     page.goto(f"{server}/?lang=en")
