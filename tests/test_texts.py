@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mailpipe.vocabulary import ErrorClass, Health, JobStatus, RunStatus
+from mailpipe.vocabulary import ErrorClass, Health, JobStatus, JobType, RunStatus
 from web.i18n import LANGUAGES, TEXTS
-from web.present import error_text, status_text
+from web.present import accounts_label, error_text, status_text
 
 VOCABULARY = [
     *(f"error_{member}" for member in ErrorClass),
@@ -41,3 +41,12 @@ def test_a_skipped_run_with_an_open_circuit_says_so_not_something_unexpected():
     # Then it is a skip with its reason, not "Something unexpected went wrong"
     assert status == "Skipped"
     assert "kept failing" in cause and "unexpected" not in cause
+
+
+def test_job_history_marks_push_and_scheduled_runs_in_both_languages():
+    # Given the label of one account
+    labels = {7: "GMX · anna@example.org"}
+    # When the history names jobs the user did not start, Then it says who did
+    assert accounts_label(JobType.PUSH, [7], labels, "de") == "GMX · anna@example.org (Push)"
+    assert accounts_label(JobType.PUSH, [7], labels, "en") == "GMX · anna@example.org (push)"
+    assert accounts_label(JobType.SCHEDULED, [7], labels, "de").endswith("(automatisch)")
