@@ -279,3 +279,24 @@ def test_watch_polls_a_server_without_idle(tmp_path):
     assert code == 0
     assert "does not offer IDLE; polling every 60 s" in stderr
     assert "Traceback" not in stderr
+
+
+def test_watch_into_a_closed_pipe_ends_in_one_line(dovecot, imap_user, tmp_path):
+    # Given `mailpipe watch --json | head -1`: its reader goes after the first line
+    user, password = imap_user
+    args = watch_args(dovecot.host, dovecot.port, user, f"sqlite:///{tmp_path / 'm.db'}", "--json")
+    process = start_watch(args, password)
+    try:
+        Lines(process.stdout).next()
+        process.stdout.close()
+        # When the next sync has a line to print
+        dovecot.append(user, password, [message(1)])
+        code = process.wait(timeout=HANG_GUARD)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    # Then it ends with one line saying why, and no traceback
+    stderr = process.stderr.read().decode()
+    assert code != 0
+    assert stderr.strip().splitlines() == ["mailpipe: watch stopped: its output was closed"]
