@@ -300,3 +300,28 @@ def test_watch_into_a_closed_pipe_ends_in_one_line(dovecot, imap_user, tmp_path)
     stderr = process.stderr.read().decode()
     assert code != 0
     assert stderr.strip().splitlines() == ["mailpipe: watch stopped: its output was closed"]
+
+
+def test_flag_changes_do_not_trigger_a_sync_until_flag_sync_exists(dovecot, imap_user):
+    # Given an IDLE connection on a folder with one message
+    user, password = imap_user
+    [uid] = dovecot.append(user, password, [message(1)])
+    connection = idle.open_idle(settings_for(dovecot, user, password))
+
+    async def scenario() -> set[str]:
+        await connection.start()
+        waiting = asyncio.ensure_future(connection.changes())
+        # When another client marks the message seen (the server reports FETCH)
+        with dovecot.session(user, password) as other:
+            other.select_folder("INBOX")
+            other.add_flags([uid], [b"\\Seen"])
+        await asyncio.sleep(1.5)  # past Dovecot's 500 ms notice delay
+        # Then no sync is asked for yet
+        assert not waiting.done()
+        # When a message arrives, Then the answer names both
+        await asyncio.to_thread(dovecot.append, user, password, [message(2)])
+        kinds = await asyncio.wait_for(waiting, HANG_GUARD)
+        await connection.close()
+        return kinds
+
+    assert {"FETCH", "EXISTS"} <= asyncio.run(scenario())
