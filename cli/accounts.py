@@ -6,7 +6,7 @@ import argparse
 import json
 
 from mailpipe import reports
-from mailpipe.accounts import PROVIDERS, add_account, owned_account
+from mailpipe.accounts import PROVIDERS, add_account, owned_account, set_push
 from mailpipe.imap import SECURITY_MODES, ImapSettings
 from mailpipe.settings import Settings
 
@@ -117,7 +117,7 @@ def run_account_push(args: argparse.Namespace, settings: Settings) -> int:
     sessions = open_database(settings)
     with sessions.begin() as session:
         user = find_user(session, args.user)
-        owned_account(session, args.account_id, user.id).push_enabled = args.state == "on"
+        set_push(session, args.account_id, user.id, enabled=args.state == "on")
     print(f"account {args.account_id}: push {args.state}")
     return 0
 

@@ -127,6 +127,12 @@ def _credentials(account: MailAccount, key: DataKey) -> dict[str, Any]:
     return found
 
 
+def set_push(session: Session, account_id: int, user_id: int, *, enabled: bool) -> None:
+    """Push on or off for the user's account; off, its watcher gives it up at the next renewal
+    of its lease and the account is polled at its interval only."""
+    owned_account(session, account_id, user_id).push_enabled = enabled
+
+
 def owned_account(session: Session, account_id: int, user_id: int) -> MailAccount:
     """The account if this user owns it: anyone else's account is "not found", as is a missing
     one, so no caller can tell the two apart (the one ownership check for accounts)."""

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 FLUSH_SECONDS = 0.5  # how often an account whose run is still going is looked at again
+LEASE_SAFETY = 0.75  # leases not renewed for this part of their time: stop watching, they lapse
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +132,7 @@ class Watcher:
         # account -> (user, change number, first seen): a change not yet turned into a run
         self._pending: dict[int, tuple[int, int, float]] = {}
         self._changes = itertools.count()
+        self._renewed_at = 0.0  # loop time of the last renewal of the leases
         self._wake = asyncio.Event()
         self._database = ThreadPoolExecutor(1, thread_name_prefix="watcher-db")
         self._connect = ThreadPoolExecutor(
@@ -159,11 +161,16 @@ class Watcher:
     # -- leases ------------------------------------------------------------------------------
 
     async def _refresh(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             held, targets = await self._in_database(self._claim, set(self._tasks))
-        except Exception as error:  # the database is away: keep watching what we hold
+        except Exception as error:  # the database is away: keep watching while the leases last
             logger.warning("watcher could not renew its leases: %s", classify(error).message)
+            if loop.time() - self._renewed_at > self.policy.lease_seconds * LEASE_SAFETY:
+                for account_id in list(self._tasks):  # they may be another watcher's by now
+                    self._drop(account_id)
             return
+        self._renewed_at = loop.time()
         for account_id in set(self._tasks) - held:
             self._drop(account_id)
         for target in targets:

@@ -30,7 +30,7 @@ from mailpipe.vocabulary import CircuitState, Health, JobType
 from metrics import exporter, multiprocess
 from metrics.collectors import AccountCollector, QueueCollector
 from metrics.middleware import DramatiqMetrics
-from metrics.observer import MetricsObserver, record_finished_job
+from metrics.observer import MetricsObserver, WatchMetrics, record_finished_job
 from tests.support.workers import REDIS_URL, ROOT, delete_namespace, new_namespace
 
 FAST_KDF = 1_000
@@ -207,6 +207,32 @@ def test_flag_updates_and_vanished_mail_count_by_provider():
     # Then each counter moved by those numbers, under the provider only
     assert sample("mailpipe_flag_updates_total", provider="gmx") == flags + 6
     assert sample("mailpipe_vanished_total", provider="gmx") == vanished + 4
+
+
+def test_a_watcher_counts_connections_reconnects_push_runs_and_latency_without_names():
+    # Given the push metrics for gmx
+    held = sample("mailpipe_idle_connections", provider="gmx")
+    runs = sample("mailpipe_push_runs_total", provider="gmx")
+    resets = sample("mailpipe_idle_reconnects_total", error_class="connection_reset")
+    oddities = sample("mailpipe_idle_reconnects_total", error_class="unknown")
+    latencies = sample("mailpipe_push_latency_seconds_count", provider="gmx")
+    watch = WatchMetrics()
+    # When two connections open and one closes, two reconnects (one of a class no metric knows)
+    watch.idle_connected(provider="gmx")
+    watch.idle_connected(provider="gmx")
+    watch.idle_closed(provider="gmx")
+    watch.reconnect(error_class="connection_reset")
+    watch.reconnect(error_class="planted-account")
+    watch.push_runs(provider="gmx", count=3)
+    # And a push run stores mail 0.4 s after its watcher saw it come
+    MetricsObserver(provider="gmx").after_push(seconds=0.4)
+    # Then each moved by that, and the unknown class counts as unknown, not by its name
+    assert sample("mailpipe_idle_connections", provider="gmx") == held + 1
+    assert sample("mailpipe_idle_reconnects_total", error_class="connection_reset") == resets + 1
+    assert sample("mailpipe_idle_reconnects_total", error_class="unknown") == oddities + 1
+    assert sample("mailpipe_push_runs_total", provider="gmx") == runs + 3
+    assert sample("mailpipe_push_latency_seconds_count", provider="gmx") == latencies + 1
+    assert "planted-account" not in generate_latest(REGISTRY).decode()
 
 
 @pytest.fixture

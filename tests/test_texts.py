@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from mailpipe.models import Notification
-from mailpipe.vocabulary import ErrorClass, Health, JobReason, JobStatus, RunStatus
+from mailpipe.vocabulary import ErrorClass, Health, JobReason, JobStatus, JobType, RunStatus
 from web.i18n import LANGUAGES, TEXTS
-from web.present import error_text, notification_text, status_text
+from web.present import accounts_label, error_text, notification_text, status_text
 
 VOCABULARY = [
     *(f"error_{member}" for member in ErrorClass),
@@ -59,3 +59,12 @@ def test_running_out_of_retries_is_said_in_the_readers_language():
     assert "Der Mailserver hat nicht rechtzeitig geantwortet." in german
     assert english.startswith("Mail: fetching failed even after every retry.")
     assert "The mail server did not answer in time." in english
+
+
+def test_job_history_marks_push_and_scheduled_runs_in_both_languages():
+    # Given the label of one account
+    labels = {7: "GMX · anna@example.org"}
+    # When the history names jobs the user did not start, Then it says who did
+    assert accounts_label(JobType.PUSH, [7], labels, "de") == "GMX · anna@example.org (Push)"
+    assert accounts_label(JobType.PUSH, [7], labels, "en") == "GMX · anna@example.org (push)"
+    assert accounts_label(JobType.SCHEDULED, [7], labels, "de").endswith("(automatisch)")

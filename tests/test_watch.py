@@ -265,3 +265,65 @@ def test_server_without_idle_is_unsupported():
         with pytest.raises(idle.IdleUnsupported):
             idle.open_idle(settings)
         assert "EXAMINE" not in server.commands
+
+
+def test_watch_polls_a_server_without_idle(tmp_path):
+    # Given a server that does not announce IDLE (two messages in its INBOX)
+    with ScriptedImap() as server:
+        args = watch_args(HOST, server.port, "u", f"sqlite:///{tmp_path / 'm.db'}", "--json")
+        process = start_watch(args, "p")
+        try:
+            # When watch starts, Then it syncs at once all the same
+            assert json.loads(Lines(process.stdout).next())["saved"] == 2
+        finally:
+            code, stderr = stop(process)
+    # And says in one line that it polls instead, and Ctrl-C ends it cleanly
+    assert code == 0
+    assert "does not offer IDLE; polling every 60 s" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_watch_into_a_closed_pipe_ends_in_one_line(dovecot, imap_user, tmp_path):
+    # Given `mailpipe watch --json | head -1`: its reader goes after the first line
+    user, password = imap_user
+    args = watch_args(dovecot.host, dovecot.port, user, f"sqlite:///{tmp_path / 'm.db'}", "--json")
+    process = start_watch(args, password)
+    try:
+        Lines(process.stdout).next()
+        process.stdout.close()
+        # When the next sync has a line to print
+        dovecot.append(user, password, [message(1)])
+        code = process.wait(timeout=HANG_GUARD)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    # Then it ends with one line saying why, and no traceback
+    stderr = process.stderr.read().decode()
+    assert code != 0
+    assert stderr.strip().splitlines() == ["mailpipe: watch stopped: its output was closed"]
+
+
+def test_flag_changes_do_not_trigger_a_sync_until_flag_sync_exists(dovecot, imap_user):
+    # Given an IDLE connection on a folder with one message
+    user, password = imap_user
+    [uid] = dovecot.append(user, password, [message(1)])
+    connection = idle.open_idle(settings_for(dovecot, user, password))
+
+    async def scenario() -> set[str]:
+        await connection.start()
+        waiting = asyncio.ensure_future(connection.changes())
+        # When another client marks the message seen (the server reports FETCH)
+        with dovecot.session(user, password) as other:
+            other.select_folder("INBOX")
+            other.add_flags([uid], [b"\\Seen"])
+        await asyncio.sleep(1.5)  # past Dovecot's 500 ms notice delay
+        # Then no sync is asked for yet
+        assert not waiting.done()
+        # When a message arrives, Then the answer names both
+        await asyncio.to_thread(dovecot.append, user, password, [message(2)])
+        kinds = await asyncio.wait_for(waiting, HANG_GUARD)
+        await connection.close()
+        return kinds
+
+    assert {"FETCH", "EXISTS"} <= asyncio.run(scenario())

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mailpipe import db, grants, leases
 from mailpipe.crypto import DataKey
-from mailpipe.models import MailAccount, User, utcnow
+from mailpipe.models import KeyGrant, MailAccount, User, utcnow
 from mailpipe.vocabulary import Health
 
 LEASE = 45.0
@@ -108,3 +108,18 @@ def test_release_gives_every_lease_back(sessions):
         leases.release_watches(session, owner="w1")
     # Then another watcher gets them at once, without waiting for a lapse
     assert claim(sessions, "w2") == set(accounts)
+
+
+def test_an_expired_grant_ends_the_watching_like_a_logout(sessions):
+    # Given a watcher holding a user's accounts
+    user_id, accounts = user_with_accounts(sessions, "fritz", 2)
+    assert claim(sessions, "w1") == set(accounts)
+    # When the user's background grant expires (no logout, just time)
+    with sessions.begin() as session:
+        session.execute(
+            update(KeyGrant)
+            .where(KeyGrant.user_id == user_id)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    # Then the watcher's next renewal gives the accounts up
+    assert claim(sessions, "w1") == set()

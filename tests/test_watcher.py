@@ -16,6 +16,7 @@ from mailpipe import grants
 from mailpipe.models import AccountRun, Email, MailAccount, PipelineJob
 from mailpipe.vocabulary import RUN_OPEN, JobType
 from tests.support.cluster import Cluster
+from tests.support.faultproxy import FaultProxy
 from tests.support.messages import plain_message as message
 
 HANG_GUARD = 90.0  # only so a broken build fails instead of hanging; no timing is asserted
@@ -52,14 +53,16 @@ def watcher(cluster: Cluster, tmp_path, name: str, **env: str) -> Iterator[subpr
         log.close()
 
 
-def pushed_account(cluster: Cluster, *, name: str, mails: int = 0) -> tuple[int, int, str, str]:
+def pushed_account(
+    cluster: Cluster, *, name: str, mails: int = 0, port: int | None = None
+) -> tuple[int, int, str, str]:
     """A user with a background grant and one account synced once; (user, account, login,
     password)."""
     user_id, key = cluster.user(name)
     login, password = cluster.dovecot.new_user()
     if mails:
         cluster.dovecot.append(login, password, [message(i) for i in range(mails)])
-    account_id = add(cluster, user_id, key, login, password)
+    account_id = add(cluster, user_id, key, login, password, port=port)
     with cluster.sessions.begin() as session:
         grants.grant_background(
             session,
@@ -72,14 +75,14 @@ def pushed_account(cluster: Cluster, *, name: str, mails: int = 0) -> tuple[int,
     return user_id, account_id, login, password
 
 
-def add(cluster: Cluster, user_id: int, key, login: str, password: str) -> int:
+def add(cluster: Cluster, user_id: int, key, login: str, password: str, *, port=None) -> int:
     from mailpipe.accounts import add_account
     from mailpipe.imap import ImapSettings
     from mailpipe.models import User
 
     settings = ImapSettings(
         host=cluster.dovecot.host,
-        port=cluster.dovecot.port,
+        port=port or cluster.dovecot.port,
         username=login,
         password=password,
         security="none",
@@ -151,6 +154,7 @@ def test_new_mail_triggers_exactly_one_run_and_is_stored(cluster, tmp_path):
         jobs = push_jobs(cluster, user_id)
         assert len(jobs) == 1 and jobs[0].status == "success"
         assert cluster.runs(jobs[0].id)[0].saved == 1
+        assert "noticed_at" in jobs[0].options  # push latency is measured from there
         # And no other run follows it
         time.sleep(2)  # a few flush rounds of the watcher
         assert len(push_jobs(cluster, user_id)) == 1
@@ -250,3 +254,23 @@ def test_idle_connections_count_against_the_host_cap(cluster, tmp_path):
         time.sleep(3 * float(LEASE_SECONDS))  # several renewals and slot retries later
         assert connected() == 2
         assert all(owner_of(cluster, account) for _u, account, _l, _p in accounts)
+
+
+def test_a_cut_connection_comes_back_and_still_pushes(cluster, tmp_path):
+    # Given a watched account whose server is reached through the fault proxy
+    with FaultProxy(upstream=(cluster.dovecot.host, cluster.dovecot.port)) as proxy:
+        user_id, account_id, login, password = pushed_account(
+            cluster, name="push-cut", port=proxy.port
+        )
+        with watcher(cluster, tmp_path, "w1"):
+            wait_until(lambda: watched(cluster, account_id, login), "the watcher connects")
+            before = proxy.connections
+            # When the proxy resets the IDLE connection
+            proxy.cut()
+            # Then the watcher connects again
+            wait_until(lambda: proxy.connections > before, "a new connection")
+            wait_until(lambda: watched(cluster, account_id, login), "the watcher is back")
+            # And new mail is still pushed and stored
+            cluster.dovecot.append(login, password, [message(1)])
+            wait_until(lambda: stored(cluster, account_id) == 1, "the message is stored")
+            assert len(push_jobs(cluster, user_id)) >= 1

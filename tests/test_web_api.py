@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import dramatiq
 import pytest
@@ -37,7 +37,7 @@ from mailpipe import db, grants, health, jobs
 from mailpipe.accounts import add_account, create_user
 from mailpipe.crypto import DataKey
 from mailpipe.imap import ImapSettings
-from mailpipe.models import MailAccount, Notification
+from mailpipe.models import MailAccount, Notification, utcnow
 from mailpipe.models import User as UserRow
 from mailpipe.retry import RetryPolicy
 from mailpipe.settings import Settings
@@ -653,6 +653,38 @@ def test_metrics_say_their_charset_once_and_the_page_has_an_icon(site):
     # Then the content type names the charset once, and the icon is there
     assert metrics.headers["Content-Type"].count("charset") == 1
     assert icon.status_code == 200 and icon.mimetype == "image/svg+xml"
+
+
+def test_push_is_turned_off_and_on_and_the_card_says_how_mail_is_fetched(site):
+    # Given alice's account (push on by default, no watcher holding it) and bob's
+    alice, bob = site.user("alice"), site.user("bob")
+    account = site.account(alice)
+    bobs_account = site.account(bob)
+    client, headers = logged_in(site, alice)
+    [card] = client.get("/api/accounts/health").json["accounts"]
+    assert (card["push_enabled"], card["pushed"]) == (True, False)
+    assert card["fetch_mode_text"] == "Abruf alle 5 min"
+    # When she turns push off, Then the answer is her card with push off
+    off = client.post(f"/api/accounts/{account}/push", json={"enabled": False}, headers=headers)
+    assert (off.status_code, off.json["push_enabled"]) == (200, False)
+    # When a watcher holds the account after she turned push on again
+    on = client.post(
+        f"/api/accounts/{account}/push?lang=en", json={"enabled": True}, headers=headers
+    )
+    assert on.json["push_enabled"] is True
+    with site.sessions.begin() as session:
+        row = session.get_one(MailAccount, account)
+        row.watch_owner, row.watch_until = "w1", utcnow() + timedelta(seconds=45)
+    # Then her card says push is active
+    [card] = client.get("/api/accounts/health?lang=en").json["accounts"]
+    assert (card["pushed"], card["fetch_mode_text"]) == (True, "Push active")
+    # And a wrong body or bob's account is refused
+    wrong = client.post(f"/api/accounts/{account}/push", json={"enabled": "yes"}, headers=headers)
+    assert (wrong.status_code, wrong.json["field"]) == (400, "enabled")
+    bobs = client.post(
+        f"/api/accounts/{bobs_account}/push", json={"enabled": False}, headers=headers
+    )
+    assert bobs.status_code == 404
 
 
 # -- diagnostics --------------------------------------------------------------------------

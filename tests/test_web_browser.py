@@ -172,6 +172,15 @@ def test_fetch_now_runs_a_job_to_the_end_in_the_page(site, worker, dovecot, serv
         "Prüfung fehlgeschlagen: Anmeldung fehlgeschlagen, bitte das Passwort neu eingeben."
     )
 
+    # And the card says how mail is fetched, and push goes off and on again with its button
+    expect(healthy.locator(".fetch-mode")).to_have_text("Abruf alle 5 min")
+    healthy.get_by_role("button", name="Push ausschalten").click()
+    expect(healthy.get_by_role("button", name="Push einschalten")).to_be_visible()
+    with site.sessions() as session:
+        assert session.get_one(MailAccount, accounts[0]).push_enabled is False
+    healthy.get_by_role("button", name="Push einschalten").click()
+    expect(healthy.get_by_role("button", name="Push ausschalten")).to_be_visible()
+
     # And the page speaks English on request
     page.goto(f"{server}/?lang=en")
     expect(page.get_by_role("button", name="Fetch now")).to_be_visible()

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
 from mailpipe import db, mail
+from mailpipe.accounts import set_push
 from mailpipe.crypto import DataKey
 from mailpipe.errors import NotFound, TooManyRequests
 from mailpipe.grants import WorkerKeyError
@@ -247,6 +248,27 @@ class _Api:
         body = {"request_id": request_id, "status_url": location}
         return jsonify(body), 202, {"Location": location}
 
+    def push(self, account_id: int) -> Response:
+        """Push (IMAP IDLE) on or off for one of the user's accounts; its card's data back."""
+        user_id = self.user()
+        data = _json_object()
+        unknown = sorted(set(data) - {"enabled"})
+        if unknown:
+            raise ApiError(400, "bad_request", f"unknown field {unknown[0]!r}", field=unknown[0])
+        enabled = data.get("enabled")
+        if type(enabled) is not bool:
+            raise ApiError(400, "bad_request", "enabled must be true or false", field="enabled")
+        with self.sessions.begin() as session:
+            try:
+                set_push(session, account_id, user_id, enabled=enabled)
+            except NotFound:
+                raise ApiError(404, "not_found", "account not found") from None
+        [account] = [
+            a for a in self.pipeline.get_account_health(user_id) if a.account_id == account_id
+        ]
+        view = present.account_view(account, labels=self._labels(user_id), lang=language(request))
+        return jsonify(view)
+
     def diagnosis(self, request_id: str) -> Response:
         user_id = self.user()
         key = self.key()
@@ -434,6 +456,7 @@ def create_blueprint(
         ("/jobs/<job_id>", "job_status", api.job_status, "GET"),
         ("/accounts/health", "health", api.health, "GET"),
         (f"/accounts/<{ID}:account_id>/diagnostics", "diagnostics", api.diagnostics, "POST"),
+        (f"/accounts/<{ID}:account_id>/push", "push", api.push, "POST"),
         ("/diagnostics/<request_id>", "diagnosis", api.diagnosis, "GET"),
         ("/metrics/performance", "performance", api.performance, "GET"),
         ("/mail", "mail", api.mail, "GET"),

@@ -269,6 +269,25 @@ OPENAPI: dict = {
                 },
             }
         },
+        "/api/accounts/{account_id}/push": {
+            "post": {
+                "operationId": "push",
+                "summary": "Turn push (IMAP IDLE) on or off for one account",
+                "security": SESSION_POST,
+                "parameters": [_id_parameter("account_id", "the account"), LANG],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("PushRequest")}},
+                },
+                "responses": {
+                    "200": _json(_ref("AccountHealth"), "the account, as its card shows it"),
+                    "400": _error("BadRequest"),
+                    "401": _error("Unauthorized"),
+                    "403": _error("Forbidden"),
+                    "404": _error("NotFound"),
+                },
+            }
+        },
         "/api/diagnostics/{request_id}": {
             "get": {
                 "operationId": "diagnosis",
@@ -508,6 +527,12 @@ OPENAPI: dict = {
                     "code": {"type": "string"},
                     "field": {"type": "string"},
                 },
+            },
+            "PushRequest": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["enabled"],
+                "properties": {"enabled": {"type": "boolean"}},
             },
             "FetchRequest": {
                 "type": "object",

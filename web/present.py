@@ -166,7 +166,9 @@ def account_view(health: AccountHealth, *, labels: dict[int, str], lang: str) ->
         else None,
         "fetch_mode_text": text(lang, "push_active")
         if health.pushed
-        else text(lang, "poll_every").format(minutes=round(health.sync_interval_seconds / 60)),
+        else text(lang, "poll_every").format(
+            minutes=max(1, round(health.sync_interval_seconds / 60))
+        ),
     }
 
 

@@ -261,12 +261,24 @@
     progress.scrollIntoView({ behavior: "smooth", block: "nearest" });
   }
 
+  // Push on or off: the answer is the account as its card shows it; the sections refresh.
+  async function togglePush(target) {
+    target.disabled = true;
+    const enabled = target.dataset.push !== "on";
+    const answer = await api(`/api/accounts/${target.dataset.account}/push`, "POST", { enabled });
+    if (answer.ok) await refresh();
+    else target.disabled = false;
+  }
+
   function bindSections() {
     for (const target of document.querySelectorAll(".job-detail")) {
       target.addEventListener("click", () => showJob(target));
     }
     for (const target of document.querySelectorAll(".check-account")) {
       target.addEventListener("click", () => checkAccount(target));
+    }
+    for (const target of document.querySelectorAll(".toggle-push")) {
+      target.addEventListener("click", () => togglePush(target));
     }
     for (const target of document.querySelectorAll(".mark-read, #mark-all-read")) {
       target.addEventListener("click", () => markRead(target));
