@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -39,6 +40,7 @@ CREDENTIAL_FIELDS = (
     "auth",
     "ca_file",
 )
+OAUTH2_GRANT = "oauth2"  # the credentials' key holding an OAuth2 grant (see mailpipe.oauth2)
 
 
 def guess_provider(host: str) -> str:
@@ -80,6 +82,7 @@ def add_account(
     *,
     folders: list[str] | None = None,
     provider: str | None = None,
+    oauth2: dict[str, Any] | None = None,
 ) -> MailAccount:
     """Store an account with its host, login and secret encrypted under the user's key."""
     account = MailAccount(
@@ -89,27 +92,58 @@ def add_account(
     )
     session.add(account)
     session.flush()
-    set_credentials(account, key, settings)
+    set_credentials(account, key, settings, oauth2=oauth2)
     return account
 
 
-def set_credentials(account: MailAccount, key: DataKey, settings: ImapSettings) -> None:
-    """Replace the stored credentials (e.g. after the user re-enters a password)."""
-    account.auth_kind = AuthKind.OAUTH2 if settings.access_token is not None else AuthKind.PASSWORD
-    plain = json.dumps({name: getattr(settings, name) for name in CREDENTIAL_FIELDS}).encode()
+def set_credentials(
+    account: MailAccount,
+    key: DataKey,
+    settings: ImapSettings,
+    *,
+    oauth2: dict[str, Any] | None = None,
+) -> None:
+    """Replace the stored credentials (e.g. after the user re-enters a password), with the
+    account's OAuth2 grant when it has one."""
+    credentials: dict[str, Any] = {name: getattr(settings, name) for name in CREDENTIAL_FIELDS}
+    if oauth2 is not None:
+        credentials[OAUTH2_GRANT] = oauth2
+    write_credentials(account, key, credentials)
+
+
+def write_credentials(account: MailAccount, key: DataKey, credentials: dict[str, Any]) -> None:
+    """Encrypt the credentials into the account's row (bound to that row)."""
+    oauth2 = credentials.get(OAUTH2_GRANT) is not None or credentials.get("access_token")
+    account.auth_kind = AuthKind.OAUTH2 if oauth2 else AuthKind.PASSWORD
     account.credentials_enc = key.encrypt(
-        plain, table="mail_accounts", column="credentials", row=account.id
+        json.dumps(credentials).encode(),
+        table="mail_accounts",
+        column="credentials",
+        row=account.id,
     )
 
 
-def account_settings(account: MailAccount, key: DataKey, **overrides: object) -> ImapSettings:
-    """Decrypt an account's connection settings; `overrides` adjust timeouts and the like."""
+def read_credentials(account: MailAccount, key: DataKey) -> dict[str, Any]:
+    """The account's decrypted credentials: connection settings and any OAuth2 grant."""
     if account.credentials_enc is None:
         raise MailpipeError(f"account {account.id} has no stored credentials")
     plain = key.decrypt(
         account.credentials_enc, table="mail_accounts", column="credentials", row=account.id
     )
-    return ImapSettings(**{**json.loads(plain), **overrides})
+    credentials: dict[str, Any] = json.loads(plain)
+    return credentials
+
+
+def has_oauth2_grant(account: MailAccount, key: DataKey) -> bool:
+    """Whether the account logs in with a refreshable OAuth2 grant."""
+    return account.auth_kind == AuthKind.OAUTH2 and OAUTH2_GRANT in read_credentials(account, key)
+
+
+def account_settings(account: MailAccount, key: DataKey, **overrides: object) -> ImapSettings:
+    """Decrypt an account's connection settings; `overrides` adjust timeouts and the like."""
+    credentials = read_credentials(account, key)
+    stored = {name: credentials[name] for name in CREDENTIAL_FIELDS if name in credentials}
+    return ImapSettings(**{**stored, **overrides})
 
 
 def owned_account(session: Session, account_id: int, user_id: int) -> MailAccount:

@@ -11,6 +11,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginEr
 
 from .errors import DecryptionFailed, MailpipeError
 from .imap import TokenRefused
+from .oauth2 import GrantRefused, TokenEndpointDown, TokenRequestRefused
 from .retry import transient
 from .vocabulary import ErrorClass
 
@@ -83,6 +84,14 @@ def classify(error: BaseException, *, host: str | None = None) -> Failure:
         return Failure(ErrorClass.UNKNOWN, f"server{where} answered with an error")
     if isinstance(error, OSError):
         return Failure(ErrorClass.CONNECTION_RESET, f"network error talking{to}: {error.strerror}")
+    if isinstance(error, GrantRefused):
+        return Failure(
+            ErrorClass.INVALID_CREDENTIALS, f"{error}: the account must be connected again"
+        )
+    if isinstance(error, TokenEndpointDown):
+        return Failure(ErrorClass.TEMPORARILY_UNAVAILABLE, str(error))
+    if isinstance(error, TokenRequestRefused):
+        return Failure(ErrorClass.AUTH_FAILED, str(error))
     if isinstance(error, DecryptionFailed):
         return Failure(ErrorClass.UNKNOWN, str(error))
     if isinstance(error, MailpipeError):

@@ -21,6 +21,7 @@ from .errors import ProtocolError
 from .fetch import FetchedMessage, fetch_messages
 from .imap import ImapSettings
 from .models import MailAccount
+from .oauth2 import TokenSource
 from .observer import Observer, PhaseTimer
 from .parse import parse_messages
 from .processors import Processor, annotate_batch
@@ -118,11 +119,14 @@ def sync_account(
     observer: Observer | None = None,
     connect: Callable[[ImapSettings], IMAPClient] = imap.connect,
     states: Mapping[str, store.FolderPosition] | None = None,
+    tokens: TokenSource | None = None,
 ) -> SyncResult:
     """Bring the database up to date with the account's folders, storing each message once.
 
     A caller that has read the settings, the folders (in `options`) and each folder's stored
     position (`states`, from `store.folder_states`) already spares the sync reading them again.
+    An OAuth2 account's `tokens` give the access token, refreshed once more if the server
+    refuses it.
     """
     options = options or SyncOptions()
     started = time.perf_counter()
@@ -137,7 +141,7 @@ def sync_account(
                 states = store.folder_states(session, account_id)
     result = SyncResult()
     with timer.phase("connect"):
-        client = connect(settings)
+        client = _connect(connect, settings, tokens)
     try:
         client.normalise_times = False
         with timer.phase("diagnostics"):
@@ -168,6 +172,21 @@ def sync_account(
     result.phases = timer.totals
     result.duration = time.perf_counter() - started
     return result
+
+
+def _connect(
+    connect: Callable[[ImapSettings], IMAPClient],
+    settings: ImapSettings,
+    tokens: TokenSource | None,
+) -> IMAPClient:
+    """Log in; with OAuth2 a fresh token first, and a refused one refreshed once more."""
+    if tokens is None:
+        return connect(settings)
+    settings = replace(settings, access_token=tokens.token())
+    try:
+        return connect(settings)
+    except imap.TokenRefused:
+        return connect(replace(settings, access_token=tokens.token(refused=settings.access_token)))
 
 
 def quick_check(client: IMAPClient) -> tuple[str, ...]:

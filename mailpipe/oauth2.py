@@ -1,0 +1,206 @@
+"""OAuth2 refresh: a fresh access token before the old one lapses, rotated refresh tokens kept.
+
+An OAuth2 account stores, inside its encrypted credentials, the token endpoint, the client id,
+the current refresh token and access token, and when that access token expires. The client
+secret is the operator's (environment or file) and is never stored with an account.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from .accounts import OAUTH2_GRANT, read_credentials, write_credentials
+from .crypto import DataKey
+from .errors import MailpipeError
+from .models import MailAccount
+
+REFRESH_MARGIN_SECONDS = 60.0
+TOKEN_TIMEOUT_SECONDS = 15.0
+
+
+class TokenEndpointDown(MailpipeError):
+    """The token endpoint could not be reached or failed on its side: transient, retried."""
+
+
+class GrantRefused(MailpipeError):
+    """The provider refused the refresh token (`invalid_grant`): the user must connect again."""
+
+
+class TokenRequestRefused(MailpipeError):
+    """The token endpoint refused the client itself (`invalid_client` and the like)."""
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """What a token endpoint answered: an access token, its lifetime, maybe a new refresh token."""
+
+    access_token: str = field(repr=False)
+    expires_in: float | None
+    refresh_token: str | None = field(default=None, repr=False)
+
+
+Post = Callable[[str, dict[str, str]], tuple[int, bytes]]
+
+
+def http_post(url: str, form: dict[str, str]) -> tuple[int, bytes]:
+    """POST a form and return status and body; an unreachable endpoint raises TokenEndpointDown."""
+    request = urllib.request.Request(
+        url,
+        data=urllib.parse.urlencode(form).encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=TOKEN_TIMEOUT_SECONDS) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as error:
+        return int(error.code), bytes(error.read())
+    except (OSError, ValueError) as error:  # refused, DNS, timeout, TLS
+        raise TokenEndpointDown(f"token endpoint {_host(url)} unreachable") from error
+
+
+def refresh(
+    *,
+    token_url: str,
+    client_id: str,
+    refresh_token: str,
+    client_secret: str | None = None,
+    post: Post = http_post,
+) -> Tokens:
+    """Trade a refresh token for a new access token (RFC 6749 section 6)."""
+    form = {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": client_id}
+    if client_secret:
+        form["client_secret"] = client_secret
+    status, body = post(token_url, form)
+    try:
+        answer = json.loads(body) if body else {}
+    except ValueError:
+        answer = {}
+    if not isinstance(answer, dict):
+        answer = {}
+    if status >= 500 or status == 429:
+        raise TokenEndpointDown(f"token endpoint {_host(token_url)} answered {status}")
+    if status != 200:
+        error = str(answer.get("error", "")) or f"HTTP {status}"
+        if error == "invalid_grant":
+            raise GrantRefused(f"token endpoint {_host(token_url)} refused the refresh token")
+        raise TokenRequestRefused(f"token endpoint {_host(token_url)} refused: {error[:40]}")
+    if not isinstance(answer.get("access_token"), str):
+        raise TokenEndpointDown(f"token endpoint {_host(token_url)} sent no access token")
+    expires_in = answer.get("expires_in")
+    rotated = answer.get("refresh_token")
+    return Tokens(
+        access_token=answer["access_token"],
+        expires_in=float(expires_in) if isinstance(expires_in, int | float | str) else None,
+        refresh_token=rotated if isinstance(rotated, str) and rotated else None,
+    )
+
+
+def grant(
+    *, token_url: str, client_id: str, refresh_token: str, tokens: Tokens | None = None
+) -> dict[str, Any]:
+    """The grant as stored in an account's encrypted credentials."""
+    stored: dict[str, Any] = {
+        "token_url": token_url,
+        "client_id": client_id,
+        "refresh_token": refresh_token,
+        "expires_at": None,
+    }
+    if tokens is not None:
+        stored["refresh_token"] = tokens.refresh_token or refresh_token
+        stored["expires_at"] = _expires_at(tokens, time.time())
+    return stored
+
+
+@dataclass
+class TokenSource:
+    """An account's access token, refreshed in a locked transaction so rotation is never lost.
+
+    The account row is locked (`FOR UPDATE`) while the token endpoint is asked, so a second worker
+    waits and then finds the fresh token. Where the database cannot lock rows (SQLite), a
+    worker whose spent refresh token is refused reads the row again and takes the newer grant.
+    A `fallback` refresh token (the one an operator passes again) is tried when the stored one
+    is refused and no newer grant is stored.
+    """
+
+    sessions: sessionmaker[Session]
+    account_id: int
+    key: DataKey
+    client_secret: str | None = field(default=None, repr=False)
+    post: Post = http_post
+    clock: Callable[[], float] = time.time
+    margin: float = REFRESH_MARGIN_SECONDS
+    fallback: str | None = field(default=None, repr=False)
+    refreshed: int = 0
+
+    def token(self, *, refused: str | None = None) -> str:
+        """A valid access token: the stored one while it lasts and was not `refused`, else new."""
+        with self.sessions.begin() as session:
+            account = session.get_one(MailAccount, self.account_id, with_for_update=True)
+            credentials = read_credentials(account, self.key)
+            stored = credentials.get(OAUTH2_GRANT)
+            if not isinstance(stored, dict):
+                raise MailpipeError(f"account {self.account_id} has no OAuth2 grant")
+            current = credentials.get("access_token")
+            expires_at = stored.get("expires_at")
+            if (
+                current
+                and current != refused
+                and (expires_at is None or expires_at - self.clock() > self.margin)
+            ):
+                return str(current)
+            spent = stored["refresh_token"]
+            try:
+                tokens = self._refresh(stored, spent)
+            except GrantRefused:
+                newer = self._newer_grant(spent)
+                if newer is not None:
+                    return newer
+                if self.fallback is None or self.fallback == spent:
+                    raise
+                tokens = self._refresh(stored, self.fallback)  # the operator's new token
+                spent = self.fallback
+            credentials["access_token"] = tokens.access_token
+            credentials[OAUTH2_GRANT] = {
+                **stored,
+                "refresh_token": tokens.refresh_token or spent,
+                "expires_at": _expires_at(tokens, self.clock()),
+            }
+            write_credentials(account, self.key, credentials)
+            self.refreshed += 1
+            return tokens.access_token
+
+    def _refresh(self, stored: dict[str, Any], refresh_token: str) -> Tokens:
+        return refresh(
+            token_url=stored["token_url"],
+            client_id=stored["client_id"],
+            refresh_token=refresh_token,
+            client_secret=self.client_secret,
+            post=self.post,
+        )
+
+    def _newer_grant(self, spent: str) -> str | None:
+        """Another worker's rotation, committed while ours was refused; None when there is none."""
+        with self.sessions() as session:
+            account = session.get_one(MailAccount, self.account_id)
+            credentials = read_credentials(account, self.key)
+        stored = credentials.get(OAUTH2_GRANT) or {}
+        if stored.get("refresh_token") != spent and credentials.get("access_token"):
+            return str(credentials["access_token"])
+        return None
+
+
+def _expires_at(tokens: Tokens, now: float) -> float | None:
+    return None if tokens.expires_in is None else now + tokens.expires_in
+
+
+def _host(url: str) -> str:
+    return urllib.parse.urlsplit(url).hostname or "?"
