@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -30,6 +31,40 @@ PROVIDER_HOSTS = {
     "gmx": ("gmx.net", "gmx.de", "gmx.com"),
     "icloud": ("mail.me.com", "icloud.com"),
 }
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A provider's IMAP server, so users pick a name instead of typing host, port and security."""
+
+    id: str
+    name: str
+    host: str
+    port: int
+    security: str
+    provider: str = "other"
+    oauth2: str | None = None  # the OAuth2 provider this host wants instead of a password
+
+
+PRESETS = (
+    Preset("gmx", "GMX", "imap.gmx.net", 993, "tls", "gmx"),
+    Preset("webde", "WEB.DE", "imap.web.de", 993, "tls"),
+    Preset("t-online", "T-Online", "secureimap.t-online.de", 993, "tls"),
+    Preset("gmail", "Gmail", "imap.gmail.com", 993, "tls", "gmail", "google"),
+    Preset(
+        "outlook",
+        "Outlook / Office 365",
+        "outlook.office365.com",
+        993,
+        "tls",
+        "outlook",
+        "microsoft",
+    ),
+    Preset("icloud", "iCloud", "imap.mail.me.com", 993, "tls", "icloud"),
+    Preset("yahoo", "Yahoo", "imap.mail.yahoo.com", 993, "tls", "yahoo"),
+    Preset("posteo", "Posteo", "posteo.de", 993, "tls"),
+    Preset("mailbox-org", "mailbox.org", "imap.mailbox.org", 993, "tls"),
+)
 CREDENTIAL_FIELDS = (
     "host",
     "port",

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, jsonify, request, url_for
@@ -32,27 +33,41 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
-from mailpipe import db
+from mailpipe import db, health
+from mailpipe.accounts import PRESETS, account_settings, add_account, owned_account, set_credentials
 from mailpipe.crypto import DataKey
 from mailpipe.errors import NotFound
 from mailpipe.grants import WorkerKeyError
+from mailpipe.imap import SECURITY_MODES, ImapSettings
 from mailpipe.jobs import MAX_TIMEOUT_SECONDS
-from mailpipe.models import Notification, utcnow
+from mailpipe.login import verify_login
+from mailpipe.models import MailAccount, Notification, User, utcnow
+from mailpipe.vocabulary import AuthKind
 
 from . import diagnostics, present
-from .i18n import language
+from .i18n import language, text
 from .openapi import (
     DEFAULT_HISTORY,
+    DEFAULT_INTERVAL_SECONDS,
     DEFAULT_MAX_MAILS,
     DEFAULT_NOTIFICATIONS,
     DEFAULT_TIMEOUT_SECONDS,
+    HOST_PATTERN,
     MAX_ALERTS,
     MAX_FINGERPRINT,
+    MAX_FOLDER,
+    MAX_FOLDERS,
     MAX_HISTORY,
+    MAX_HOST,
     MAX_ID,
+    MAX_INTERVAL_SECONDS,
     MAX_LABEL,
+    MAX_LOGIN,
     MAX_MAILS,
     MAX_NOTIFICATIONS,
+    MAX_PASSWORD,
+    MAX_PORT,
+    MIN_INTERVAL_SECONDS,
     OPENAPI,
 )
 
@@ -62,9 +77,12 @@ if TYPE_CHECKING:  # the host hands one in; importing actors here would need a b
 BLUEPRINT_NAME = "mailpipe_api"
 API_PREFIX = "/api"
 CSRF_HEADER = "X-CSRF-Token"
+UNSAFE_METHODS = ("POST", "PATCH", "DELETE")
 DEFAULT_MAX_QUEUED_JOBS = 3
 ID = f"int(min=1, max={MAX_ID})"
 FETCH_FIELDS = ("account_id", "max_mails", "timeout_seconds")
+ADD_FIELDS = ("host", "port", "security", "login", "password", "folders", "interval")
+UPDATE_FIELDS = ("password", "folders", "interval", "enabled")
 ALERT_STATUSES = ("firing", "resolved")
 ALERT_SEVERITIES = ("critical", "warning", "info")
 ALERT_KIND = "operator_alert"
@@ -74,12 +92,21 @@ MAX_MESSAGE = 1000
 class ApiError(Exception):
     """An answer other than success: status, a stable code, a message and the field at fault."""
 
-    def __init__(self, status: int, code: str, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        error_class: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.error_class = error_class
 
 
 def error_response(error: ApiError) -> Response:
@@ -87,6 +114,8 @@ def error_response(error: ApiError) -> Response:
     body = {"error": error.message, "code": error.code}
     if error.field is not None:
         body["field"] = error.field
+    if error.error_class is not None:
+        body["error_class"] = error.error_class
     response = jsonify(body)
     response.status_code = error.status
     if error.status == 401 and error.code == "alert_token":
@@ -115,12 +144,12 @@ class _Api:
     # -- guards ----------------------------------------------------------------------------
 
     def guard(self) -> None:
-        """Log-in first, then CSRF on POSTs; the public routes check what they need themselves."""
+        """Log-in first, then CSRF on POST, PATCH and DELETE; the public routes check what they need themselves."""
         if request.endpoint in (f"{BLUEPRINT_NAME}.openapi", f"{BLUEPRINT_NAME}.alertmanager"):
             return
         if self.current_user() is None:
             raise ApiError(401, "unauthorized", "log in first")
-        if request.method == "POST":
+        if request.method in UNSAFE_METHODS:
             expected = self.csrf_token()
             given = request.headers.get(CSRF_HEADER, "")
             if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
@@ -213,6 +242,126 @@ class _Api:
         return jsonify(
             {"accounts": [present.account_view(a, labels=labels, lang=lang) for a in accounts]}
         )
+
+    def presets(self) -> Response:
+        return jsonify({"presets": [asdict(preset) for preset in PRESETS]})
+
+    def add_account(self) -> tuple[Response, int, dict]:
+        """Store an account only after its server accepted the login."""
+        user_id = self.user()
+        data = _json_object()
+        _known_fields(data, ADD_FIELDS)
+        for name in ("host", "login", "password"):
+            if name not in data:
+                raise ApiError(400, "bad_request", f"{name} is required", field=name)
+        security = data.get("security", "tls")
+        if security not in SECURITY_MODES:
+            raise ApiError(
+                400,
+                "bad_request",
+                f"security must be one of {', '.join(SECURITY_MODES)}",
+                field="security",
+            )
+        settings = ImapSettings(
+            host=_host(data),
+            port=_int(data, "port", default=None, maximum=MAX_PORT),
+            username=_text(data, "login", maximum=MAX_LOGIN),
+            password=_text(data, "password", maximum=MAX_PASSWORD),
+            security=security,
+        )
+        folders = _folders(data)
+        interval = _interval(data)
+        key = self.key()
+        self._verify(settings)
+        with self.sessions.begin() as session:
+            user = session.get_one(User, user_id)
+            account = add_account(session, user, key, settings, folders=folders)
+            account.sync_interval_seconds = interval or DEFAULT_INTERVAL_SECONDS
+            account.next_sync_at = utcnow()
+            account_id = account.id
+        location = url_for(f"{BLUEPRINT_NAME}.account", account_id=account_id)
+        return jsonify(self._account(user_id, account_id)), 201, {"Location": location}
+
+    def account(self, account_id: int) -> ResponseReturnValue:
+        """PATCH changes the account, DELETE removes it."""
+        if request.method == "DELETE":
+            return self.remove_account(account_id)
+        return self.update_account(account_id)
+
+    def update_account(self, account_id: int) -> Response:
+        """A new password (checked first, then BROKEN and the circuit cleared), folders, interval,
+        enabled."""
+        user_id = self.user()
+        data = _json_object()
+        _known_fields(data, UPDATE_FIELDS)
+        folders = _folders(data)
+        interval = _interval(data)
+        enabled = data.get("enabled")
+        if enabled is not None and not isinstance(enabled, bool):
+            raise ApiError(400, "bad_request", "enabled must be true or false", field="enabled")
+        password = _text(data, "password", maximum=MAX_PASSWORD) if "password" in data else None
+        key = self.key() if password is not None else None
+        with self.sessions() as session:
+            account = self._owned(session, account_id, user_id)
+            settings = None
+            if key is not None and password is not None:
+                if account.auth_kind == AuthKind.OAUTH2:
+                    raise ApiError(
+                        400,
+                        "oauth2_account",
+                        text(language(request), "oauth2_no_password"),
+                        field="password",
+                    )
+                settings = replace(account_settings(account, key), password=password)
+        if settings is not None:
+            self._verify(settings)
+        with self.sessions.begin() as session:
+            account = self._owned(session, account_id, user_id)
+            if key is not None and settings is not None:
+                set_credentials(account, key, settings)
+                health.reset(account)
+            if folders is not None:
+                account.folders = folders
+            if interval is not None:
+                account.sync_interval_seconds = interval
+            if enabled is not None:
+                account.enabled = enabled
+        return jsonify(self._account(user_id, account_id))
+
+    def remove_account(self, account_id: int) -> tuple[str, int]:
+        """Remove the account with its stored mail (the page asks for a confirmation first)."""
+        user_id = self.user()
+        with self.sessions.begin() as session:
+            session.delete(self._owned(session, account_id, user_id))
+        return "", 204
+
+    def _owned(self, session: Session, account_id: int, user_id: int) -> MailAccount:
+        try:
+            return owned_account(session, account_id, user_id)
+        except NotFound:
+            raise ApiError(404, "not_found", "account not found") from None
+
+    def _verify(self, settings: ImapSettings) -> None:
+        """Answer 422 with the reason in the user's words when the server refuses the login."""
+        failure = verify_login(settings)
+        if failure is not None:
+            message = present.error_text(
+                failure.error_class, language(request), auth=AuthKind.PASSWORD
+            )
+            raise ApiError(
+                422,
+                "login_failed",
+                message or failure.message,
+                error_class=failure.error_class,
+            )
+
+    def _account(self, user_id: int, account_id: int) -> dict:
+        labels = self._labels(user_id)
+        lang = language(request)
+        for health_row in self.pipeline.get_account_health(user_id):
+            if health_row.account_id == account_id:
+                return present.account_view(health_row, labels=labels, lang=lang)
+        raise ApiError(404, "not_found", "account not found")
 
     def diagnostics(self, account_id: int) -> tuple[Response, int, dict]:
         """Queue a check of the account: a worker connects to the server, never this request."""
@@ -345,11 +494,14 @@ def create_blueprint(
     blueprint.register_error_handler(ApiError, error_response)
     blueprint.register_error_handler(HTTPException, http_error_response)
     blueprint.after_request(_no_store)
-    routes: list[tuple[str, str, Callable[..., ResponseReturnValue], str]] = [
+    routes: list[tuple[str, str, Callable[..., ResponseReturnValue], str]] = [  # methods: spaced
         ("/jobs/fetch", "fetch", api.fetch, "POST"),
         ("/jobs/history", "history", api.history, "GET"),
         ("/jobs/<job_id>", "job_status", api.job_status, "GET"),
         ("/accounts/health", "health", api.health, "GET"),
+        ("/accounts/presets", "presets", api.presets, "GET"),
+        ("/accounts", "add_account", api.add_account, "POST"),
+        (f"/accounts/<{ID}:account_id>", "account", api.account, "PATCH DELETE"),
         (f"/accounts/<{ID}:account_id>/diagnostics", "diagnostics", api.diagnostics, "POST"),
         ("/diagnostics/<request_id>", "diagnosis", api.diagnosis, "GET"),
         ("/metrics/performance", "performance", api.performance, "GET"),
@@ -359,8 +511,8 @@ def create_blueprint(
         ("/alerts/alertmanager", "alertmanager", api.alertmanager, "POST"),
         ("/openapi.json", "openapi", api.openapi, "GET"),
     ]
-    for rule, endpoint, view, method in routes:
-        blueprint.add_url_rule(rule, endpoint, view, methods=[method])
+    for rule, endpoint, view, methods in routes:  # one rule per path: a bad id is then a 404
+        blueprint.add_url_rule(rule, endpoint, view, methods=methods.split())
     return blueprint
 
 
@@ -392,6 +544,66 @@ def _int(data: dict, name: str, *, default: int | None, maximum: int) -> int | N
             400, "bad_request", f"{name} must be a whole number from 1 to {maximum}", field=name
         )
     return value
+
+
+def _text(data: dict, name: str, *, maximum: int) -> str:
+    """A non-empty string of at most `maximum` characters, without control characters."""
+    value = data.get(name)
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= maximum
+        or any(ord(c) < 32 or ord(c) == 127 for c in value)
+    ):
+        raise ApiError(
+            400,
+            "bad_request",
+            f"{name} must be a non-empty string of at most {maximum} characters",
+            field=name,
+        )
+    return value
+
+
+def _host(data: dict) -> str:
+    host = _text(data, "host", maximum=MAX_HOST)
+    if not re.fullmatch(HOST_PATTERN, host):
+        raise ApiError(400, "bad_request", "host must be a host name or address", field="host")
+    return host
+
+
+def _folders(data: dict) -> list[str] | None:
+    if "folders" not in data:
+        return None
+    folders = data["folders"]
+    if (
+        not isinstance(folders, list)
+        or not 0 < len(folders) <= MAX_FOLDERS
+        or not all(isinstance(f, str) and 0 < len(f) <= MAX_FOLDER for f in folders)
+    ):
+        raise ApiError(
+            400,
+            "bad_request",
+            f"folders must be a list of 1 to {MAX_FOLDERS} folder names",
+            field="folders",
+        )
+    return list(dict.fromkeys(folders))
+
+
+def _interval(data: dict) -> int | None:
+    interval = _int(data, "interval", default=None, maximum=MAX_INTERVAL_SECONDS)
+    if interval is not None and interval < MIN_INTERVAL_SECONDS:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"interval must be from {MIN_INTERVAL_SECONDS} to {MAX_INTERVAL_SECONDS} seconds",
+            field="interval",
+        )
+    return interval
+
+
+def _known_fields(data: dict, fields: tuple[str, ...]) -> None:
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ApiError(400, "bad_request", f"unknown field {unknown[0]!r}", field=unknown[0])
 
 
 def _query_int(name: str, *, default: int, maximum: int) -> int:

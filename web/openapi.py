@@ -19,6 +19,16 @@ MAX_NOTIFICATIONS = 200
 MAX_ALERTS = 1000
 MAX_FINGERPRINT = 200
 MAX_LABEL = 1000
+MAX_HOST = 253
+MAX_PORT = 65535
+MAX_LOGIN = 320
+MAX_PASSWORD = 1000
+MAX_FOLDERS = 50
+MAX_FOLDER = 1000
+MIN_INTERVAL_SECONDS = 60
+MAX_INTERVAL_SECONDS = 86400
+DEFAULT_INTERVAL_SECONDS = 300
+HOST_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$"
 NULLABLE_STRING = {"type": ["string", "null"]}
 INSTANT = {"type": "string", "format": "date-time"}
 NULLABLE_INSTANT = {"type": ["string", "null"], "format": "date-time"}
@@ -126,6 +136,20 @@ NOTIFICATION = {
     },
 }
 
+FOLDERS = {
+    "type": "array",
+    "minItems": 1,
+    "maxItems": MAX_FOLDERS,
+    "items": {"type": "string", "minLength": 1, "maxLength": MAX_FOLDER},
+    "description": "folders to fetch (default INBOX)",
+}
+INTERVAL = {
+    "type": "integer",
+    "minimum": MIN_INTERVAL_SECONDS,
+    "maximum": MAX_INTERVAL_SECONDS,
+    "description": "seconds between background fetches",
+}
+
 OPENAPI: dict = {
     "openapi": "3.1.0",
     "info": {
@@ -223,6 +247,81 @@ OPENAPI: dict = {
                     "401": _error("Unauthorized"),
                 },
             }
+        },
+        "/api/accounts/presets": {
+            "get": {
+                "operationId": "presets",
+                "summary": "Common providers' IMAP servers, to fill host, port and security",
+                "security": SESSION,
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["presets"],
+                            "properties": {"presets": {"type": "array", "items": _ref("Preset")}},
+                        },
+                        "the presets",
+                    ),
+                    "401": _error("Unauthorized"),
+                },
+            }
+        },
+        "/api/accounts": {
+            "post": {
+                "operationId": "add_account",
+                "summary": "Add an account; the server must accept the login first, or nothing "
+                "is stored",
+                "security": SESSION_POST,
+                "parameters": [LANG],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("NewAccount")}},
+                },
+                "responses": {
+                    "201": _json(
+                        _ref("AccountHealth"),
+                        "the account is stored",
+                        {"Location": {"schema": {"type": "string"}}},
+                    ),
+                    "400": _error("BadRequest"),
+                    "401": _error("Unauthorized"),
+                    "403": _error("Forbidden"),
+                    "422": _error("LoginFailed"),
+                },
+            }
+        },
+        "/api/accounts/{account_id}": {
+            "patch": {
+                "operationId": "update_account",
+                "summary": "Change the password (checked first; clears BROKEN and the circuit), "
+                "folders, interval or enabled",
+                "security": SESSION_POST,
+                "parameters": [_id_parameter("account_id", "the account to change"), LANG],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("AccountChange")}},
+                },
+                "responses": {
+                    "200": _json(_ref("AccountHealth"), "the account as it is now"),
+                    "400": _error("BadRequest"),
+                    "401": _error("Unauthorized"),
+                    "403": _error("Forbidden"),
+                    "404": _error("NotFound"),
+                    "422": _error("LoginFailed"),
+                },
+            },
+            "delete": {
+                "operationId": "remove_account",
+                "summary": "Remove the account and its stored mail",
+                "security": SESSION_POST,
+                "parameters": [_id_parameter("account_id", "the account to remove")],
+                "responses": {
+                    "204": {"description": "removed"},
+                    "401": _error("Unauthorized"),
+                    "403": _error("Forbidden"),
+                    "404": _error("NotFound"),
+                },
+            },
         },
         "/api/accounts/{account_id}/diagnostics": {
             "post": {
@@ -385,6 +484,8 @@ OPENAPI: dict = {
                 "NotFound": "no such job, account, check or notification of this user",
                 "TooManyJobs": "too many of the user's jobs are still queued or running",
                 "Unavailable": "the workers' key or the alert token is not configured",
+                "LoginFailed": "the server refused the login or could not be reached; `error` "
+                "says why in the user's language, `error_class` is the cause",
             }.items()
         },
         "schemas": {
@@ -395,6 +496,56 @@ OPENAPI: dict = {
                     "error": {"type": "string"},
                     "code": {"type": "string"},
                     "field": {"type": "string"},
+                    "error_class": {"type": "string"},
+                },
+            },
+            "Preset": {
+                "type": "object",
+                "required": ["id", "name", "host", "port", "security", "provider", "oauth2"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "name": {"type": "string"},
+                    "host": {"type": "string"},
+                    "port": {"type": "integer"},
+                    "security": {"type": "string", "enum": ["tls", "starttls", "none"]},
+                    "provider": {"type": "string"},
+                    "oauth2": {
+                        **NULLABLE_STRING,
+                        "description": "the OAuth2 provider this server wants, if any",
+                    },
+                },
+            },
+            "NewAccount": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["host", "login", "password"],
+                "properties": {
+                    "host": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": MAX_HOST,
+                        "pattern": HOST_PATTERN,
+                    },
+                    "port": {"type": "integer", "minimum": 1, "maximum": MAX_PORT},
+                    "security": {
+                        "type": "string",
+                        "enum": ["tls", "starttls", "none"],
+                        "default": "tls",
+                    },
+                    "login": {"type": "string", "minLength": 1, "maxLength": MAX_LOGIN},
+                    "password": {"type": "string", "minLength": 1, "maxLength": MAX_PASSWORD},
+                    "folders": FOLDERS,
+                    "interval": INTERVAL,
+                },
+            },
+            "AccountChange": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "password": {"type": "string", "minLength": 1, "maxLength": MAX_PASSWORD},
+                    "folders": FOLDERS,
+                    "interval": INTERVAL,
+                    "enabled": {"type": "boolean"},
                 },
             },
             "FetchRequest": {
