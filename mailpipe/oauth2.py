@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .accounts import OAUTH2_GRANT, read_credentials, write_credentials
@@ -104,31 +105,23 @@ def refresh(
     )
 
 
-def grant(
-    *, token_url: str, client_id: str, refresh_token: str, tokens: Tokens | None = None
-) -> dict[str, Any]:
-    """The grant as stored in an account's encrypted credentials."""
-    stored: dict[str, Any] = {
+def grant(*, token_url: str, client_id: str, refresh_token: str) -> dict[str, Any]:
+    """A new grant as stored in an account's encrypted credentials (no access token yet)."""
+    return {
         "token_url": token_url,
         "client_id": client_id,
         "refresh_token": refresh_token,
         "expires_at": None,
     }
-    if tokens is not None:
-        stored["refresh_token"] = tokens.refresh_token or refresh_token
-        stored["expires_at"] = _expires_at(tokens, time.time())
-    return stored
 
 
 @dataclass
 class TokenSource:
     """An account's access token, refreshed in a locked transaction so rotation is never lost.
 
-    The account row is locked (`FOR UPDATE`) while the token endpoint is asked, so a second worker
-    waits and then finds the fresh token. Where the database cannot lock rows (SQLite), a
-    worker whose spent refresh token is refused reads the row again and takes the newer grant.
-    A `fallback` refresh token (the one an operator passes again) is tried when the stored one
-    is refused and no newer grant is stored.
+    The account row is locked while the token endpoint is asked, so a second worker waits and
+    then finds the fresh token instead of spending the same refresh token again. A `fallback`
+    refresh token (the one an operator passes again) is tried when the stored one is refused.
     """
 
     sessions: sessionmaker[Session]
@@ -143,27 +136,29 @@ class TokenSource:
 
     def token(self, *, refused: str | None = None) -> str:
         """A valid access token: the stored one while it lasts and was not `refused`, else new."""
+        with self.sessions() as session:
+            credentials = read_credentials(session.get_one(MailAccount, self.account_id), self.key)
+        current = self._usable(credentials, refused)
+        if current is not None:
+            return current
         with self.sessions.begin() as session:
-            account = session.get_one(MailAccount, self.account_id, with_for_update=True)
+            # lock the row first (a no-op UPDATE: a row lock on PostgreSQL, the write lock on
+            # SQLite), then read again: a worker that waited here finds the other's fresh token
+            session.execute(
+                update(MailAccount)
+                .where(MailAccount.id == self.account_id)
+                .values(credentials_enc=MailAccount.credentials_enc)
+            )
+            account = session.get_one(MailAccount, self.account_id, populate_existing=True)
             credentials = read_credentials(account, self.key)
-            stored = credentials.get(OAUTH2_GRANT)
-            if not isinstance(stored, dict):
-                raise MailpipeError(f"account {self.account_id} has no OAuth2 grant")
-            current = credentials.get("access_token")
-            expires_at = stored.get("expires_at")
-            if (
-                current
-                and current != refused
-                and (expires_at is None or expires_at - self.clock() > self.margin)
-            ):
-                return str(current)
+            current = self._usable(credentials, refused)
+            if current is not None:
+                return current
+            stored = credentials[OAUTH2_GRANT]
             spent = stored["refresh_token"]
             try:
                 tokens = self._refresh(stored, spent)
             except GrantRefused:
-                newer = self._newer_grant(spent)
-                if newer is not None:
-                    return newer
                 if self.fallback is None or self.fallback == spent:
                     raise
                 tokens = self._refresh(stored, self.fallback)  # the operator's new token
@@ -178,6 +173,19 @@ class TokenSource:
             self.refreshed += 1
             return tokens.access_token
 
+    def _usable(self, credentials: dict[str, Any], refused: str | None) -> str | None:
+        """The stored access token if it lasts beyond the margin and was not refused."""
+        stored = credentials.get(OAUTH2_GRANT)
+        if not isinstance(stored, dict):
+            raise MailpipeError(f"account {self.account_id} has no OAuth2 grant")
+        current = credentials.get("access_token")
+        expires_at = stored.get("expires_at")
+        if not current or current == refused:
+            return None
+        if expires_at is not None and expires_at - self.clock() <= self.margin:
+            return None
+        return str(current)
+
     def _refresh(self, stored: dict[str, Any], refresh_token: str) -> Tokens:
         return refresh(
             token_url=stored["token_url"],
@@ -186,16 +194,6 @@ class TokenSource:
             client_secret=self.client_secret,
             post=self.post,
         )
-
-    def _newer_grant(self, spent: str) -> str | None:
-        """Another worker's rotation, committed while ours was refused; None when there is none."""
-        with self.sessions() as session:
-            account = session.get_one(MailAccount, self.account_id)
-            credentials = read_credentials(account, self.key)
-        stored = credentials.get(OAUTH2_GRANT) or {}
-        if stored.get("refresh_token") != spent and credentials.get("access_token"):
-            return str(credentials["access_token"])
-        return None
 
 
 def _expires_at(tokens: Tokens, now: float) -> float | None:

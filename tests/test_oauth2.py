@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,12 +20,14 @@ from urllib.parse import parse_qs
 import pytest
 from imapclient.exceptions import LoginError
 
-from mailpipe import db, imap
-from mailpipe.accounts import add_account, create_user
+from mailpipe import db, health, imap, oauth2
+from mailpipe.accounts import add_account, create_user, read_credentials
 from mailpipe.failures import classify
 from mailpipe.imap import ImapSettings
+from mailpipe.models import MailAccount
+from mailpipe.retry import RetryPolicy
 from mailpipe.sync import sync_account
-from mailpipe.vocabulary import ErrorClass
+from mailpipe.vocabulary import ErrorClass, Health
 from tests.support.dovecot import DOVECOT, Dovecot
 from tests.support.messages import plain_message as message
 
@@ -45,6 +48,7 @@ active_value = true
 
 
 ACCESS_SECONDS = 2.0
+CLIENT_ID = "mailpipe-test"
 
 
 class Introspection(ThreadingHTTPServer):
@@ -59,6 +63,7 @@ class Introspection(ThreadingHTTPServer):
         self.asked: list[str] = []
         self.refreshes: list[str] = []  # refresh tokens presented, in order
         self.down = False
+        self.delay = 0.0  # seconds each refresh takes, to hold two refreshes side by side
         self.lock = threading.Lock()
 
     @property
@@ -77,9 +82,12 @@ class Introspection(ThreadingHTTPServer):
         return user
 
     def exchange(self, form: dict[str, list[str]]) -> tuple[int, dict]:
+        if form.get("client_id") != [CLIENT_ID]:
+            return 401, {"error": "invalid_client"}
         if self.down:
             return 503, {"error": "temporarily_unavailable"}
         refresh_token = form.get("refresh_token", [""])[0]
+        time.sleep(self.delay)
         with self.lock:
             self.refreshes.append(refresh_token)
             user = self.refresh_tokens.pop(refresh_token, None)  # spent: rotation
@@ -123,8 +131,18 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.fixture
+def oauth(oauth_module) -> tuple[Dovecot, Introspection]:
+    """The module's Dovecot and authorization server, with this test's counts starting at 0."""
+    _server, auth = oauth_module
+    auth.refreshes.clear()
+    auth.asked.clear()
+    auth.down, auth.delay = False, 0.0
+    return oauth_module
+
+
 @pytest.fixture(scope="module")
-def oauth() -> Iterator[tuple[Dovecot, Introspection]]:
+def oauth_module() -> Iterator[tuple[Dovecot, Introspection]]:
     if not DOVECOT.exists():
         pytest.skip(f"{DOVECOT} is missing: `make test` installs dovecot-imapd")
     introspection = Introspection()
@@ -211,7 +229,7 @@ def _sync(server: Dovecot, user: str, url: str, token_url: str, **env: str):
             "--oauth2-token-url",
             token_url,
             "--oauth2-client-id",
-            "mailpipe-test",
+            CLIENT_ID,
             "--oauth2-client-secret-env",
             "CLIENT_SECRET",
             "--oauth2-refresh-token-env",
@@ -267,3 +285,173 @@ def test_one_shot_sync_with_a_revoked_refresh_token_says_connect_again(oauth, tm
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "(invalid_credentials)" in result.stderr and "connected again" in result.stderr
     assert "rt-revoked" not in result.stderr
+
+
+def oauth2_account(url: str, server: Dovecot, auth: Introspection, user: str):
+    """An account stored with a fresh refresh token and no access token yet."""
+    engine = db.make_engine(url)
+    db.migrate(engine)
+    sessions = db.session_factory(engine)
+    with sessions.begin() as session:
+        owner, key = create_user(session, "owner", "pw", iterations=1_000)
+        settings = ImapSettings(
+            host=server.host, port=server.port, username=user, access_token="", security="none"
+        )
+        grant = oauth2.grant(
+            token_url=auth.token_url,
+            client_id=CLIENT_ID,
+            refresh_token=auth.issue_refresh_token(user),
+        )
+        account = add_account(session, owner, key, settings, oauth2=grant)
+    return engine, sessions, account.id, key
+
+
+def stored_grant(sessions, account_id: int, key) -> dict:
+    with sessions() as session:
+        return read_credentials(session.get_one(MailAccount, account_id), key)["oauth2"]
+
+
+def test_an_account_keeps_syncing_across_several_token_lifetimes(oauth, tmp_path):
+    # Given an OAuth2 account whose access tokens live 2 s
+    server, auth = oauth
+    user, password = server.new_user()
+    engine, sessions, account_id, key = oauth2_account(
+        f"sqlite:///{tmp_path / 'lifetimes.db'}", server, auth, user
+    )
+    tokens = oauth2.TokenSource(sessions, account_id, key, margin=0.5)
+    saved = []
+    # When mail arrives and the account is synced three times, each after the token lapsed
+    for round_ in range(3):
+        server.append(user, password, [message(round_ + 1)])
+        saved.append(sync_account(sessions, account_id=account_id, key=key, tokens=tokens).saved)
+        time.sleep(ACCESS_SECONDS + 0.1)
+    # Then every sync logged in with a fresh token and stored its new mail
+    assert saved == [1, 1, 1]
+    assert tokens.refreshed == 3 and len(auth.refreshes) == 3
+    # And each refresh used the token the one before it rotated in, which is the one kept
+    assert len(set(auth.refreshes)) == 3
+    assert stored_grant(sessions, account_id, key)["refresh_token"] in auth.refresh_tokens
+    engine.dispose()
+
+
+def test_a_refused_access_token_is_refreshed_once_more(oauth, tmp_path):
+    # Given an OAuth2 account with an access token still within its lifetime
+    server, auth = oauth
+    user, password = server.new_user()
+    server.append(user, password, [message(1)])
+    engine, sessions, account_id, key = oauth2_account(
+        f"sqlite:///{tmp_path / 'refused.db'}", server, auth, user
+    )
+    tokens = oauth2.TokenSource(sessions, account_id, key, margin=0.0)
+    first = tokens.token()
+    # When the provider withdraws that token early, and the account is synced
+    del auth.tokens[first]
+    result = sync_account(sessions, account_id=account_id, key=key, tokens=tokens)
+    # Then the refused token was refreshed once more and the sync went ahead
+    assert result.saved == 1
+    assert tokens.refreshed == 2
+    engine.dispose()
+
+
+def test_a_token_endpoint_that_is_down_is_transient_and_recovers(oauth, tmp_path):
+    # Given an OAuth2 account and a token endpoint that answers 503
+    server, auth = oauth
+    user, password = server.new_user()
+    server.append(user, password, [message(1)])
+    engine, sessions, account_id, key = oauth2_account(
+        f"sqlite:///{tmp_path / 'down.db'}", server, auth, user
+    )
+    before = stored_grant(sessions, account_id, key)
+    auth.down = True
+    tokens = oauth2.TokenSource(sessions, account_id, key)
+    # When the account is synced
+    with pytest.raises(oauth2.TokenEndpointDown) as down:
+        sync_account(sessions, account_id=account_id, key=key, tokens=tokens)
+    # Then the failure is transient (retried), and the stored grant is untouched
+    failure = classify(down.value)
+    assert failure.error_class == ErrorClass.TEMPORARILY_UNAVAILABLE and failure.transient
+    assert stored_grant(sessions, account_id, key) == before
+    # When the endpoint is back
+    auth.down = False
+    # Then the next sync refreshes and stores the mail
+    assert sync_account(sessions, account_id=account_id, key=key, tokens=tokens).saved == 1
+    engine.dispose()
+
+
+def test_an_unreachable_token_endpoint_is_transient(oauth, tmp_path):
+    # Given a token endpoint where nothing listens
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()
+    # When a refresh is tried there
+    with pytest.raises(oauth2.TokenEndpointDown) as down:
+        oauth2.refresh(
+            token_url=f"http://127.0.0.1:{port}/token", client_id=CLIENT_ID, refresh_token="rt"
+        )
+    # Then it is a transient failure that names no token
+    assert classify(down.value).transient and "rt" not in str(down.value).split()
+
+
+def test_a_revoked_refresh_token_is_permanent_and_asks_to_connect_again(oauth, tmp_path):
+    # Given an OAuth2 account whose refresh token the provider revoked
+    server, auth = oauth
+    user, _password = server.new_user()
+    engine, sessions, account_id, key = oauth2_account(
+        f"sqlite:///{tmp_path / 'revoked.db'}", server, auth, user
+    )
+    auth.refresh_tokens.clear()
+    tokens = oauth2.TokenSource(sessions, account_id, key)
+    # When the account is synced
+    with pytest.raises(oauth2.GrantRefused) as refused:
+        sync_account(sessions, account_id=account_id, key=key, tokens=tokens)
+    failure = classify(refused.value)
+    # Then the failure is permanent invalid credentials, which breaks the account with the
+    # OAuth2 advice ("connect the account again", not "re-enter the password")
+    assert failure.error_class == ErrorClass.INVALID_CREDENTIALS and not failure.transient
+    with sessions.begin() as session:
+        transition = health.record_outcome(
+            session,
+            account_id,
+            error_class=failure.error_class,
+            retry_policy=RetryPolicy(),
+            circuit=health.CircuitPolicy(),
+        )
+    assert transition.health_after == Health.BROKEN
+    with sessions() as session:
+        [note] = health.notifications(session, session.get_one(MailAccount, account_id).user_id)
+    assert "connect the account again" in note.message
+    engine.dispose()
+
+
+def test_two_workers_refreshing_at_once_keep_the_newest_token(oauth, db_url):
+    # Given an OAuth2 account (on SQLite and on PostgreSQL) and a token endpoint that takes a
+    # moment, so two refreshes overlap
+    server, auth = oauth
+    user, _password = server.new_user()
+    engine, sessions, account_id, key = oauth2_account(db_url, server, auth, user)
+    auth.delay = 0.3
+    barrier = threading.Barrier(2)
+    got: list[str] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        tokens = oauth2.TokenSource(sessions, account_id, key, margin=0.5)
+        barrier.wait()
+        try:
+            got.append(tokens.token())
+        except BaseException as error:  # the test reports it below
+            errors.append(error)
+
+    # When two workers ask for the account's token at the same moment
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    auth.delay = 0.0
+    # Then neither failed, both use the same fresh token, the endpoint was asked once, and the
+    # stored refresh token is the newest one (still live at the provider)
+    assert errors == [] and len(got) == 2 and got[0] == got[1]
+    assert len(auth.refreshes) == 1
+    assert stored_grant(sessions, account_id, key)["refresh_token"] in auth.refresh_tokens
+    engine.dispose()
