@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,53 @@ from .models import MailAccount
 
 REFRESH_MARGIN_SECONDS = 60.0
 TOKEN_TIMEOUT_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class Provider:
+    """An OAuth2 provider the operator configured: its endpoints, IMAP scope and server, and
+    this installation's client (the secret from the environment or a file, never stored)."""
+
+    name: str
+    authorize_url: str
+    token_url: str
+    scope: str
+    imap_host: str
+    imap_port: int = 993
+    client_id: str = ""
+    client_secret: str | None = field(default=None, repr=False)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.client_id and self.authorize_url and self.token_url and self.imap_host)
+
+
+GOOGLE = Provider(
+    name="google",
+    authorize_url="https://accounts.google.com/o/oauth2/v2/auth",
+    token_url="https://oauth2.googleapis.com/token",
+    scope="https://mail.google.com/",
+    imap_host="imap.gmail.com",
+)
+MICROSOFT = Provider(
+    name="microsoft",
+    authorize_url="https://login.microsoftonline.com/common/oauth2/v2.0/authorize",
+    token_url="https://login.microsoftonline.com/common/oauth2/v2.0/token",
+    scope="https://outlook.office.com/IMAP.AccessAsUser.All offline_access",
+    imap_host="outlook.office365.com",
+)
+GENERIC = Provider(name="generic", authorize_url="", token_url="", scope="", imap_host="")
+PRESETS = {provider.name: provider for provider in (GOOGLE, MICROSOFT, GENERIC)}
+
+
+def client_secret(
+    providers: Mapping[str, Provider], *, token_url: str, client_id: str
+) -> str | None:
+    """The configured secret of the client a stored grant names; None for a public client."""
+    for provider in providers.values():
+        if provider.token_url == token_url and provider.client_id == client_id:
+            return provider.client_secret
+    return None
 
 
 class TokenEndpointDown(MailpipeError):
@@ -131,6 +178,7 @@ class TokenSource:
     post: Post = http_post
     clock: Callable[[], float] = time.time
     margin: float = REFRESH_MARGIN_SECONDS
+    providers: Mapping[str, Provider] = field(default_factory=dict)
     fallback: str | None = field(default=None, repr=False)
     refreshed: int = 0
 
@@ -187,11 +235,14 @@ class TokenSource:
         return str(current)
 
     def _refresh(self, stored: dict[str, Any], refresh_token: str) -> Tokens:
+        secret = self.client_secret or client_secret(
+            self.providers, token_url=stored["token_url"], client_id=stored["client_id"]
+        )
         return refresh(
             token_url=stored["token_url"],
             client_id=stored["client_id"],
             refresh_token=refresh_token,
-            client_secret=self.client_secret,
+            client_secret=secret,
             post=self.post,
         )
 

@@ -16,12 +16,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import grants, health, jobs, leases
-from .accounts import account_settings
+from .accounts import account_settings, has_oauth2_grant
 from .crypto import DataKey
 from .errors import MailpipeError, NotFound
 from .failures import Failure, classify
 from .imap import ImapSettings
 from .models import MailAccount, PipelineJob, utcnow
+from .oauth2 import Provider, TokenSource
 from .observer import Observer, Observers, PhaseTimer
 from .processors import Processor, process_backlog
 from .profiler import Profiler
@@ -73,11 +74,13 @@ def run_account(
     processors: Mapping[str, Processor] | None = None,
     connection_slot: Callable[[str], AbstractContextManager[bool]] | None = None,
     timeouts: tuple[type[BaseException], ...] = (),
+    oauth2_providers: Mapping[str, Provider] | None = None,
 ) -> RunOutcome:
     """Sync one account for one job and record the outcome; the last run finalises the job.
 
     `timeouts` are exception types (such as the queue's time-limit interrupt) that count as
-    the timeout error class.
+    the timeout error class. An OAuth2 account's token is refreshed with the client secret of
+    the configured provider (`oauth2_providers`) its grant names.
     """
     owner = f"{job_id}:{account_id}"
     start = _start(
@@ -114,6 +117,9 @@ def run_account(
             released = True
             return outcome
         key, settings = start.access
+        tokens = None
+        if start.oauth2:
+            tokens = TokenSource(sessions, account_id, key, providers=oauth2_providers or {})
         slot = connection_slot(settings.host) if connection_slot else contextlib.nullcontext(True)
         with profiler:
             with slot as acquired:
@@ -133,6 +139,7 @@ def run_account(
                     ),
                     observer=observers,
                     states=start.states,
+                    tokens=tokens,
                 )
             processed = result.processed
             if processors:
@@ -220,6 +227,7 @@ class _Start:
     folders: list[str] = field(default_factory=list)
     states: dict[str, FolderPosition] = field(default_factory=dict)
     problem: Exception | None = None  # raised inside the run, so it is classified and recorded
+    oauth2: bool = False  # the account logs in with a refreshable OAuth2 grant
 
 
 def _start(
@@ -258,6 +266,7 @@ def _start(
                 command_timeout=min(COMMAND_TIMEOUT, timeout),
             )
             start.access = key, settings
+            start.oauth2 = has_oauth2_grant(account, key)
             start.folders = list(account.folders)
             start.states = folder_states(session, account_id)
         except NotFound:

@@ -25,11 +25,13 @@ from mailpipe.accounts import add_account, create_user, read_credentials
 from mailpipe.failures import classify
 from mailpipe.imap import ImapSettings
 from mailpipe.models import MailAccount
+from mailpipe.models import User as UserRow
 from mailpipe.retry import RetryPolicy
 from mailpipe.sync import sync_account
 from mailpipe.vocabulary import ErrorClass, Health
 from tests.support.dovecot import DOVECOT, Dovecot
 from tests.support.messages import plain_message as message
+from tests.test_web_api import embedded_worker, logged_in, make_site, wait_final
 
 OAUTH2_CONFIG = """
 auth_mechanisms = plain login xoauth2 oauthbearer
@@ -455,3 +457,56 @@ def test_two_workers_refreshing_at_once_keep_the_newest_token(oauth, db_url):
     assert len(auth.refreshes) == 1
     assert stored_grant(sessions, account_id, key)["refresh_token"] in auth.refresh_tokens
     engine.dispose()
+
+
+@pytest.fixture
+def site(tmp_path):
+    yield from make_site(tmp_path)
+
+
+def test_workers_keep_an_oauth2_account_syncing_and_a_revoked_grant_breaks_it_once(oauth, site):
+    # Given a user with an OAuth2 account (access tokens living 2 s) and a worker
+    server, auth = oauth
+    imap_user, imap_password = server.new_user()
+    anna = site.user("anna")
+    with site.sessions.begin() as session:
+        owner = session.get_one(UserRow, anna.id)
+        settings = ImapSettings(
+            host=server.host, port=server.port, username=imap_user, access_token="", security="none"
+        )
+        grant = oauth2.grant(
+            token_url=auth.token_url,
+            client_id=CLIENT_ID,
+            refresh_token=auth.issue_refresh_token(imap_user),
+        )
+        add_account(session, owner, anna.key, settings, oauth2=grant)
+    client, headers = logged_in(site, anna)
+    with embedded_worker(site):
+        # When mail arrives and she fetches, twice, the second time after the token lapsed
+        fetched = []
+        for number in (1, 2):
+            server.append(imap_user, imap_password, [message(number)])
+            job_id = client.post("/api/jobs/fetch", headers=headers).json["job_id"]
+            fetched.append(wait_final(client, job_id))
+            time.sleep(ACCESS_SECONDS + 0.1)
+        # Then both fetches succeeded, each with its new mail, after a refresh each
+        assert [(job["status"], job["emails_fetched"]) for job in fetched] == [
+            ("success", 1),
+            ("success", 1),
+        ]
+        assert len(auth.refreshes) == 2
+        # When the provider revokes the grant and she fetches twice more
+        auth.refresh_tokens.clear()
+        failed = []
+        for _ in range(2):
+            job_id = client.post("/api/jobs/fetch", headers=headers).json["job_id"]
+            failed.append(wait_final(client, job_id))
+    # Then both fail without retries, the account is BROKEN, and she is told once, in German,
+    # to connect the account again
+    assert [job["status"] for job in failed] == ["failed", "failed"]
+    [account] = client.get("/api/accounts/health").json["accounts"]
+    assert account["health"] == Health.BROKEN
+    assert account["last_error_text"].endswith("bitte das Konto neu verbinden.")
+    notes = client.get("/api/notifications?lang=de").json["notifications"]
+    broken = [note for note in notes if note["kind"] == "account_broken"]
+    assert len(broken) == 1 and "neu verbinden" in broken[0]["text"]
