@@ -152,13 +152,16 @@ def refresh(
     )
 
 
-def grant(*, token_url: str, client_id: str, refresh_token: str) -> dict[str, Any]:
-    """A new grant as stored in an account's encrypted credentials (no access token yet)."""
+def grant(
+    *, token_url: str, client_id: str, refresh_token: str, tokens: Tokens | None = None
+) -> dict[str, Any]:
+    """A new grant as stored in an account's encrypted credentials; with the `tokens` of a first
+    refresh, their rotated refresh token and their access token's expiry."""
     return {
         "token_url": token_url,
         "client_id": client_id,
-        "refresh_token": refresh_token,
-        "expires_at": None,
+        "refresh_token": (tokens and tokens.refresh_token) or refresh_token,
+        "expires_at": None if tokens is None else _expires_at(tokens, time.time()),
     }
 
 

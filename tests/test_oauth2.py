@@ -510,3 +510,51 @@ def test_workers_keep_an_oauth2_account_syncing_and_a_revoked_grant_breaks_it_on
     notes = client.get("/api/notifications?lang=de").json["notifications"]
     broken = [note for note in notes if note["kind"] == "account_broken"]
     assert len(broken) == 1 and "neu verbinden" in broken[0]["text"]
+
+
+def test_operator_adds_an_oauth2_account_through_a_configured_provider(oauth, tmp_path):
+    # Given a generic provider configured to the local authorization server, and a user
+    server, auth = oauth
+    imap_user, imap_password = server.new_user()
+    server.append(imap_user, imap_password, [message(1)])
+    first_token = auth.issue_refresh_token(imap_user)
+    env = {
+        **os.environ,
+        "MAILPIPE_DATABASE_URL": f"sqlite:///{tmp_path / 'operator.db'}",
+        "MAILPIPE_OAUTH2_GENERIC_CLIENT_ID": CLIENT_ID,
+        "MAILPIPE_OAUTH2_GENERIC_AUTHORIZE_URL": auth.token_url.replace("/token", "/authorize"),
+        "MAILPIPE_OAUTH2_GENERIC_TOKEN_URL": auth.token_url,
+        "MAILPIPE_OAUTH2_GENERIC_IMAP_HOST": server.host,
+        "MAILPIPE_OAUTH2_GENERIC_IMAP_PORT": str(server.port),
+        "USER_PW": "geheim",
+        "REFRESH_TOKEN": first_token,
+    }
+
+    def mailpipe(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True
+        )
+
+    assert mailpipe("user", "add", "anna", "--password-env", "USER_PW").returncode == 0
+    # When the operator adds her account with --oauth2 and the refresh token's variable
+    added = mailpipe(
+        "account", "add", "--user", "anna", "--password-env", "USER_PW", "--oauth2",
+        "generic", "--refresh-token-env", "REFRESH_TOKEN", "--login", imap_user,
+        "--security", "none",
+    )  # fmt: skip
+    # Then the token was refreshed, the login checked over XOAUTH2, and the account stored
+    # with the rotated token, encrypted
+    assert added.returncode == 0, added.stderr
+    assert auth.refreshes == [first_token]
+    assert f"Login: user=<{imap_user}>, method=XOAUTH2" in server.log_path.read_text()
+    stored = (tmp_path / "operator.db").read_bytes()
+    assert first_token.encode() not in stored
+    assert not any(token.encode() in stored for token in auth.refresh_tokens)
+    # When the refresh token is spent again by a second add
+    again = mailpipe(
+        "account", "add", "--user", "anna", "--password-env", "USER_PW", "--oauth2",
+        "generic", "--refresh-token-env", "REFRESH_TOKEN", "--login", imap_user,
+    )  # fmt: skip
+    # Then it is one line saying the provider refused it
+    assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1
+    assert "refused the refresh token" in again.stderr and first_token not in again.stderr
