@@ -23,6 +23,8 @@ from .accounts import OAUTH2_GRANT, read_credentials, write_credentials
 from .crypto import DataKey
 from .errors import MailpipeError
 from .models import MailAccount
+from .observer import Observer
+from .vocabulary import RefreshOutcome
 
 REFRESH_MARGIN_SECONDS = 60.0
 TOKEN_TIMEOUT_SECONDS = 15.0
@@ -182,6 +184,7 @@ class TokenSource:
     clock: Callable[[], float] = time.time
     margin: float = REFRESH_MARGIN_SECONDS
     providers: Mapping[str, Provider] = field(default_factory=dict)
+    observer: Observer = field(default_factory=Observer)
     fallback: str | None = field(default=None, repr=False)
     refreshed: int = 0
 
@@ -238,16 +241,29 @@ class TokenSource:
         return str(current)
 
     def _refresh(self, stored: dict[str, Any], refresh_token: str) -> Tokens:
+        """One refresh at the token endpoint, told to the observer however it ends."""
         secret = self.client_secret or client_secret(
             self.providers, token_url=stored["token_url"], client_id=stored["client_id"]
         )
-        return refresh(
-            token_url=stored["token_url"],
-            client_id=stored["client_id"],
-            refresh_token=refresh_token,
-            client_secret=secret,
-            post=self.post,
-        )
+        outcome = RefreshOutcome.FAILED
+        try:
+            tokens = refresh(
+                token_url=stored["token_url"],
+                client_id=stored["client_id"],
+                refresh_token=refresh_token,
+                client_secret=secret,
+                post=self.post,
+            )
+            outcome = RefreshOutcome.SUCCESS
+            return tokens
+        except GrantRefused:
+            outcome = RefreshOutcome.REFUSED
+            raise
+        except TokenEndpointDown:
+            outcome = RefreshOutcome.UNAVAILABLE
+            raise
+        finally:
+            self.observer.after_token_refresh(outcome)
 
 
 def _expires_at(tokens: Tokens, now: float) -> float | None:

@@ -45,6 +45,9 @@ class Observer:
     ) -> None:
         """One batch was committed; `quarantined` counts messages by reason."""
 
+    def after_token_refresh(self, outcome: str) -> None:
+        """An OAuth2 access token was refreshed, or not (`vocabulary.RefreshOutcome`)."""
+
 
 class Observers(Observer):
     """Fan one stream of events out to several observers."""
@@ -81,6 +84,10 @@ class Observers(Observer):
                 duplicates=duplicates,
                 quarantined=quarantined,
             )
+
+    def after_token_refresh(self, outcome: str) -> None:
+        for observer in self.observers:
+            observer.after_token_refresh(outcome)
 
 
 class PhaseTimer:

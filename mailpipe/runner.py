@@ -119,7 +119,9 @@ def run_account(
         key, settings = start.access
         tokens = None
         if start.oauth2:
-            tokens = TokenSource(sessions, account_id, key, providers=oauth2_providers or {})
+            tokens = TokenSource(
+                sessions, account_id, key, providers=oauth2_providers or {}, observer=observers
+            )
         slot = connection_slot(settings.host) if connection_slot else contextlib.nullcontext(True)
         with profiler:
             with slot as acquired:

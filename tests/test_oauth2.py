@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 
 import pytest
 from imapclient.exceptions import LoginError
+from prometheus_client import REGISTRY
 
 from mailpipe import db, health, imap, oauth2
 from mailpipe.accounts import add_account, create_user, read_credentials
@@ -29,6 +30,7 @@ from mailpipe.models import User as UserRow
 from mailpipe.retry import RetryPolicy
 from mailpipe.sync import sync_account
 from mailpipe.vocabulary import ErrorClass, Health
+from metrics.observer import MetricsObserver
 from tests.support.dovecot import DOVECOT, Dovecot
 from tests.support.messages import plain_message as message
 from tests.test_web_api import embedded_worker, logged_in, make_site, wait_final
@@ -558,3 +560,36 @@ def test_operator_adds_an_oauth2_account_through_a_configured_provider(oauth, tm
     # Then it is one line saying the provider refused it
     assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1
     assert "refused the refresh token" in again.stderr and first_token not in again.stderr
+
+
+def test_token_refreshes_are_counted_by_provider_and_outcome(oauth, tmp_path):
+    # Given a Gmail-labelled observer, an OAuth2 account, and the refresh counters
+    server, auth = oauth
+    user, _password = server.new_user()
+    engine, sessions, account_id, key = oauth2_account(
+        f"sqlite:///{tmp_path / 'metrics.db'}", server, auth, user
+    )
+    observer = MetricsObserver(provider="gmail")
+    before = {
+        outcome: REGISTRY.get_sample_value(
+            "mailpipe_oauth2_token_refreshes_total", {"provider": "gmail", "outcome": outcome}
+        )
+        for outcome in ("success", "refused", "unavailable")
+    }
+    tokens = oauth2.TokenSource(sessions, account_id, key, observer=observer)
+    # When one refresh succeeds, one finds the endpoint down, and one is refused
+    first = tokens.token()
+    auth.down = True
+    with pytest.raises(oauth2.TokenEndpointDown):
+        tokens.token(refused=first)
+    auth.down = False
+    auth.refresh_tokens.clear()
+    with pytest.raises(oauth2.GrantRefused):
+        tokens.token(refused=first)
+    # Then each outcome was counted once under the provider
+    for outcome, value in before.items():
+        after = REGISTRY.get_sample_value(
+            "mailpipe_oauth2_token_refreshes_total", {"provider": "gmail", "outcome": outcome}
+        )
+        assert after == value + 1, outcome
+    engine.dispose()

@@ -11,8 +11,13 @@ from mailpipe import health
 from mailpipe.accounts import account_settings
 from mailpipe.models import Email, MailAccount
 from mailpipe.vocabulary import CircuitState, ErrorClass, Gate, Health, ParseStatus
-from tests.test_web_api import CLOSED_PORT, logged_in, site  # noqa: F401  (fixture)
+from tests.test_web_api import CLOSED_PORT, logged_in, make_site
 from web.openapi import OPENAPI
+
+
+@pytest.fixture
+def site(tmp_path):
+    yield from make_site(tmp_path)
 
 
 def new_account(dovecot, login: str, password: str, **extra) -> dict:
@@ -48,7 +53,7 @@ def test_wrong_password_answers_422_in_the_users_language_and_stores_nothing(sit
     # Given a logged-in user and a mailbox whose password they mistype
     user = site.user("anna")
     client, headers = logged_in(site, user)
-    login, password = dovecot.new_user()
+    login, _password = dovecot.new_user()
     # When they add the account with the wrong password, asking in German and in English
     german = client.post(
         "/api/accounts?lang=de", json=new_account(dovecot, login, "wrong"), headers=headers
