@@ -7,7 +7,10 @@ secret is the operator's (environment or file) and is never stored with an accou
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import secrets
 import time
 import urllib.error
 import urllib.parse
@@ -36,11 +39,13 @@ class Provider:
     this installation's client (the secret from the environment or a file, never stored)."""
 
     name: str
+    display: str
     authorize_url: str
     token_url: str
     scope: str
     imap_host: str
     imap_port: int = 993
+    imap_security: str = "tls"
     client_id: str = ""
     client_secret: str | None = field(default=None, repr=False)
 
@@ -51,6 +56,7 @@ class Provider:
 
 GOOGLE = Provider(
     name="google",
+    display="Google",
     authorize_url="https://accounts.google.com/o/oauth2/v2/auth",
     token_url="https://oauth2.googleapis.com/token",
     scope="https://mail.google.com/",
@@ -58,12 +64,15 @@ GOOGLE = Provider(
 )
 MICROSOFT = Provider(
     name="microsoft",
+    display="Microsoft",
     authorize_url="https://login.microsoftonline.com/common/oauth2/v2.0/authorize",
     token_url="https://login.microsoftonline.com/common/oauth2/v2.0/token",
     scope="https://outlook.office.com/IMAP.AccessAsUser.All offline_access",
     imap_host="outlook.office365.com",
 )
-GENERIC = Provider(name="generic", authorize_url="", token_url="", scope="", imap_host="")
+GENERIC = Provider(
+    name="generic", display="OAuth2", authorize_url="", token_url="", scope="", imap_host=""
+)
 PRESETS = {provider.name: provider for provider in (GOOGLE, MICROSOFT, GENERIC)}
 
 
@@ -129,7 +138,11 @@ def refresh(
     form = {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": client_id}
     if client_secret:
         form["client_secret"] = client_secret
-    status, body = post(token_url, form)
+    return _tokens(token_url, *post(token_url, form))
+
+
+def _tokens(token_url: str, status: int, body: bytes) -> Tokens:
+    """The token endpoint's answer, or the failure it means (RFC 6749 section 5)."""
     try:
         answer = json.loads(body) if body else {}
     except ValueError:
@@ -141,7 +154,7 @@ def refresh(
     if status != 200:
         error = str(answer.get("error", "")) or f"HTTP {status}"
         if error == "invalid_grant":
-            raise GrantRefused(f"token endpoint {_host(token_url)} refused the refresh token")
+            raise GrantRefused(f"token endpoint {_host(token_url)} refused the grant")
         raise TokenRequestRefused(f"token endpoint {_host(token_url)} refused: {error[:40]}")
     if not isinstance(answer.get("access_token"), str):
         raise TokenEndpointDown(f"token endpoint {_host(token_url)} sent no access token")
@@ -152,6 +165,54 @@ def refresh(
         expires_in=float(expires_in) if isinstance(expires_in, int | float | str) else None,
         refresh_token=rotated if isinstance(rotated, str) and rotated else None,
     )
+
+
+def pkce_pair() -> tuple[str, str]:
+    """A PKCE code verifier and its S256 challenge (RFC 7636)."""
+    verifier = secrets.token_urlsafe(48)
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def authorization_url(
+    provider: Provider, *, redirect_uri: str, state: str, code_challenge: str, login_hint: str
+) -> str:
+    """Where the user's browser goes to let this installation read their mail (code flow)."""
+    query = {
+        "response_type": "code",
+        "client_id": provider.client_id,
+        "redirect_uri": redirect_uri,
+        "scope": provider.scope,
+        "state": state,
+        "code_challenge": code_challenge,
+        "code_challenge_method": "S256",
+        "login_hint": login_hint,
+        "access_type": "offline",  # Google: issue a refresh token
+        "prompt": "consent",
+    }
+    separator = "&" if "?" in provider.authorize_url else "?"
+    return provider.authorize_url + separator + urllib.parse.urlencode(query)
+
+
+def exchange_code(
+    provider: Provider,
+    *,
+    code: str,
+    redirect_uri: str,
+    code_verifier: str,
+    post: Post = http_post,
+) -> Tokens:
+    """Trade the authorization code (and the PKCE verifier) for the first tokens."""
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": redirect_uri,
+        "client_id": provider.client_id,
+        "code_verifier": code_verifier,
+    }
+    if provider.client_secret:
+        form["client_secret"] = provider.client_secret
+    return _tokens(provider.token_url, *post(provider.token_url, form))
 
 
 def grant(

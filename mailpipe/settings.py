@@ -174,6 +174,7 @@ def _oauth2_providers(given: _Given) -> dict[str, Provider]:
             scope=("MAILPIPE_OAUTH2_GENERIC_SCOPE", str),
             imap_host=("MAILPIPE_OAUTH2_GENERIC_IMAP_HOST", str),
             imap_port=("MAILPIPE_OAUTH2_GENERIC_IMAP_PORT", _integer),
+            imap_security=("MAILPIPE_OAUTH2_GENERIC_IMAP_SECURITY", str),
         ),
     }
     providers = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import secrets
@@ -15,7 +17,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from imapclient.exceptions import LoginError
@@ -66,6 +68,7 @@ class Introspection(ThreadingHTTPServer):
         self.refresh_tokens: dict[str, str] = {}  # live refresh token -> user
         self.asked: list[str] = []
         self.refreshes: list[str] = []  # refresh tokens presented, in order
+        self.codes: dict[str, dict[str, str]] = {}  # authorization code -> what was asked
         self.down = False
         self.delay = 0.0  # seconds each refresh takes, to hold two refreshes side by side
         self.lock = threading.Lock()
@@ -73,6 +76,20 @@ class Introspection(ThreadingHTTPServer):
     @property
     def token_url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/token"
+
+    def provider(self, server: Dovecot) -> oauth2.Provider:
+        """This server as the operator's generic provider, with the Dovecot as its IMAP host."""
+        return oauth2.Provider(
+            name="generic",
+            display="Testanbieter",
+            authorize_url=self.token_url.replace("/token", "/authorize"),
+            token_url=self.token_url,
+            scope="imap offline_access",
+            imap_host=server.host,
+            imap_port=server.port,
+            imap_security="none",
+            client_id=CLIENT_ID,
+        )
 
     def issue_refresh_token(self, user: str) -> str:
         token = "rt-" + secrets.token_urlsafe(16)
@@ -90,6 +107,8 @@ class Introspection(ThreadingHTTPServer):
             return 401, {"error": "invalid_client"}
         if self.down:
             return 503, {"error": "temporarily_unavailable"}
+        if form.get("grant_type") == ["authorization_code"]:
+            return self.redeem(form)
         refresh_token = form.get("refresh_token", [""])[0]
         time.sleep(self.delay)
         with self.lock:
@@ -97,11 +116,37 @@ class Introspection(ThreadingHTTPServer):
             user = self.refresh_tokens.pop(refresh_token, None)  # spent: rotation
             if form.get("grant_type") != ["refresh_token"] or user is None:
                 return 400, {"error": "invalid_grant"}
-            access = "at-" + secrets.token_urlsafe(16)
-            self.tokens[access] = user
-            self.expiry[access] = time.time() + ACCESS_SECONDS
-            rotated = self.issue_refresh_token(user)
-        return 200, {
+            return 200, self.issue(user)
+
+    def authorize(self, query: dict[str, list[str]]) -> str:
+        """The user agrees at once: a one-time code bound to the PKCE challenge and redirect."""
+        code = "code-" + secrets.token_urlsafe(16)
+        self.codes[code] = {name: values[0] for name, values in query.items()}
+        redirect = query["redirect_uri"][0]
+        return f"{redirect}?{urlencode({'code': code, 'state': query['state'][0]})}"
+
+    def redeem(self, form: dict[str, list[str]]) -> tuple[int, dict]:
+        """RFC 6749 4.1.3 with RFC 7636: the code once, the same redirect, the right verifier."""
+        asked = self.codes.pop(form.get("code", [""])[0], None)
+        verifier = form.get("code_verifier", [""])[0].encode()
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=")
+        if (
+            asked is None
+            or asked.get("redirect_uri") != form.get("redirect_uri", [""])[0]
+            or asked.get("code_challenge_method") != "S256"
+            or asked.get("code_challenge", "").encode() != challenge
+        ):
+            return 400, {"error": "invalid_grant"}
+        with self.lock:
+            return 200, self.issue(asked["login_hint"])
+
+    def issue(self, user: str) -> dict:
+        """An access token living 2 s and a new refresh token (the caller holds the lock)."""
+        access = "at-" + secrets.token_urlsafe(16)
+        self.tokens[access] = user
+        self.expiry[access] = time.time() + ACCESS_SECONDS
+        rotated = self.issue_refresh_token(user)
+        return {
             "access_token": access,
             "token_type": "Bearer",
             "expires_in": ACCESS_SECONDS,
@@ -111,6 +156,16 @@ class Introspection(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: Introspection
+
+    def do_GET(self) -> None:
+        path, _, query = self.path.partition("?")
+        if path != "/authorize":
+            self.send_error(404)
+            return
+        self.send_response(302)
+        self.send_header("Location", self.server.authorize(parse_qs(query)))
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def do_POST(self) -> None:
         form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
@@ -559,7 +614,7 @@ def test_operator_adds_an_oauth2_account_through_a_configured_provider(oauth, tm
     )  # fmt: skip
     # Then it is one line saying the provider refused it
     assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1
-    assert "refused the refresh token" in again.stderr and first_token not in again.stderr
+    assert "refused the grant" in again.stderr and first_token not in again.stderr
 
 
 def test_token_refreshes_are_counted_by_provider_and_outcome(oauth, tmp_path):
@@ -593,3 +648,43 @@ def test_token_refreshes_are_counted_by_provider_and_outcome(oauth, tmp_path):
         )
         assert after == value + 1, outcome
     engine.dispose()
+
+
+def test_the_authorization_code_flow_with_pkce_stores_the_refresh_token_encrypted(oauth, tmp_path):
+    # Given the local authorization server configured as the operator's provider, and anna
+    # logged in to the web app
+    server, auth = oauth
+    imap_user, imap_password = server.new_user()
+    server.append(imap_user, imap_password, [message(1)])
+    sites = make_site(tmp_path, oauth2_providers={"generic": auth.provider(server)})
+    site = next(sites)
+    anna = site.user("anna")
+    client, headers = logged_in(site, anna)
+    # When she starts "connect with" for her address
+    started = client.post("/api/oauth2/generic/start", json={"login": imap_user}, headers=headers)
+    # Then she is sent to the provider with state and an S256 PKCE challenge, and no verifier
+    assert started.status_code == 200, started.json
+    url = urlsplit(started.json["authorization_url"])
+    asked = parse_qs(url.query)
+    assert asked["code_challenge_method"] == ["S256"] and asked["state"][0]
+    assert "code_verifier" not in url.query
+    # When the provider sends her back (it agrees at once) with a forged state
+    back = urlsplit(auth.authorize(asked))
+    forged = client.get(f"{back.path}?code=x&state=forged&lang=en")
+    # Then nothing is stored
+    assert forged.status_code == 400 and forged.json["code"] == "oauth2_state"
+    # When it sends her back with the real code and state
+    done = client.get(f"{back.path}?{back.query}")
+    # Then the account is stored, logged in over XOAUTH2, and she is back on the dashboard
+    assert done.status_code == 303 and done.headers["Location"] == "/"
+    [account] = client.get("/api/accounts/health").json["accounts"]
+    assert account["auth"] == "oauth2" and imap_user in account["label"]
+    assert f"Login: user=<{imap_user}>, method=XOAUTH2" in server.log_path.read_text()
+    # And the refresh token is stored only encrypted, and a fetch with it works
+    stored = (tmp_path / "web.db").read_bytes()
+    assert auth.refresh_tokens and not any(t.encode() in stored for t in auth.refresh_tokens)
+    with embedded_worker(site):
+        job_id = client.post("/api/jobs/fetch", headers=headers).json["job_id"]
+        status = wait_final(client, job_id)
+    assert (status["status"], status["emails_fetched"]) == ("success", 1)
+    sites.close()

@@ -57,6 +57,7 @@ VALID = {
     "MAILPIPE_OAUTH2_GENERIC_SCOPE": "imap offline_access",
     "MAILPIPE_OAUTH2_GENERIC_IMAP_HOST": "imap.example.org",
     "MAILPIPE_OAUTH2_GENERIC_IMAP_PORT": "1993",
+    "MAILPIPE_OAUTH2_GENERIC_IMAP_SECURITY": "starttls",
 }
 
 

@@ -19,24 +19,28 @@ Anything that is not the caller's own (a job, an account, a notification) is "no
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import json
 import re
-from collections.abc import Callable
+import secrets
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, jsonify, redirect, request, url_for
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
-from mailpipe import db, health
+from mailpipe import db, health, oauth2
 from mailpipe.accounts import PRESETS, account_settings, add_account, owned_account, set_credentials
 from mailpipe.crypto import DataKey
-from mailpipe.errors import NotFound
+from mailpipe.errors import DecryptionFailed, NotFound
 from mailpipe.grants import WorkerKeyError
 from mailpipe.imap import SECURITY_MODES, ImapSettings
 from mailpipe.jobs import MAX_TIMEOUT_SECONDS
@@ -78,6 +82,8 @@ BLUEPRINT_NAME = "mailpipe_api"
 API_PREFIX = "/api"
 CSRF_HEADER = "X-CSRF-Token"
 UNSAFE_METHODS = ("POST", "PATCH", "DELETE")
+OAUTH2_COOKIE = "mailpipe_oauth2"
+OAUTH2_PENDING_SECONDS = 600
 DEFAULT_MAX_QUEUED_JOBS = 3
 ID = f"int(min=1, max={MAX_ID})"
 FETCH_FIELDS = ("account_id", "max_mails", "timeout_seconds")
@@ -140,6 +146,8 @@ class _Api:
     sessions: sessionmaker[Session]
     alert_token: str | None
     max_queued_jobs: int
+    oauth2_providers: Mapping[str, oauth2.Provider]
+    home_url: str
 
     # -- guards ----------------------------------------------------------------------------
 
@@ -244,7 +252,133 @@ class _Api:
         )
 
     def presets(self) -> Response:
-        return jsonify({"presets": [asdict(preset) for preset in PRESETS]})
+        connect = [
+            {"name": name, "display": provider.display}
+            for name, provider in self.oauth2_providers.items()
+            if provider.configured
+        ]
+        return jsonify({"presets": [asdict(preset) for preset in PRESETS], "oauth2": connect})
+
+    # -- OAuth2: authorization code with PKCE ----------------------------------------------
+
+    def oauth2_start(self, provider: str) -> Response:
+        """Begin "Mit Google verbinden": the state and PKCE verifier go, sealed under the user's
+        key, into a short-lived cookie; the browser is sent to the provider."""
+        user_id = self.user()
+        key = self.key()
+        chosen = self._provider(provider)
+        data = _json_object()
+        _known_fields(data, ("login",))
+        login = _text(data, "login", maximum=MAX_LOGIN)
+        state = secrets.token_urlsafe(24)
+        verifier, challenge = oauth2.pkce_pair()
+        redirect_uri = url_for(f"{BLUEPRINT_NAME}.oauth2_callback", _external=True)
+        pending = {
+            "state": state,
+            "verifier": verifier,
+            "provider": provider,
+            "login": login,
+            "expires": time.time() + OAUTH2_PENDING_SECONDS,
+        }
+        sealed = key.encrypt(
+            json.dumps(pending).encode(), table="oauth2", column="pending", row=user_id
+        )
+        url = oauth2.authorization_url(
+            chosen,
+            redirect_uri=redirect_uri,
+            state=state,
+            code_challenge=challenge,
+            login_hint=login,
+        )
+        response = jsonify({"authorization_url": url})
+        response.set_cookie(
+            OAUTH2_COOKIE,
+            base64.urlsafe_b64encode(sealed).decode(),
+            max_age=OAUTH2_PENDING_SECONDS,
+            path=f"{API_PREFIX}/oauth2",
+            httponly=True,
+            samesite="Lax",  # the provider's redirect back is a top-level navigation
+            secure=request.is_secure,
+        )
+        return response
+
+    def oauth2_callback(self) -> ResponseReturnValue:
+        """The provider sends the browser back: check the state, trade the code (with the PKCE
+        verifier) for tokens, check the IMAP login, store the refresh token encrypted."""
+        user_id = self.user()
+        key = self.key()
+        lang = language(request)
+        pending = self._pending(user_id, key)
+        if request.args.get("error"):
+            raise ApiError(400, "oauth2_denied", text(lang, "oauth2_denied"))
+        chosen = self._provider(pending["provider"])
+        try:
+            tokens = oauth2.exchange_code(
+                chosen,
+                code=request.args.get("code", ""),
+                redirect_uri=url_for(f"{BLUEPRINT_NAME}.oauth2_callback", _external=True),
+                code_verifier=pending["verifier"],
+            )
+        except oauth2.TokenEndpointDown:
+            raise ApiError(503, "unavailable", text(lang, "oauth2_unavailable")) from None
+        except (oauth2.GrantRefused, oauth2.TokenRequestRefused):
+            raise ApiError(400, "oauth2_refused", text(lang, "oauth2_refused")) from None
+        if not tokens.refresh_token:
+            raise ApiError(400, "oauth2_refused", text(lang, "oauth2_refused"))
+        settings = ImapSettings(
+            host=chosen.imap_host,
+            port=chosen.imap_port,
+            username=pending["login"],
+            access_token=tokens.access_token,
+            security=chosen.imap_security,
+        )
+        failure = verify_login(settings)
+        if failure is not None:
+            message = present.error_text(failure.error_class, lang, auth=AuthKind.OAUTH2)
+            raise ApiError(
+                422, "login_failed", message or failure.message, error_class=failure.error_class
+            )
+        grant = oauth2.grant(
+            token_url=chosen.token_url,
+            client_id=chosen.client_id,
+            refresh_token=tokens.refresh_token,
+            tokens=tokens,
+        )
+        with self.sessions.begin() as session:
+            account = _same_login(session, user_id, key, settings)
+            if account is None:
+                user = session.get_one(User, user_id)
+                account = add_account(session, user, key, settings, oauth2=grant)
+                account.next_sync_at = utcnow()
+            else:  # connected again: the new grant replaces the refused one
+                set_credentials(account, key, settings, oauth2=grant)
+                health.reset(account)
+        response = redirect(self.home_url, code=303)
+        response.delete_cookie(OAUTH2_COOKIE, path=f"{API_PREFIX}/oauth2")
+        return response
+
+    def _provider(self, name: str) -> oauth2.Provider:
+        provider = self.oauth2_providers.get(name)
+        if provider is None or not provider.configured:
+            raise ApiError(404, "not_found", "no such OAuth2 provider is configured")
+        return provider
+
+    def _pending(self, user_id: int, key: DataKey) -> dict[str, Any]:
+        """The flow this browser started, if the state matches and it has not expired."""
+        lang = language(request)
+        given = request.args.get("state", "")
+        try:
+            sealed = base64.urlsafe_b64decode(request.cookies.get(OAUTH2_COOKIE, "").encode())
+            pending: dict[str, Any] = json.loads(
+                key.decrypt(sealed, table="oauth2", column="pending", row=user_id)
+            )
+        except (ValueError, DecryptionFailed):
+            raise ApiError(400, "oauth2_state", text(lang, "oauth2_state")) from None
+        if not hmac.compare_digest(given.encode(), str(pending["state"]).encode()) or (
+            pending["expires"] < time.time()
+        ):
+            raise ApiError(400, "oauth2_state", text(lang, "oauth2_state"))
+        return pending
 
     def add_account(self) -> tuple[Response, int, dict]:
         """Store an account only after its server accepted the login."""
@@ -478,8 +612,12 @@ def create_blueprint(
     sessions: sessionmaker[Session] | None = None,
     alert_token: str | None = None,
     max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS,
+    oauth2_providers: Mapping[str, oauth2.Provider] | None = None,
+    home_url: str = "/",
 ) -> Blueprint:
-    """The API bound to the host's session; `sessions` defaults to the pipeline's database."""
+    """The API bound to the host's session; `sessions` defaults to the pipeline's database.
+    `oauth2_providers` (`Settings.oauth2_providers`) offer "connect with ..."; the flow ends
+    on `home_url`."""
     api = _Api(
         current_user=current_user,
         current_key=current_key,
@@ -488,6 +626,8 @@ def create_blueprint(
         sessions=sessions or pipeline.sessions,
         alert_token=alert_token,
         max_queued_jobs=max_queued_jobs,
+        oauth2_providers=oauth2_providers or {},
+        home_url=home_url,
     )
     blueprint = Blueprint(BLUEPRINT_NAME, __name__, url_prefix=API_PREFIX)
     blueprint.before_request(api.guard)
@@ -504,6 +644,8 @@ def create_blueprint(
         (f"/accounts/<{ID}:account_id>", "account", api.account, "PATCH DELETE"),
         (f"/accounts/<{ID}:account_id>/diagnostics", "diagnostics", api.diagnostics, "POST"),
         ("/diagnostics/<request_id>", "diagnosis", api.diagnosis, "GET"),
+        ("/oauth2/<provider>/start", "oauth2_start", api.oauth2_start, "POST"),
+        ("/oauth2/callback", "oauth2_callback", api.oauth2_callback, "GET"),
         ("/metrics/performance", "performance", api.performance, "GET"),
         ("/notifications", "notifications", api.notifications, "GET"),
         (f"/notifications/<{ID}:notification_id>/read", "mark_read", api.mark_read, "POST"),
@@ -544,6 +686,24 @@ def _int(data: dict, name: str, *, default: int | None, maximum: int) -> int | N
             400, "bad_request", f"{name} must be a whole number from 1 to {maximum}", field=name
         )
     return value
+
+
+def _same_login(
+    session: Session, user_id: int, key: DataKey, settings: ImapSettings
+) -> MailAccount | None:
+    """The user's account on this server with this login, which a new grant reconnects."""
+    for account in session.scalars(select(MailAccount).where(MailAccount.user_id == user_id)):
+        try:
+            stored = account_settings(account, key)
+        except (DecryptionFailed, ValueError, TypeError):
+            continue
+        if (stored.host, stored.effective_port, stored.username) == (
+            settings.host,
+            settings.effective_port,
+            settings.username,
+        ):
+            return account
+    return None
 
 
 def _text(data: dict, name: str, *, maximum: int) -> str:

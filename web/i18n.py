@@ -80,6 +80,14 @@ TEXTS: dict[str, dict[str, str]] = {
         "checking_login": "Anmeldung wird geprüft …",
         "account_saved": "Konto gespeichert.",
         "account_removed": "Konto entfernt.",
+        "connect_with": "Mit {provider} verbinden",
+        "oauth2_login": "E-Mail-Adresse beim Anbieter",
+        "oauth2_denied": "Die Verbindung wurde beim Anbieter abgebrochen oder abgelehnt.",
+        "oauth2_unavailable": "Der Anbieter ist gerade nicht erreichbar. Bitte später erneut "
+        "versuchen.",
+        "oauth2_refused": "Der Anbieter hat die Anmeldung nicht bestätigt. Bitte erneut verbinden.",
+        "oauth2_state": "Diese Anmeldung ist abgelaufen oder gehört nicht zu dieser Sitzung. "
+        "Bitte erneut verbinden.",
         "status_pending": "Wartet",
         "status_running": "Läuft",
         "status_retrying": "Neuer Versuch",
@@ -181,6 +189,13 @@ TEXTS: dict[str, dict[str, str]] = {
         "checking_login": "Checking the login …",
         "account_saved": "Account saved.",
         "account_removed": "Account removed.",
+        "connect_with": "Connect with {provider}",
+        "oauth2_login": "E-mail address at the provider",
+        "oauth2_denied": "The connection was cancelled or declined at the provider.",
+        "oauth2_unavailable": "The provider cannot be reached right now. Please try again later.",
+        "oauth2_refused": "The provider did not confirm the sign-in. Please connect again.",
+        "oauth2_state": "This sign-in has expired or belongs to another session. Please "
+        "connect again.",
         "status_pending": "Waiting",
         "status_running": "Running",
         "status_retrying": "Retrying",

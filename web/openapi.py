@@ -257,8 +257,22 @@ OPENAPI: dict = {
                     "200": _json(
                         {
                             "type": "object",
-                            "required": ["presets"],
-                            "properties": {"presets": {"type": "array", "items": _ref("Preset")}},
+                            "required": ["presets", "oauth2"],
+                            "properties": {
+                                "presets": {"type": "array", "items": _ref("Preset")},
+                                "oauth2": {
+                                    "type": "array",
+                                    "description": "the OAuth2 providers one can connect with",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["name", "display"],
+                                        "properties": {
+                                            "name": {"type": "string"},
+                                            "display": {"type": "string"},
+                                        },
+                                    },
+                                },
+                            },
                         },
                         "the presets",
                     ),
@@ -322,6 +336,78 @@ OPENAPI: dict = {
                     "404": _error("NotFound"),
                 },
             },
+        },
+        "/api/oauth2/{provider}/start": {
+            "post": {
+                "operationId": "oauth2_start",
+                "summary": "Start connecting an account with a configured OAuth2 provider "
+                "(authorization code with PKCE): the answer says where to send the browser",
+                "security": SESSION_POST,
+                "parameters": [
+                    {
+                        "name": "provider",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "google, microsoft or generic, as configured",
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["login"],
+                                "properties": {
+                                    "login": {
+                                        "type": "string",
+                                        "minLength": 1,
+                                        "maxLength": MAX_LOGIN,
+                                        "description": "the mail address at the provider",
+                                    }
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["authorization_url"],
+                            "properties": {"authorization_url": {"type": "string"}},
+                        },
+                        "send the browser there; a short-lived cookie holds the sealed state",
+                    ),
+                    "400": _error("BadRequest"),
+                    "401": _error("Unauthorized"),
+                    "403": _error("Forbidden"),
+                    "404": _error("NotFound"),
+                },
+            }
+        },
+        "/api/oauth2/callback": {
+            "get": {
+                "operationId": "oauth2_callback",
+                "summary": "Where the provider sends the browser back: the code is traded for "
+                "tokens, the IMAP login checked and the refresh token stored encrypted",
+                "security": SESSION,
+                "parameters": [
+                    {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                    for name in ("code", "state", "error")
+                ]
+                + [LANG],
+                "responses": {
+                    "303": {"description": "connected: back to the dashboard"},
+                    "400": _error("BadRequest"),
+                    "401": _error("Unauthorized"),
+                    "404": _error("NotFound"),
+                    "422": _error("LoginFailed"),
+                    "503": _error("Unavailable"),
+                },
+            }
         },
         "/api/accounts/{account_id}/diagnostics": {
             "post": {
@@ -483,7 +569,8 @@ OPENAPI: dict = {
                 "Forbidden": "missing or wrong X-CSRF-Token",
                 "NotFound": "no such job, account, check or notification of this user",
                 "TooManyJobs": "too many of the user's jobs are still queued or running",
-                "Unavailable": "the workers' key or the alert token is not configured",
+                "Unavailable": "the workers' key or the alert token is not configured, or the "
+                "OAuth2 provider cannot be reached",
                 "LoginFailed": "the server refused the login or could not be reached; `error` "
                 "says why in the user's language, `error_class` is the cause",
             }.items()

@@ -48,10 +48,28 @@
   }
 
   const addForm = document.getElementById("add-account-form");
+  const connectForm = document.getElementById("connect-account-form");
   const toggle = document.getElementById("add-account-toggle");
+  let connecting = false;
+
+  async function connect(provider) {
+    // "Mit Google verbinden": the API seals state and PKCE verifier in a cookie and names the
+    // provider's page; the provider sends the browser back to the API, then to this page
+    if (!connectForm.reportValidity()) return;
+    const result = await send("POST", `/api/oauth2/${provider}/start`, {
+      login: connectForm.elements.login.value.trim(),
+    });
+    if (result.ok) {
+      window.location.assign(result.answer.authorization_url);
+    } else {
+      say(connectForm, (result.answer && result.answer.error) || t.error_generic);
+    }
+  }
+
   if (addForm && toggle) {
     toggle.addEventListener("click", () => {
       addForm.hidden = !addForm.hidden;
+      connectForm.hidden = addForm.hidden || !connecting;
     });
     const presets = {};
     send("GET", "/api/accounts/presets").then(({ ok, answer }) => {
@@ -60,6 +78,17 @@
         presets[preset.id] = preset;
         addForm.elements.preset.add(new Option(preset.name, preset.id));
       }
+      const buttons = connectForm.querySelector(".connect-buttons");
+      for (const provider of answer.oauth2) {
+        const button = document.createElement("button");
+        button.type = "button";
+        button.className = "primary";
+        button.textContent = t.connect_with.replace("{provider}", provider.display);
+        button.addEventListener("click", () => connect(provider.name));
+        buttons.append(button);
+      }
+      connecting = answer.oauth2.length > 0;
+      connectForm.hidden = addForm.hidden || !connecting;
     });
     addForm.elements.preset.addEventListener("change", () => {
       const preset = presets[addForm.elements.preset.value];
@@ -96,6 +125,13 @@
       submitting(form, "PATCH", `/api/accounts/${form.dataset.account}`, {
         password: form.elements.password.value,
       });
+    });
+  }
+  for (const button of document.querySelectorAll(".reconnect-account")) {
+    button.addEventListener("click", () => {
+      addForm.hidden = false;
+      connectForm.hidden = !connecting;
+      connectForm.scrollIntoView();
     });
   }
   for (const button of document.querySelectorAll(".remove-account")) {
