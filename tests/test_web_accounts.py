@@ -7,9 +7,11 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from mailpipe import health
-from mailpipe.accounts import account_settings
+from mailpipe import health, oauth2
+from mailpipe.accounts import account_settings, add_account
+from mailpipe.imap import ImapSettings
 from mailpipe.models import Email, MailAccount
+from mailpipe.models import User as UserRow
 from mailpipe.vocabulary import CircuitState, ErrorClass, Gate, Health, ParseStatus
 from tests.test_web_api import CLOSED_PORT, logged_in, make_site
 from web.openapi import OPENAPI
@@ -249,3 +251,25 @@ def test_presets_fill_host_port_and_security(site):
     assert presets["gmail"]["oauth2"] == "google"
     assert presets["outlook"]["oauth2"] == "microsoft"
     assert {"webde", "t-online", "icloud", "yahoo", "posteo", "mailbox-org"} <= set(presets)
+
+
+def test_an_oauth2_account_gets_no_password_but_the_advice_to_connect_again(site):
+    # Given an account that logs in with OAuth2
+    user = site.user("anna")
+    with site.sessions.begin() as session:
+        owner = session.get_one(UserRow, user.id)
+        settings = ImapSettings(
+            host="127.0.0.1", port=CLOSED_PORT, username="a", access_token="", security="none"
+        )
+        grant = oauth2.grant(token_url="http://127.0.0.1:1/token", client_id="c", refresh_token="r")
+        account_id = add_account(session, owner, user.key, settings, oauth2=grant).id
+    client, headers = logged_in(site, user)
+    # When a password is sent for it
+    answer = client.patch(
+        f"/api/accounts/{account_id}?lang=de", json={"password": "x"}, headers=headers
+    )
+    # Then it is refused with the advice to connect the account again, and nothing changed
+    assert answer.status_code == 400 and answer.json["code"] == "oauth2_account"
+    assert "neu verbinden" in answer.json["error"]
+    with site.sessions() as session:
+        assert account_settings(session.get_one(MailAccount, account_id), user.key).password is None
