@@ -12,8 +12,9 @@ once `worker.broker.use_broker(settings)` has set the broker the actors are decl
         alert_token=settings.alert_token,
     ))
 
-Every route lives under `/api`. Session-authenticated POSTs need the session's CSRF token in
-the `X-CSRF-Token` header; the Alertmanager webhook authenticates with a bearer token instead.
+Every route lives under `/api`. Session-authenticated POST, PATCH and DELETE requests need the
+session's CSRF token in the `X-CSRF-Token` header; the Alertmanager webhook authenticates with a
+bearer token instead, and the OAuth2 callback with the state sealed in its own cookie.
 Anything that is not the caller's own (a job, an account, a notification) is "not found".
 """
 

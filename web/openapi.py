@@ -157,8 +157,9 @@ OPENAPI: dict = {
         "version": "1",
         "description": (
             "Start mail fetches, follow them, and see account health, performance and "
-            "notifications. Session-authenticated POSTs need the session's CSRF token in the "
-            "X-CSRF-Token header. Anything that is not the caller's own answers 404."
+            "notifications; add, change and remove accounts, or connect them with OAuth2. "
+            "Session-authenticated POST, PATCH and DELETE requests need the session's CSRF "
+            "token in the X-CSRF-Token header. Anything that is not the caller's own answers 404."
         ),
     },
     "paths": {
