@@ -70,6 +70,7 @@ class Introspection(ThreadingHTTPServer):
         self.refreshes: list[str] = []  # refresh tokens presented, in order
         self.codes: dict[str, dict[str, str]] = {}  # authorization code -> what was asked
         self.down = False
+        self.deny = False  # the user declines at the provider
         self.delay = 0.0  # seconds each refresh takes, to hold two refreshes side by side
         self.lock = threading.Lock()
 
@@ -119,10 +120,13 @@ class Introspection(ThreadingHTTPServer):
             return 200, self.issue(user)
 
     def authorize(self, query: dict[str, list[str]]) -> str:
-        """The user agrees at once: a one-time code bound to the PKCE challenge and redirect."""
+        """The user agrees at once (unless `deny`): a one-time code bound to the PKCE challenge
+        and the redirect."""
+        redirect = query["redirect_uri"][0]
+        if self.deny:
+            return f"{redirect}?{urlencode({'error': 'access_denied', 'state': query['state'][0]})}"
         code = "code-" + secrets.token_urlsafe(16)
         self.codes[code] = {name: values[0] for name, values in query.items()}
-        redirect = query["redirect_uri"][0]
         return f"{redirect}?{urlencode({'code': code, 'state': query['state'][0]})}"
 
     def redeem(self, form: dict[str, list[str]]) -> tuple[int, dict]:
@@ -196,7 +200,7 @@ def oauth(oauth_module) -> tuple[Dovecot, Introspection]:
     _server, auth = oauth_module
     auth.refreshes.clear()
     auth.asked.clear()
-    auth.down, auth.delay = False, 0.0
+    auth.down, auth.delay, auth.deny = False, 0.0, False
     return oauth_module
 
 
@@ -670,10 +674,15 @@ def test_the_authorization_code_flow_with_pkce_stores_the_refresh_token_encrypte
     assert "code_verifier" not in url.query
     # When the provider sends her back (it agrees at once) with a forged state
     back = urlsplit(auth.authorize(asked))
-    forged = client.get(f"{back.path}?code=x&state=forged&lang=en")
-    # Then nothing is stored
-    assert forged.status_code == 400 and forged.json["code"] == "oauth2_state"
-    # When it sends her back with the real code and state
+    forged = client.get(f"{back.path}?code=x&state=forged")
+    # Then she is back on the dashboard with the reason's text named, and nothing is stored
+    assert forged.status_code == 303
+    assert forged.headers["Location"] == "/#oauth2-error=oauth2_state"
+    assert client.get("/api/accounts/health").json["accounts"] == []
+    # When it sends her back with the real code and state (the forged try cleared the cookie:
+    # she starts again)
+    started = client.post("/api/oauth2/generic/start", json={"login": imap_user}, headers=headers)
+    back = urlsplit(auth.authorize(parse_qs(urlsplit(started.json["authorization_url"]).query)))
     done = client.get(f"{back.path}?{back.query}")
     # Then the account is stored, logged in over XOAUTH2, and she is back on the dashboard
     assert done.status_code == 303 and done.headers["Location"] == "/"

@@ -37,9 +37,21 @@ def test_connect_an_account_with_the_provider_and_fetch_its_mail(
     page.get_by_label("Hintergrundabruf erlauben").check()
     page.get_by_role("button", name="Anmelden").click()
 
-    # When she opens "Konto hinzufügen", gives her address and presses "Mit … verbinden"
+    # When she opens "Konto hinzufügen", gives her address, presses "Mit … verbinden" and
+    # declines at the provider
+    auth.deny = True
     page.get_by_role("button", name="Konto hinzufügen").click()
     connect = page.locator("#connect-account-form")
+    connect.get_by_label("E-Mail-Adresse beim Anbieter").fill(imap_user)
+    connect.get_by_role("button", name="Mit Testanbieter verbinden").click()
+    # Then she is back on the page, told so in German, and no account was added
+    expect(connect.locator(".form-message")).to_have_text(
+        "Die Verbindung wurde beim Anbieter abgebrochen oder abgelehnt."
+    )
+    expect(page.locator("article.account")).to_have_count(0)
+
+    # When she tries again and agrees
+    auth.deny = False
     connect.get_by_label("E-Mail-Adresse beim Anbieter").fill(imap_user)
     connect.get_by_role("button", name="Mit Testanbieter verbinden").click()
 

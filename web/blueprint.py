@@ -50,7 +50,7 @@ from mailpipe.models import MailAccount, Notification, User, utcnow
 from mailpipe.vocabulary import AuthKind
 
 from . import diagnostics, present
-from .i18n import language, text
+from .i18n import TEXTS, language, text
 from .openapi import (
     DEFAULT_HISTORY,
     DEFAULT_INTERVAL_SECONDS,
@@ -304,10 +304,31 @@ class _Api:
         return response
 
     def oauth2_callback(self) -> ResponseReturnValue:
-        """The provider sends the browser back: check the state, trade the code (with the PKCE
-        verifier) for tokens, check the IMAP login, store the refresh token encrypted."""
+        """Back on the dashboard either way: connected, or with `#oauth2-error=<text key>`, which
+        the page says in the reader's language (this is a browser's navigation, not a fetch)."""
         user_id = self.user()
         key = self.key()
+        try:
+            self._connect(user_id, key)
+        except ApiError as error:
+            said = error.code
+            if error.error_class is not None:
+                said = f"error_{error.error_class}_{AuthKind.OAUTH2}"
+                if said not in TEXTS["en"]:
+                    said = f"error_{error.error_class}"
+            elif f"oauth2_{said}" in TEXTS["en"]:
+                said = f"oauth2_{said}"
+            if said not in TEXTS["en"]:
+                said = "error_generic"
+            response = redirect(f"{self.home_url}#oauth2-error={said}", code=303)
+        else:
+            response = redirect(self.home_url, code=303)
+        response.delete_cookie(OAUTH2_COOKIE, path=f"{API_PREFIX}/oauth2")
+        return response
+
+    def _connect(self, user_id: int, key: DataKey) -> None:
+        """Check the state, trade the code (with the PKCE verifier) for tokens, check the IMAP
+        login, and store the account with its refresh token encrypted (or reconnect it)."""
         lang = language(request)
         pending = self._pending(user_id, key)
         if request.args.get("error"):
@@ -354,9 +375,6 @@ class _Api:
             else:  # connected again: the new grant replaces the refused one
                 set_credentials(account, key, settings, oauth2=grant)
                 health.reset(account)
-        response = redirect(self.home_url, code=303)
-        response.delete_cookie(OAUTH2_COOKIE, path=f"{API_PREFIX}/oauth2")
-        return response
 
     def _provider(self, name: str) -> oauth2.Provider:
         provider = self.oauth2_providers.get(name)

@@ -401,12 +401,12 @@ OPENAPI: dict = {
                 ]
                 + [LANG],
                 "responses": {
-                    "303": {"description": "connected: back to the dashboard"},
-                    "400": _error("BadRequest"),
+                    "303": {
+                        "description": "back to the dashboard: connected, or with "
+                        "`#oauth2-error=<text key>` saying why not (state expired or forged, "
+                        "consent declined, token or IMAP login refused, provider down)"
+                    },
                     "401": _error("Unauthorized"),
-                    "404": _error("NotFound"),
-                    "422": _error("LoginFailed"),
-                    "503": _error("Unavailable"),
                 },
             }
         },

@@ -127,6 +127,15 @@
       });
     });
   }
+  // back from the provider without an account: the API names the reason's text in the fragment
+  const failed = /^#oauth2-error=([a-z0-9_]+)$/.exec(window.location.hash);
+  if (failed && connectForm) {
+    addForm.hidden = false;
+    connectForm.hidden = false;
+    say(connectForm, t[failed[1]] || t.error_generic);
+    window.history.replaceState(null, "", window.location.pathname + window.location.search);
+  }
+
   for (const button of document.querySelectorAll(".reconnect-account")) {
     button.addEventListener("click", () => {
       addForm.hidden = false;
