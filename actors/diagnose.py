@@ -22,4 +22,9 @@ TIME_LIMIT_MS = 120_000
 @dramatiq.actor(queue_name=QUEUE, max_retries=0, time_limit=TIME_LIMIT_MS)
 def diagnose_account(request_id: str) -> None:
     """Run one requested diagnosis; a diagnosis reports failures itself, so it is never retried."""
-    diagnostics.run_requested(runtime.sessions(), request_id, private_key=runtime.private_key())
+    diagnostics.run_requested(
+        runtime.sessions(),
+        request_id,
+        private_key=runtime.private_key(),
+        oauth2_providers=runtime.settings().oauth2_providers,
+    )

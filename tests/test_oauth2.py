@@ -35,7 +35,7 @@ from mailpipe.vocabulary import ErrorClass, Health
 from metrics.observer import MetricsObserver
 from tests.support.dovecot import DOVECOT, Dovecot
 from tests.support.messages import plain_message as message
-from tests.test_web_api import embedded_worker, logged_in, make_site, wait_final
+from tests.test_web_api import embedded_worker, logged_in, make_site, wait_checked, wait_final
 
 OAUTH2_CONFIG = """
 auth_mechanisms = plain login xoauth2 oauthbearer
@@ -697,3 +697,29 @@ def test_the_authorization_code_flow_with_pkce_stores_the_refresh_token_encrypte
         status = wait_final(client, job_id)
     assert (status["status"], status["emails_fetched"]) == ("success", 1)
     sites.close()
+
+
+def test_the_connection_check_of_an_oauth2_account_refreshes_its_token(oauth, site):
+    # Given an OAuth2 account whose access token has lapsed
+    server, auth = oauth
+    imap_user, _imap_password = server.new_user()
+    anna = site.user("anna")
+    with site.sessions.begin() as session:
+        owner = session.get_one(UserRow, anna.id)
+        settings = ImapSettings(
+            host=server.host, port=server.port, username=imap_user, access_token="", security="none"
+        )
+        grant = oauth2.grant(
+            token_url=auth.token_url,
+            client_id=CLIENT_ID,
+            refresh_token=auth.issue_refresh_token(imap_user),
+        )
+        account_id = add_account(session, owner, anna.key, settings, oauth2=grant).id
+    client, headers = logged_in(site, anna)
+    # When she asks for a check of its connection and a worker runs it
+    with embedded_worker(site):
+        asked = client.post(f"/api/accounts/{account_id}/diagnostics", headers=headers)
+        check = wait_checked(client, asked.json["status_url"])
+    # Then the worker refreshed the token and the login over XOAUTH2 passed
+    assert check["status"] == "done" and check["ok"], check
+    assert len(auth.refreshes) == 1
