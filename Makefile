@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint typecheck format system clean
+AUDIT := .audit
+PIP_AUDIT_VERSION := 2.10.1
+
+.PHONY: demo test bench lint typecheck format system clean audit
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +32,17 @@ bench: $(STAMP) system
 	$(BIN)/python -m bench.sync
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.metrics
+	$(BIN)/python -m bench.login
 
 system:
 	bash scripts/ensure-system.sh
+
+## audit: known vulnerabilities of the pinned requirements (needs the PyPI/OSV advisory service;
+# not part of `make test`, which must pass offline). pip-audit lives in a venv of its own.
+audit:
+	$(PYTHON) -m venv $(AUDIT)
+	$(AUDIT)/bin/pip install --quiet --disable-pip-version-check pip-audit==$(PIP_AUDIT_VERSION)
+	$(AUDIT)/bin/pip-audit --requirement requirements.lock --no-deps --disable-pip --progress-spinner off
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -46,4 +57,4 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) data build *.egg-info
+	rm -rf $(VENV) $(AUDIT) data build *.egg-info

@@ -26,5 +26,6 @@ def diagnose_account(request_id: str) -> None:
         runtime.sessions(),
         request_id,
         private_key=runtime.private_key(),
+        policy=runtime.settings().address_policy,
         oauth2_providers=runtime.settings().oauth2_providers,
     )

@@ -66,6 +66,7 @@ def fetch_account(job_id: str, account_id: int) -> None:
         account_id=account_id,
         attempt=retries + 1,
         retry_policy=settings.retry,
+        address_policy=settings.address_policy,
         private_key=runtime.private_key(),
         processors=runtime.processors(),
         connection_slot=functools.partial(runtime.host_slot, ttl_ms=slot_ttl),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 from mailpipe import reports
 from mailpipe.accounts import PROVIDERS, add_account, owned_account
@@ -117,8 +118,9 @@ def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
         )
     sessions = open_database(settings)
     user, key = unlock(sessions, args.user, args.password_env)
+    settings.address_policy.check(imap.host, imap.effective_port)
     if not args.no_check:
-        failure = verify_login(imap)
+        failure = verify_login(replace(imap, policy=settings.address_policy))
         if failure is not None:
             raise MailpipeError(
                 f"not added: {failure.message} ({failure.error_class}); "

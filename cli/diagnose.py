@@ -66,7 +66,7 @@ def run_diagnose(args: argparse.Namespace, settings: Settings) -> int:
         user, key = unlock(sessions, args.user, args.password_env)
         with sessions() as session:
             account = owned_account(session, args.account_id, user.id)
-            imap = account_settings(account, key)
+            imap = account_settings(account, key, policy=settings.address_policy)
             refreshable = has_oauth2_grant(account, key)
         if refreshable:  # an OAuth2 account is checked with a fresh token, as a fetch would
             tokens = TokenSource(

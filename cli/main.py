@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from mailpipe.errors import MailpipeError
 from mailpipe.settings import Settings
 
-from . import accounts, diagnose, jobs, keys, queue, serve, sync, users
+from . import accounts, alerts, diagnose, jobs, keys, queue, serve, sync, users
 from .common import EXIT_FAILURE, EXIT_USAGE, StrictParser
 
 # In the order `mailpipe --help` lists them.
-COMMAND_GROUPS = (sync, diagnose, users, accounts, jobs, queue, serve, keys)
+COMMAND_GROUPS = (sync, diagnose, users, accounts, jobs, queue, serve, keys, alerts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mailpipe import db
 from mailpipe.accounts import account_settings, add_account, create_user, unlock_user
+from mailpipe.addresses import AddressPolicy
 from mailpipe.crypto import DataKey
 from mailpipe.errors import MailpipeError, NotFound
 from mailpipe.failures import classify
@@ -242,7 +243,7 @@ def _one_line_failure(command: str, error: Exception, *, host: str, debug: bool)
 def _find_account(session: Session, user: User, key: DataKey, settings: ImapSettings) -> int | None:
     """The owner's account on this server with this login, if there is one."""
     for account in session.scalars(select(MailAccount).where(MailAccount.user_id == user.id)):
-        stored = account_settings(account, key)
+        stored = account_settings(account, key, policy=AddressPolicy())  # compared, not connected
         if (stored.host, stored.effective_port, stored.username) == (
             settings.host,
             settings.effective_port,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
@@ -35,6 +35,7 @@ from worker.broker import use_broker
 from worker.embedded import embedded_worker
 
 from .faultproxy import FaultProxy
+from .imap_server import HOST as DEMO_HOST
 from .imap_server import DemoServer, demo_messages
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ def run_demo(settings: Settings, *, once: bool) -> int:
     if not settings.embedded:
         print("the demo runs on the embedded broker: unset MAILPIPE_BROKER_URL")
         return 2
+    settings = allow_demo_servers(settings)
     broker = use_broker(settings)
     from actors.pipeline import PipelineBroker  # declares the actors on that broker
 
@@ -96,6 +98,15 @@ def run_demo(settings: Settings, *, once: bool) -> int:
                     web.shutdown()
     finally:
         engine.dispose()
+
+
+def allow_demo_servers(settings: Settings) -> Settings:
+    """The demo's IMAP server and flaky link listen on loopback, which mailpipe refuses for
+    stored accounts: allow exactly that host, as MAILPIPE_ALLOW_PRIVATE_HOSTS would."""
+    policy = settings.address_policy
+    if DEMO_HOST in policy.allow:
+        return settings
+    return replace(settings, address_policy=replace(policy, allow=(*policy.allow, DEMO_HOST)))
 
 
 def _setup(pipeline: PipelineBroker, server: DemoServer, link: FaultProxy) -> Demo:

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from .addresses import AddressPolicy
 from .crypto import KDF_ITERATIONS, DataKey, KdfParams, WrappedKey, create_user_key, unwrap_key
 from .errors import MailpipeError, NotFound
 from .imap import ImapSettings
@@ -174,11 +175,19 @@ def has_oauth2_grant(account: MailAccount, key: DataKey) -> bool:
     return account.auth_kind == AuthKind.OAUTH2 and OAUTH2_GRANT in read_credentials(account, key)
 
 
-def account_settings(account: MailAccount, key: DataKey, **overrides: object) -> ImapSettings:
-    """Decrypt an account's connection settings; `overrides` adjust timeouts and the like."""
+def account_settings(
+    account: MailAccount, key: DataKey, *, policy: AddressPolicy, **overrides: object
+) -> ImapSettings:
+    """Decrypt an account's connection settings, bound to the address policy every connection
+    for a stored account goes through; `overrides` adjust timeouts and the like."""
     credentials = read_credentials(account, key)
     stored = {name: credentials[name] for name in CREDENTIAL_FIELDS if name in credentials}
-    return ImapSettings(**{**stored, **overrides})
+    return ImapSettings(**{**stored, **overrides}, policy=policy)
+
+
+def account_login(account: MailAccount, key: DataKey) -> str:
+    """The login name an account shows its owner (no connection is made with it)."""
+    return str(read_credentials(account, key).get("username") or "")
 
 
 def owned_account(session: Session, account_id: int, user_id: int) -> MailAccount:

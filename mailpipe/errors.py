@@ -17,5 +17,13 @@ class NotFound(MailpipeError):
     """A user, account or job does not exist, or belongs to someone else."""
 
 
+class TooManyRequests(MailpipeError):
+    """The caller asked too often; `retry_after` says in how many seconds it may ask again."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+
 class ProtocolError(MailpipeError):
     """The server does not speak the IMAP we need, or sent a response that is not valid IMAP."""

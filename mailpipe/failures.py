@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
+from .addresses import AddressRefused
 from .errors import DecryptionFailed, MailpipeError
 from .imap import TokenRefused
 from .oauth2 import GrantRefused, TokenEndpointDown, TokenRequestRefused
@@ -48,6 +49,8 @@ def classify(error: BaseException, *, host: str | None = None) -> Failure:
     where = f" {host}" if host else ""
     to = f" to {host}" if host else ""
     server = f"server {host}" if host else "the server"
+    if isinstance(error, AddressRefused):
+        return Failure(ErrorClass.ADDRESS_NOT_ALLOWED, str(error))
     if isinstance(error, ssl.SSLCertVerificationError):
         reason = getattr(error, "verify_message", None) or "certificate verify failed"
         return Failure(ErrorClass.TLS_ERROR, f"TLS certificate of {server} not trusted: {reason}")

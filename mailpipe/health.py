@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,6 +28,8 @@ BROKEN_MESSAGES = {
     ErrorClass.AUTH_FAILED: "{provider}: the server refused the login, please check the account settings",
     ErrorClass.ACCOUNT_DISABLED: "{provider}: the provider has disabled this account, please check it there",
     ErrorClass.TLS_ERROR: "{provider}: the server's certificate could not be verified; mail stays unfetched until the server or the settings are fixed",
+    ErrorClass.ADDRESS_NOT_ALLOWED: "{provider}: mailpipe does not connect to this server (not on "
+    "the public internet, or not on an IMAP port), please check the account settings",
 }
 OAUTH2_BROKEN_MESSAGES = {
     ErrorClass.INVALID_CREDENTIALS: "{provider}: the sign-in with the provider has expired or was withdrawn, "
@@ -236,6 +238,16 @@ def notifications(session: Session, user_id: int, *, unread_only: bool = False) 
     query = select(Notification).where(Notification.user_id == user_id)
     if unread_only:
         query = query.where(Notification.read_at.is_(None))
+    return _notes(session, query)
+
+
+def operator_alerts(session: Session, *, limit: int) -> list[Note]:
+    """The alerts Alertmanager delivered (they belong to no user), newest first: what
+    `mailpipe alerts` shows operators."""
+    return _notes(session, select(Notification).where(Notification.user_id.is_(None)).limit(limit))
+
+
+def _notes(session: Session, query: Select[Notification]) -> list[Note]:
     rows = session.scalars(query.order_by(Notification.created_at.desc(), Notification.id.desc()))
     return [
         Note(

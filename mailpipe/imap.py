@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import ssl
 from dataclasses import dataclass, field
 
 from imapclient import IMAPClient
 from imapclient.exceptions import LoginError
+from imapclient.imap4 import IMAP4WithTimeout
 from imapclient.imapclient import SocketTimeout
+from imapclient.tls import IMAP4_TLS, wrap_socket
+
+from .addresses import AddressPolicy
 
 SECURITY_MODES = ("tls", "starttls", "none")
 AUTH_MODES = ("auto", "login", "plain")
@@ -35,6 +40,9 @@ class ImapSettings:
     ca_file: str | None = None
     connect_timeout: float = CONNECT_TIMEOUT
     command_timeout: float = COMMAND_TIMEOUT
+    # where it may connect: settings of a stored account always carry one
+    # (accounts.account_settings); None is an operator's own explicit --host
+    policy: AddressPolicy | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.security not in SECURITY_MODES:
@@ -72,13 +80,72 @@ def open_connection(settings: ImapSettings) -> IMAPClient:
     """Connect and read the greeting (TLS already, when implicit), so each step can be diagnosed."""
     timeout = SocketTimeout(connect=settings.connect_timeout, read=settings.command_timeout)
     implicit_tls = settings.security == "tls"
-    return IMAPClient(
-        settings.host,
+    return _Client(
+        settings,
         port=settings.effective_port,
         ssl=implicit_tls,
         ssl_context=tls_context(settings) if implicit_tls else None,
         timeout=timeout,
     )
+
+
+def open_socket(settings: ImapSettings, timeout: float | None = None) -> socket.socket:
+    """The one way to the account's server: with a policy, to the checked addresses only."""
+    timeout = settings.connect_timeout if timeout is None else timeout
+    address = (settings.host, settings.effective_port)
+    if settings.policy is None:
+        return socket.create_connection(address, timeout=timeout)
+    last: OSError | None = None
+    for family, kind, proto, _name, sockaddr in settings.policy.addresses(*address):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+        except OSError as error:
+            sock.close()
+            last = error
+            continue
+        return sock
+    raise last or OSError(f"{settings.host} has no address")
+
+
+class _Plain(IMAP4WithTimeout):  # type: ignore[misc]  # imapclient ships no types
+    """imapclient's plain connection, through `open_socket`."""
+
+    def __init__(self, settings: ImapSettings, timeout: float | None) -> None:
+        self.mailpipe_settings = settings
+        super().__init__(settings.host, settings.effective_port, timeout)
+
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        return open_socket(self.mailpipe_settings, timeout)
+
+
+class _Tls(IMAP4_TLS):  # type: ignore[misc]
+    """imapclient's implicit-TLS connection, through `open_socket` (the name still verified)."""
+
+    def __init__(
+        self, settings: ImapSettings, context: ssl.SSLContext | None, timeout: float | None
+    ) -> None:
+        self.mailpipe_settings = settings
+        super().__init__(settings.host, settings.effective_port, context, timeout)
+
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        sock = open_socket(self.mailpipe_settings, timeout)
+        return wrap_socket(sock, self.ssl_context, self.host)  # type: ignore[no-any-return]
+
+
+class _Client(IMAPClient):  # type: ignore[misc]
+    """IMAPClient whose socket comes from `open_socket` (imapclient 4.1's `_create_IMAP4`)."""
+
+    def __init__(self, settings: ImapSettings, **options: object) -> None:
+        self.mailpipe_settings = settings
+        super().__init__(settings.host, **options)
+
+    def _create_IMAP4(self) -> IMAP4WithTimeout:
+        timeout = self._timeout.connect
+        if self.ssl:
+            return _Tls(self.mailpipe_settings, self.ssl_context, timeout)
+        return _Plain(self.mailpipe_settings, timeout)
 
 
 def start_tls(client: IMAPClient, settings: ImapSettings) -> None:

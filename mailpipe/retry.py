@@ -23,6 +23,7 @@ BREAKING = frozenset(
         ErrorClass.INVALID_CREDENTIALS,
         ErrorClass.ACCOUNT_DISABLED,
         ErrorClass.TLS_ERROR,
+        ErrorClass.ADDRESS_NOT_ALLOWED,
     }
 )
 

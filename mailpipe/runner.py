@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import grants, health, jobs, leases
 from .accounts import account_settings, has_oauth2_grant
+from .addresses import AddressPolicy
 from .crypto import DataKey
 from .errors import MailpipeError, NotFound
 from .failures import Failure, classify
@@ -69,6 +70,7 @@ def run_account(
     account_id: int,
     attempt: int,
     retry_policy: RetryPolicy,
+    address_policy: AddressPolicy,
     private_key: X25519PrivateKey,
     observer: Observer | None = None,
     processors: Mapping[str, Processor] | None = None,
@@ -79,8 +81,9 @@ def run_account(
     """Sync one account for one job and record the outcome; the last run finalises the job.
 
     `timeouts` are exception types (such as the queue's time-limit interrupt) that count as
-    the timeout error class. An OAuth2 account's token is refreshed with the client secret of
-    the configured provider (`oauth2_providers`) its grant names.
+    the timeout error class; `address_policy` says which servers the account may connect to.
+    An OAuth2 account's token is refreshed with the client secret of the configured provider
+    (`oauth2_providers`) its grant names.
     """
     owner = f"{job_id}:{account_id}"
     start = _start(
@@ -90,6 +93,7 @@ def run_account(
         attempt=attempt,
         owner=owner,
         private_key=private_key,
+        address_policy=address_policy,
     )
     if isinstance(start, RunOutcome):
         return start
@@ -240,6 +244,7 @@ def _start(
     attempt: int,
     owner: str,
     private_key: X25519PrivateKey,
+    address_policy: AddressPolicy,
 ) -> _Start | RunOutcome:
     """Take the account's lease, mark the run started, open the key and read the account and
     its folders' positions, in one transaction; or say why the run cannot go ahead."""
@@ -264,6 +269,7 @@ def _start(
             settings = account_settings(
                 account,
                 key,
+                policy=address_policy,
                 connect_timeout=min(CONNECT_TIMEOUT, timeout),
                 command_timeout=min(COMMAND_TIMEOUT, timeout),
             )

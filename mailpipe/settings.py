@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .accounts import PROVIDER_NAMES
+from .addresses import AddressPolicy
 from .errors import MailpipeError
 from .grants import WORKER_KEY_FILE_ENV, WORKER_PUBLIC_KEY_ENV, X25519_KEY_BYTES
 from .health import CircuitPolicy
@@ -50,6 +51,7 @@ class Settings:
     redis_maintenance_chance: int = 1_000  # per million commands
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     circuit: CircuitPolicy = field(default_factory=CircuitPolicy)
+    address_policy: AddressPolicy = field(default_factory=AddressPolicy)
     max_connections_per_host: int = 10
     max_connections_by_provider: Mapping[str, int] = field(default_factory=dict)
     host_slot_ttl_ms: int = 15 * 60 * 1000
@@ -142,6 +144,12 @@ class Settings:
                         failures=("MAILPIPE_CIRCUIT_FAILURES", _integer),
                         window_seconds=("MAILPIPE_CIRCUIT_WINDOW_SECONDS", _integer),
                         cooldown_seconds=("MAILPIPE_CIRCUIT_COOLDOWN_SECONDS", _integer),
+                    )
+                ),
+                address_policy=AddressPolicy(
+                    **given.fields(
+                        allow=("MAILPIPE_ALLOW_PRIVATE_HOSTS", _words),
+                        extra_ports=("MAILPIPE_EXTRA_IMAP_PORTS", _ports),
                     )
                 ),
             )
@@ -240,6 +248,14 @@ def _number(value: str) -> float:
     return float(value)
 
 
+def _words(value: str) -> tuple[str, ...]:
+    return tuple(filter(None, (part.strip() for part in value.split(","))))
+
+
+def _ports(value: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in _words(value))
+
+
 def _flag(value: str) -> bool:
     if value.lower() in TRUE:
         return True
@@ -262,6 +278,8 @@ KINDS: dict[Callable[[str], Any], str] = {
     _integer: "a whole number",
     _number: "a number",
     _flag: "true or false",
+    _words: "a comma-separated list",
+    _ports: "a comma-separated list of port numbers",
     _public_key: "the base64 of a raw 32-byte X25519 public key",
 }
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import imap, store
 from .accounts import account_settings
+from .addresses import AddressPolicy
 from .crypto import DataKey
 from .errors import ProtocolError
 from .fetch import FetchedMessage, fetch_messages
@@ -119,14 +120,16 @@ def sync_account(
     observer: Observer | None = None,
     connect: Callable[[ImapSettings], IMAPClient] = imap.connect,
     states: Mapping[str, store.FolderPosition] | None = None,
+    policy: AddressPolicy | None = None,
     tokens: TokenSource | None = None,
 ) -> SyncResult:
     """Bring the database up to date with the account's folders, storing each message once.
 
     A caller that has read the settings, the folders (in `options`) and each folder's stored
     position (`states`, from `store.folder_states`) already spares the sync reading them again.
-    An OAuth2 account's `tokens` give the access token, refreshed once more if the server
-    refuses it.
+    Settings read here from the stored account connect under `policy` (by default: public
+    servers on IMAP ports only). An OAuth2 account's `tokens` give the access token, refreshed
+    once more if the server refuses it.
     """
     options = options or SyncOptions()
     started = time.perf_counter()
@@ -135,7 +138,7 @@ def sync_account(
     if settings is None or not wanted or states is None:
         with sessions() as session:
             account = session.get_one(MailAccount, account_id)
-            settings = settings or account_settings(account, key)
+            settings = settings or account_settings(account, key, policy=policy or AddressPolicy())
             wanted = wanted or list(account.folders)
             if states is None:
                 states = store.folder_states(session, account_id)

@@ -88,6 +88,7 @@ class ErrorClass(StrEnum):
     INVALID_CREDENTIALS = "invalid_credentials"
     ACCOUNT_DISABLED = "account_disabled"
     TLS_ERROR = "tls_error"
+    ADDRESS_NOT_ALLOWED = "address_not_allowed"  # not public, or not an IMAP port
     UNKNOWN = "unknown"
     # skips: the run did not go ahead, which is not a failure
     LOCKED = "locked"

@@ -32,6 +32,7 @@ QUARANTINE_REASONS = tuple(
     dict.fromkeys([*parse.QUARANTINE_REASONS.values(), "not_a_message", PARSE_ERROR])
 )
 AUTH_ERROR_CLASSES = (ErrorClass.AUTH_FAILED, ErrorClass.INVALID_CREDENTIALS)
+LOGIN_OUTCOMES = ("success", "failed", "throttled")
 
 # Bucket bounds include the alert thresholds (2 s and 5 s connect, 10 s and 30 s account run),
 # so histogram_quantile is exact at the lines that page someone.
@@ -88,6 +89,12 @@ REFRESH_OUTCOMES = tuple(RefreshOutcome)
 RETRIES = Counter(
     "mailpipe_retries_total", "Account-run attempts sent back for a retry.", ["error_class"]
 )
+LOGINS = Counter(
+    "mailpipe_web_logins_total",
+    "Web logins by outcome: success, failed (wrong name or password) or throttled (answered 429 "
+    "before the password was checked).",
+    ["outcome"],
+)
 
 
 def bounded(value: str | None, allowed: Container[str], *, fallback: str = OTHER) -> str:
@@ -116,6 +123,8 @@ def initialise() -> None:
         RETRIES.labels(error_class)
     for reason in QUARANTINE_REASONS:
         EMAILS_QUARANTINED.labels(reason)
+    for login_outcome in LOGIN_OUTCOMES:
+        LOGINS.labels(login_outcome)
 
 
 initialise()

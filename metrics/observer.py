@@ -119,6 +119,11 @@ def record_job(type: str, status: str, seconds: float) -> None:
     c.JOB_DURATION.labels(job_type, status).observe(max(seconds, 0.0))
 
 
+def record_login(outcome: str) -> None:
+    """A web login ended: success, failed or throttled."""
+    c.LOGINS.labels(c.bounded(outcome, c.LOGIN_OUTCOMES, fallback="failed")).inc()
+
+
 def record_error(error_class: str, phase: str, provider: str) -> None:
     """An account-run attempt failed with `error_class` during `phase`."""
     c.ERRORS.labels(

@@ -1,6 +1,8 @@
 """Shared fixtures: a real Dovecot, fresh IMAP users, and throwaway SQLite/PostgreSQL databases.
 
 Nothing here imports `mailpipe`, so the support code works while the package is being written.
+Every test server listens on loopback, which mailpipe refuses for stored accounts unless allowed:
+the allowance is set here, explicitly, for everything the tests start (workers, web, commands).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ if str(ROOT) not in sys.path:  # `.venv/bin/pytest` does not put the repo root o
 os.environ.setdefault(
     "MAILPIPE_MIN_BACKOFF_MS", "100"
 )  # retries in tests wait 0.1-0.2 s, not 1-2 s
+os.environ["MAILPIPE_ALLOW_PRIVATE_HOSTS"] = "127.0.0.1,::1"  # tests.support.policy.LOOPBACK_HOSTS
 
 from tests.support import postgres  # noqa: E402
 from tests.support.dovecot import DOVECOT, Dovecot  # noqa: E402

@@ -28,6 +28,7 @@ from mailpipe.imap import ImapSettings
 from mailpipe.models import Email
 from mailpipe.parse import QUARANTINE_REASONS
 from mailpipe.sync import sync_account
+from tests.support.policy import LOOPBACK
 from tests.support.scripted_imap import CAPABILITIES, Close, ScriptedImap, tagged, uid_fetch
 from tests.support.workers import ROOT
 
@@ -248,7 +249,7 @@ def test_8bit_and_odd_charset_headers_end_parsed_or_quarantined_with_a_reason(
         )
         account_id = add_account(session, owner, key, settings).id
     # When the account is synced
-    result = sync_account(sessions, account_id=account_id, key=key)
+    result = sync_account(sessions, account_id=account_id, key=key, policy=LOOPBACK)
     # Then every message is stored, each parsed or quarantined with a known reason
     with sessions() as session:
         emails = list(session.scalars(select(Email).where(Email.account_id == account_id)))

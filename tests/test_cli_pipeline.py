@@ -11,6 +11,7 @@ import pytest
 
 from tests.support import postgres
 from tests.support.messages import plain_message as message
+from tests.support.policy import LOOPBACK_HOSTS
 from tests.support.workers import REDIS_URL, delete_namespace, new_namespace
 
 JOB_INSTANTS = ("created_at", "started_at", "finished_at")
@@ -36,6 +37,7 @@ def env(tmp_path):
         **clean,
         "MAILPIPE_DATA_DIR": str(tmp_path),
         "MAILPIPE_DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}",
+        "MAILPIPE_ALLOW_PRIVATE_HOSTS": LOOPBACK_HOSTS,  # the test's Dovecot is on loopback
         "USER_PW": "geheim-1",
     }
 

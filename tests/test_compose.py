@@ -158,3 +158,22 @@ def test_workers_and_exporter_share_one_metrics_directory():
         mounts("worker")[PurePosixPath(directory)] == mounts("exporter")[PurePosixPath(directory)]
     )
     assert exporter["pid"] == "service:worker"  # process ids name the metric files
+
+
+def test_nothing_in_the_stack_is_open_by_default():
+    # Given the compose file as shipped
+    text = (ROOT / "docker-compose.yml").read_text()
+    # Then Grafana asks for a login, whose password has no default
+    grafana = SERVICES["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    # And Prometheus and Alertmanager (which would deliver anyone's alerts to the web app with
+    # its token) listen on the host's loopback only
+    for service in ("prometheus", "alertmanager"):
+        assert all(p.startswith("127.0.0.1:") for p in SERVICES[service]["ports"]), service
+    # And the database password must be set: no service falls back to a default one
+    assert "POSTGRES_PASSWORD:-" not in text
+    assert (
+        re.findall(r"\$\{POSTGRES_PASSWORD[^}]*\}", text)
+        == ["${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}"] * 2
+    )

@@ -6,6 +6,7 @@ import ssl
 import pytest
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
+from mailpipe.addresses import AddressRefused
 from mailpipe.errors import DecryptionFailed
 from mailpipe.failures import classify
 from mailpipe.retry import BREAKING, TRANSIENT
@@ -58,6 +59,12 @@ CASES = [
     ("broken-pipe", BrokenPipeError(32, "Broken pipe"), "connection_reset"),
     ("refused", ConnectionRefusedError(111, "Connection refused"), "temporarily_unavailable"),
     ("dns", socket.gaierror(-2, "Name or service not known"), "temporarily_unavailable"),
+    # the address policy refused the account's server before connecting
+    (
+        "internal-address",
+        AddressRefused("host 10.0.0.1 is not on the public internet"),
+        "address_not_allowed",
+    ),
     ("timeout", TimeoutError("timed out"), "timeout"),
     ("socket-timeout", TimeoutError("timed out"), "timeout"),
     (
@@ -91,7 +98,13 @@ def test_every_failure_class_is_either_transient_or_breaking():
     # Then each is retried or breaks the account, never both, and the skips are neither
     assert classes <= set(FAILURES) == TRANSIENT | BREAKING
     assert TRANSIENT.isdisjoint(BREAKING)
-    assert {"auth_failed", "invalid_credentials", "account_disabled", "tls_error"} == BREAKING
+    assert {
+        "auth_failed",
+        "invalid_credentials",
+        "account_disabled",
+        "tls_error",
+        "address_not_allowed",
+    } == BREAKING
 
 
 def test_messages_never_repeat_server_text_that_may_quote_secrets():

@@ -35,6 +35,7 @@ from mailpipe.vocabulary import ErrorClass, Health
 from metrics.observer import MetricsObserver
 from tests.support.dovecot import DOVECOT, Dovecot
 from tests.support.messages import plain_message as message
+from tests.support.policy import LOOPBACK
 from tests.test_web_api import embedded_worker, logged_in, make_site, wait_checked, wait_final
 
 OAUTH2_CONFIG = """
@@ -248,7 +249,7 @@ def test_account_with_an_access_token_syncs_over_xoauth2(oauth, tmp_path):
         )
         account = add_account(session, owner, key, settings)
     # When the account, stored with its token and no password, is synced
-    result = sync_account(sessions, account_id=account.id, key=key)
+    result = sync_account(sessions, account_id=account.id, key=key, policy=LOOPBACK)
     # Then it logged in with XOAUTH2 (the server asked the introspection endpoint) and stored both
     assert result.saved == 2
     assert introspection.asked == ["token-for-test"]
@@ -386,7 +387,11 @@ def test_an_account_keeps_syncing_across_several_token_lifetimes(oauth, tmp_path
     # When mail arrives and the account is synced three times, each after the token lapsed
     for round_ in range(3):
         server.append(user, password, [message(round_ + 1)])
-        saved.append(sync_account(sessions, account_id=account_id, key=key, tokens=tokens).saved)
+        saved.append(
+            sync_account(
+                sessions, account_id=account_id, key=key, tokens=tokens, policy=LOOPBACK
+            ).saved
+        )
         time.sleep(ACCESS_SECONDS + 0.1)
     # Then every sync logged in with a fresh token and stored its new mail
     assert saved == [1, 1, 1]
@@ -409,7 +414,7 @@ def test_a_refused_access_token_is_refreshed_once_more(oauth, tmp_path):
     first = tokens.token()
     # When the provider withdraws that token early, and the account is synced
     del auth.tokens[first]
-    result = sync_account(sessions, account_id=account_id, key=key, tokens=tokens)
+    result = sync_account(sessions, account_id=account_id, key=key, tokens=tokens, policy=LOOPBACK)
     # Then the refused token was refreshed once more and the sync went ahead
     assert result.saved == 1
     assert tokens.refreshed == 2
@@ -429,7 +434,7 @@ def test_a_token_endpoint_that_is_down_is_transient_and_recovers(oauth, tmp_path
     tokens = oauth2.TokenSource(sessions, account_id, key)
     # When the account is synced
     with pytest.raises(oauth2.TokenEndpointDown) as down:
-        sync_account(sessions, account_id=account_id, key=key, tokens=tokens)
+        sync_account(sessions, account_id=account_id, key=key, tokens=tokens, policy=LOOPBACK)
     # Then the failure is transient (retried), and the stored grant is untouched
     failure = classify(down.value)
     assert failure.error_class == ErrorClass.TEMPORARILY_UNAVAILABLE and failure.transient
@@ -437,7 +442,10 @@ def test_a_token_endpoint_that_is_down_is_transient_and_recovers(oauth, tmp_path
     # When the endpoint is back
     auth.down = False
     # Then the next sync refreshes and stores the mail
-    assert sync_account(sessions, account_id=account_id, key=key, tokens=tokens).saved == 1
+    assert (
+        sync_account(sessions, account_id=account_id, key=key, tokens=tokens, policy=LOOPBACK).saved
+        == 1
+    )
     engine.dispose()
 
 
@@ -466,7 +474,7 @@ def test_a_revoked_refresh_token_is_permanent_and_asks_to_connect_again(oauth, t
     tokens = oauth2.TokenSource(sessions, account_id, key)
     # When the account is synced
     with pytest.raises(oauth2.GrantRefused) as refused:
-        sync_account(sessions, account_id=account_id, key=key, tokens=tokens)
+        sync_account(sessions, account_id=account_id, key=key, tokens=tokens, policy=LOOPBACK)
     failure = classify(refused.value)
     # Then the failure is permanent invalid credentials, which breaks the account with the
     # OAuth2 advice ("connect the account again", not "re-enter the password")

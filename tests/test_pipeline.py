@@ -18,6 +18,7 @@ from mailpipe.processors import Mail
 from mailpipe.retry import RetryPolicy
 from mailpipe.runner import Next, run_account
 from mailpipe.vocabulary import Gate, Health
+from tests.support.policy import LOOPBACK
 from tests.support.world import User, World
 
 CIRCUIT = CircuitPolicy()
@@ -149,6 +150,7 @@ def run_job(world: World, job_id: str, account: int, **options):
         account_id=account,
         attempt=1,
         retry_policy=RetryPolicy(),
+        address_policy=LOOPBACK,
         private_key=world.private_key,
         **options,
     )

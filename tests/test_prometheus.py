@@ -37,6 +37,7 @@ from mailpipe.models import Notification
 from mailpipe.vocabulary import JobType
 from metrics import multiprocess
 from tests.support.dovecot import free_ports
+from tests.support.policy import LOOPBACK
 from tests.support.workers import REDIS_URL, ROOT, delete_namespace, new_namespace
 
 PROMTOOL = shutil.which("promtool")
@@ -272,6 +273,7 @@ def run_child(spec: dict) -> None:
                 account_id=account_id,
                 attempt=attempt,
                 retry_policy=RetryPolicy(max_retries=1),
+                address_policy=LOOPBACK,
                 private_key=private,
                 observer=observer,
             )

@@ -18,6 +18,7 @@ from mailpipe.models import Email, FolderState
 from mailpipe.observer import Observer
 from mailpipe.sync import Pipeline, SyncOptions, sync_account
 from tests.support.messages import plain_message as message
+from tests.support.policy import LOOPBACK
 
 FAST_KDF = 1_000
 
@@ -46,6 +47,7 @@ class Mailbox:
             options=SyncOptions(**options),
             connect=connect,
             observer=observer,
+            policy=LOOPBACK,
         )
 
     def stored(self, **where) -> list[Email]:

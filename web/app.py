@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from mailpipe.crypto import KDF_ITERATIONS, SALT_BYTES, DataKey, KdfParams, deri
 from mailpipe.errors import NotFound, WrongPassword
 from mailpipe.settings import Settings
 from mailpipe.vocabulary import JOB_FINAL
+from metrics.observer import record_login
 from worker.broker import use_broker
 from worker.embedded import embedded_worker
 
@@ -34,16 +36,19 @@ from . import present
 from .blueprint import API_PREFIX, CSRF_HEADER, create_blueprint, http_error_response
 from .i18n import TEXTS, language, text
 from .sessions import ServerSession, SessionStore
+from .throttle import LoginThrottle, login_throttle, name_digest
 
 if TYPE_CHECKING:
     from actors.pipeline import PipelineBroker
 
+logger = logging.getLogger(__name__)
 SESSION_COOKIE = "mailpipe_session"
 LOGIN_COOKIE = "mailpipe_login"
 LOGIN_FORM_SECONDS = 15 * 60
 DASHBOARD_JOBS = 10
 DASHBOARD_NOTIFICATIONS = 20
 MAX_CONTENT_LENGTH = 1024 * 1024
+HSTS = "max-age=31536000"
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -63,6 +68,7 @@ class WebState:
     sessions: sessionmaker[Session]
     pipeline: PipelineBroker
     background_grant_seconds: float
+    throttle: LoginThrottle
 
 
 def alert_token(settings: Settings) -> str | None:
@@ -88,7 +94,9 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
         sessions=pipeline.sessions,
         pipeline=pipeline,
         background_grant_seconds=settings.background_grant_hours * 3600,
+        throttle=login_throttle(settings, pipeline.sessions),
     )
+    state.logins.purge_every()
     app.extensions["mailpipe"] = state
     app.register_blueprint(
         create_blueprint(
@@ -112,6 +120,8 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
     def secure(response: Response) -> Response:
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
+        if settings.cookie_secure:  # served over TLS: browsers must not come back without it
+            response.headers.setdefault("Strict-Transport-Security", HSTS)
         if request.endpoint != "static":
             response.headers.setdefault("Cache-Control", "no-store")
         return response
@@ -124,7 +134,7 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
 
     @app.get("/login")
     def login_form() -> Response:
-        return _login_page(language(request))
+        return _login_page(language(request), secure=settings.cookie_secure)
 
     @app.post("/login")
     def login() -> ResponseReturnValue:
@@ -132,14 +142,45 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
         expected = request.cookies.get(LOGIN_COOKIE, "")
         given = request.form.get("login_token", "")
         if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
-            return _login_page(lang, error="login_expired", status=400)
-        user = _unlock(state, request.form.get("username", ""), request.form.get("password", ""))
+            return _login_page(
+                lang, secure=settings.cookie_secure, error="login_expired", status=400
+            )
+        given_name, address = request.form.get("username", ""), request.remote_addr or ""
+        wait = state.throttle.retry_after(name=given_name, address=address)
+        if wait is not None:  # answered before any key derivation
+            record_login("throttled")
+            logger.warning(
+                "login throttled: user name %s from %s (retry after %d s)",
+                name_digest(given_name)[:12],
+                address,
+                wait,
+            )
+            refused = _login_page(
+                lang, secure=settings.cookie_secure, error="login_throttled", status=429
+            )
+            refused.headers["Retry-After"] = str(wait)
+            return refused
+        user = _unlock(state, given_name, request.form.get("password", ""))
         if user is None:
-            return _login_page(lang, error="login_failed", status=401)
+            state.throttle.failed(name=given_name, address=address)
+            record_login("failed")
+            logger.warning(
+                "login failed: user name %s from %s",
+                name_digest(given_name)[:12],
+                address,
+            )
+            return _login_page(
+                lang, secure=settings.cookie_secure, error="login_failed", status=401
+            )
+        state.throttle.succeeded(name=given_name)
+        record_login("success")
         user_id, name, key = user
         login = state.logins.create(user_id=user_id, user_name=name, key=key)
         if request.form.get("background"):
             login.notice = _grant_background(state, login)
+        else:  # an earlier login's background grant ends: the user did not allow it this time
+            with state.sessions.begin() as session:
+                grants.revoke_background(session, user_id)
         response = redirect(_dashboard_url(), code=303)
         response.set_cookie(
             SESSION_COOKIE,
@@ -199,7 +240,9 @@ def _dashboard_url() -> str:
     return url_for("dashboard", **_lang_arg())
 
 
-def _login_page(lang: str, *, error: str | None = None, status: int = 200) -> Response:
+def _login_page(
+    lang: str, *, secure: bool, error: str | None = None, status: int = 200
+) -> Response:
     """The login form with a fresh token bound to a Strict cookie (no login from other sites)."""
     token = secrets.token_urlsafe(32)
     page = render_template(
@@ -218,6 +261,7 @@ def _login_page(lang: str, *, error: str | None = None, status: int = 200) -> Re
         path="/login",
         httponly=True,
         samesite="Strict",
+        secure=secure,
     )
     return response
 

@@ -29,7 +29,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from flask import Blueprint, Response, jsonify, redirect, request, url_for
 from flask.typing import ResponseReturnValue
@@ -40,8 +40,9 @@ from werkzeug.exceptions import HTTPException
 
 from mailpipe import db, health, oauth2
 from mailpipe.accounts import PRESETS, account_settings, add_account, owned_account, set_credentials
+from mailpipe.addresses import AddressPolicy
 from mailpipe.crypto import DataKey
-from mailpipe.errors import DecryptionFailed, NotFound
+from mailpipe.errors import DecryptionFailed, NotFound, TooManyRequests
 from mailpipe.grants import WorkerKeyError
 from mailpipe.imap import SECURITY_MODES, ImapSettings
 from mailpipe.jobs import MAX_TIMEOUT_SECONDS
@@ -107,6 +108,7 @@ class ApiError(Exception):
         *,
         field: str | None = None,
         error_class: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -114,6 +116,7 @@ class ApiError(Exception):
         self.message = message
         self.field = field
         self.error_class = error_class
+        self.retry_after = retry_after
 
 
 def error_response(error: ApiError) -> Response:
@@ -127,6 +130,8 @@ def error_response(error: ApiError) -> Response:
     response.status_code = error.status
     if error.status == 401 and error.code == "alert_token":
         response.headers["WWW-Authenticate"] = 'Bearer realm="mailpipe-alerts"'
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
     return response
 
 
@@ -270,7 +275,7 @@ class _Api:
         chosen = self._provider(provider)
         data = _json_object()
         _known_fields(data, ("login",))
-        login = _text(data, "login", maximum=MAX_LOGIN)
+        login = _string(data, "login", maximum=MAX_LOGIN)
         state = secrets.token_urlsafe(24)
         verifier, challenge = oauth2.pkce_pair()
         redirect_uri = url_for(f"{BLUEPRINT_NAME}.oauth2_callback", _external=True)
@@ -354,7 +359,7 @@ class _Api:
             access_token=tokens.access_token,
             security=chosen.imap_security,
         )
-        failure = verify_login(settings)
+        failure = verify_login(replace(settings, policy=self.policy))
         if failure is not None:
             message = present.error_text(failure.error_class, lang, auth=AuthKind.OAUTH2)
             raise ApiError(
@@ -367,7 +372,7 @@ class _Api:
             tokens=tokens,
         )
         with self.sessions.begin() as session:
-            account = _same_login(session, user_id, key, settings)
+            account = _same_login(session, user_id, key, settings, policy=self.policy)
             if account is None:
                 user = session.get_one(User, user_id)
                 account = add_account(session, user, key, settings, oauth2=grant)
@@ -418,8 +423,8 @@ class _Api:
         settings = ImapSettings(
             host=_host(data),
             port=_int(data, "port", default=None, maximum=MAX_PORT),
-            username=_text(data, "login", maximum=MAX_LOGIN),
-            password=_text(data, "password", maximum=MAX_PASSWORD),
+            username=_string(data, "login", maximum=MAX_LOGIN),
+            password=_string(data, "password", maximum=MAX_PASSWORD),
             security=security,
         )
         folders = _folders(data)
@@ -452,7 +457,7 @@ class _Api:
         enabled = data.get("enabled")
         if enabled is not None and not isinstance(enabled, bool):
             raise ApiError(400, "bad_request", "enabled must be true or false", field="enabled")
-        password = _text(data, "password", maximum=MAX_PASSWORD) if "password" in data else None
+        password = _string(data, "password", maximum=MAX_PASSWORD) if "password" in data else None
         key = self.key() if password is not None else None
         with self.sessions() as session:
             account = self._owned(session, account_id, user_id)
@@ -465,7 +470,8 @@ class _Api:
                         text(language(request), "oauth2_no_password"),
                         field="password",
                     )
-                settings = replace(account_settings(account, key), password=password)
+                stored = account_settings(account, key, policy=self.policy)
+                settings = replace(stored, password=password)
         if settings is not None:
             self._verify(settings)
         with self.sessions.begin() as session:
@@ -494,9 +500,15 @@ class _Api:
         except NotFound:
             raise ApiError(404, "not_found", "account not found") from None
 
+    @property
+    def policy(self) -> AddressPolicy:
+        """Which servers accounts may reach (`MAILPIPE_ALLOW_PRIVATE_HOSTS` and the like)."""
+        return self.pipeline.settings.address_policy
+
     def _verify(self, settings: ImapSettings) -> None:
-        """Answer 422 with the reason in the user's words when the server refuses the login."""
-        failure = verify_login(settings)
+        """Answer 422 with the reason in the user's words when the server refuses the login
+        (or the address policy refuses the server)."""
+        failure = verify_login(replace(settings, policy=self.policy))
         if failure is not None:
             message = present.error_text(
                 failure.error_class, language(request), auth=AuthKind.PASSWORD
@@ -524,6 +536,10 @@ class _Api:
             request_id = self.pipeline.request_diagnosis(user_id, account_id, key=key)
         except NotFound:
             raise ApiError(404, "not_found", "account not found") from None
+        except TooManyRequests as error:
+            raise ApiError(
+                429, "too_many_checks", str(error), retry_after=error.retry_after
+            ) from None
         except WorkerKeyError:
             raise ApiError(503, "unavailable", "the workers' key is not configured") from None
         location = url_for(f"{BLUEPRINT_NAME}.diagnosis", request_id=request_id)
@@ -687,7 +703,10 @@ def _json_object() -> dict:
     """The request body as a JSON object; an empty body counts as `{}`."""
     if not request.get_data(cache=True):
         return {}
-    data = request.get_json(silent=True)
+    try:
+        data = request.get_json(silent=True)
+    except RecursionError:  # nested deeper than the parser goes: not a body we take
+        data = None
     if not isinstance(data, dict):
         raise ApiError(400, "bad_request", "the body must be a JSON object", field="body")
     return data
@@ -708,12 +727,12 @@ def _int(data: dict, name: str, *, default: int | None, maximum: int) -> int | N
 
 
 def _same_login(
-    session: Session, user_id: int, key: DataKey, settings: ImapSettings
+    session: Session, user_id: int, key: DataKey, settings: ImapSettings, *, policy: AddressPolicy
 ) -> MailAccount | None:
     """The user's account on this server with this login, which a new grant reconnects."""
     for account in session.scalars(select(MailAccount).where(MailAccount.user_id == user_id)):
         try:
-            stored = account_settings(account, key)
+            stored = account_settings(account, key, policy=policy)
         except (DecryptionFailed, ValueError, TypeError):
             continue
         if (stored.host, stored.effective_port, stored.username) == (
@@ -725,11 +744,11 @@ def _same_login(
     return None
 
 
-def _text(data: dict, name: str, *, maximum: int) -> str:
+def _string(data: dict, name: str, *, maximum: int) -> str:
     """A non-empty string of at most `maximum` characters, without control characters."""
     value = data.get(name)
     if (
-        not isinstance(value, str)
+        not _text(value)
         or not 0 < len(value) <= maximum
         or any(ord(c) < 32 or ord(c) == 127 for c in value)
     ):
@@ -743,7 +762,7 @@ def _text(data: dict, name: str, *, maximum: int) -> str:
 
 
 def _host(data: dict) -> str:
-    host = _text(data, "host", maximum=MAX_HOST)
+    host = _string(data, "host", maximum=MAX_HOST)
     if not re.fullmatch(HOST_PATTERN, host):
         raise ApiError(400, "bad_request", "host must be a host name or address", field="host")
     return host
@@ -796,6 +815,17 @@ def _query_int(name: str, *, default: int, maximum: int) -> int:
     return int(raw)
 
 
+def _text(value: object) -> TypeGuard[str]:
+    """A string that UTF-8 can hold (JSON lets a lone surrogate through, "\\ud800")."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _alert_rows(payload: dict) -> list[dict]:
     """Validate Alertmanager's webhook payload (version 4) into notification rows."""
     alerts = payload.get("alerts")
@@ -818,7 +848,7 @@ def _alert_rows(payload: dict) -> list[dict]:
                 400, "bad_request", "status must be firing or resolved", field=f"{where}.status"
             )
         for name, value in (("fingerprint", fingerprint), ("startsAt", starts_at)):
-            if not isinstance(value, str) or not 0 < len(value) <= MAX_FINGERPRINT:
+            if not _text(value) or not 0 < len(value) <= MAX_FINGERPRINT:
                 raise ApiError(
                     400,
                     "bad_request",
@@ -827,7 +857,7 @@ def _alert_rows(payload: dict) -> list[dict]:
                 )
         for name, mapping in (("labels", labels), ("annotations", annotations)):
             if not isinstance(mapping, dict) or not all(
-                isinstance(v, str) and len(v) <= MAX_LABEL for v in mapping.values()
+                _text(v) and len(v) <= MAX_LABEL for v in mapping.values()
             ):
                 raise ApiError(
                     400,

@@ -17,6 +17,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "login": "Anmelden",
         "login_failed": "Benutzername oder Passwort falsch.",
         "login_expired": "Das Anmeldeformular ist abgelaufen. Bitte erneut versuchen.",
+        "login_throttled": "Zu viele fehlgeschlagene Anmeldungen. Bitte später erneut versuchen.",
         "logout": "Abmelden",
         "fetch_now": "Jetzt abrufen",
         "fetch_running": "Abruf läuft …",
@@ -55,6 +56,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "language": "Sprache",
         "background_unavailable": "Hintergrundabruf ist gerade nicht verfügbar (Worker-Schlüssel fehlt).",
         "error_too_many_jobs": "Es laufen schon zu viele Abrufe. Bitte warten, bis einer fertig ist.",
+        "error_too_many_checks": "Zu viele Verbindungsprüfungen in kurzer Zeit. Bitte eine "
+        "Minute warten.",
         "error_key_required": "Bitte erneut anmelden, um E-Mails abzurufen.",
         "error_unauthorized": "Die Sitzung ist abgelaufen. Bitte erneut anmelden.",
         "error_generic": "Das hat nicht geklappt. Bitte später erneut versuchen.",
@@ -108,6 +111,9 @@ TEXTS: dict[str, dict[str, str]] = {
         "wurde widerrufen, bitte das Konto neu verbinden.",
         "error_account_disabled": "Das Konto ist beim Anbieter gesperrt oder deaktiviert.",
         "error_tls_error": "Die sichere Verbindung (TLS) zum Mailserver ist fehlgeschlagen.",
+        "error_address_not_allowed": "Dieser Mailserver ist nicht erlaubt: Er liegt nicht im "
+        "öffentlichen Internet oder nutzt keinen IMAP-Port (143, 993). mailpipe verbindet sich "
+        "nicht dorthin.",
         "error_locked": "Nicht abgerufen: bitte erneut anmelden, damit mailpipe das Konto lesen darf.",
         "error_circuit_open": "Übersprungen: Der Abruf dieses Kontos schlug wiederholt fehl; "
         "mailpipe pausiert ihn eine Weile und versucht es dann erneut.",
@@ -127,6 +133,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "login": "Log in",
         "login_failed": "Wrong user name or password.",
         "login_expired": "The login form has expired. Please try again.",
+        "login_throttled": "Too many failed logins. Please try again later.",
         "logout": "Log out",
         "fetch_now": "Fetch now",
         "fetch_running": "Fetching …",
@@ -164,6 +171,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "language": "Language",
         "background_unavailable": "Background fetching is unavailable right now (worker key missing).",
         "error_too_many_jobs": "Too many fetches are running already. Please wait for one to finish.",
+        "error_too_many_checks": "Too many connection checks in a short time. Please wait a "
+        "minute.",
         "error_key_required": "Please log in again to fetch mail.",
         "error_unauthorized": "Your session has expired. Please log in again.",
         "error_generic": "That did not work. Please try again later.",
@@ -216,6 +225,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "withdrawn, please connect the account again.",
         "error_account_disabled": "The account is locked or disabled at the provider.",
         "error_tls_error": "The secure connection (TLS) to the mail server failed.",
+        "error_address_not_allowed": "This mail server is not allowed: it is not on the public "
+        "internet or not on an IMAP port (143, 993). mailpipe does not connect there.",
         "error_locked": "Not fetched: log in again so mailpipe may read this account.",
         "error_circuit_open": "Skipped: fetching this account kept failing; mailpipe pauses it "
         "for a while and then tries again.",

@@ -425,6 +425,7 @@ OPENAPI: dict = {
                     "401": _error("Unauthorized"),
                     "403": _error("Forbidden"),
                     "404": _error("NotFound"),
+                    "429": _error("TooManyChecks"),
                     "503": _error("Unavailable"),
                 },
             }
@@ -570,6 +571,8 @@ OPENAPI: dict = {
                 "Forbidden": "missing or wrong X-CSRF-Token",
                 "NotFound": "no such job, account, check or notification of this user",
                 "TooManyJobs": "too many of the user's jobs are still queued or running",
+                "TooManyChecks": "too many connection checks within a minute; the Retry-After "
+                "header says when to ask again",
                 "Unavailable": "the workers' key or the alert token is not configured, or the "
                 "OAuth2 provider cannot be reached",
                 "LoginFailed": "the server refused the login or could not be reached; `error` "

@@ -8,7 +8,7 @@ from datetime import timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from mailpipe.accounts import PROVIDER_NAMES, account_settings
+from mailpipe.accounts import PROVIDER_NAMES, account_login
 from mailpipe.crypto import DataKey
 from mailpipe.errors import DecryptionFailed
 from mailpipe.models import AccountRun, MailAccount, Notification, PipelineJob, iso, utcnow
@@ -43,7 +43,7 @@ def account_labels(session: Session, user_id: int, key: DataKey | None) -> dict[
         login = None
         if key is not None and account.credentials_enc is not None:
             try:
-                login = account_settings(account, key).username
+                login = account_login(account, key)
             except (DecryptionFailed, ValueError, TypeError):
                 login = None
         labels[account.id] = f"{name} · {login}" if login else f"{name} #{account.id}"

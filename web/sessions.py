@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from mailpipe.crypto import DataKey
 
 DEFAULT_IDLE_SECONDS = 30 * 60
 DEFAULT_MAX_SECONDS = 12 * 60 * 60
+PURGE_SECONDS = 60  # an idle session's key leaves memory at most this long after it expired
 TOKEN_BYTES = 32
 
 
@@ -90,6 +92,32 @@ class SessionStore:
     def __len__(self) -> int:
         with self._lock:
             return len(self._sessions)
+
+    def purge(self) -> int:
+        """Forget every expired session (and its data key) now; returns how many."""
+        with self._lock:
+            before = len(self._sessions)
+            self._purge(self._clock())
+            return before - len(self._sessions)
+
+    def purge_every(self, seconds: float = PURGE_SECONDS) -> threading.Thread:
+        """Purge on a timer, so an idle session's key does not wait in memory for the next
+        login; the thread ends with the store."""
+        store = weakref.ref(self)
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(seconds):
+                alive = store()
+                if alive is None:
+                    return
+                alive.purge()
+                del alive
+
+        thread = threading.Thread(target=loop, name="mailpipe-session-purge", daemon=True)
+        thread.start()
+        weakref.finalize(self, stop.set)
+        return thread
 
     def _expired(self, session: ServerSession, now: float) -> bool:
         return (

@@ -9,7 +9,8 @@ import ssl
 from datetime import UTC, datetime
 from typing import Any
 
-from ..imap import ImapSettings
+from ..addresses import AddressRefused
+from ..imap import ImapSettings, open_socket
 
 MAX_CERTIFICATE_NAMES = 20
 
@@ -41,20 +42,19 @@ def certificate(der: bytes | None) -> dict[str, Any] | None:
 
 
 def unverified_certificate(settings: ImapSettings) -> dict[str, Any] | None:
-    """The certificate the server shows, read without trusting it, to say what is wrong with it."""
+    """The certificate the server shows, read without trusting it, to say what is wrong with it;
+    only from a server the settings' address policy allows."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        with socket.create_connection(
-            (settings.host, settings.effective_port), timeout=settings.connect_timeout
-        ) as raw:
+        with open_socket(settings) as raw:
             raw.settimeout(settings.command_timeout)
             if settings.security == "starttls" and not _plain_starttls(raw):
                 return None
             with context.wrap_socket(raw, server_hostname=settings.host) as tls:
                 return certificate(tls.getpeercert(binary_form=True))
-    except (OSError, ValueError):
+    except (OSError, ValueError, AddressRefused):
         return None
 
 

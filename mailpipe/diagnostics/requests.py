@@ -8,17 +8,21 @@ the account with a key grant sealed for that request alone and dropped when it i
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from .. import grants
 from ..accounts import account_settings, has_oauth2_grant, owned_account
+from ..addresses import AddressPolicy
 from ..crypto import DataKey
-from ..errors import MailpipeError, NotFound
+from ..errors import MailpipeError, NotFound, TooManyRequests
 from ..models import DiagnosticsResult, MailAccount, iso, utcnow
 from ..oauth2 import Provider, TokenSource
 from .report import Diagnosis
@@ -31,6 +35,9 @@ REQUEST_PENDING = "pending"
 REQUEST_DONE = "done"
 REQUEST_FAILED = "failed"
 REPORT_TABLE = "diagnostics_results"
+# a check holds a worker and an outbound connection for up to its timeout: a few per user
+RATE_LIMIT = 5
+RATE_WINDOW_SECONDS = 60
 
 
 def request_diagnosis(
@@ -42,8 +49,21 @@ def request_diagnosis(
     public_key: bytes,
     ttl_seconds: float,
 ) -> str:
-    """Record a pending diagnosis and seal the user's key to the workers for it alone."""
+    """Record a pending diagnosis and seal the user's key to the workers for it alone; at most
+    RATE_LIMIT per user within RATE_WINDOW_SECONDS (else TooManyRequests)."""
     owned_account(session, account_id, user_id)
+    since = utcnow() - timedelta(seconds=RATE_WINDOW_SECONDS)
+    count, oldest = session.execute(
+        select(func.count(), func.min(DiagnosticsResult.created_at)).where(
+            DiagnosticsResult.user_id == user_id, DiagnosticsResult.created_at > since
+        )
+    ).one()
+    if count >= RATE_LIMIT:
+        wait = (oldest - since).total_seconds() if oldest is not None else RATE_WINDOW_SECONDS
+        raise TooManyRequests(
+            f"{count} connection checks in the last minute; wait before the next one",
+            retry_after=math.ceil(wait),
+        )
     request_id = uuid.uuid4().hex
     grant = grants.grant_for_job(
         session,
@@ -65,10 +85,12 @@ def run_requested(
     request_id: str,
     *,
     private_key: X25519PrivateKey,
+    policy: AddressPolicy,
     timeout: float = DIAGNOSE_TIMEOUT,
     oauth2_providers: Mapping[str, Provider] | None = None,
 ) -> Diagnosis | None:
-    """Run a pending diagnosis with its sealed key, store the report encrypted, drop the key.
+    """Run a pending diagnosis with its sealed key, store the report encrypted, drop the key;
+    the account's server is reached only as `policy` allows.
 
     An OAuth2 account is checked with a fresh access token (refreshed as a fetch would). Returns
     None when there was nothing to run (a redelivered message, an expired grant).
@@ -83,7 +105,7 @@ def run_requested(
         try:
             key = grants.unlock_grant(session, row.grant_id, private_key)
             account = session.get_one(MailAccount, account_id)
-            settings = account_settings(account, key)
+            settings = account_settings(account, key, policy=policy)
             refreshable = has_oauth2_grant(account, key)
         except MailpipeError as error:
             unusable = str(error)

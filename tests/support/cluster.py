@@ -23,6 +23,7 @@ from mailpipe.models import User as UserRow
 from mailpipe.settings import Settings
 from tests.support import postgres
 from tests.support.messages import plain_message as message
+from tests.support.policy import LOOPBACK_HOSTS
 from tests.support.workers import REDIS_URL, Workers, delete_namespace, new_namespace
 from worker.broker import build_broker
 
@@ -106,6 +107,7 @@ def running_cluster(
         "MAILPIPE_WORKER_KEY_FILE": str(key_file),
         "MAILPIPE_DATA_DIR": str(tmp_path),
         "MAILPIPE_MIN_BACKOFF_MS": "200",
+        "MAILPIPE_ALLOW_PRIVATE_HOSTS": LOOPBACK_HOSTS,  # Dovecot and the proxies: loopback
         "TZ": "UTC",
         **(extra_env or {}),
     }

@@ -84,6 +84,8 @@ def world(dovecot, tmp_path) -> World:
     assert isinstance(broker_config.broker, dramatiq.brokers.stub.StubBroker), (
         "unit tests run on the stub broker: unset MAILPIPE_BROKER_URL"
     )
+    # broker_config.SETTINGS allow loopback (tests/conftest.py): Dovecot listens there
+    assert broker_config.SETTINGS.address_policy.allow, "tests/conftest.py sets the allowance"
     engine = db.make_engine(f"sqlite:///{tmp_path / 'pipeline.db'}")
     db.migrate(engine)
     sessions = db.session_factory(engine)
