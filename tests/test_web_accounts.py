@@ -279,3 +279,16 @@ def test_an_oauth2_account_gets_no_password_but_the_advice_to_connect_again(site
             ).password
             is None
         )
+
+
+def test_a_server_the_address_policy_refuses_answers_422_and_stores_nothing(site):
+    # Given the tests' policy (loopback allowed, other private networks not)
+    user = site.user("anna")
+    client, headers = logged_in(site, user)
+    body = {"host": "10.20.30.40", "port": 993, "login": "x", "password": "y"}
+    # When the user adds an account on a private address
+    answer = client.post("/api/accounts?lang=en", json=body, headers=headers)
+    # Then it is refused before any connection, with the reason, and nothing is stored
+    assert answer.status_code == 422
+    assert answer.json["error_class"] == ErrorClass.ADDRESS_NOT_ALLOWED
+    assert stored_accounts(site) == 0
