@@ -27,4 +27,5 @@ def diagnose_account(request_id: str) -> None:
         request_id,
         private_key=runtime.private_key(),
         policy=runtime.settings().address_policy,
+        oauth2_providers=runtime.settings().oauth2_providers,
     )

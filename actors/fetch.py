@@ -72,6 +72,7 @@ def fetch_account(job_id: str, account_id: int) -> None:
         connection_slot=functools.partial(runtime.host_slot, ttl_ms=slot_ttl),
         timeouts=(TimeLimitExceeded,),
         observer=observer,
+        oauth2_providers=settings.oauth2_providers,
     )
     observer.record_outcome(outcome, seconds=time.perf_counter() - started)
     if outcome.finished is not None:

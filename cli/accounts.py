@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 from mailpipe import reports
 from mailpipe.accounts import PROVIDERS, add_account, owned_account, set_push
+from mailpipe.errors import MailpipeError
 from mailpipe.imap import SECURITY_MODES, ImapSettings
+from mailpipe.login import verify_login
+from mailpipe.oauth2 import PRESETS as OAUTH2_PRESETS
+from mailpipe.oauth2 import grant as oauth2_grant
+from mailpipe.oauth2 import refresh
 from mailpipe.settings import Settings
 
 from .common import (
@@ -22,6 +28,7 @@ from .common import (
     row_id,
     secret,
     unlock,
+    variable_secret,
 )
 
 MAX_INTERVAL_SECONDS = 7 * 24 * 3600  # a week between syncs at most
@@ -34,7 +41,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     account_add = account.add_parser("add", help="add an IMAP account to a user")
     account_add.add_argument("--user", required=True, type=nonempty)
     password_option(account_add)
-    account_add.add_argument("--host", required=True, type=nonempty)
+    account_add.add_argument(
+        "--host", type=nonempty, help="IMAP server (with --oauth2: the provider's)"
+    )
     account_add.add_argument("--port", type=port)
     account_add.add_argument("--login", required=True, type=nonempty, help="IMAP login name")
     account_add.add_argument(
@@ -55,6 +64,23 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     account_add.add_argument("--provider", choices=PROVIDERS)
     account_add.add_argument(
         "--since", type=instant, help="never fetch mail received before this date (UTC) or time"
+    )
+    account_add.add_argument(
+        "--oauth2",
+        choices=sorted(OAUTH2_PRESETS),
+        metavar="PROVIDER",
+        help="log in with OAuth2 through this configured provider (google, microsoft, generic)",
+    )
+    account_add.add_argument(
+        "--refresh-token-env",
+        metavar="VAR",
+        type=nonempty,
+        help="with --oauth2: variable with the refresh token",
+    )
+    account_add.add_argument(
+        "--no-check",
+        action="store_true",
+        help="store the account without logging in first (a server not reachable yet)",
     )
     account_add.set_defaults(run=run_account_add)
     account_list = account.add_parser("list", help="a user's accounts and their health")
@@ -80,22 +106,61 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
+    """Add an account once its server accepted the login (unless --no-check)."""
+    grant = None
+    if args.oauth2:
+        provider = settings.oauth2_providers.get(args.oauth2)
+        if provider is None or not provider.configured:
+            raise MailpipeError(f"OAuth2 provider {args.oauth2} is not configured (see README)")
+        if not args.refresh_token_env:
+            raise MailpipeError("--oauth2 needs --refresh-token-env VAR")
+        refresh_token = variable_secret(args.refresh_token_env)
+        tokens = refresh(
+            token_url=provider.token_url,
+            client_id=provider.client_id,
+            client_secret=provider.client_secret,
+            refresh_token=refresh_token,
+        )
+        grant = oauth2_grant(
+            token_url=provider.token_url,
+            client_id=provider.client_id,
+            refresh_token=refresh_token,
+            tokens=tokens,
+        )
+        imap = ImapSettings(
+            host=args.host or provider.imap_host,
+            port=args.port or provider.imap_port,
+            username=args.login,
+            access_token=tokens.access_token,
+            security=args.security,
+            ca_file=args.ca_file,
+        )
+    elif args.host is None:
+        raise MailpipeError("--host is needed (or --oauth2 PROVIDER)")
+    else:
+        imap = ImapSettings(
+            host=args.host,
+            port=args.port,
+            username=args.login,
+            password=secret(
+                args.secret_env, f"IMAP password for {args.login}: ", option="--secret-env VAR"
+            ),
+            security=args.security,
+            ca_file=args.ca_file,
+        )
     sessions = open_database(settings)
     user, key = unlock(sessions, args.user, args.password_env)
-    imap = ImapSettings(
-        host=args.host,
-        port=args.port,
-        username=args.login,
-        password=secret(
-            args.secret_env, f"IMAP password for {args.login}: ", option="--secret-env VAR"
-        ),
-        security=args.security,
-        ca_file=args.ca_file,
-    )
     settings.address_policy.check(imap.host, imap.effective_port)
+    if not args.no_check:
+        failure = verify_login(replace(imap, policy=settings.address_policy))
+        if failure is not None:
+            raise MailpipeError(
+                f"not added: {failure.message} ({failure.error_class}); "
+                "--no-check adds it without logging in"
+            )
     with sessions.begin() as session:
         account = add_account(
-            session, user, key, imap, folders=args.folders, provider=args.provider
+            session, user, key, imap, folders=args.folders, provider=args.provider, oauth2=grant
         )
         account.sync_interval_seconds = args.interval
         account.sync_since = args.since

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 from mailpipe import diagnostics
-from mailpipe.accounts import account_settings, owned_account
+from mailpipe.accounts import account_settings, has_oauth2_grant, owned_account
 from mailpipe.errors import MailpipeError
 from mailpipe.imap import SECURITY_MODES, ImapSettings
+from mailpipe.oauth2 import TokenSource
 from mailpipe.settings import Settings
 
 from .common import EXIT_FAILURE, amount, nonempty, open_database, port, row_id, secret, unlock
@@ -73,11 +75,14 @@ def run_diagnose(args: argparse.Namespace, settings: Settings) -> int:
         sessions = open_database(settings)
         user, key = unlock(sessions, args.user, args.password_env)
         with sessions() as session:
-            imap = account_settings(
-                owned_account(session, args.account_id, user.id),
-                key,
-                policy=settings.address_policy,
+            account = owned_account(session, args.account_id, user.id)
+            imap = account_settings(account, key, policy=settings.address_policy)
+            refreshable = has_oauth2_grant(account, key)
+        if refreshable:  # an OAuth2 account is checked with a fresh token, as a fetch would
+            tokens = TokenSource(
+                sessions, args.account_id, key, providers=settings.oauth2_providers
             )
+            imap = replace(imap, access_token=tokens.token())
         diagnosis = diagnostics.diagnose(
             imap, sessions=sessions, account_id=args.account_id, timeout=args.timeout
         )

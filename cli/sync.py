@@ -7,7 +7,7 @@ import json
 import sys
 import tempfile
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,7 +19,9 @@ from mailpipe.crypto import DataKey
 from mailpipe.errors import MailpipeError, NotFound, WrongPassword
 from mailpipe.failures import classify
 from mailpipe.imap import SECURITY_MODES, ImapSettings
-from mailpipe.models import MailAccount
+from mailpipe.models import MailAccount, User
+from mailpipe.oauth2 import TokenSource
+from mailpipe.oauth2 import grant as oauth2_grant
 from mailpipe.observer import Observer
 from mailpipe.profiler import MEMORY_METHODS, RU_MAXRSS, Profiler
 from mailpipe.settings import Settings
@@ -59,10 +61,24 @@ def sync_options(parser: argparse.ArgumentParser, *, db_help: str) -> None:
     parser.add_argument("--user", required=True, type=nonempty, help="IMAP login name")
     parser.add_argument(
         "--password-env",
-        required=True,
         metavar="VAR",
         type=nonempty,
         help="environment variable with the password",
+    )
+    parser.add_argument("--oauth2-token-url", metavar="URL", help="OAuth2 token endpoint")
+    parser.add_argument("--oauth2-client-id", metavar="ID", help="OAuth2 client id")
+    parser.add_argument(
+        "--oauth2-client-secret-env",
+        metavar="VAR",
+        type=nonempty,
+        help="variable with the OAuth2 client secret",
+    )
+    parser.add_argument(
+        "--oauth2-refresh-token-env",
+        metavar="VAR",
+        type=nonempty,
+        help="variable with the OAuth2 refresh token (used once; the rotated one is kept, "
+        "encrypted, in the database)",
     )
     parser.add_argument("--security", choices=SECURITY_MODES, default="tls")
     parser.add_argument("--ca-file", help="trust this CA bundle instead of the system's")
@@ -88,7 +104,8 @@ def sync_options(parser: argparse.ArgumentParser, *, db_help: str) -> None:
         "--owner-password-env",
         metavar="VAR",
         type=nonempty,
-        help="variable with the owner's password (default: the IMAP password's)",
+        help="variable with the owner's password (default: the IMAP password's, or with OAuth2 "
+        "the refresh-token variable's first value)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -135,6 +152,7 @@ class SyncTarget:
     key: DataKey
     settings: ImapSettings
     options: SyncOptions
+    tokens: TokenSource | None = None
 
     def sync(self, *, observer: Observer | None = None) -> SyncResult:
         return sync_account(
@@ -144,20 +162,57 @@ class SyncTarget:
             settings=self.settings,
             options=self.options,
             observer=observer,
+            tokens=self.tokens,
         )
 
 
-def sync_target(args: argparse.Namespace, url: str) -> tuple[Engine, SyncTarget]:
-    """The database (migrated), its owner's key and the account, created on first use."""
-    password = variable_secret(args.password_env)
-    owner_password = (
-        variable_secret(args.owner_password_env) if args.owner_password_env else password
+@dataclass(frozen=True)
+class _OAuth2Login:
+    """The OAuth2 options: where to refresh, as whom, and the refresh token to start from."""
+
+    token_url: str
+    client_id: str
+    client_secret: str | None = field(repr=False)
+    refresh_token: str = field(repr=False)
+
+
+def _oauth2_login(args: argparse.Namespace) -> _OAuth2Login | None:
+    """The OAuth2 options, or None for a password login; exactly one of the two is needed."""
+    oauth2 = (args.oauth2_token_url, args.oauth2_client_id, args.oauth2_refresh_token_env)
+    if args.password_env and any(oauth2):
+        raise MailpipeError("give either --password-env or the --oauth2-* options, not both")
+    if args.password_env:
+        return None
+    if not all(oauth2):
+        raise MailpipeError(
+            "--password-env VAR, or --oauth2-token-url, --oauth2-client-id and "
+            "--oauth2-refresh-token-env VAR, are needed"
+        )
+    secret_env = args.oauth2_client_secret_env
+    return _OAuth2Login(
+        token_url=args.oauth2_token_url,
+        client_id=args.oauth2_client_id,
+        client_secret=variable_secret(secret_env) if secret_env else None,
+        refresh_token=variable_secret(args.oauth2_refresh_token_env),
     )
+
+
+def sync_target(args: argparse.Namespace, url: str) -> tuple[Engine, SyncTarget]:
+    """The database (migrated), its owner's key and the account, created on first use.
+
+    With OAuth2 the refresh token on the command line is used only when the account is new: a
+    known account refreshes with the (rotated) token kept in the database.
+    """
+    oauth2 = _oauth2_login(args)
+    secret = variable_secret(args.password_env) if oauth2 is None else oauth2.refresh_token
+    password = secret if oauth2 is None else None
+    owner_password = variable_secret(args.owner_password_env) if args.owner_password_env else secret
     settings = ImapSettings(
         host=args.host,
         port=args.port,
         username=args.user,
         password=password,
+        access_token="" if oauth2 is not None else None,
         security=args.security,
         ca_file=args.ca_file,
         command_timeout=args.timeout,
@@ -173,14 +228,33 @@ def sync_target(args: argparse.Namespace, url: str) -> tuple[Engine, SyncTarget]
             user, key = create_user(session, args.owner, owner_password)
         except WrongPassword:
             raise MailpipeError(_owner_hint(args)) from None
-        account_id = _find_or_add_account(session, user, key, settings, args.folders)
+        account_id = _find_account(session, user, key, settings)
+        if account_id is None:
+            grant = None
+            if oauth2 is not None:
+                grant = oauth2_grant(
+                    token_url=oauth2.token_url,
+                    client_id=oauth2.client_id,
+                    refresh_token=oauth2.refresh_token,
+                )
+            account = add_account(session, user, key, settings, folders=args.folders, oauth2=grant)
+            account_id = account.id
     options = SyncOptions(
         folders=args.folders,
         max_mails=args.max_mails,
         batch_bytes=args.batch_bytes,
         since=args.since,
     )
-    return engine, SyncTarget(sessions, account_id, key, settings, options)
+    if oauth2 is None:
+        return engine, SyncTarget(sessions, account_id, key, settings, options)
+    tokens = TokenSource(
+        sessions,
+        account_id,
+        key,
+        client_secret=oauth2.client_secret,
+        fallback=oauth2.refresh_token,
+    )
+    return engine, SyncTarget(sessions, account_id, key, settings, options, tokens)
 
 
 def _owner_hint(args: argparse.Namespace) -> str:
@@ -189,6 +263,8 @@ def _owner_hint(args: argparse.Namespace) -> str:
         f"the password in {args.owner_password_env}"
         if args.owner_password_env
         else f"the IMAP password in {args.password_env}"
+        if args.password_env
+        else f"the refresh token in {args.oauth2_refresh_token_env}"
     )
     return (
         f"{given} does not unlock the mailpipe user {args.owner!r} who owns the mail in this "
@@ -206,7 +282,8 @@ def one_line_failure(command: str, error: Exception, *, host: str, debug: bool) 
     return EXIT_FAILURE
 
 
-def _find_or_add_account(session, user, key, settings: ImapSettings, folders) -> int:
+def _find_account(session: Session, user: User, key: DataKey, settings: ImapSettings) -> int | None:
+    """The owner's account on this server with this login, if there is one."""
     for account in session.scalars(select(MailAccount).where(MailAccount.user_id == user.id)):
         stored = account_settings(account, key, policy=AddressPolicy())  # compared, not connected
         if (stored.host, stored.effective_port, stored.username) == (
@@ -215,7 +292,7 @@ def _find_or_add_account(session, user, key, settings: ImapSettings, folders) ->
             settings.username,
         ):
             return account.id
-    return add_account(session, user, key, settings, folders=folders).id
+    return None
 
 
 def summary(result: SyncResult) -> str:

@@ -436,6 +436,20 @@ def health() -> dashboard.Dashboard:
         )
         .with_panel(
             graph(
+                "OAuth2 token refreshes by outcome",
+                units.Short,
+                "Access-token refreshes at the providers' token endpoints: success, refused "
+                "(the user must connect again), unavailable (retried), failed (the client).",
+                query(
+                    "sum by (outcome) "
+                    f"(increase(mailpipe_oauth2_token_refreshes_total{{{P}}}[{RATE}]))",
+                    "{{outcome}}",
+                ),
+                bars=True,
+            )
+        )
+        .with_panel(
+            graph(
                 "Quarantined emails by reason",
                 units.Short,
                 "Messages stored raw because they did not parse.",

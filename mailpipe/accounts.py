@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -31,6 +32,40 @@ PROVIDER_HOSTS = {
     "gmx": ("gmx.net", "gmx.de", "gmx.com"),
     "icloud": ("mail.me.com", "icloud.com"),
 }
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A provider's IMAP server, so users pick a name instead of typing host, port and security."""
+
+    id: str
+    name: str
+    host: str
+    port: int
+    security: str
+    provider: str = "other"
+    oauth2: str | None = None  # the OAuth2 provider this host wants instead of a password
+
+
+PRESETS = (
+    Preset("gmx", "GMX", "imap.gmx.net", 993, "tls", "gmx"),
+    Preset("webde", "WEB.DE", "imap.web.de", 993, "tls"),
+    Preset("t-online", "T-Online", "secureimap.t-online.de", 993, "tls"),
+    Preset("gmail", "Gmail", "imap.gmail.com", 993, "tls", "gmail", "google"),
+    Preset(
+        "outlook",
+        "Outlook / Office 365",
+        "outlook.office365.com",
+        993,
+        "tls",
+        "outlook",
+        "microsoft",
+    ),
+    Preset("icloud", "iCloud", "imap.mail.me.com", 993, "tls", "icloud"),
+    Preset("yahoo", "Yahoo", "imap.mail.yahoo.com", 993, "tls", "yahoo"),
+    Preset("posteo", "Posteo", "posteo.de", 993, "tls"),
+    Preset("mailbox-org", "mailbox.org", "imap.mailbox.org", 993, "tls"),
+)
 CREDENTIAL_FIELDS = (
     "host",
     "port",
@@ -41,6 +76,7 @@ CREDENTIAL_FIELDS = (
     "auth",
     "ca_file",
 )
+OAUTH2_GRANT = "oauth2"  # the credentials' key holding an OAuth2 grant (see mailpipe.oauth2)
 
 
 def guess_provider(host: str) -> str:
@@ -82,6 +118,7 @@ def add_account(
     *,
     folders: list[str] | None = None,
     provider: str | None = None,
+    oauth2: dict[str, Any] | None = None,
 ) -> MailAccount:
     """Store an account with its host, login and secret encrypted under the user's key."""
     account = MailAccount(
@@ -91,17 +128,51 @@ def add_account(
     )
     session.add(account)
     session.flush()
-    set_credentials(account, key, settings)
+    set_credentials(account, key, settings, oauth2=oauth2)
     return account
 
 
-def set_credentials(account: MailAccount, key: DataKey, settings: ImapSettings) -> None:
-    """Replace the stored credentials (e.g. after the user re-enters a password)."""
-    account.auth_kind = AuthKind.OAUTH2 if settings.access_token is not None else AuthKind.PASSWORD
-    plain = json.dumps({name: getattr(settings, name) for name in CREDENTIAL_FIELDS}).encode()
+def set_credentials(
+    account: MailAccount,
+    key: DataKey,
+    settings: ImapSettings,
+    *,
+    oauth2: dict[str, Any] | None = None,
+) -> None:
+    """Replace the stored credentials (e.g. after the user re-enters a password), with the
+    account's OAuth2 grant when it has one."""
+    credentials: dict[str, Any] = {name: getattr(settings, name) for name in CREDENTIAL_FIELDS}
+    if oauth2 is not None:
+        credentials[OAUTH2_GRANT] = oauth2
+    write_credentials(account, key, credentials)
+
+
+def write_credentials(account: MailAccount, key: DataKey, credentials: dict[str, Any]) -> None:
+    """Encrypt the credentials into the account's row (bound to that row)."""
+    oauth2 = credentials.get(OAUTH2_GRANT) is not None or credentials.get("access_token")
+    account.auth_kind = AuthKind.OAUTH2 if oauth2 else AuthKind.PASSWORD
     account.credentials_enc = key.encrypt(
-        plain, table="mail_accounts", column="credentials", row=account.id
+        json.dumps(credentials).encode(),
+        table="mail_accounts",
+        column="credentials",
+        row=account.id,
     )
+
+
+def read_credentials(account: MailAccount, key: DataKey) -> dict[str, Any]:
+    """The account's decrypted credentials: connection settings and any OAuth2 grant."""
+    if account.credentials_enc is None:
+        raise MailpipeError(f"account {account.id} has no stored credentials")
+    plain = key.decrypt(
+        account.credentials_enc, table="mail_accounts", column="credentials", row=account.id
+    )
+    credentials: dict[str, Any] = json.loads(plain)
+    return credentials
+
+
+def has_oauth2_grant(account: MailAccount, key: DataKey) -> bool:
+    """Whether the account logs in with a refreshable OAuth2 grant."""
+    return account.auth_kind == AuthKind.OAUTH2 and OAUTH2_GRANT in read_credentials(account, key)
 
 
 def account_settings(
@@ -109,22 +180,14 @@ def account_settings(
 ) -> ImapSettings:
     """Decrypt an account's connection settings, bound to the address policy every connection
     for a stored account goes through; `overrides` adjust timeouts and the like."""
-    return ImapSettings(**{**_credentials(account, key), **overrides}, policy=policy)
+    credentials = read_credentials(account, key)
+    stored = {name: credentials[name] for name in CREDENTIAL_FIELDS if name in credentials}
+    return ImapSettings(**{**stored, **overrides}, policy=policy)
 
 
 def account_login(account: MailAccount, key: DataKey) -> str:
     """The login name an account shows its owner (no connection is made with it)."""
-    return str(_credentials(account, key).get("username") or "")
-
-
-def _credentials(account: MailAccount, key: DataKey) -> dict[str, Any]:
-    if account.credentials_enc is None:
-        raise MailpipeError(f"account {account.id} has no stored credentials")
-    plain = key.decrypt(
-        account.credentials_enc, table="mail_accounts", column="credentials", row=account.id
-    )
-    found: dict[str, Any] = json.loads(plain)
-    return found
+    return str(read_credentials(account, key).get("username") or "")
 
 
 def set_push(session: Session, account_id: int, user_id: int, *, enabled: bool) -> None:

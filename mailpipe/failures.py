@@ -12,6 +12,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginEr
 from .addresses import AddressRefused
 from .errors import DecryptionFailed, MailpipeError
 from .imap import NoStartTls, TokenRefused
+from .oauth2 import GrantRefused, TokenEndpointDown, TokenRequestRefused
 from .retry import transient
 from .vocabulary import ErrorClass
 
@@ -90,6 +91,14 @@ def classify(error: BaseException, *, host: str | None = None) -> Failure:
         return Failure(ErrorClass.UNKNOWN, f"server{where} answered with an error")
     if isinstance(error, OSError):
         return Failure(ErrorClass.CONNECTION_RESET, f"network error talking{to}: {error.strerror}")
+    if isinstance(error, GrantRefused):
+        return Failure(
+            ErrorClass.INVALID_CREDENTIALS, f"{error}: the account must be connected again"
+        )
+    if isinstance(error, TokenEndpointDown):
+        return Failure(ErrorClass.TEMPORARILY_UNAVAILABLE, str(error))
+    if isinstance(error, TokenRequestRefused):
+        return Failure(ErrorClass.AUTH_FAILED, str(error))
     if isinstance(error, DecryptionFailed):
         return Failure(ErrorClass.UNKNOWN, str(error))
     if isinstance(error, MailpipeError):

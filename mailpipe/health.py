@@ -207,6 +207,20 @@ def notify_retries_exhausted(session: Session, *, user_id: int, job_id: str) -> 
     return told
 
 
+def reset(account: MailAccount, *, now: datetime | None = None) -> None:
+    """The owner fixed the login: clear BROKEN and the circuit, and let the next run go ahead."""
+    now = now or utcnow()
+    account.health_status = Health.HEALTHY
+    account.health_checked_at = now
+    account.last_error_class = None
+    account.last_error_message = None
+    account.failure_count = 0
+    account.failure_window_start = None
+    account.circuit_state = CircuitState.CLOSED
+    account.circuit_opened_at = None
+    account.next_sync_at = now
+
+
 def _broken_message(error_class: ErrorClass, auth_kind: str) -> str:
     if auth_kind == AuthKind.OAUTH2 and error_class in OAUTH2_BROKEN_MESSAGES:
         return OAUTH2_BROKEN_MESSAGES[error_class]

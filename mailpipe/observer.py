@@ -52,6 +52,9 @@ class Observer:
     def after_push(self, *, seconds: float) -> None:
         """A push run stored new mail `seconds` after its watcher saw the server report it."""
 
+    def after_token_refresh(self, outcome: str) -> None:
+        """An OAuth2 access token was refreshed, or not (`vocabulary.RefreshOutcome`)."""
+
 
 class Observers(Observer):
     """Fan one stream of events out to several observers."""
@@ -96,6 +99,10 @@ class Observers(Observer):
     def after_state_sync(self, *, flags_changed: int, vanished: int) -> None:
         for observer in self.observers:
             observer.after_state_sync(flags_changed=flags_changed, vanished=vanished)
+
+    def after_token_refresh(self, outcome: str) -> None:
+        for observer in self.observers:
+            observer.after_token_refresh(outcome)
 
 
 class PhaseTimer:

@@ -17,13 +17,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import grants, health, jobs, leases, logs
-from .accounts import account_settings
+from .accounts import account_settings, has_oauth2_grant
 from .addresses import AddressPolicy
 from .crypto import DataKey
 from .errors import MailpipeError, NotFound
 from .failures import Failure, classify
 from .imap import ImapSettings
 from .models import MailAccount, PipelineJob, utcnow
+from .oauth2 import Provider, TokenSource
 from .observer import Observer, Observers, PhaseTimer
 from .processors import Processor, process_backlog
 from .profiler import Profiler
@@ -81,12 +82,14 @@ def run_account(
     processors: Mapping[str, Processor] | None = None,
     connection_slot: Callable[[str], AbstractContextManager[bool]] | None = None,
     timeouts: tuple[type[BaseException], ...] = (),
+    oauth2_providers: Mapping[str, Provider] | None = None,
 ) -> RunOutcome:
     """Sync one account for one job and record the outcome; the last run finalises the job.
 
     `timeouts` are exception types (such as the queue's time-limit interrupt) that count as
     the timeout error class; `address_policy` says which servers the account may connect to.
-    Each attempt ends with one `account_run` log event.
+    Each attempt ends with one `account_run` log event. An OAuth2 account's token is refreshed with the client secret of the configured provider
+    (`oauth2_providers`) its grant names.
     """
     profiler = Profiler()
     started = time.perf_counter()
@@ -103,6 +106,7 @@ def run_account(
         connection_slot=connection_slot,
         timeouts=timeouts,
         profiler=profiler,
+        oauth2_providers=oauth2_providers,
     )
     _log_attempt(
         outcome,
@@ -129,6 +133,7 @@ def _run_account(
     connection_slot: Callable[[str], AbstractContextManager[bool]] | None,
     timeouts: tuple[type[BaseException], ...],
     profiler: Profiler,
+    oauth2_providers: Mapping[str, Provider] | None,
 ) -> RunOutcome:
     owner = f"{job_id}:{account_id}"
     start = _start(
@@ -165,6 +170,11 @@ def _run_account(
             released = True
             return outcome
         key, settings = start.access
+        tokens = None
+        if start.oauth2:
+            tokens = TokenSource(
+                sessions, account_id, key, providers=oauth2_providers or {}, observer=observers
+            )
         slot = connection_slot(settings.host) if connection_slot else contextlib.nullcontext(True)
         with profiler:
             with slot as acquired:
@@ -185,6 +195,7 @@ def _run_account(
                     ),
                     observer=observers,
                     states=start.states,
+                    tokens=tokens,
                 )
             processed = result.processed
             if processors:
@@ -327,6 +338,7 @@ class _Start:
     since: datetime | None = None
     states: dict[str, FolderPosition] = field(default_factory=dict)
     problem: Exception | None = None  # raised inside the run, so it is classified and recorded
+    oauth2: bool = False  # the account logs in with a refreshable OAuth2 grant
 
 
 def _start(
@@ -367,6 +379,7 @@ def _start(
                 command_timeout=min(COMMAND_TIMEOUT, timeout),
             )
             start.access = key, settings
+            start.oauth2 = has_oauth2_grant(account, key)
             start.folders = list(account.folders)
             start.since = account.sync_since
             start.states = folder_states(session, account_id)

@@ -12,7 +12,7 @@ import base64
 import binascii
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from .grants import WORKER_KEY_FILE_ENV, WORKER_PUBLIC_KEY_ENV, X25519_KEY_BYTES
 from .health import CircuitPolicy
 from .logs import LOG_FORMATS
 from .logs import TEXT as TEXT_LOGS
+from .oauth2 import PRESETS as OAUTH2_PRESETS
+from .oauth2 import Provider
 from .retry import RetryPolicy
 from .watcher import WatchPolicy
 
@@ -72,6 +74,7 @@ class Settings:
     trusted_proxies: int = 0  # reverse proxies in front of the web app whose X-Forwarded-* count
     debug: bool = False
     log_format: str = TEXT_LOGS  # or "json": one JSON object per line (mailpipe/logs.py)
+    oauth2_providers: Mapping[str, Provider] = field(default_factory=dict)  # configured only
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -151,6 +154,7 @@ class Settings:
                         max_backoff_ms=("MAILPIPE_MAX_BACKOFF_MS", _integer),
                     )
                 ),
+                oauth2_providers=_oauth2_providers(given),
                 circuit=CircuitPolicy(
                     **given.fields(
                         failures=("MAILPIPE_CIRCUIT_FAILURES", _integer),
@@ -177,6 +181,49 @@ class Settings:
             raise
         except ValueError as error:  # the policies check their own numbers and name them
             raise SettingsError(str(error)) from None
+
+
+def _oauth2_providers(given: _Given) -> dict[str, Provider]:
+    """The OAuth2 providers the variables name; Google and Microsoft bring their endpoints.
+    A provider is offered only when `configured` (client id, endpoints and IMAP host known)."""
+    found = {
+        "google": given.fields(
+            client_id=("MAILPIPE_OAUTH2_GOOGLE_CLIENT_ID", str),
+            client_secret=("MAILPIPE_OAUTH2_GOOGLE_CLIENT_SECRET", str),
+            secret_file=("MAILPIPE_OAUTH2_GOOGLE_CLIENT_SECRET_FILE", Path),
+        ),
+        "microsoft": given.fields(
+            client_id=("MAILPIPE_OAUTH2_MICROSOFT_CLIENT_ID", str),
+            client_secret=("MAILPIPE_OAUTH2_MICROSOFT_CLIENT_SECRET", str),
+            secret_file=("MAILPIPE_OAUTH2_MICROSOFT_CLIENT_SECRET_FILE", Path),
+        ),
+        "generic": given.fields(
+            client_id=("MAILPIPE_OAUTH2_GENERIC_CLIENT_ID", str),
+            client_secret=("MAILPIPE_OAUTH2_GENERIC_CLIENT_SECRET", str),
+            secret_file=("MAILPIPE_OAUTH2_GENERIC_CLIENT_SECRET_FILE", Path),
+            authorize_url=("MAILPIPE_OAUTH2_GENERIC_AUTHORIZE_URL", str),
+            token_url=("MAILPIPE_OAUTH2_GENERIC_TOKEN_URL", str),
+            scope=("MAILPIPE_OAUTH2_GENERIC_SCOPE", str),
+            imap_host=("MAILPIPE_OAUTH2_GENERIC_IMAP_HOST", str),
+            imap_port=("MAILPIPE_OAUTH2_GENERIC_IMAP_PORT", _integer),
+            imap_security=("MAILPIPE_OAUTH2_GENERIC_IMAP_SECURITY", str),
+        ),
+    }
+    providers = {}
+    for name, values in found.items():
+        if not values:
+            continue
+        secret_file = values.pop("secret_file", None)
+        if secret_file is not None:
+            variable = f"MAILPIPE_OAUTH2_{name.upper()}_CLIENT_SECRET_FILE"
+            try:
+                values["client_secret"] = secret_file.read_text().strip()
+            except OSError as error:
+                raise SettingsError(
+                    f"{variable}: cannot read {secret_file}: {error.strerror}"
+                ) from None
+        providers[name] = replace(OAUTH2_PRESETS[name], **values)
+    return providers
 
 
 def provider_caps(value: str) -> dict[str, int]:

@@ -26,6 +26,7 @@ from .fetch import FetchedMessage, command, fetch_flags, fetch_messages
 from .folders import NOT_BY_WILDCARD, requested_role, role_of
 from .imap import ImapSettings
 from .models import MailAccount
+from .oauth2 import TokenSource
 from .observer import Observer, PhaseTimer
 from .parse import ParsedMessage, parse_messages
 from .processors import Annotation, Processor, annotate_batch
@@ -145,13 +146,15 @@ def sync_account(
     connect: Callable[[ImapSettings], IMAPClient] = imap.connect,
     states: Mapping[str, store.FolderPosition] | None = None,
     policy: AddressPolicy | None = None,
+    tokens: TokenSource | None = None,
 ) -> SyncResult:
     """Bring the database up to date with the account's folders, storing each message once.
 
     A caller that has read the settings, the folders (in `options`) and each folder's stored
     position (`states`, from `store.folder_states`) already spares the sync reading them again.
     Settings read here from the stored account connect under `policy` (by default: public
-    servers on IMAP ports only).
+    servers on IMAP ports only). An OAuth2 account's `tokens` give the access token, refreshed
+    once more if the server refuses it.
     """
     options = options or SyncOptions()
     started = time.perf_counter()
@@ -166,7 +169,7 @@ def sync_account(
                 states = store.folder_states(session, account_id)
     result = SyncResult()
     with timer.phase("connect"):
-        client = connect(settings)
+        client = _connect(connect, settings, tokens)
     try:
         client.normalise_times = False
         with timer.phase("diagnostics"):
@@ -205,6 +208,21 @@ def sync_account(
     result.phases = timer.totals
     result.duration = time.perf_counter() - started
     return result
+
+
+def _connect(
+    connect: Callable[[ImapSettings], IMAPClient],
+    settings: ImapSettings,
+    tokens: TokenSource | None,
+) -> IMAPClient:
+    """Log in; with OAuth2 a fresh token first, and a refused one refreshed once more."""
+    if tokens is None:
+        return connect(settings)
+    settings = replace(settings, access_token=tokens.token())
+    try:
+        return connect(settings)
+    except imap.TokenRefused:
+        return connect(replace(settings, access_token=tokens.token(refused=settings.access_token)))
 
 
 def quick_check(client: IMAPClient) -> tuple[str, ...]:

@@ -125,6 +125,15 @@ class AuthKind(StrEnum):
     OAUTH2 = "oauth2"
 
 
+class RefreshOutcome(StrEnum):
+    """How one OAuth2 token refresh ended (a metric label, never a user's word)."""
+
+    SUCCESS = "success"
+    REFUSED = "refused"  # invalid_grant: the user must connect the account again
+    UNAVAILABLE = "unavailable"  # the token endpoint was down: retried
+    FAILED = "failed"  # the endpoint refused the client itself
+
+
 class ParseStatus(StrEnum):
     """Whether a stored message parsed, or is kept raw in quarantine."""
 

@@ -11,7 +11,14 @@ from collections.abc import Container
 from prometheus_client import Counter, Gauge, Histogram
 
 from mailpipe import accounts, observer, parse, retry
-from mailpipe.vocabulary import FAILURES, JOB_FINAL, RUN_FINAL, ErrorClass, JobType
+from mailpipe.vocabulary import (
+    FAILURES,
+    JOB_FINAL,
+    RUN_FINAL,
+    ErrorClass,
+    JobType,
+    RefreshOutcome,
+)
 
 OTHER = "other"
 PROVIDERS = accounts.PROVIDERS  # includes "other", the fallback
@@ -83,6 +90,12 @@ ERRORS = Counter(
     "Failed account-run attempts, by error class and the phase they failed in.",
     ["error_class", "phase", "provider"],
 )
+TOKEN_REFRESHES = Counter(
+    "mailpipe_oauth2_token_refreshes_total",
+    "OAuth2 access-token refreshes at the provider's token endpoint, by how they ended.",
+    ["provider", "outcome"],
+)
+REFRESH_OUTCOMES = tuple(RefreshOutcome)
 RETRIES = Counter(
     "mailpipe_retries_total", "Account-run attempts sent back for a retry.", ["error_class"]
 )
@@ -147,6 +160,8 @@ def initialise() -> None:
             ERRORS.labels(error_class, "connect", provider)
         for phase in MAIL_PHASES:
             MAIL_PHASE_SECONDS.labels(phase, provider)
+        for refresh in REFRESH_OUTCOMES:
+            TOKEN_REFRESHES.labels(provider, refresh)
     for job_type in JOB_TYPES[:-1]:
         for status in JOB_FINAL:
             JOBS.labels(job_type, status)

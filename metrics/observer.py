@@ -14,7 +14,7 @@ from mailpipe import models
 from mailpipe.jobs import FinishedJob
 from mailpipe.observer import Observer, WatchObserver
 from mailpipe.runner import Next, RunOutcome
-from mailpipe.vocabulary import ErrorClass, RunStatus
+from mailpipe.vocabulary import ErrorClass, RefreshOutcome, RunStatus
 
 from . import catalogue as c
 
@@ -81,6 +81,11 @@ class MetricsObserver(Observer):
 
     def after_push(self, *, seconds: float) -> None:
         c.PUSH_LATENCY.labels(self.provider).observe(seconds)
+
+    def after_token_refresh(self, outcome: str) -> None:
+        c.TOKEN_REFRESHES.labels(
+            self.provider, c.bounded(outcome, c.REFRESH_OUTCOMES, fallback=RefreshOutcome.FAILED)
+        ).inc()
 
     def record_outcome(self, outcome: RunOutcome, *, seconds: float) -> None:
         """Count what `run_account` returned: a final run, or a failed attempt sent to retry.

@@ -42,14 +42,17 @@ def env(tmp_path):
     }
 
 
-def add_account(env, dovecot, *, mails: int, password: str | None = None) -> int:
+def add_account(
+    env, dovecot, *, mails: int, password: str | None = None, check: bool = True
+) -> int:
     login, real = dovecot.new_user()
     dovecot.append(login, real, [message(i) for i in range(mails)])
     env = {**env, "IMAP_PW": password or real}
     out = run(
         "account", "add", "--user", "alice", "--password-env", "USER_PW",
         "--host", dovecot.host, "--port", str(dovecot.port), "--login", login,
-        "--secret-env", "IMAP_PW", "--security", "none", env=env,
+        "--secret-env", "IMAP_PW", "--security", "none", *([] if check else ["--no-check"]),
+        env=env,
     ).stdout  # fmt: skip
     return int(out.split()[1])
 
@@ -58,7 +61,7 @@ def test_user_accounts_fetch_and_reports(env, dovecot):
     # Given a user with a good and a broken account
     run("user", "add", "alice", "--password-env", "USER_PW", env=env)
     good = add_account(env, dovecot, mails=3)
-    bad = add_account(env, dovecot, mails=1, password="wrong")
+    bad = add_account(env, dovecot, mails=1, password="wrong", check=False)
     # When a fetch of all accounts runs to its end
     fetched = run(
         "fetch", "--user", "alice", "--password-env", "USER_PW", "--wait", "--json",
@@ -92,6 +95,29 @@ def test_user_accounts_fetch_and_reports(env, dovecot):
     assert all(instant.endswith("+00:00") for instant in instants), instants
     listed = run("account", "list", "--user", "alice", env=env).stdout
     assert str(good) in listed and str(bad) in listed
+
+
+def test_account_add_checks_the_login_unless_told_not_to(env, dovecot):
+    # Given a user and a mailbox whose password the operator mistypes
+    run("user", "add", "alice", "--password-env", "USER_PW", env=env)
+    login, _real = dovecot.new_user()
+    adding = [
+        "account", "add", "--user", "alice", "--password-env", "USER_PW",
+        "--host", dovecot.host, "--port", str(dovecot.port), "--login", login,
+        "--secret-env", "IMAP_PW", "--security", "none",
+    ]  # fmt: skip
+    wrong = {**env, "IMAP_PW": "wrong"}
+    # When the account is added
+    refused = run(*adding, env=wrong, check=False)
+    # Then it is refused in one line naming the cause, and nothing is stored
+    assert refused.returncode == 1
+    [line] = refused.stderr.strip().splitlines()
+    assert "not added" in line and "invalid_credentials" in line and "--no-check" in line
+    assert run("account", "list", "--user", "alice", env=env).stdout.strip() == ""
+    # When it is added with --no-check (its server may not be reachable yet)
+    added = run(*adding, "--no-check", env=wrong)
+    # Then it is stored without a login
+    assert added.stdout.startswith("account ")
 
 
 def test_wrong_user_password_is_one_line(env, dovecot):

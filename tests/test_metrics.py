@@ -62,6 +62,7 @@ def test_labels_never_carry_names_or_addresses_whatever_the_caller_passes():
         )
         observer.record_outcome(RunOutcome(Next.DONE, failure=Failure(planted, "m")), seconds=1.0)
         observer.record_outcome(RunOutcome(Next.RETRY, failure=Failure(planted, "m")), seconds=1.0)
+        observer.after_token_refresh(planted)
 
     # When the metrics are exposed
     exposition = generate_latest(REGISTRY).decode()
@@ -73,6 +74,7 @@ def test_labels_never_carry_names_or_addresses_whatever_the_caller_passes():
     assert 'mailpipe_phase_duration_seconds_count{phase="other",provider="other"}' in exposition
     assert 'mailpipe_emails_quarantined_total{reason="parse_error"}' in exposition
     assert 'mailpipe_retries_total{error_class="unknown"}' in exposition
+    assert 'mailpipe_oauth2_token_refreshes_total{outcome="failed",provider="other"}' in exposition
 
 
 # -- the observer --------------------------------------------------------------------------

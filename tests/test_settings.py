@@ -45,6 +45,21 @@ VALID = {
     "MAILPIPE_COOKIE_SECURE": "true",
     "MAILPIPE_TRUSTED_PROXIES": "1",
     "MAILPIPE_DEBUG": "1",
+    "MAILPIPE_OAUTH2_GOOGLE_CLIENT_ID": "123.apps.googleusercontent.com",
+    "MAILPIPE_OAUTH2_GOOGLE_CLIENT_SECRET": "s",
+    "MAILPIPE_OAUTH2_GOOGLE_CLIENT_SECRET_FILE": __file__,
+    "MAILPIPE_OAUTH2_MICROSOFT_CLIENT_ID": "0000-1111",
+    "MAILPIPE_OAUTH2_MICROSOFT_CLIENT_SECRET": "s",
+    "MAILPIPE_OAUTH2_MICROSOFT_CLIENT_SECRET_FILE": __file__,
+    "MAILPIPE_OAUTH2_GENERIC_CLIENT_ID": "mailpipe",
+    "MAILPIPE_OAUTH2_GENERIC_CLIENT_SECRET": "s",
+    "MAILPIPE_OAUTH2_GENERIC_CLIENT_SECRET_FILE": __file__,
+    "MAILPIPE_OAUTH2_GENERIC_AUTHORIZE_URL": "https://id.example.org/authorize",
+    "MAILPIPE_OAUTH2_GENERIC_TOKEN_URL": "https://id.example.org/token",
+    "MAILPIPE_OAUTH2_GENERIC_SCOPE": "imap offline_access",
+    "MAILPIPE_OAUTH2_GENERIC_IMAP_HOST": "imap.example.org",
+    "MAILPIPE_OAUTH2_GENERIC_IMAP_PORT": "1993",
+    "MAILPIPE_OAUTH2_GENERIC_IMAP_SECURITY": "starttls",
     "MAILPIPE_ALLOW_PRIVATE_HOSTS": "dovecot.internal, 10.0.0.0/8",
     "MAILPIPE_EXTRA_IMAP_PORTS": "1993",
     "MAILPIPE_LOG_FORMAT": "json",
@@ -127,6 +142,36 @@ def test_a_wrong_value_is_one_line_naming_its_variable(variable, value, said):
     assert variable in message and "\n" not in message
 
 
+def test_oauth2_providers_come_with_their_endpoints_and_a_secret_from_a_file(tmp_path):
+    # Given Google's client id and its secret in a file, and a generic provider's endpoints
+    secret = tmp_path / "google.secret"
+    secret.write_text("google-secret\n")
+    environ = {
+        "MAILPIPE_OAUTH2_GOOGLE_CLIENT_ID": "id.apps.googleusercontent.com",
+        "MAILPIPE_OAUTH2_GOOGLE_CLIENT_SECRET_FILE": str(secret),
+        "MAILPIPE_OAUTH2_GENERIC_CLIENT_ID": "mailpipe",
+        "MAILPIPE_OAUTH2_GENERIC_TOKEN_URL": "https://id.example.org/token",
+    }
+    # When the settings are read
+    providers = Settings.from_env(environ).oauth2_providers
+    # Then Google has its preset endpoints and the file's secret, and is ready to offer;
+    # the generic provider without its authorization endpoint and IMAP host is not
+    google = providers["google"]
+    assert google.token_url == "https://oauth2.googleapis.com/token"
+    assert google.client_secret == "google-secret" and google.configured
+    assert not providers["generic"].configured and "microsoft" not in providers
+    # And no secret shows in the settings' repr
+    assert "google-secret" not in repr(Settings.from_env(environ))
+
+
+def test_an_unreadable_secret_file_is_one_line_naming_its_variable(tmp_path):
+    # Given a secret file that does not exist
+    variable = "MAILPIPE_OAUTH2_MICROSOFT_CLIENT_SECRET_FILE"
+    # When the settings are read, Then the error names the variable
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env({variable: str(tmp_path / "missing")})
+
+
 def test_provider_caps_are_read_from_a_short_list():
     assert provider_caps("") == {}
     assert provider_caps("gmail=40, Outlook=20") == {"gmail": 40, "outlook": 20}
@@ -150,9 +195,9 @@ def test_secrets_stay_out_of_the_repr():
 def test_the_readme_documents_every_variable_and_no_other():
     # Given the README's configuration table and the variables the settings read
     table = (ROOT / "README.md").read_text().split("## Configuration", 1)[1].split("\n### ")[0]
-    documented = set(re.findall(r"`(MAILPIPE_[A-Z_]+)`", table))
+    documented = set(re.findall(r"`(MAILPIPE_[A-Z0-9_]+)`", table))
     source = Path(settings_module.__file__).read_text()
-    read = set(re.findall(r'"(MAILPIPE_[A-Z_]+)"', source)) | {
+    read = set(re.findall(r'"(MAILPIPE_[A-Z0-9_]+)"', source)) | {
         settings_module.WORKER_KEY_FILE_ENV,
         settings_module.WORKER_PUBLIC_KEY_ENV,
         settings_module.PROVIDER_CAPS_ENV,

@@ -121,6 +121,7 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
             pipeline=pipeline,
             alert_token=alert_token(settings),
             max_queued_jobs=settings.max_queued_jobs,
+            oauth2_providers=settings.oauth2_providers,
         )
     )
     app.jinja_env.filters["seconds"] = _seconds

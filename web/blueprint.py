@@ -12,50 +12,77 @@ once `worker.broker.use_broker(settings)` has set the broker the actors are decl
         alert_token=settings.alert_token,
     ))
 
-Every route lives under `/api`. Session-authenticated POSTs need the session's CSRF token in
-the `X-CSRF-Token` header; the Alertmanager webhook authenticates with a bearer token instead.
+Every route lives under `/api`. Session-authenticated POST, PATCH and DELETE requests need the
+session's CSRF token in the `X-CSRF-Token` header; the Alertmanager webhook authenticates with a
+bearer token instead, and the OAuth2 callback with the state sealed in its own cookie.
 Anything that is not the caller's own (a job, an account, a notification) is "not found".
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
-from collections.abc import Callable
-from dataclasses import dataclass
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeGuard
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, jsonify, redirect, request, url_for
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
-from mailpipe import db, mail
-from mailpipe.accounts import set_push
+from mailpipe import db, health, mail, oauth2
+from mailpipe.accounts import (
+    PRESETS,
+    account_settings,
+    add_account,
+    owned_account,
+    set_credentials,
+    set_push,
+)
+from mailpipe.addresses import AddressPolicy
 from mailpipe.crypto import DataKey
-from mailpipe.errors import NotFound, TooManyRequests
+from mailpipe.errors import DecryptionFailed, NotFound, TooManyRequests
 from mailpipe.grants import WorkerKeyError
+from mailpipe.imap import SECURITY_MODES, ImapSettings
 from mailpipe.jobs import MAX_TIMEOUT_SECONDS
+from mailpipe.login import verify_login
 from mailpipe.mail import MAX_PAGE_SIZE, PAGE_SIZE
-from mailpipe.models import Notification, utcnow
+from mailpipe.models import MailAccount, Notification, User, utcnow
+from mailpipe.vocabulary import AuthKind
 
 from . import diagnostics, present
-from .i18n import language
+from .i18n import TEXTS, language, text
 from .openapi import (
     DEFAULT_HISTORY,
+    DEFAULT_INTERVAL_SECONDS,
     DEFAULT_MAX_MAILS,
     DEFAULT_NOTIFICATIONS,
     DEFAULT_TIMEOUT_SECONDS,
+    HOST_PATTERN,
     MAX_ALERTS,
     MAX_FINGERPRINT,
+    MAX_FOLDER,
+    MAX_FOLDERS,
     MAX_HISTORY,
+    MAX_HOST,
     MAX_ID,
+    MAX_INTERVAL_SECONDS,
     MAX_LABEL,
+    MAX_LOGIN,
     MAX_MAILS,
     MAX_NOTIFICATIONS,
+    MAX_PASSWORD,
+    MAX_PORT,
+    MIN_INTERVAL_SECONDS,
     OPENAPI,
 )
 
@@ -65,9 +92,14 @@ if TYPE_CHECKING:  # the host hands one in; importing actors here would need a b
 BLUEPRINT_NAME = "mailpipe_api"
 API_PREFIX = "/api"
 CSRF_HEADER = "X-CSRF-Token"
+UNSAFE_METHODS = ("POST", "PATCH", "DELETE")
+OAUTH2_COOKIE = "mailpipe_oauth2"
+OAUTH2_PENDING_SECONDS = 600
 DEFAULT_MAX_QUEUED_JOBS = 3
 ID = f"int(min=1, max={MAX_ID})"
 FETCH_FIELDS = ("account_id", "max_mails", "timeout_seconds")
+ADD_FIELDS = ("host", "port", "security", "login", "password", "folders", "interval")
+UPDATE_FIELDS = ("password", "folders", "interval", "enabled")
 ALERT_STATUSES = ("firing", "resolved")
 ALERT_SEVERITIES = ("critical", "warning", "info")
 ALERT_KIND = "operator_alert"
@@ -84,6 +116,7 @@ class ApiError(Exception):
         message: str,
         *,
         field: str | None = None,
+        error_class: str | None = None,
         retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
@@ -91,6 +124,7 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.field = field
+        self.error_class = error_class
         self.retry_after = retry_after
 
 
@@ -99,6 +133,8 @@ def error_response(error: ApiError) -> Response:
     body = {"error": error.message, "code": error.code}
     if error.field is not None:
         body["field"] = error.field
+    if error.error_class is not None:
+        body["error_class"] = error.error_class
     response = jsonify(body)
     response.status_code = error.status
     if error.status == 401 and error.code == "alert_token":
@@ -125,16 +161,18 @@ class _Api:
     sessions: sessionmaker[Session]
     alert_token: str | None
     max_queued_jobs: int
+    oauth2_providers: Mapping[str, oauth2.Provider]
+    home_url: str
 
     # -- guards ----------------------------------------------------------------------------
 
     def guard(self) -> None:
-        """Log-in first, then CSRF on POSTs; the public routes check what they need themselves."""
+        """Log-in first, then CSRF on POST, PATCH and DELETE; the public routes check what they need themselves."""
         if request.endpoint in (f"{BLUEPRINT_NAME}.openapi", f"{BLUEPRINT_NAME}.alertmanager"):
             return
         if self.current_user() is None:
             raise ApiError(401, "unauthorized", "log in first")
-        if request.method == "POST":
+        if request.method in UNSAFE_METHODS:
             expected = self.csrf_token()
             given = request.headers.get(CSRF_HEADER, "")
             if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
@@ -229,6 +267,277 @@ class _Api:
         return jsonify(
             {"accounts": [present.account_view(a, labels=labels, lang=lang) for a in accounts]}
         )
+
+    def presets(self) -> Response:
+        connect = [
+            {"name": name, "display": provider.display}
+            for name, provider in self.oauth2_providers.items()
+            if provider.configured
+        ]
+        return jsonify({"presets": [asdict(preset) for preset in PRESETS], "oauth2": connect})
+
+    # -- OAuth2: authorization code with PKCE ----------------------------------------------
+
+    def oauth2_start(self, provider: str) -> Response:
+        """Begin "Mit Google verbinden": the state and PKCE verifier go, sealed under the user's
+        key, into a short-lived cookie; the browser is sent to the provider."""
+        user_id = self.user()
+        key = self.key()
+        chosen = self._provider(provider)
+        data = _json_object()
+        _known_fields(data, ("login",))
+        login = _string(data, "login", maximum=MAX_LOGIN)
+        state = secrets.token_urlsafe(24)
+        verifier, challenge = oauth2.pkce_pair()
+        redirect_uri = url_for(f"{BLUEPRINT_NAME}.oauth2_callback", _external=True)
+        pending = {
+            "state": state,
+            "verifier": verifier,
+            "provider": provider,
+            "login": login,
+            "expires": time.time() + OAUTH2_PENDING_SECONDS,
+        }
+        sealed = key.encrypt(
+            json.dumps(pending).encode(), table="oauth2", column="pending", row=user_id
+        )
+        url = oauth2.authorization_url(
+            chosen,
+            redirect_uri=redirect_uri,
+            state=state,
+            code_challenge=challenge,
+            login_hint=login,
+        )
+        response = jsonify({"authorization_url": url})
+        response.set_cookie(
+            OAUTH2_COOKIE,
+            base64.urlsafe_b64encode(sealed).decode(),
+            max_age=OAUTH2_PENDING_SECONDS,
+            path=f"{API_PREFIX}/oauth2",
+            httponly=True,
+            samesite="Lax",  # the provider's redirect back is a top-level navigation
+            secure=request.is_secure,
+        )
+        return response
+
+    def oauth2_callback(self) -> ResponseReturnValue:
+        """Back on the dashboard either way: connected, or with `#oauth2-error=<text key>`, which
+        the page says in the reader's language (this is a browser's navigation, not a fetch)."""
+        user_id = self.user()
+        key = self.key()
+        try:
+            self._connect(user_id, key)
+        except ApiError as error:
+            said = error.code
+            if error.error_class is not None:
+                said = f"error_{error.error_class}_{AuthKind.OAUTH2}"
+                if said not in TEXTS["en"]:
+                    said = f"error_{error.error_class}"
+            elif f"oauth2_{said}" in TEXTS["en"]:
+                said = f"oauth2_{said}"
+            if said not in TEXTS["en"]:
+                said = "error_generic"
+            response = redirect(f"{self.home_url}#oauth2-error={said}", code=303)
+        else:
+            response = redirect(self.home_url, code=303)
+        response.delete_cookie(OAUTH2_COOKIE, path=f"{API_PREFIX}/oauth2")
+        return response
+
+    def _connect(self, user_id: int, key: DataKey) -> None:
+        """Check the state, trade the code (with the PKCE verifier) for tokens, check the IMAP
+        login, and store the account with its refresh token encrypted (or reconnect it)."""
+        lang = language(request)
+        pending = self._pending(user_id, key)
+        if request.args.get("error"):
+            raise ApiError(400, "oauth2_denied", text(lang, "oauth2_denied"))
+        chosen = self._provider(pending["provider"])
+        try:
+            tokens = oauth2.exchange_code(
+                chosen,
+                code=request.args.get("code", ""),
+                redirect_uri=url_for(f"{BLUEPRINT_NAME}.oauth2_callback", _external=True),
+                code_verifier=pending["verifier"],
+            )
+        except oauth2.TokenEndpointDown:
+            raise ApiError(503, "unavailable", text(lang, "oauth2_unavailable")) from None
+        except (oauth2.GrantRefused, oauth2.TokenRequestRefused):
+            raise ApiError(400, "oauth2_refused", text(lang, "oauth2_refused")) from None
+        if not tokens.refresh_token:
+            raise ApiError(400, "oauth2_refused", text(lang, "oauth2_refused"))
+        settings = ImapSettings(
+            host=chosen.imap_host,
+            port=chosen.imap_port,
+            username=pending["login"],
+            access_token=tokens.access_token,
+            security=chosen.imap_security,
+        )
+        failure = verify_login(replace(settings, policy=self.policy))
+        if failure is not None:
+            message = present.error_text(failure.error_class, lang, auth=AuthKind.OAUTH2)
+            raise ApiError(
+                422, "login_failed", message or failure.message, error_class=failure.error_class
+            )
+        grant = oauth2.grant(
+            token_url=chosen.token_url,
+            client_id=chosen.client_id,
+            refresh_token=tokens.refresh_token,
+            tokens=tokens,
+        )
+        with self.sessions.begin() as session:
+            account = _same_login(session, user_id, key, settings, policy=self.policy)
+            if account is None:
+                user = session.get_one(User, user_id)
+                account = add_account(session, user, key, settings, oauth2=grant)
+                account.next_sync_at = utcnow()
+            else:  # connected again: the new grant replaces the refused one
+                set_credentials(account, key, settings, oauth2=grant)
+                health.reset(account)
+
+    def _provider(self, name: str) -> oauth2.Provider:
+        provider = self.oauth2_providers.get(name)
+        if provider is None or not provider.configured:
+            raise ApiError(404, "not_found", "no such OAuth2 provider is configured")
+        return provider
+
+    def _pending(self, user_id: int, key: DataKey) -> dict[str, Any]:
+        """The flow this browser started, if the state matches and it has not expired."""
+        lang = language(request)
+        given = request.args.get("state", "")
+        try:
+            sealed = base64.urlsafe_b64decode(request.cookies.get(OAUTH2_COOKIE, "").encode())
+            pending: dict[str, Any] = json.loads(
+                key.decrypt(sealed, table="oauth2", column="pending", row=user_id)
+            )
+        except (ValueError, DecryptionFailed):
+            raise ApiError(400, "oauth2_state", text(lang, "oauth2_state")) from None
+        if not hmac.compare_digest(given.encode(), str(pending["state"]).encode()) or (
+            pending["expires"] < time.time()
+        ):
+            raise ApiError(400, "oauth2_state", text(lang, "oauth2_state"))
+        return pending
+
+    def add_account(self) -> tuple[Response, int, dict]:
+        """Store an account only after its server accepted the login."""
+        user_id = self.user()
+        data = _json_object()
+        _known_fields(data, ADD_FIELDS)
+        for name in ("host", "login", "password"):
+            if name not in data:
+                raise ApiError(400, "bad_request", f"{name} is required", field=name)
+        security = data.get("security", "tls")
+        if security not in SECURITY_MODES:
+            raise ApiError(
+                400,
+                "bad_request",
+                f"security must be one of {', '.join(SECURITY_MODES)}",
+                field="security",
+            )
+        settings = ImapSettings(
+            host=_host(data),
+            port=_int(data, "port", default=None, maximum=MAX_PORT),
+            username=_string(data, "login", maximum=MAX_LOGIN),
+            password=_string(data, "password", maximum=MAX_PASSWORD),
+            security=security,
+        )
+        folders = _folders(data)
+        interval = _interval(data)
+        key = self.key()
+        self._verify(settings)
+        with self.sessions.begin() as session:
+            user = session.get_one(User, user_id)
+            account = add_account(session, user, key, settings, folders=folders)
+            account.sync_interval_seconds = interval or DEFAULT_INTERVAL_SECONDS
+            account.next_sync_at = utcnow()
+            account_id = account.id
+        location = url_for(f"{BLUEPRINT_NAME}.account", account_id=account_id)
+        return jsonify(self._account(user_id, account_id)), 201, {"Location": location}
+
+    def account(self, account_id: int) -> ResponseReturnValue:
+        """PATCH changes the account, DELETE removes it."""
+        if request.method == "DELETE":
+            return self.remove_account(account_id)
+        return self.update_account(account_id)
+
+    def update_account(self, account_id: int) -> Response:
+        """A new password (checked first, then BROKEN and the circuit cleared), folders, interval,
+        enabled."""
+        user_id = self.user()
+        data = _json_object()
+        _known_fields(data, UPDATE_FIELDS)
+        folders = _folders(data)
+        interval = _interval(data)
+        enabled = data.get("enabled")
+        if enabled is not None and not isinstance(enabled, bool):
+            raise ApiError(400, "bad_request", "enabled must be true or false", field="enabled")
+        password = _string(data, "password", maximum=MAX_PASSWORD) if "password" in data else None
+        key = self.key() if password is not None else None
+        with self.sessions() as session:
+            account = self._owned(session, account_id, user_id)
+            settings = None
+            if key is not None and password is not None:
+                if account.auth_kind == AuthKind.OAUTH2:
+                    raise ApiError(
+                        400,
+                        "oauth2_account",
+                        text(language(request), "oauth2_no_password"),
+                        field="password",
+                    )
+                stored = account_settings(account, key, policy=self.policy)
+                settings = replace(stored, password=password)
+        if settings is not None:
+            self._verify(settings)
+        with self.sessions.begin() as session:
+            account = self._owned(session, account_id, user_id)
+            if key is not None and settings is not None:
+                set_credentials(account, key, settings)
+                health.reset(account)
+            if folders is not None:
+                account.folders = folders
+            if interval is not None:
+                account.sync_interval_seconds = interval
+            if enabled is not None:
+                account.enabled = enabled
+        return jsonify(self._account(user_id, account_id))
+
+    def remove_account(self, account_id: int) -> tuple[str, int]:
+        """Remove the account with its stored mail (the page asks for a confirmation first)."""
+        user_id = self.user()
+        with self.sessions.begin() as session:
+            session.delete(self._owned(session, account_id, user_id))
+        return "", 204
+
+    def _owned(self, session: Session, account_id: int, user_id: int) -> MailAccount:
+        try:
+            return owned_account(session, account_id, user_id)
+        except NotFound:
+            raise ApiError(404, "not_found", "account not found") from None
+
+    @property
+    def policy(self) -> AddressPolicy:
+        """Which servers accounts may reach (`MAILPIPE_ALLOW_PRIVATE_HOSTS` and the like)."""
+        return self.pipeline.settings.address_policy
+
+    def _verify(self, settings: ImapSettings) -> None:
+        """Answer 422 with the reason in the user's words when the server refuses the login
+        (or the address policy refuses the server)."""
+        failure = verify_login(replace(settings, policy=self.policy))
+        if failure is not None:
+            message = present.error_text(
+                failure.error_class, language(request), auth=AuthKind.PASSWORD
+            )
+            raise ApiError(
+                422,
+                "login_failed",
+                message or failure.message,
+                error_class=failure.error_class,
+            )
+
+    def _account(self, user_id: int, account_id: int) -> dict:
+        labels = self._labels(user_id)
+        lang = language(request)
+        for health_row in self.pipeline.get_account_health(user_id):
+            if health_row.account_id == account_id:
+                return present.account_view(health_row, labels=labels, lang=lang)
+        raise ApiError(404, "not_found", "account not found")
 
     def diagnostics(self, account_id: int) -> tuple[Response, int, dict]:
         """Queue a check of the account: a worker connects to the server, never this request."""
@@ -434,8 +743,12 @@ def create_blueprint(
     sessions: sessionmaker[Session] | None = None,
     alert_token: str | None = None,
     max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS,
+    oauth2_providers: Mapping[str, oauth2.Provider] | None = None,
+    home_url: str = "/",
 ) -> Blueprint:
-    """The API bound to the host's session; `sessions` defaults to the pipeline's database."""
+    """The API bound to the host's session; `sessions` defaults to the pipeline's database.
+    `oauth2_providers` (`Settings.oauth2_providers`) offer "connect with ..."; the flow ends
+    on `home_url`."""
     api = _Api(
         current_user=current_user,
         current_key=current_key,
@@ -444,20 +757,27 @@ def create_blueprint(
         sessions=sessions or pipeline.sessions,
         alert_token=alert_token,
         max_queued_jobs=max_queued_jobs,
+        oauth2_providers=oauth2_providers or {},
+        home_url=home_url,
     )
     blueprint = Blueprint(BLUEPRINT_NAME, __name__, url_prefix=API_PREFIX)
     blueprint.before_request(api.guard)
     blueprint.register_error_handler(ApiError, error_response)
     blueprint.register_error_handler(HTTPException, http_error_response)
     blueprint.after_request(_no_store)
-    routes: list[tuple[str, str, Callable[..., ResponseReturnValue], str]] = [
+    routes: list[tuple[str, str, Callable[..., ResponseReturnValue], str]] = [  # methods: spaced
         ("/jobs/fetch", "fetch", api.fetch, "POST"),
         ("/jobs/history", "history", api.history, "GET"),
         ("/jobs/<job_id>", "job_status", api.job_status, "GET"),
         ("/accounts/health", "health", api.health, "GET"),
+        ("/accounts/presets", "presets", api.presets, "GET"),
+        ("/accounts", "add_account", api.add_account, "POST"),
+        (f"/accounts/<{ID}:account_id>", "account", api.account, "PATCH DELETE"),
         (f"/accounts/<{ID}:account_id>/diagnostics", "diagnostics", api.diagnostics, "POST"),
         (f"/accounts/<{ID}:account_id>/push", "push", api.push, "POST"),
         ("/diagnostics/<request_id>", "diagnosis", api.diagnosis, "GET"),
+        ("/oauth2/<provider>/start", "oauth2_start", api.oauth2_start, "POST"),
+        ("/oauth2/callback", "oauth2_callback", api.oauth2_callback, "GET"),
         ("/metrics/performance", "performance", api.performance, "GET"),
         ("/mail", "mail", api.mail, "GET"),
         ("/mail/changes", "mail_changes", api.mail_changes, "GET"),
@@ -468,8 +788,8 @@ def create_blueprint(
         ("/alerts/alertmanager", "alertmanager", api.alertmanager, "POST"),
         ("/openapi.json", "openapi", api.openapi, "GET"),
     ]
-    for rule, endpoint, view, method in routes:
-        blueprint.add_url_rule(rule, endpoint, view, methods=[method])
+    for rule, endpoint, view, methods in routes:  # one rule per path: a bad id is then a 404
+        blueprint.add_url_rule(rule, endpoint, view, methods=methods.split())
     return blueprint
 
 
@@ -504,6 +824,84 @@ def _int(data: dict, name: str, *, default: int | None, maximum: int) -> int | N
             400, "bad_request", f"{name} must be a whole number from 1 to {maximum}", field=name
         )
     return value
+
+
+def _same_login(
+    session: Session, user_id: int, key: DataKey, settings: ImapSettings, *, policy: AddressPolicy
+) -> MailAccount | None:
+    """The user's account on this server with this login, which a new grant reconnects."""
+    for account in session.scalars(select(MailAccount).where(MailAccount.user_id == user_id)):
+        try:
+            stored = account_settings(account, key, policy=policy)
+        except (DecryptionFailed, ValueError, TypeError):
+            continue
+        if (stored.host, stored.effective_port, stored.username) == (
+            settings.host,
+            settings.effective_port,
+            settings.username,
+        ):
+            return account
+    return None
+
+
+def _string(data: dict, name: str, *, maximum: int) -> str:
+    """A non-empty string of at most `maximum` characters, without control characters."""
+    value = data.get(name)
+    if (
+        not _text(value)
+        or not 0 < len(value) <= maximum
+        or any(ord(c) < 32 or ord(c) == 127 for c in value)
+    ):
+        raise ApiError(
+            400,
+            "bad_request",
+            f"{name} must be a non-empty string of at most {maximum} characters",
+            field=name,
+        )
+    return value
+
+
+def _host(data: dict) -> str:
+    host = _string(data, "host", maximum=MAX_HOST)
+    if not re.fullmatch(HOST_PATTERN, host):
+        raise ApiError(400, "bad_request", "host must be a host name or address", field="host")
+    return host
+
+
+def _folders(data: dict) -> list[str] | None:
+    if "folders" not in data:
+        return None
+    folders = data["folders"]
+    if (
+        not isinstance(folders, list)
+        or not 0 < len(folders) <= MAX_FOLDERS
+        or not all(isinstance(f, str) and 0 < len(f) <= MAX_FOLDER for f in folders)
+    ):
+        raise ApiError(
+            400,
+            "bad_request",
+            f"folders must be a list of 1 to {MAX_FOLDERS} folder names",
+            field="folders",
+        )
+    return list(dict.fromkeys(folders))
+
+
+def _interval(data: dict) -> int | None:
+    interval = _int(data, "interval", default=None, maximum=MAX_INTERVAL_SECONDS)
+    if interval is not None and interval < MIN_INTERVAL_SECONDS:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"interval must be from {MIN_INTERVAL_SECONDS} to {MAX_INTERVAL_SECONDS} seconds",
+            field="interval",
+        )
+    return interval
+
+
+def _known_fields(data: dict, fields: tuple[str, ...]) -> None:
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ApiError(400, "bad_request", f"unknown field {unknown[0]!r}", field=unknown[0])
 
 
 def _query_int(name: str, *, default: int, maximum: int) -> int:

@@ -28,6 +28,16 @@ MAX_NOTIFICATIONS = 200
 MAX_ALERTS = 1000
 MAX_FINGERPRINT = 200
 MAX_LABEL = 1000
+MAX_HOST = 253
+MAX_PORT = 65535
+MAX_LOGIN = 320
+MAX_PASSWORD = 1000
+MAX_FOLDERS = 50
+MAX_FOLDER = 1000
+MIN_INTERVAL_SECONDS = 60
+MAX_INTERVAL_SECONDS = 86400
+DEFAULT_INTERVAL_SECONDS = 300
+HOST_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$"
 NULLABLE_STRING = {"type": ["string", "null"]}
 INSTANT = {"type": "string", "format": "date-time"}
 NULLABLE_INSTANT = {"type": ["string", "null"], "format": "date-time"}
@@ -151,6 +161,20 @@ NOTIFICATION = {
     },
 }
 
+FOLDERS = {
+    "type": "array",
+    "minItems": 1,
+    "maxItems": MAX_FOLDERS,
+    "items": {"type": "string", "minLength": 1, "maxLength": MAX_FOLDER},
+    "description": "folders to fetch (default INBOX)",
+}
+INTERVAL = {
+    "type": "integer",
+    "minimum": MIN_INTERVAL_SECONDS,
+    "maximum": MAX_INTERVAL_SECONDS,
+    "description": "seconds between background fetches",
+}
+
 OPENAPI: dict = {
     "openapi": "3.1.0",
     "info": {
@@ -158,8 +182,9 @@ OPENAPI: dict = {
         "version": "1",
         "description": (
             "Start mail fetches, follow them, and see account health, performance and "
-            "notifications. Session-authenticated POSTs need the session's CSRF token in the "
-            "X-CSRF-Token header. Anything that is not the caller's own answers 404."
+            "notifications; add, change and remove accounts, or connect them with OAuth2. "
+            "Session-authenticated POST, PATCH and DELETE requests need the session's CSRF "
+            "token in the X-CSRF-Token header. Anything that is not the caller's own answers 404."
         ),
     },
     "paths": {
@@ -245,6 +270,167 @@ OPENAPI: dict = {
                         },
                         "the accounts",
                     ),
+                    "401": _error("Unauthorized"),
+                },
+            }
+        },
+        "/api/accounts/presets": {
+            "get": {
+                "operationId": "presets",
+                "summary": "Common providers' IMAP servers, to fill host, port and security",
+                "security": SESSION,
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["presets", "oauth2"],
+                            "properties": {
+                                "presets": {"type": "array", "items": _ref("Preset")},
+                                "oauth2": {
+                                    "type": "array",
+                                    "description": "the OAuth2 providers one can connect with",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["name", "display"],
+                                        "properties": {
+                                            "name": {"type": "string"},
+                                            "display": {"type": "string"},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                        "the presets",
+                    ),
+                    "401": _error("Unauthorized"),
+                },
+            }
+        },
+        "/api/accounts": {
+            "post": {
+                "operationId": "add_account",
+                "summary": "Add an account; the server must accept the login first, or nothing "
+                "is stored",
+                "security": SESSION_POST,
+                "parameters": [LANG],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("NewAccount")}},
+                },
+                "responses": {
+                    "201": _json(
+                        _ref("AccountHealth"),
+                        "the account is stored",
+                        {"Location": {"schema": {"type": "string"}}},
+                    ),
+                    "400": _error("BadRequest"),
+                    "401": _error("Unauthorized"),
+                    "403": _error("Forbidden"),
+                    "422": _error("LoginFailed"),
+                },
+            }
+        },
+        "/api/accounts/{account_id}": {
+            "patch": {
+                "operationId": "update_account",
+                "summary": "Change the password (checked first; clears BROKEN and the circuit), "
+                "folders, interval or enabled",
+                "security": SESSION_POST,
+                "parameters": [_id_parameter("account_id", "the account to change"), LANG],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("AccountChange")}},
+                },
+                "responses": {
+                    "200": _json(_ref("AccountHealth"), "the account as it is now"),
+                    "400": _error("BadRequest"),
+                    "401": _error("Unauthorized"),
+                    "403": _error("Forbidden"),
+                    "404": _error("NotFound"),
+                    "422": _error("LoginFailed"),
+                },
+            },
+            "delete": {
+                "operationId": "remove_account",
+                "summary": "Remove the account and its stored mail",
+                "security": SESSION_POST,
+                "parameters": [_id_parameter("account_id", "the account to remove")],
+                "responses": {
+                    "204": {"description": "removed"},
+                    "401": _error("Unauthorized"),
+                    "403": _error("Forbidden"),
+                    "404": _error("NotFound"),
+                },
+            },
+        },
+        "/api/oauth2/{provider}/start": {
+            "post": {
+                "operationId": "oauth2_start",
+                "summary": "Start connecting an account with a configured OAuth2 provider "
+                "(authorization code with PKCE): the answer says where to send the browser",
+                "security": SESSION_POST,
+                "parameters": [
+                    {
+                        "name": "provider",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "google, microsoft or generic, as configured",
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["login"],
+                                "properties": {
+                                    "login": {
+                                        "type": "string",
+                                        "minLength": 1,
+                                        "maxLength": MAX_LOGIN,
+                                        "description": "the mail address at the provider",
+                                    }
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["authorization_url"],
+                            "properties": {"authorization_url": {"type": "string"}},
+                        },
+                        "send the browser there; a short-lived cookie holds the sealed state",
+                    ),
+                    "400": _error("BadRequest"),
+                    "401": _error("Unauthorized"),
+                    "403": _error("Forbidden"),
+                    "404": _error("NotFound"),
+                },
+            }
+        },
+        "/api/oauth2/callback": {
+            "get": {
+                "operationId": "oauth2_callback",
+                "summary": "Where the provider sends the browser back: the code is traded for "
+                "tokens, the IMAP login checked and the refresh token stored encrypted",
+                "security": SESSION,
+                "parameters": [
+                    {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                    for name in ("code", "state", "error")
+                ]
+                + [LANG],
+                "responses": {
+                    "303": {
+                        "description": "back to the dashboard: connected, or with "
+                        "`#oauth2-error=<text key>` saying why not (state expired or forged, "
+                        "consent declined, token or IMAP login refused, provider down)"
+                    },
                     "401": _error("Unauthorized"),
                 },
             }
@@ -515,7 +701,10 @@ OPENAPI: dict = {
                 "TooManyJobs": "too many of the user's jobs are still queued or running",
                 "TooManyChecks": "too many connection checks within a minute; the Retry-After "
                 "header says when to ask again",
-                "Unavailable": "the workers' key or the alert token is not configured",
+                "Unavailable": "the workers' key or the alert token is not configured, or the "
+                "OAuth2 provider cannot be reached",
+                "LoginFailed": "the server refused the login or could not be reached; `error` "
+                "says why in the user's language, `error_class` is the cause",
             }.items()
         },
         "schemas": {
@@ -526,6 +715,56 @@ OPENAPI: dict = {
                     "error": {"type": "string"},
                     "code": {"type": "string"},
                     "field": {"type": "string"},
+                    "error_class": {"type": "string"},
+                },
+            },
+            "Preset": {
+                "type": "object",
+                "required": ["id", "name", "host", "port", "security", "provider", "oauth2"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "name": {"type": "string"},
+                    "host": {"type": "string"},
+                    "port": {"type": "integer"},
+                    "security": {"type": "string", "enum": ["tls", "starttls", "none"]},
+                    "provider": {"type": "string"},
+                    "oauth2": {
+                        **NULLABLE_STRING,
+                        "description": "the OAuth2 provider this server wants, if any",
+                    },
+                },
+            },
+            "NewAccount": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["host", "login", "password"],
+                "properties": {
+                    "host": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": MAX_HOST,
+                        "pattern": HOST_PATTERN,
+                    },
+                    "port": {"type": "integer", "minimum": 1, "maximum": MAX_PORT},
+                    "security": {
+                        "type": "string",
+                        "enum": ["tls", "starttls", "none"],
+                        "default": "tls",
+                    },
+                    "login": {"type": "string", "minLength": 1, "maxLength": MAX_LOGIN},
+                    "password": {"type": "string", "minLength": 1, "maxLength": MAX_PASSWORD},
+                    "folders": FOLDERS,
+                    "interval": INTERVAL,
+                },
+            },
+            "AccountChange": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "password": {"type": "string", "minLength": 1, "maxLength": MAX_PASSWORD},
+                    "folders": FOLDERS,
+                    "interval": INTERVAL,
+                    "enabled": {"type": "boolean"},
                 },
             },
             "PushRequest": {

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from collections.abc import Mapping
+from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -17,11 +19,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from .. import grants
-from ..accounts import account_settings, owned_account
+from ..accounts import account_settings, has_oauth2_grant, owned_account
 from ..addresses import AddressPolicy
 from ..crypto import DataKey
 from ..errors import MailpipeError, NotFound, TooManyRequests
 from ..models import DiagnosticsResult, MailAccount, iso, utcnow
+from ..oauth2 import Provider, TokenSource
 from .report import Diagnosis
 from .suite import DIAGNOSE_TIMEOUT, diagnose
 
@@ -84,11 +87,13 @@ def run_requested(
     private_key: X25519PrivateKey,
     policy: AddressPolicy,
     timeout: float = DIAGNOSE_TIMEOUT,
+    oauth2_providers: Mapping[str, Provider] | None = None,
 ) -> Diagnosis | None:
     """Run a pending diagnosis with its sealed key, store the report encrypted, drop the key;
     the account's server is reached only as `policy` allows.
 
-    Returns None when there was nothing to run (a redelivered message, an expired grant).
+    An OAuth2 account is checked with a fresh access token (refreshed as a fetch would). Returns
+    None when there was nothing to run (a redelivered message, an expired grant).
     """
     with sessions() as session:
         row = session.get(DiagnosticsResult, request_id)
@@ -96,17 +101,24 @@ def run_requested(
             return None
         account_id = row.account_id
         unusable: str | None
+        refreshable = False
         try:
             key = grants.unlock_grant(session, row.grant_id, private_key)
-            settings = account_settings(
-                session.get_one(MailAccount, account_id), key, policy=policy
-            )
+            account = session.get_one(MailAccount, account_id)
+            settings = account_settings(account, key, policy=policy)
+            refreshable = has_oauth2_grant(account, key)
         except MailpipeError as error:
             unusable = str(error)
         except (ValueError, TypeError):
             unusable = "the account's stored settings do not open"
         else:
             unusable = None
+    if unusable is None and refreshable:
+        tokens = TokenSource(sessions, account_id, key, providers=oauth2_providers or {})
+        try:
+            settings = replace(settings, access_token=tokens.token())
+        except MailpipeError as error:  # refused or unreachable: the report says so
+            unusable = str(error)
     if unusable is not None:
         _finish_request(sessions, request_id, error=unusable)
         return None
