@@ -16,7 +16,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     web.add_argument("--port", type=port, default=8000)
     web.add_argument(
         "--workers",
-        type=count,
+        type=count(),
         default=1,
         help="processes (gunicorn; above 1 needs the Redis broker); default 1, in this process",
     )
