@@ -29,6 +29,14 @@ MAX_ID = 2**63 - 1  # the largest row id the databases hold (BIGINT)
 MAX_PORT = 65_535
 
 
+class OutputLost(Exception):
+    """Writing the command's output failed: its reader went away, or its disk is full."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class StrictParser(argparse.ArgumentParser):
     """No abbreviations (`--password x` must not pass for `--password-env x`), and a bad
     command line is one line naming the option, not a usage block."""

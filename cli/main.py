@@ -15,7 +15,7 @@ from mailpipe.errors import MailpipeError
 from mailpipe.settings import Settings
 
 from . import accounts, alerts, demo, diagnose, jobs, keys, queue, serve, sync, users, watch
-from .common import EXIT_FAILURE, EXIT_USAGE, StrictParser
+from .common import EXIT_FAILURE, EXIT_USAGE, OutputLost, StrictParser
 
 # In the order `mailpipe --help` lists them.
 COMMAND_GROUPS = (sync, watch, diagnose, users, accounts, jobs, queue, serve, keys, alerts, demo)
@@ -45,14 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _output_lost(lost.error, stdout)
     finally:
         sys.stdout = stdout
-
-
-class OutputLost(Exception):
-    """Writing the command's output failed: its reader went away, or its disk is full."""
-
-    def __init__(self, error: OSError) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 class GuardedOutput:

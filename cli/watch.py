@@ -16,7 +16,7 @@ from mailpipe.settings import Settings
 from mailpipe.sync import SyncResult
 from mailpipe.watcher import watched_folder
 
-from .common import EXIT_FAILURE, run_until_stopped
+from .common import EXIT_FAILURE, OutputLost, run_until_stopped
 from .sync import SyncTarget, one_line_failure, summary, sync_options, sync_target
 
 POLL_SECONDS = 60.0  # a server without IDLE is asked this often instead
@@ -44,7 +44,7 @@ def run_watch(args: argparse.Namespace, settings: Settings) -> int:
         run_until_stopped(
             watch(target, folder=watched_folder(args.folders), emit=emit, policy=settings.retry)
         )
-    except BrokenPipeError:
+    except (BrokenPipeError, OutputLost):
         # stdout was closed (`mailpipe watch --json | head -1`): say so once, not at exit again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         print("mailpipe: watch stopped: its output was closed", file=sys.stderr)
@@ -89,7 +89,7 @@ async def watch(
             while True:
                 await connection.changes()
                 emit(await asyncio.to_thread(target.sync))
-        except (asyncio.CancelledError, BrokenPipeError):
+        except (asyncio.CancelledError, BrokenPipeError, OutputLost):
             raise
         except Exception as error:
             failures = _retry_or_raise(error, first=first, failures=failures, target=target)
