@@ -107,6 +107,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
     """Add an account once its server accepted the login (unless --no-check)."""
+    sessions = open_database(settings)
+    user, key = unlock(sessions, args.user, args.password_env)
     grant = None
     if args.oauth2:
         provider = settings.oauth2_providers.get(args.oauth2)
@@ -148,8 +150,6 @@ def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
             security=args.security,
             ca_file=args.ca_file,
         )
-    sessions = open_database(settings)
-    user, key = unlock(sessions, args.user, args.password_env)
     settings.address_policy.check(imap.host, imap.effective_port)
     if not args.no_check:
         failure = verify_login(replace(imap, policy=settings.address_policy))
