@@ -94,9 +94,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     account_push = account.add_parser(
         "push", help="turn push (IMAP IDLE watching) on or off for an account"
     )
-    account_push.add_argument("account_id", type=int)
+    account_push.add_argument("account_id", type=row_id)
     account_push.add_argument("state", choices=("on", "off"))
-    account_push.add_argument("--user", required=True)
+    account_push.add_argument("--user", required=True, type=nonempty)
     account_push.set_defaults(run=run_account_push)
 
     health = commands.add_parser("health", help="a user's accounts and their health")

@@ -6,10 +6,9 @@ import argparse
 import json
 
 from mailpipe import health
-from mailpipe.errors import MailpipeError
 from mailpipe.settings import Settings
 
-from .common import open_database
+from .common import MAX_LIMIT, count, open_database
 
 DEFAULT_LIMIT = 20
 
@@ -18,15 +17,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     alerts = commands.add_parser(
         "alerts", help="operator alerts Alertmanager sent to the web app, newest first"
     )
-    alerts.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="at most this many")
+    alerts.add_argument(
+        "--limit", type=count(maximum=MAX_LIMIT), default=DEFAULT_LIMIT, help="at most this many"
+    )
     alerts.add_argument("--json", action="store_true")
     alerts.set_defaults(run=run_alerts)
 
 
 def run_alerts(args: argparse.Namespace, settings: Settings) -> int:
     """They belong to no user, so no web page shows them: operators read them here."""
-    if args.limit < 1:
-        raise MailpipeError("--limit must be 1 or more")
     sessions = open_database(settings)
     with sessions() as session:
         notes = health.operator_alerts(session, limit=args.limit)

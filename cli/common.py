@@ -27,6 +27,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 MAX_ID = 2**63 - 1  # the largest row id the databases hold (BIGINT)
 MAX_PORT = 65_535
+MAX_LIMIT = 1_000  # rows a listing command prints at most
+MAX_PROCESSES = 1_024
 
 
 class OutputLost(Exception):

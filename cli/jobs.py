@@ -11,9 +11,7 @@ from mailpipe.models import PipelineJob
 from mailpipe.results import JobReport
 from mailpipe.settings import Settings
 
-from .common import count, find_user, nonempty, open_database
-
-MAX_LIMIT = 1_000
+from .common import MAX_LIMIT, count, find_user, nonempty, open_database
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

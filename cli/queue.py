@@ -25,6 +25,8 @@ from mailpipe.vocabulary import JobStatus
 from mailpipe.watcher import Watcher, owner_name
 
 from .common import (
+    MAX_PORT,
+    MAX_PROCESSES,
     count,
     nonempty,
     open_database,
@@ -62,8 +64,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     worker = commands.add_parser(
         "worker", help="run Dramatiq workers (dramatiq broker_config actors)"
     )
-    worker.add_argument("--processes", type=count(maximum=1_024), default=os.cpu_count() or 1)
-    worker.add_argument("--threads", type=count(maximum=1_024), default=8)
+    worker.add_argument(
+        "--processes", type=count(maximum=MAX_PROCESSES), default=os.cpu_count() or 1
+    )
+    worker.add_argument("--threads", type=count(maximum=MAX_PROCESSES), default=8)
     worker.add_argument("extra", nargs="*", help="more options for dramatiq, after --")
     worker.set_defaults(run=run_worker)
 
@@ -76,7 +80,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     watcher.add_argument(
         "--metrics-port",
-        type=int,
+        type=count(minimum=0, maximum=MAX_PORT),
         default=WATCHER_METRICS_PORT,
         help="serve this watcher's /metrics here (0: not at all)",
     )

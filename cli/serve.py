@@ -7,7 +7,7 @@ import argparse
 from mailpipe.errors import MailpipeError
 from mailpipe.settings import Settings
 
-from .common import count, nonempty, port
+from .common import MAX_PROCESSES, count, nonempty, port
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     web.add_argument("--port", type=port, default=8000)
     web.add_argument(
         "--workers",
-        type=count(),
+        type=count(maximum=MAX_PROCESSES),
         default=1,
         help="processes (gunicorn; above 1 needs the Redis broker); default 1, in this process",
     )

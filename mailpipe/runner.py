@@ -88,8 +88,8 @@ def run_account(
 
     `timeouts` are exception types (such as the queue's time-limit interrupt) that count as
     the timeout error class; `address_policy` says which servers the account may connect to.
-    Each attempt ends with one `account_run` log event. An OAuth2 account's token is refreshed with the client secret of the configured provider
-    (`oauth2_providers`) its grant names.
+    Each attempt ends with one `account_run` log event. An OAuth2 account's token is refreshed
+    with the client secret of the configured provider (`oauth2_providers`) its grant names.
     """
     profiler = Profiler()
     started = time.perf_counter()
@@ -419,13 +419,36 @@ def record_crash(
     sessions: sessionmaker[Session], *, job_id: str, account_id: int
 ) -> jobs.FinishedJob | None:
     """End a run whose every attempt crashed before it could record anything itself."""
+    return _fail_unrun(
+        sessions,
+        job_id=job_id,
+        account_id=account_id,
+        message="the fetch failed repeatedly for an internal reason; operators have been told",
+    )
+
+
+def end_lost_runs(sessions: sessionmaker[Session], *, created_before: datetime) -> int:
+    """End the open runs of jobs created before `created_before` as failed, so their jobs end
+    and the scheduler takes their accounts again; a late message finds its run ended and is
+    dropped. Returns how many were ended."""
+    with sessions() as session:
+        lost = jobs.lost_runs(session, created_before=created_before)
+    for job_id, account_id in lost:
+        _fail_unrun(sessions, job_id=job_id, account_id=account_id, message=LOST_MESSAGE)
+    return len(lost)
+
+
+def _fail_unrun(
+    sessions: sessionmaker[Session], *, job_id: str, account_id: int, message: str
+) -> jobs.FinishedJob | None:
+    """End as failed (unknown) a run no attempt could record, and log it as any run's end."""
     finished = _finish(
         sessions,
         job_id,
         account_id,
         RunStatus.FAILED,
         error_class=ErrorClass.UNKNOWN,
-        message="the fetch failed repeatedly for an internal reason; operators have been told",
+        message=message,
     ).finished
     logs.account_run(
         job_id=job_id,
@@ -437,33 +460,6 @@ def record_crash(
     if finished is not None:
         _log_finished(finished)
     return finished
-
-
-def end_lost_runs(sessions: sessionmaker[Session], *, created_before: datetime) -> int:
-    """End the open runs of jobs created before `created_before` as failed, so their jobs end
-    and the scheduler takes their accounts again; a late message finds its run ended and is
-    dropped. Returns how many were ended."""
-    with sessions() as session:
-        lost = jobs.lost_runs(session, created_before=created_before)
-    for job_id, account_id in lost:
-        finished = _finish(
-            sessions,
-            job_id,
-            account_id,
-            RunStatus.FAILED,
-            error_class=ErrorClass.UNKNOWN,
-            message=LOST_MESSAGE,
-        ).finished
-        logs.account_run(
-            job_id=job_id,
-            account_id=account_id,
-            status=RunStatus.FAILED,
-            error_class=ErrorClass.UNKNOWN,
-            duration_seconds=0.0,
-        )
-        if finished is not None:
-            _log_finished(finished)
-    return len(lost)
 
 
 def _finish(

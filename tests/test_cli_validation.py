@@ -43,6 +43,10 @@ BAD_LINES = {
     "web port 70000": (["web", "--port", "70000"], "--port"),
     "demo rounds 0": (["demo", "--rounds", "0"], "--rounds"),
     "unknown option": (["jobs", "--user", "demo", "--color"], "--color"),
+    "alerts limit 0": (["alerts", "--limit", "0"], "--limit"),
+    "web workers 0": (["web", "--workers", "0"], "--workers"),
+    "push account x": (["account", "push", "x", "on", "--user", "demo"], "account_id"),
+    "watcher port 70000": (["watcher", "--metrics-port", "70000"], "--metrics-port"),
 }
 
 
