@@ -30,9 +30,10 @@ def test_add_an_account_break_it_and_fix_the_password_on_the_page(
     page.get_by_role("button", name="Anmelden").click()
     expect(page.get_by_text("Noch keine Konten eingerichtet.")).to_be_visible()
 
-    # When she opens "Konto hinzufügen" and picks GMX
-    page.get_by_role("button", name="Konto hinzufügen").click()
+    # When she opens "Konto hinzufügen" (closed until asked for) and picks GMX
     form = page.locator("#add-account-form")
+    expect(form).to_be_hidden()
+    page.get_by_role("button", name="Konto hinzufügen").click()
     form.get_by_label("Anbieter").select_option(label="GMX")
     # Then the preset fills the server, port and encryption
     expect(form.get_by_label("Server")).to_have_value("imap.gmx.net")
@@ -59,6 +60,8 @@ def test_add_an_account_break_it_and_fix_the_password_on_the_page(
     card = page.locator("article.account")
     expect(card).to_have_count(1)
     expect(card).to_contain_text(login)
+    # And its password form stays closed while nothing asks for it
+    expect(card.locator(".password-form")).to_be_hidden()
 
     # When the provider's password changes and a fetch runs
     new_password = password + "-neu"
