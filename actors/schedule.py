@@ -13,6 +13,7 @@ import dramatiq
 from periodiq import cron
 
 from mailpipe import grants, jobs, schedule
+from mailpipe.diagnostics import requests
 from mailpipe.errors import NotFound
 from mailpipe.models import utcnow
 from mailpipe.runner import end_lost_runs
@@ -25,8 +26,8 @@ PURGE_BATCHES = 50  # at most 250,000 old jobs deleted per tick
 @dramatiq.actor(queue_name="schedule", periodic=cron("* * * * *"), max_retries=0)
 def schedule_due() -> None:
     """End runs whose message was lost, claim due accounts, start one scheduled job per user for
-    them; delete expired key grants (a sealed key should not outlive its use) and jobs finished
-    longer ago than the retention."""
+    them; delete expired key grants (a sealed key should not outlive its use) and jobs and
+    diagnoses finished longer ago than the retention."""
     from actors.pipeline import PipelineBroker
 
     settings = runtime.settings()
@@ -56,5 +57,12 @@ def schedule_due() -> None:
         retired += deleted
         if deleted < jobs.PURGE_BATCH:
             break
-    if purged or retired:
-        logger.info("deleted %d expired key grants and %d old finished jobs", purged, retired)
+    with sessions.begin() as session:
+        diagnoses = requests.purge_finished(session, before=before)
+    if purged or retired or diagnoses:
+        logger.info(
+            "deleted %d expired key grants, %d old finished jobs and %d old diagnoses",
+            purged,
+            retired,
+            diagnoses,
+        )

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ from mailpipe.diagnostics import (
 from mailpipe.diagnostics.suite import ALREADY_LOGGED_IN
 from mailpipe.errors import NotFound
 from mailpipe.imap import ImapSettings
-from mailpipe.models import Base, DiagnosticsResult
+from mailpipe.models import Base, DiagnosticsResult, utcnow
 from mailpipe.sync import sync_account
 from tests.support.dovecot import Dovecot
 from tests.support.faultproxy import FaultProxy
@@ -444,6 +445,34 @@ def test_a_request_whose_grant_has_gone_fails_in_words_without_connecting(world)
         result = diagnosis_result(session, request_id, user_id=alice.id, key=alice.key)
     assert (result["status"], result["error"]) == ("failed", grants.MISSING_GRANT)
     assert result["report"] is None
+
+
+def test_the_scheduler_tick_deletes_diagnoses_older_than_the_retention(world):
+    # Given two finished diagnoses of alice's account, one 31 days old, and one still pending
+    alice = world.user("alice")
+    account = world.account(alice)
+    old, recent = (
+        world.pipeline.request_diagnosis(alice.id, account, key=alice.key) for _ in range(2)
+    )
+    world.wait()
+    with world.sessions.begin() as session:
+        session.get_one(DiagnosticsResult, old).finished_at = utcnow() - timedelta(days=31)
+        pending = diagnostics.request_diagnosis(
+            session,
+            user_id=alice.id,
+            account_id=account,
+            key=alice.key,
+            public_key=grants.public_key_bytes(world.private_key),
+            ttl_seconds=60,
+        )
+    # When the scheduler ticks (the retention is 30 days)
+    from actors.schedule import schedule_due
+
+    schedule_due()
+    # Then the old diagnosis is gone; the recent and the pending one stay
+    with world.sessions() as session:
+        left = set(session.scalars(select(DiagnosticsResult.id)))
+    assert left == {recent, pending}
 
 
 # -- mailpipe diagnose ---------------------------------------------------------------------

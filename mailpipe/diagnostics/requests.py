@@ -12,16 +12,17 @@ import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from .. import grants
 from ..accounts import account_settings, has_oauth2_grant, owned_account
 from ..addresses import AddressPolicy
 from ..crypto import DataKey
+from ..db import rowcount
 from ..errors import MailpipeError, NotFound, TooManyRequests
 from ..models import DiagnosticsResult, MailAccount, iso, utcnow
 from ..oauth2 import Provider, TokenSource
@@ -155,6 +156,17 @@ def _finish_request(
                     row=request_id,
                 )
         grants.drop_job_grant(session, request_id)
+
+
+def purge_finished(session: Session, *, before: datetime) -> int:
+    """Delete diagnoses that ended before `before`: a report is read once, right after it ran;
+    pending requests stay (their grant's expiry ends them)."""
+    deleted = session.execute(
+        delete(DiagnosticsResult).where(
+            DiagnosticsResult.finished_at < before, DiagnosticsResult.status != REQUEST_PENDING
+        )
+    )
+    return rowcount(deleted)
 
 
 def diagnosis_result(
