@@ -301,6 +301,23 @@ def performance() -> dashboard.Dashboard:
         )
         .with_panel(
             graph(
+                "Push latency",
+                units.Seconds,
+                "p50 and p95 from a watcher seeing new mail to that mail stored by its push run.",
+                query(
+                    "histogram_quantile(0.95, sum by (provider, le) "
+                    f"(rate(mailpipe_push_latency_seconds_bucket{{{P}}}[{RATE}])))",
+                    "p95 {{provider}}",
+                ),
+                query(
+                    "histogram_quantile(0.5, sum by (provider, le) "
+                    f"(rate(mailpipe_push_latency_seconds_bucket{{{P}}}[{RATE}])))",
+                    "p50 {{provider}}",
+                ),
+            )
+        )
+        .with_panel(
+            graph(
                 "IDLE reconnects per second",
                 units.OpsPerSecond,
                 "IDLE connections lost or not opened and tried again, by error class.",

@@ -174,6 +174,7 @@ def initialise() -> None:
     for provider in PROVIDERS:
         IDLE_CONNECTIONS.labels(provider)
         PUSH_RUNS.labels(provider)
+        PUSH_LATENCY.labels(provider)
     for error_class in ERROR_CLASSES:
         IDLE_RECONNECTS.labels(error_class)
 
