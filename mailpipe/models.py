@@ -26,7 +26,15 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from .vocabulary import AuthKind, CircuitState, Health, JobStatus, ProcessStatus, RunStatus
+from .vocabulary import (
+    AuthKind,
+    CircuitState,
+    DiagnosisStatus,
+    Health,
+    JobStatus,
+    ProcessStatus,
+    RunStatus,
+)
 
 
 def utcnow() -> datetime:
@@ -286,7 +294,7 @@ class DiagnosticsResult(Base):
     account_id: Mapped[int] = mapped_column(
         ForeignKey("mail_accounts.id", ondelete="CASCADE"), index=True
     )
-    status: Mapped[str] = mapped_column(String(20), default="pending")
+    status: Mapped[str] = mapped_column(String(20), default=DiagnosisStatus.PENDING)
     ok: Mapped[bool | None] = mapped_column(Boolean)
     error_class: Mapped[str | None] = mapped_column(String(40))
     error_message: Mapped[str | None] = mapped_column(String(500))

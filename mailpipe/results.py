@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from .vocabulary import (
+    DiagnosisStatus,
     ErrorClass,
     Health,
     JobReason,
@@ -224,3 +225,19 @@ class ChangePage(Result):
     changes: list[MailChange]
     cursor: str
     more: bool
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiagnosisRequest(Result):
+    """A connection check as its owner reads it: pending, not run (`error` says why), or done
+    with its report (the diagnostics suite's JSON, decrypted)."""
+
+    id: str
+    account_id: int
+    status: DiagnosisStatus
+    ok: bool | None
+    error_class: str | None
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    report: dict[str, Any] | None

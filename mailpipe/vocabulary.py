@@ -52,6 +52,14 @@ class JobReason(StrEnum):
     SOME_SKIPPED = "some_skipped"
 
 
+class DiagnosisStatus(StrEnum):
+    """Where a connection check a user asked for stands: waiting for a worker, or its outcome."""
+
+    PENDING = "pending"
+    DONE = "done"  # it ran; the report says whether every check passed
+    FAILED = "failed"  # it could not run (no key grant, the account's settings do not open)
+
+
 JOB_FINAL = frozenset({JobStatus.SUCCESS, JobStatus.PARTIAL_FAILURE, JobStatus.FAILED})
 RUN_FINAL = frozenset({RunStatus.SUCCESS, RunStatus.FAILED, RunStatus.SKIPPED})
 RUN_OPEN = frozenset(RunStatus) - RUN_FINAL

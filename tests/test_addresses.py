@@ -228,7 +228,7 @@ def test_workers_refuse_fetch_and_diagnosis_of_an_internal_address(dovecot, tmp_
             with c.sessions() as session:
                 check = diagnosis_result(session, request_id, user_id=user_id, key=key)
             [health] = c.pipeline.get_account_health(user_id)
-            done = check["status"] != "pending" and health.health == Health.BROKEN
+            done = check.status != "pending" and health.health == Health.BROKEN
             if done or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
@@ -242,8 +242,8 @@ def test_workers_refuse_fetch_and_diagnosis_of_an_internal_address(dovecot, tmp_
     )
     assert "not on the public internet" in run["error"]
     assert health.health == Health.BROKEN
-    assert check["status"] == "done" and check["error_class"] == "address_not_allowed"
-    assert "certificate" not in str(check["report"])
+    assert check.status == "done" and check.error_class == "address_not_allowed"
+    assert "certificate" not in str(check.report)
     assert accepted == []
 
 

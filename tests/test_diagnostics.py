@@ -384,8 +384,8 @@ def test_the_actor_runs_a_requested_diagnosis_with_a_key_grant_for_it_alone(worl
             .select_from(grants.KeyGrant)
             .where(grants.KeyGrant.job_id == request_id)
         )
-    assert (result["status"], result["ok"], result["account_id"]) == ("done", True, account)
-    checks = {check["name"]: check for check in result["report"]["checks"]}
+    assert (result.status, result.ok, result.account_id) == ("done", True, account)
+    checks = {check["name"]: check for check in result.report["checks"]}
     assert checks["inbox"]["details"]["exists"] == 2
     assert checks["database"]["status"] == OK
     # And the key grant is gone, and the row keeps nothing readable of the account
@@ -409,7 +409,7 @@ def test_the_actor_records_a_failed_login_and_refuses_other_peoples_accounts(wor
     # Then the diagnosis ran and says the login failed
     with world.sessions() as session:
         result = diagnosis_result(session, request_id, user_id=alice.id, key=alice.key)
-    assert (result["status"], result["ok"], result["error_class"]) == (
+    assert (result.status, result.ok, result.error_class) == (
         "done",
         False,
         "invalid_credentials",
@@ -443,8 +443,8 @@ def test_a_request_whose_grant_has_gone_fails_in_words_without_connecting(world)
     # Then it failed, saying the user must log in again
     with world.sessions() as session:
         result = diagnosis_result(session, request_id, user_id=alice.id, key=alice.key)
-    assert (result["status"], result["error"]) == ("failed", grants.MISSING_GRANT)
-    assert result["report"] is None
+    assert (result.status, result.error) == ("failed", grants.MISSING_GRANT)
+    assert result.report is None
 
 
 def test_the_scheduler_tick_deletes_diagnoses_older_than_the_retention(world):

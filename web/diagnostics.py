@@ -16,13 +16,12 @@ from mailpipe.diagnostics import (
     CONNECTION,
     LOGIN,
     OK,
-    REQUEST_FAILED,
-    REQUEST_PENDING,
     ROUND_TRIP,
     TLS,
     diagnosis_result,
 )
-from mailpipe.models import MailAccount
+from mailpipe.models import MailAccount, iso
+from mailpipe.vocabulary import DiagnosisStatus
 
 from .i18n import text
 from .present import error_text
@@ -36,26 +35,26 @@ def check_view(session: Session, request_id: str, *, user_id: int, key: DataKey,
     Raises NotFound for a request that is not the user's.
     """
     result = diagnosis_result(session, request_id, user_id=user_id, key=key)
-    account = session.get_one(MailAccount, result["account_id"])
+    account = session.get_one(MailAccount, result.account_id)
     view = {
-        "request_id": result["id"],
-        "account_id": result["account_id"],
+        "request_id": result.id,
+        "account_id": result.account_id,
         "provider": account.provider,
-        "status": result["status"],
-        "created_at": result["created_at"],
-        "finished_at": result["finished_at"],
+        "status": result.status,
+        "created_at": iso(result.created_at),
+        "finished_at": iso(result.finished_at),
     }
-    if result["status"] == REQUEST_PENDING:
+    if result.status == DiagnosisStatus.PENDING:
         return view
-    if result["status"] == REQUEST_FAILED or result["report"] is None:
+    if result.status == DiagnosisStatus.FAILED or result.report is None:
         return {
             **view,
             "ok": False,
             "error_class": None,
-            "error": result["error"],
+            "error": result.error,
             "message": text(lang, "check_not_run"),
         }
-    figures = summary(result["report"])
+    figures = summary(result.report)
     message = error_text(figures["error_class"], lang, auth=account.auth_kind)
     return {**view, **figures, "message": message}
 

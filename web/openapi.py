@@ -14,6 +14,7 @@ from mailpipe.results import (
     Performance,
     RunReport,
 )
+from mailpipe.vocabulary import DiagnosisStatus
 
 from .schemas import object_schema
 
@@ -843,11 +844,7 @@ OPENAPI: dict = {
                     "provider": {"type": "string"},
                     "status": {
                         "type": "string",
-                        "enum": [
-                            diagnostics.REQUEST_PENDING,
-                            diagnostics.REQUEST_DONE,
-                            diagnostics.REQUEST_FAILED,
-                        ],
+                        "enum": list(DiagnosisStatus),
                         "description": "failed: the check could not run (see error, message)",
                     },
                     "created_at": INSTANT,

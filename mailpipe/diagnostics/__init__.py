@@ -37,9 +37,6 @@ from .report import (
 )
 from .requests import (
     REPORT_TABLE,
-    REQUEST_DONE,
-    REQUEST_FAILED,
-    REQUEST_PENDING,
     diagnosis_result,
     request_diagnosis,
     run_requested,
@@ -65,9 +62,6 @@ __all__ = [
     "OK",
     "QUOTA",
     "REPORT_TABLE",
-    "REQUEST_DONE",
-    "REQUEST_FAILED",
-    "REQUEST_PENDING",
     "ROUND_TRIP",
     "ROUND_TRIPS",
     "SERVER_ID",

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,17 +24,16 @@ from ..addresses import AddressPolicy
 from ..crypto import DataKey
 from ..db import rowcount
 from ..errors import MailpipeError, NotFound, TooManyRequests
-from ..models import DiagnosticsResult, MailAccount, iso, utcnow
+from ..models import DiagnosticsResult, MailAccount, utcnow
 from ..oauth2 import Provider, TokenSource
+from ..results import DiagnosisRequest
+from ..vocabulary import DiagnosisStatus
 from .report import Diagnosis
 from .suite import DIAGNOSE_TIMEOUT, diagnose
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-REQUEST_PENDING = "pending"
-REQUEST_DONE = "done"
-REQUEST_FAILED = "failed"
 REPORT_TABLE = "diagnostics_results"
 # a check holds a worker and an outbound connection for up to its timeout: a few per user
 RATE_LIMIT = 5
@@ -98,7 +97,7 @@ def run_requested(
     """
     with sessions() as session:
         row = session.get(DiagnosticsResult, request_id)
-        if row is None or row.status != REQUEST_PENDING:
+        if row is None or row.status != DiagnosisStatus.PENDING:
             return None
         account_id = row.account_id
         unusable: str | None
@@ -142,12 +141,12 @@ def _finish_request(
     """Store the outcome once and drop the request's key grant, whatever happened."""
     with sessions.begin() as session:
         row = session.get(DiagnosticsResult, request_id)
-        if row is not None and row.status == REQUEST_PENDING:
+        if row is not None and row.status == DiagnosisStatus.PENDING:
             row.finished_at = utcnow()
             if diagnosis is None or key is None:
-                row.status, row.ok, row.error_message = REQUEST_FAILED, False, error
+                row.status, row.ok, row.error_message = DiagnosisStatus.FAILED, False, error
             else:
-                row.status, row.ok = REQUEST_DONE, diagnosis.ok
+                row.status, row.ok = DiagnosisStatus.DONE, diagnosis.ok
                 row.error_class = diagnosis.failure.error_class if diagnosis.failure else None
                 row.report_enc = key.encrypt(
                     json.dumps(diagnosis.to_json()).encode(),
@@ -163,7 +162,8 @@ def purge_finished(session: Session, *, before: datetime) -> int:
     pending requests stay (their grant's expiry ends them)."""
     deleted = session.execute(
         delete(DiagnosticsResult).where(
-            DiagnosticsResult.finished_at < before, DiagnosticsResult.status != REQUEST_PENDING
+            DiagnosticsResult.finished_at < before,
+            DiagnosticsResult.status != DiagnosisStatus.PENDING,
         )
     )
     return rowcount(deleted)
@@ -171,7 +171,7 @@ def purge_finished(session: Session, *, before: datetime) -> int:
 
 def diagnosis_result(
     session: Session, request_id: str, *, user_id: int, key: DataKey
-) -> dict[str, Any]:
+) -> DiagnosisRequest:
     """A requested diagnosis as its owner sees it: pending, failed, or the report decrypted."""
     row = session.get(DiagnosticsResult, request_id)
     if row is None or row.user_id != user_id:
@@ -181,14 +181,14 @@ def diagnosis_result(
         report = json.loads(
             key.decrypt(row.report_enc, table=REPORT_TABLE, column="report", row=request_id)
         )
-    return {
-        "id": row.id,
-        "account_id": row.account_id,
-        "status": row.status,
-        "ok": row.ok,
-        "error_class": row.error_class,
-        "error": row.error_message,
-        "created_at": iso(row.created_at),
-        "finished_at": iso(row.finished_at),
-        "report": report,
-    }
+    return DiagnosisRequest(
+        id=row.id,
+        account_id=row.account_id,
+        status=DiagnosisStatus(row.status),
+        ok=row.ok,
+        error_class=row.error_class,
+        error=row.error_message,
+        created_at=row.created_at,
+        finished_at=row.finished_at,
+        report=report,
+    )
