@@ -18,7 +18,7 @@ from typing import Any
 
 from .accounts import PROVIDER_NAMES
 from .addresses import AddressPolicy
-from .digests import SERVER_SECRET_FILE_ENV, SERVER_SECRET_FILENAME, server_secret
+from .digests import SERVER_SECRET_FILENAME, server_secret
 from .errors import MailpipeError
 from .grants import WORKER_KEY_FILE_ENV, WORKER_PUBLIC_KEY_ENV, X25519_KEY_BYTES
 from .health import CircuitPolicy
@@ -147,7 +147,7 @@ class Settings:
                     alert_token=("MAILPIPE_ALERT_TOKEN", str),
                     alert_token_file=("MAILPIPE_ALERT_TOKEN_FILE", Path),
                     metrics_token_file=("MAILPIPE_METRICS_TOKEN_FILE", Path),
-                    server_secret_file=(SERVER_SECRET_FILE_ENV, Path),
+                    server_secret_file=("MAILPIPE_SERVER_SECRET_FILE", Path),
                     max_queued_jobs=("MAILPIPE_MAX_QUEUED_JOBS", _integer),
                     session_idle_seconds=("MAILPIPE_SESSION_IDLE_SECONDS", _number),
                     session_max_seconds=("MAILPIPE_SESSION_MAX_SECONDS", _number),
