@@ -42,7 +42,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.getLogger("web.app").setLevel(logging.ERROR)  # one warning per attempt otherwise
     with tempfile.TemporaryDirectory() as workdir:
-        settings = Settings(database_url=f"sqlite:///{Path(workdir) / 'web.db'}")
+        settings = Settings(data_dir=Path(workdir))
         app = create_app(settings)
         with app.extensions["mailpipe"].sessions.begin() as session:
             create_user(session, "alice", "the right one")

@@ -135,9 +135,9 @@ def open_database(settings: Settings) -> sessionmaker[Session]:
 def unlock(
     sessions: sessionmaker[Session], name: str, password_env: str | None
 ) -> tuple[User, DataKey]:
-    """The user and their data key, from their password."""
+    """The user and their data key, from their password (an old-form wrap is re-wrapped)."""
     password = secret(password_env, f"password for {name}: ")
-    with sessions() as session:
+    with sessions.begin() as session:
         return unlock_user(session, name, password)
 
 

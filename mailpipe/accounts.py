@@ -94,20 +94,37 @@ def create_user(
     """A new user with a fresh data key only their password unlocks."""
     if session.scalar(select(User.id).where(User.name == name)) is not None:
         raise MailpipeError(f"user {name!r} exists already")
-    wrapped, key = create_user_key(password, iterations=iterations)
-    user = User(name=name, kdf=wrapped.params.to_json(), wrapped_dek=wrapped.wrapped)
+    user = User(name=name, kdf={}, wrapped_dek=b"")
     session.add(user)
+    session.flush()  # the wrap is bound to the row's id
+    wrapped, key = create_user_key(password, user_id=user.id, iterations=iterations)
+    _store_wrap(user, wrapped)
     session.flush()
     return user, key
 
 
 def unlock_user(session: Session, name: str, password: str) -> tuple[User, DataKey]:
-    """The user and their data key, or a clear error naming what is wrong."""
+    """The user and their data key, or a clear error naming what is wrong.
+
+    A wrap in an older form is re-wrapped in the current one (bound to the user's row) in the
+    caller's transaction: committing it is what moves the row on.
+    """
     user = session.scalar(select(User).where(User.name == name))
     if user is None:
         raise NotFound(f"no user named {name!r}")
-    wrapped = WrappedKey(params=KdfParams.from_json(user.kdf), wrapped=user.wrapped_dek)
-    return user, unwrap_key(wrapped, password)
+    wrapped = WrappedKey(
+        params=KdfParams.from_json(user.kdf), wrapped=user.wrapped_dek, version=user.key_wrap
+    )
+    key, current = unwrap_key(wrapped, password, user_id=user.id)
+    if current is not wrapped:
+        _store_wrap(user, current)
+    return user, key
+
+
+def _store_wrap(user: User, wrapped: WrappedKey) -> None:
+    user.kdf = wrapped.params.to_json()
+    user.wrapped_dek = wrapped.wrapped
+    user.key_wrap = wrapped.version
 
 
 def add_account(

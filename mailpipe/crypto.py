@@ -20,7 +20,10 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 SALT_BYTES = 16
 FORMAT_VERSION = b"\x01"
-WRAP_AAD = b"mailpipe/v1|users|wrapped_dek"
+LEGACY_WRAP = 1  # the data key's associated data named no user: a copy opened on any row
+USER_WRAP = 2  # the associated data names the user's row (finding 9 of issue 15)
+WRAP_VERSION = USER_WRAP  # what every wrap writes; older forms are re-wrapped at unlock
+LEGACY_WRAP_AAD = b"mailpipe/v1|users|wrapped_dek"
 
 
 @dataclass(frozen=True)
@@ -105,37 +108,58 @@ class DataKey:
         return "DataKey(<hidden>)"
 
 
+def wrap_aad(user_id: int) -> bytes:
+    """Bind a wrapped data key to its user's row and purpose, so a copy on another row fails."""
+    return f"mailpipe/key-wrap/v{USER_WRAP}|users|wrapped_dek|{user_id}".encode()
+
+
 @dataclass(frozen=True)
 class WrappedKey:
-    """What the database holds for a user: KDF parameters and the data key under the KEK."""
+    """What the database holds for a user: KDF parameters, the data key under the KEK, and the
+    form of the wrap (`users.key_wrap`)."""
 
     params: KdfParams
     wrapped: bytes
+    version: int = WRAP_VERSION
 
 
 def create_user_key(
-    password: str, *, iterations: int = KDF_ITERATIONS
+    password: str, *, user_id: int, iterations: int = KDF_ITERATIONS
 ) -> tuple[WrappedKey, DataKey]:
     """Make a fresh data key for a new user, wrapped under a key derived from the password."""
     params = KdfParams(salt=os.urandom(SALT_BYTES), iterations=iterations)
     dek = DataKey.generate()
-    return wrap_key(dek, password, params), dek
+    return wrap_key(dek, password, params, user_id=user_id), dek
 
 
-def wrap_key(dek: DataKey, password: str, params: KdfParams) -> WrappedKey:
-    """Wrap the data key under a password (also used when the password changes)."""
-    kek = AESGCM(derive_kek(password, params))
-    nonce = os.urandom(NONCE_BYTES)
-    wrapped = FORMAT_VERSION + nonce + kek.encrypt(nonce, dek.export(), WRAP_AAD)
-    return WrappedKey(params=params, wrapped=wrapped)
+def wrap_key(dek: DataKey, password: str, params: KdfParams, *, user_id: int) -> WrappedKey:
+    """Wrap the data key under a password, bound to the user's row."""
+    return _wrap(AESGCM(derive_kek(password, params)), dek, params, user_id=user_id)
 
 
-def unwrap_key(wrapped: WrappedKey, password: str) -> DataKey:
-    """Unlock a user's data key, or say plainly that the password is wrong."""
+def unwrap_key(wrapped: WrappedKey, password: str, *, user_id: int) -> tuple[DataKey, WrappedKey]:
+    """Unlock a user's data key, or say plainly that the password is wrong; with it the wrap in
+    the current form (the same one when it is current, else re-wrapped under the same KEK)."""
+    if wrapped.version not in (LEGACY_WRAP, USER_WRAP):
+        raise DecryptionFailed(
+            f"users.wrapped_dek of row {user_id}: unknown wrap {wrapped.version}"
+        )
     kek = AESGCM(derive_kek(password, wrapped.params))
+    aad = LEGACY_WRAP_AAD if wrapped.version == LEGACY_WRAP else wrap_aad(user_id)
     blob = wrapped.wrapped
     try:
-        key = kek.decrypt(blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :], WRAP_AAD)
+        key = DataKey(kek.decrypt(blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :], aad))
     except InvalidTag:
-        raise WrongPassword("wrong password: it does not unlock this user's data key") from None
-    return DataKey(key)
+        raise WrongPassword(
+            "wrong password: it does not unlock this user's data key "
+            "(or the key stored for this user was wrapped for another user)"
+        ) from None
+    if wrapped.version == WRAP_VERSION:
+        return key, wrapped
+    return key, _wrap(kek, key, wrapped.params, user_id=user_id)
+
+
+def _wrap(kek: AESGCM, dek: DataKey, params: KdfParams, *, user_id: int) -> WrappedKey:
+    nonce = os.urandom(NONCE_BYTES)
+    wrapped = FORMAT_VERSION + nonce + kek.encrypt(nonce, dek.export(), wrap_aad(user_id))
+    return WrappedKey(params=params, wrapped=wrapped, version=WRAP_VERSION)

@@ -81,6 +81,8 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     kdf: Mapped[dict[str, Any]] = mapped_column(JSON)
     wrapped_dek: Mapped[bytes] = mapped_column(LargeBinary)
+    # the wrap's form (crypto.LEGACY_WRAP, USER_WRAP): rows from before 0014 are re-wrapped at login
+    key_wrap: Mapped[int] = mapped_column(Integer, server_default="1")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 

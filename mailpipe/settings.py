@@ -18,6 +18,7 @@ from typing import Any
 
 from .accounts import PROVIDER_NAMES
 from .addresses import AddressPolicy
+from .digests import SERVER_SECRET_FILENAME, server_secret
 from .errors import MailpipeError
 from .grants import WORKER_KEY_FILE_ENV, WORKER_PUBLIC_KEY_ENV, X25519_KEY_BYTES
 from .health import CircuitPolicy
@@ -66,6 +67,7 @@ class Settings:
     alert_token: str | None = field(default=None, repr=False)
     alert_token_file: Path | None = None
     metrics_token_file: Path | None = None  # None: the web app serves no /metrics
+    server_secret_file: Path | None = None  # None: server.secret in data_dir, made at first use
     max_queued_jobs: int = 3
     session_idle_seconds: float = 30 * 60
     session_max_seconds: float = 12 * 60 * 60
@@ -110,6 +112,13 @@ class Settings:
         """The workers' private key file: `MAILPIPE_WORKER_KEY_FILE`, else worker.key in data_dir."""
         return self.worker_key_file or Path(self.data_dir) / WORKER_KEY_FILENAME
 
+    def server_secret(self) -> bytes:
+        """The key of the digests Redis and the database key by (`mailpipe.digests`): the
+        configured file, else server.secret in data_dir, made there on first use."""
+        if self.server_secret_file is not None:
+            return server_secret(self.server_secret_file, create=False)
+        return server_secret(Path(self.data_dir) / SERVER_SECRET_FILENAME, create=True)
+
     @property
     def embedded(self) -> bool:
         """Whether jobs run on the in-process stub broker (the demo, a single process)."""
@@ -138,6 +147,7 @@ class Settings:
                     alert_token=("MAILPIPE_ALERT_TOKEN", str),
                     alert_token_file=("MAILPIPE_ALERT_TOKEN_FILE", Path),
                     metrics_token_file=("MAILPIPE_METRICS_TOKEN_FILE", Path),
+                    server_secret_file=("MAILPIPE_SERVER_SECRET_FILE", Path),
                     max_queued_jobs=("MAILPIPE_MAX_QUEUED_JOBS", _integer),
                     session_idle_seconds=("MAILPIPE_SESSION_IDLE_SECONDS", _number),
                     session_max_seconds=("MAILPIPE_SESSION_MAX_SECONDS", _number),

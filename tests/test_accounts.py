@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from mailpipe import db
-from mailpipe.accounts import add_account, create_user, owned_account
-from mailpipe.errors import NotFound
+from mailpipe.accounts import add_account, create_user, owned_account, read_credentials, unlock_user
+from mailpipe.crypto import LEGACY_WRAP, WRAP_VERSION, KdfParams
+from mailpipe.errors import NotFound, WrongPassword
 from mailpipe.imap import ImapSettings
+from mailpipe.models import User
+from tests.support.keys import legacy_wrap
+
+FAST_KDF = 1_000
 
 
 def test_an_account_is_found_for_its_owner_and_not_found_for_anyone_else(tmp_path):
@@ -31,4 +38,71 @@ def test_an_account_is_found_for_its_owner_and_not_found_for_anyone_else(tmp_pat
             owned_account(session, account_id + 1, alice.id)
     assert str(foreign.value) == f"account {account_id} not found"
     assert str(missing.value) == f"account {account_id + 1} not found"
+    engine.dispose()
+
+
+def test_a_data_key_copied_onto_another_users_row_is_refused(db_url):
+    # Given alice, and mallory who can write to the database and knows her own password
+    engine = db.make_engine(db_url)
+    db.migrate(engine)
+    sessions = db.session_factory(engine)
+    with sessions.begin() as session:
+        create_user(session, "alice", "alice-pw", iterations=FAST_KDF)
+        create_user(session, "mallory", "mallory-pw", iterations=FAST_KDF)
+    # When mallory copies her wrapped data key (and its KDF parameters) onto alice's row
+    with sessions.begin() as session:
+        alice = session.query(User).filter_by(name="alice").one()
+        mallory = session.query(User).filter_by(name="mallory").one()
+        alice.kdf, alice.wrapped_dek, alice.key_wrap = (
+            mallory.kdf,
+            mallory.wrapped_dek,
+            mallory.key_wrap,
+        )
+    # Then logging in as alice with mallory's password is refused with a clear error (it would
+    # otherwise open a session as alice under a key mallory knows), and mallory's own row works
+    with sessions.begin() as session, pytest.raises(WrongPassword) as refused:
+        unlock_user(session, "alice", "mallory-pw")
+    assert str(refused.value) == (
+        "wrong password: it does not unlock this user's data key "
+        "(or the key stored for this user was wrapped for another user)"
+    )
+    with sessions.begin() as session:
+        assert unlock_user(session, "mallory", "mallory-pw")[0].name == "mallory"
+    engine.dispose()
+
+
+def test_an_old_format_key_is_rewrapped_at_login_and_then_bound_to_its_user(db_url):
+    # Given alice's row as it was before migration 0014: her data key wrapped bound to no user,
+    # and an account whose credentials that key encrypted
+    engine = db.make_engine(db_url)
+    db.migrate(engine)
+    sessions = db.session_factory(engine)
+    settings = ImapSettings(host="imap.example.org", username="alice", password="imap-pw")
+    with sessions.begin() as session:
+        alice, key = create_user(session, "alice", "alice-pw", iterations=FAST_KDF)
+        account_id = add_account(session, alice, key, settings).id
+        params = KdfParams(salt=os.urandom(16), iterations=FAST_KDF)
+        alice.kdf = params.to_json()
+        alice.wrapped_dek = legacy_wrap(key, "alice-pw", params)
+        alice.key_wrap = LEGACY_WRAP
+        bob, _ = create_user(session, "bob", "bob-pw", iterations=FAST_KDF)
+        old_wrap, bob_id = alice.wrapped_dek, bob.id
+    # When she logs in (the web login and the commands unlock in one committed transaction)
+    with sessions.begin() as session:
+        _user, opened = unlock_user(session, "alice", "alice-pw")
+    # Then it is her key, and her row now carries the new form under the same KDF parameters
+    with sessions() as session:
+        row = session.query(User).filter_by(name="alice").one()
+        assert row.key_wrap == WRAP_VERSION and row.wrapped_dek != old_wrap
+        assert row.kdf == params.to_json()
+        account = owned_account(session, account_id, row.id)
+        assert read_credentials(account, opened)["password"] == "imap-pw"
+        new_form = (row.kdf, row.wrapped_dek, row.key_wrap)
+    # And she logs in again with it; a copy of the new form on bob's row no longer opens there
+    with sessions.begin() as session:
+        assert unlock_user(session, "alice", "alice-pw")[1].export() == key.export()
+        bob_row = session.get_one(User, bob_id)
+        bob_row.kdf, bob_row.wrapped_dek, bob_row.key_wrap = new_form
+    with sessions.begin() as session, pytest.raises(WrongPassword):
+        unlock_user(session, "bob", "alice-pw")
     engine.dispose()

@@ -290,13 +290,15 @@ class CanaryRun:
 def create_canary_user(cluster: Cluster) -> tuple[int, DataKey]:
     """A user whose data key is the fixed canary key, wrapped under the canary user password."""
     key = DataKey(DATA_KEY)
-    wrapped = wrap_key(key, USER_PASSWORD, KdfParams(salt=os.urandom(16), iterations=FAST_KDF))
+    params = KdfParams(salt=os.urandom(16), iterations=FAST_KDF)
     with cluster.sessions.begin() as session:
-        user = User(
-            name=f"canary-{NAMES}", kdf=wrapped.params.to_json(), wrapped_dek=wrapped.wrapped
-        )
+        user = User(name=f"canary-{NAMES}", kdf={}, wrapped_dek=b"")
         session.add(user)
         session.flush()
+        wrapped = wrap_key(key, USER_PASSWORD, params, user_id=user.id)
+        user.kdf = wrapped.params.to_json()
+        user.wrapped_dek = wrapped.wrapped
+        user.key_wrap = wrapped.version
         return user.id, key
 
 

@@ -128,7 +128,8 @@ def test_wrong_user_password_is_one_line(env, dovecot):
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "mailpipe: wrong password: it does not unlock this user's data key"
+        "mailpipe: wrong password: it does not unlock this user's data key "
+        "(or the key stored for this user was wrapped for another user)"
     ]
 
 

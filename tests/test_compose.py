@@ -25,6 +25,7 @@ EXPECTED = {
     "prometheus",
     "alertmanager",
     "grafana",
+    "proxy",
 }
 OWN = sorted(name for name, service in SERVICES.items() if "build" in service)
 
@@ -201,3 +202,64 @@ def test_prometheus_scrapes_the_web_app_with_the_token_the_web_app_reads():
     for service in ("web", "prometheus"):
         assert "web_metrics_token" in SERVICES[service]["secrets"], service
     assert COMPOSE["secrets"]["web_metrics_token"] == {"environment": "MAILPIPE_METRICS_TOKEN"}
+
+
+def caddy_sites(caddyfile: str) -> dict[str, list[str]]:
+    """Each top-level site block of a Caddyfile (snippets aside): its address -> its lines."""
+    sites: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in caddyfile.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line.startswith(("\t", " ", "}")) and line.endswith("{"):
+            address = line[:-1].strip()
+            current = None if address.startswith("(") else sites.setdefault(address, [])
+        elif current is not None and line != "}":
+            current.append(line.strip())
+    return sites
+
+
+def test_users_reach_the_web_app_over_https_only_through_one_trusted_proxy():
+    # Given the proxy service, its Caddyfile traced back to the repository
+    proxy = SERVICES["proxy"]
+    assert proxy["image"].startswith("caddy:2.")
+    caddyfile = host_path("proxy", flag_after(proxy["command"], "--config"))
+    assert caddyfile == ROOT / "caddy" / "Caddyfile"
+    sites = caddy_sites(caddyfile.read_text())
+    # Then plain HTTP only redirects to HTTPS, and HTTPS proxies to the web service's port
+    assert sites["http://{$MAILPIPE_DOMAIN}"] == ["redir https://{host}{uri} permanent"]
+    https = sites["https://{$MAILPIPE_DOMAIN}"]
+    assert f"reverse_proxy web:{port('web')}" in https
+    assert set(sites) == {"http://{$MAILPIPE_DOMAIN}", "https://{$MAILPIPE_DOMAIN}"}
+    # And the certificate is Caddy's automatic one for the configured domain (the default), a
+    # mounted file pair, or Caddy's internal CA: each mode names a snippet the Caddyfile has
+    assert "import tls-{$MAILPIPE_TLS:auto}" in https
+    assert proxy["environment"]["MAILPIPE_DOMAIN"].startswith("${MAILPIPE_DOMAIN:?")
+    assert proxy["environment"]["MAILPIPE_TLS"] == "${MAILPIPE_TLS:-auto}"
+    for mode in ("auto", "files", "internal"):
+        assert f"(tls-{mode}) {{" in caddyfile.read_text()
+    certs = re.findall(r"tls (\S+) (\S+)", caddyfile.read_text())
+    assert certs == [("/etc/caddy/certs/cert.pem", "/etc/caddy/certs/key.pem")]
+    assert host_path("proxy", "/etc/caddy/certs") == ROOT / "caddy" / "certs"
+    assert sorted(proxy["ports"]) == ["443:443", "80:80"]
+    # And the web app publishes no port of its own, trusts exactly that one proxy, and marks
+    # its cookies Secure (with HSTS)
+    web = SERVICES["web"]
+    assert "ports" not in web
+    assert web["environment"]["MAILPIPE_TRUSTED_PROXIES"] == "1"
+    assert web["environment"]["MAILPIPE_COOKIE_SECURE"] == "true"
+
+
+def test_every_process_that_keys_digests_reads_the_one_server_secret():
+    # Given the services whose digests name Redis keys: connection slots (worker, watcher) and
+    # the login throttle (web)
+    for service in ("worker", "watcher", "web"):
+        # Then each reads the same secret file, a compose secret it mounts
+        environment = SERVICES[service]["environment"]
+        assert environment["MAILPIPE_SERVER_SECRET_FILE"] == "/run/secrets/server_secret"
+        assert "server_secret" in SERVICES[service]["secrets"], service
+    assert COMPOSE["secrets"]["server_secret"] == {"environment": "MAILPIPE_SERVER_SECRET"}
+
+
+def flag_after(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]

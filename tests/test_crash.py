@@ -186,10 +186,12 @@ def test_a_delayed_message_dropped_on_a_connection_error_is_taken_back(namespace
         broker.close()
 
 
-def test_a_killed_workers_connection_slot_frees_itself(namespace):
-    # Given a process holding the only connection slot of a host, with a 1.5 s claim
+def test_a_killed_workers_connection_slot_frees_itself(namespace, tmp_path):
+    # Given a process holding the only connection slot of a host, with a 1.5 s claim (the
+    # processes share a data directory, so one server secret names the host's slots alike)
     env = {
         **os.environ,
+        "MAILPIPE_DATA_DIR": str(tmp_path),
         "MAILPIPE_BROKER_URL": REDIS_URL,
         "MAILPIPE_REDIS_NAMESPACE": namespace,
         "MAILPIPE_MAX_CONNECTIONS_PER_HOST": "1",

@@ -13,8 +13,13 @@ from sqlalchemy import Connection, func, select
 
 from mailpipe import db, jobs
 from mailpipe.accounts import add_account, create_user
+from mailpipe.crypto import LEGACY_WRAP, WRAP_VERSION, DataKey, KdfParams
 from mailpipe.imap import ImapSettings
-from mailpipe.models import AccountRun, PipelineJob
+from mailpipe.models import AccountRun, PipelineJob, User
+from mailpipe.settings import Settings
+from tests.support.keys import legacy_wrap
+from tests.test_web_api import LOGIN_TOKEN
+from web.app import create_app
 
 
 def downgrade(engine, revision: str) -> None:
@@ -104,3 +109,35 @@ def test_autogenerate_writes_a_utc_instant_as_the_database_type(tmp_path):
     written = Path(script.path).read_text()
     assert "sa.Column('failure_window_start', sa.DateTime(timezone=True), nullable=True)" in written
     assert "mailpipe" not in written
+
+
+def test_a_user_from_before_0014_logs_in_and_is_rewrapped_bound_to_the_user(tmp_path):
+    # Given a database at 0012 holding a user whose data key is wrapped as it was then
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = db.make_engine(url)
+    db.migrate(engine)
+    downgrade(engine, "0012")
+    params = KdfParams(salt=b"s" * 16, iterations=1_000)
+    old_wrap = legacy_wrap(DataKey.generate(), "pw", params)
+    with engine.begin() as connection:
+        connection.execute(
+            User.__table__.insert(),
+            {"name": "anna", "kdf": params.to_json(), "wrapped_dek": old_wrap},
+        )
+    # When the schema is upgraded, Then the row is marked as the old form
+    db.migrate(engine)
+    with db.session_factory(engine)() as session:
+        assert session.scalar(select(User.key_wrap)) == LEGACY_WRAP
+    # When anna logs in through the web app
+    app = create_app(Settings(database_url=url, data_dir=tmp_path))
+    client = app.test_client()
+    token = LOGIN_TOKEN.search(client.get("/login").text).group(1)
+    answer = client.post(
+        "/login", data={"login_token": token, "username": "anna", "password": "pw"}
+    )
+    # Then she is in, and her row carries the new form (bound to her row), written at login
+    assert answer.status_code == 303
+    with db.session_factory(engine)() as session:
+        row = session.scalars(select(User)).one()
+        assert row.key_wrap == WRAP_VERSION and row.wrapped_dek != old_wrap
+    engine.dispose()

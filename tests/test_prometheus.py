@@ -405,7 +405,11 @@ class Webhook:
 
         self.posts: list[dict] = []
         app = create_app(
-            Settings(database_url=f"sqlite:///{workdir / 'web.db'}", alert_token=token)
+            Settings(
+                database_url=f"sqlite:///{workdir / 'web.db'}",
+                data_dir=workdir,
+                alert_token=token,
+            )
         )
         self.sessions = app.extensions["mailpipe"].sessions
 

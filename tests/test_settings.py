@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mailpipe import settings as settings_module
+from mailpipe.digests import ServerSecretError
 from mailpipe.health import CircuitPolicy
 from mailpipe.retry import RetryPolicy
 from mailpipe.settings import Settings, SettingsError, provider_caps
@@ -38,6 +39,7 @@ VALID = {
     "MAILPIPE_ALERT_TOKEN": "t",
     "MAILPIPE_ALERT_TOKEN_FILE": "/run/secrets/token",
     "MAILPIPE_METRICS_TOKEN_FILE": "/run/secrets/metrics_token",
+    "MAILPIPE_SERVER_SECRET_FILE": "/run/secrets/server_secret",
     "MAILPIPE_MAX_QUEUED_JOBS": "5",
     "MAILPIPE_SESSION_IDLE_SECONDS": "60",
     "MAILPIPE_SESSION_MAX_SECONDS": "600.5",
@@ -81,6 +83,36 @@ def test_an_empty_environment_gives_the_embedded_defaults(tmp_path, monkeypatch)
     assert found.worker_key_path == Path("data/worker.key")
     assert found.retry == RetryPolicy(max_retries=3, min_backoff_ms=1000, max_backoff_ms=30000)
     assert found.circuit == CircuitPolicy(failures=5, window_seconds=3600, cooldown_seconds=600)
+
+
+def test_the_server_secret_is_made_once_in_the_data_directory_readable_by_its_owner(tmp_path):
+    # Given no MAILPIPE_SERVER_SECRET_FILE and an empty data directory
+    settings = Settings(data_dir=tmp_path / "data")
+    # When two processes ask for the secret
+    first, second = settings.server_secret(), Settings(data_dir=tmp_path / "data").server_secret()
+    # Then the first made it (32 random bytes, mode 0600) and the second reads the same
+    path = tmp_path / "data" / "server.secret"
+    assert first == second == path.read_bytes() and len(first) == 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    # And another installation's data directory gets another secret
+    assert Settings(data_dir=tmp_path / "other").server_secret() != first
+
+
+def test_a_configured_server_secret_file_is_read_never_made(tmp_path):
+    # Given MAILPIPE_SERVER_SECRET_FILE naming a file that is missing, then one too short
+    missing = Settings.from_env({"MAILPIPE_SERVER_SECRET_FILE": str(tmp_path / "nope")})
+    short = tmp_path / "short"
+    short.write_bytes(b"x" * 8)
+    # When the secret is read, Then each is one line naming the variable, and nothing is made
+    with pytest.raises(ServerSecretError, match="MAILPIPE_SERVER_SECRET_FILE: cannot read"):
+        missing.server_secret()
+    assert not (tmp_path / "nope").exists()
+    with pytest.raises(ServerSecretError, match="holds 8 bytes, at least 32"):
+        Settings(server_secret_file=short).server_secret()
+    # And a file of enough random bytes is the secret
+    good = tmp_path / "good"
+    good.write_bytes(bytes(range(40)))
+    assert Settings(server_secret_file=good).server_secret() == bytes(range(40))
 
 
 def test_variables_fill_the_fields_they_name():

@@ -85,6 +85,7 @@ class Site:
     sessions: sessionmaker[Session]
     pipeline: PipelineBroker
     private_key: X25519PrivateKey
+    settings: Settings
 
     def user(self, name: str) -> User:
         with self.sessions.begin() as session:
@@ -127,9 +128,10 @@ def make_site(tmp_path, **config) -> Iterator[Site]:
         sessions, settings=broker_config.SETTINGS, public_key=grants.public_key_bytes(private_key)
     )
     broker_config.broker.flush_all()
-    app = create_app(Settings(**{"alert_token": ALERT_TOKEN, **config}), pipeline=pipeline)
+    settings = Settings(**{"alert_token": ALERT_TOKEN, "data_dir": tmp_path, **config})
+    app = create_app(settings, pipeline=pipeline)
     try:
-        yield Site(app, sessions, pipeline, private_key)
+        yield Site(app, sessions, pipeline, private_key, settings)
     finally:
         broker_config.broker.flush_all()
         engine.dispose()

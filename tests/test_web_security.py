@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -43,7 +44,6 @@ from web.throttle import (
     LoginThrottle,
     RedisFailures,
     login_throttle,
-    name_digest,
 )
 
 WRONG = "wrong horse"
@@ -107,7 +107,7 @@ def test_after_twelve_wrong_passwords_the_right_one_gets_429(site, derivations, 
     assert logins("throttled") - throttled_before == 12 - PER_NAME + 1
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert logged.count("login failed") == PER_NAME
-    assert name_digest("alice")[:12] in logged
+    assert site.app.extensions["mailpipe"].throttle.name_digest("alice")[:12] in logged
     assert WRONG not in logged and PASSWORD not in logged and "alice" not in logged
 
 
@@ -115,7 +115,7 @@ def test_the_throttle_is_shared_by_every_web_process_on_the_database(site_with):
     # Given two web processes (two apps, each with its own memory) on one database, no Redis
     first = site_with()
     first.user("alice")
-    second = create_app(Settings(), pipeline=first.pipeline)
+    second = create_app(Settings(data_dir=first.settings.data_dir), pipeline=first.pipeline)
     # When the guesses go to the first one
     for n in range(PER_NAME):
         post_login(first.app.test_client(), "alice", f"{WRONG} {n}")
@@ -136,16 +136,17 @@ def test_a_right_password_clears_the_names_count(site):  # noqa: F811
     assert post_login(site.app.test_client(), "alice", PASSWORD).status_code == 303
 
 
-def test_the_throttle_on_redis_keeps_no_name_and_ends_with_its_window():
+def test_the_throttle_on_redis_keeps_no_name_and_ends_with_its_window(tmp_path):
     # Given web processes on the Redis broker: their throttle lives in Redis
     namespace = new_namespace()
-    made = login_throttle(Settings(broker_url=REDIS_URL, redis_namespace=namespace), None)
+    settings = Settings(broker_url=REDIS_URL, redis_namespace=namespace, data_dir=tmp_path)
+    made = login_throttle(settings, None)
     assert isinstance(made.store, RedisFailures) and made.store.namespace == namespace
     made.store.client.close()
     # Given that store under a namespace of its own, and a clock we move
     client = redis.Redis.from_url(REDIS_URL)
     now = [1_000_000.0]
-    throttle = LoginThrottle(RedisFailures(client, namespace), clock=lambda: now[0])
+    throttle = LoginThrottle(RedisFailures(client, namespace), made.secret, clock=lambda: now[0])
     try:
         # When a name fails PER_NAME times
         for _ in range(PER_NAME):
@@ -157,6 +158,11 @@ def test_the_throttle_on_redis_keeps_no_name_and_ends_with_its_window():
         # And Redis holds digests only, with an expiry
         keys = [key.decode() for key in client.scan_iter(match=f"{namespace}*")]
         assert keys and not any("alice" in key or "192.0.2.1" in key for key in keys)
+        # And the digests are keyed with the server secret: not the unkeyed SHA-256 of the
+        # name or address (that a Redis reader could compute for a guess), nor a prefix of it
+        for unkeyed in (b"login|name|alice", b"login|address|192.0.2.1", b"alice", b"192.0.2.1"):
+            plain = hashlib.sha256(unkeyed).hexdigest()
+            assert not any(key.rsplit(":", 1)[1] in plain for key in keys)
         assert all(0 < client.ttl(key) <= WINDOW_SECONDS for key in keys)
         # When the window has passed, Then the name may try again
         now[0] += WINDOW_SECONDS
@@ -387,7 +393,9 @@ def test_a_sealed_session_ends_when_idle_too_old_or_logged_out(redis_namespace):
 def test_two_web_processes_on_redis_serve_one_login(site, redis_namespace):  # noqa: F811
     # Given two web apps (two processes) on the Redis broker's settings and one database
     _client, namespace = redis_namespace
-    settings = Settings(broker_url=REDIS_URL, redis_namespace=namespace)
+    settings = Settings(
+        broker_url=REDIS_URL, redis_namespace=namespace, data_dir=site.settings.data_dir
+    )
     first, second = (create_app(settings, pipeline=site.pipeline) for _ in range(2))
     alice = site.user("alice")
     # When alice logs in on the first
@@ -406,7 +414,7 @@ def test_two_web_processes_on_redis_serve_one_login(site, redis_namespace):  # n
 def test_the_notice_after_login_travels_in_the_url_and_only_ours_is_shown(site, tmp_path):  # noqa: F811
     # Given an app whose workers' key is missing, so background sync cannot be granted
     pipeline = PipelineBroker(site.sessions, settings=Settings(data_dir=tmp_path / "no-key"))
-    app = create_app(Settings(), pipeline=pipeline)
+    app = create_app(Settings(data_dir=site.settings.data_dir), pipeline=pipeline)
     site.user("alice")
     browser = app.test_client()
     token = LOGIN_TOKEN.search(browser.get("/login").text).group(1)

@@ -42,7 +42,7 @@ from . import present
 from .blueprint import API_PREFIX, CSRF_HEADER, create_blueprint, http_error_response
 from .i18n import TEXTS, language, text
 from .sessions import SealedSessionStore, ServerSession, SessionStore, session_store
-from .throttle import LoginThrottle, login_throttle, name_digest
+from .throttle import LoginThrottle, login_throttle
 
 if TYPE_CHECKING:
     from actors.pipeline import PipelineBroker
@@ -166,7 +166,7 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
             record_login("throttled")
             logger.warning(
                 "login throttled: user name %s from %s (retry after %d s)",
-                name_digest(given_name)[:12],
+                state.throttle.name_digest(given_name)[:12],
                 address,
                 wait,
             )
@@ -181,7 +181,7 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
             record_login("failed")
             logger.warning(
                 "login failed: user name %s from %s",
-                name_digest(given_name)[:12],
+                state.throttle.name_digest(given_name)[:12],
                 address,
             )
             return _login_page(
@@ -302,8 +302,9 @@ def _login_page(
 
 
 def _unlock(state: WebState, name: str, password: str) -> tuple[int, str, DataKey] | None:
-    """(user id, name, data key), or None for any wrong name or password alike."""
-    with state.sessions() as session:
+    """(user id, name, data key), or None for any wrong name or password alike; an old-form
+    wrap of the data key is re-wrapped (bound to the user) as the login commits."""
+    with state.sessions.begin() as session:
         try:
             user, key = unlock_user(session, name.strip(), password)
         except NotFound:

@@ -4,13 +4,13 @@ window are answered 429 before any key derivation, in every web process alike.
 Each failure is one entry with its time; an attempt is refused while its user name has
 `PER_NAME` failures within the last `WINDOW_SECONDS` (or its address `PER_ADDRESS`), until the
 oldest of them leaves the window (the Retry-After). The entries live in Redis when the broker is
-Redis and in the database otherwise, so all web processes see them; they are keyed by a digest,
-never by the user name or address itself.
+Redis and in the database otherwise, so all web processes see them; they are keyed by an HMAC
+under the server secret (`mailpipe.digests`), never by the user name or address itself, so a
+reader of Redis or the database cannot confirm a guessed name either.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import secrets
@@ -24,6 +24,7 @@ import redis
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from mailpipe.digests import keyed_digest
 from mailpipe.models import LoginFailure
 from mailpipe.settings import Settings
 
@@ -125,6 +126,7 @@ class LoginThrottle:
     """Whether a login may go ahead, and the record of those that failed."""
 
     store: FailureStore
+    secret: bytes = field(repr=False)  # the server secret the subjects' digests are keyed with
     per_name: int = PER_NAME
     per_address: int = PER_ADDRESS
     window_seconds: float = WINDOW_SECONDS
@@ -150,32 +152,29 @@ class LoginThrottle:
     def succeeded(self, *, name: str) -> None:
         """A right password ends the name's count (not the address's: one's own account must
         not reset what guesses at others' cost)."""
-        self.store.clear(name_digest(name))
+        self.store.clear(self.name_digest(name))
+
+    def name_digest(self, name: str) -> str:
+        """A user name's digest (as typed, case and outer spaces aside): what logs and keys show."""
+        return self._digest("name", name.strip().casefold())
+
+    def _digest(self, kind: str, value: str) -> str:
+        return keyed_digest(self.secret, f"login|{kind}", value, length=32)
 
     def _subjects(self, name: str, address: str) -> list[tuple[str, int]]:
         return [
-            (name_digest(name), self.per_name),
-            (subject_digest("address", address), self.per_address),
+            (self.name_digest(name), self.per_name),
+            (self._digest("address", address), self.per_address),
         ]
-
-
-def subject_digest(kind: str, value: str) -> str:
-    """What the store keys by: a digest, so neither Redis nor the database lists user names or
-    client addresses."""
-    return hashlib.sha256(f"login|{kind}|{value}".encode()).hexdigest()[:32]
-
-
-def name_digest(name: str) -> str:
-    """A user name's digest (as typed, case and outer spaces aside): what logs and keys show."""
-    return subject_digest("name", name.strip().casefold())
 
 
 def login_throttle(settings: Settings, sessions: sessionmaker[Session]) -> LoginThrottle:
     """Redis when the broker is Redis (every web process shares it), else the database."""
+    secret = settings.server_secret()
     if settings.embedded:
-        return LoginThrottle(DatabaseFailures(sessions))
+        return LoginThrottle(DatabaseFailures(sessions), secret)
     client = redis.Redis.from_url(settings.broker_url)
-    return LoginThrottle(RedisFailures(client, settings.redis_namespace))
+    return LoginThrottle(RedisFailures(client, settings.redis_namespace), secret)
 
 
 def _instant(epoch: float) -> datetime:

@@ -9,7 +9,6 @@ runs in. What it makes from the settings (the engine, the key) is made once, on 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import secrets
 import threading
@@ -23,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mailpipe import db, grants
 from mailpipe.accounts import guess_provider
+from mailpipe.digests import keyed_digest
 from mailpipe.processors import Processor, load_processors
 from mailpipe.settings import Settings
 
@@ -180,7 +180,18 @@ def _slot_key(host: str) -> str:
 
 
 def _host_digest(host: str) -> str:
-    return hashlib.sha256(host.lower().encode()).hexdigest()[:16]
+    """HMAC of the host name under the server secret: a Redis reader cannot confirm a guessed
+    host, and every process sharing the secret names one host's slots alike."""
+    return keyed_digest(_slot_secret(), "host-slots", host.lower(), length=16)
+
+
+def _slot_secret() -> bytes:
+    """The server secret on Redis; the in-process stub shares its slots with no other process,
+    so a key of its own serves there (and the demo writes no file for it)."""
+    current = settings()
+    if current.embedded:
+        return _made("slot_secret", lambda: secrets.token_bytes(32))
+    return _made("slot_secret", current.server_secret)
 
 
 def _limiter_backend() -> RedisBackend | StubBackend:
