@@ -89,6 +89,7 @@ class SyncResult:
     phases: dict[str, float] = field(default_factory=dict)
     duration: float = 0.0
     capabilities: tuple[str, ...] = ()
+    round_trips: int = 0  # the times the client waited for the server (see imap.round_trips)
 
     def _total(self, name: str) -> int:
         return sum(getattr(folder, name) for folder in self.folders)
@@ -132,6 +133,7 @@ class SyncResult:
             "folders": [asdict(folder) for folder in self.folders],
             "phases": {name: round(seconds, 6) for name, seconds in self.phases.items()},
             "duration": round(self.duration, 6),
+            "round_trips": self.round_trips,
         }
 
 
@@ -204,7 +206,9 @@ def sync_account(
                 store.purge_vanished(sessions, account_id=account_id, ids=tombstones)
     finally:
         with timer.phase("disconnect"):
-            _logout(client)
+            imap.logout(client)
+        result.round_trips = imap.round_trips(client)
+        timer.observer.after_round_trips(result.round_trips)
     result.phases = timer.totals
     result.duration = time.perf_counter() - started
     return result
@@ -726,10 +730,3 @@ def _batches(
         batch_bytes += size
     if batch:
         yield batch
-
-
-def _logout(client: IMAPClient) -> None:
-    try:
-        client.logout()
-    except Exception:
-        imap.shutdown(client)
