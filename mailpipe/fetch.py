@@ -93,12 +93,15 @@ def fetch_messages(
     return messages
 
 
-def fetch_flags(imap: ImapConnection, request: str, *, highest: int) -> FlagReport:
+def fetch_flags(
+    imap: ImapConnection, request: str, *, highest: int, first: bytes | None = None
+) -> FlagReport:
     """Run a flag fetch such as `UID FETCH 1:500 (UID FLAGS) (CHANGEDSINCE 7 VANISHED)` or
     `FETCH 901:* (UID FLAGS)` and read each message's flags and any VANISHED answer (UIDs above
-    `highest` are left out of it: nothing is stored there, and a range stays bounded)."""
+    `highest` are left out of it: nothing is stored there, and a range stays bounded). A
+    `first` command (ENABLE QRESYNC) goes out with it in one round trip."""
     report = FlagReport(flags={}, vanished=set())
-    for parts in command(imap, request.encode()):
+    for parts in command(imap, request.encode(), first=first):
         head = parts[0]
         if FETCH_START.match(head):
             uid = UID_ITEM.search(head)
@@ -114,32 +117,65 @@ def fetch_flags(imap: ImapConnection, request: str, *, highest: int) -> FlagRepo
     return report
 
 
-def command(imap: ImapConnection, text: bytes) -> Iterator[list[bytes]]:
+class FirstRefused(IMAPClientError):  # type: ignore[misc]  # imapclient ships no types
+    """The command sent ahead of another was refused (the other's answer has been read)."""
+
+
+def command(
+    imap: ImapConnection, text: bytes, *, first: bytes | None = None
+) -> Iterator[list[bytes]]:
     """Send one tagged command and yield each untagged response until it completes.
 
     For what imaplib cannot say or read fast: FETCH, and ENABLE in the selected state (which
-    imaplib refuses although servers accept it). A NO or BAD raises IMAPClientError.
+    imaplib refuses although servers accept it). A NO or BAD raises IMAPClientError. A `first`
+    command is sent ahead in the same write (pipelined, RFC 3501 5.5): its untagged answers are
+    skipped, and its refusal raises `FirstRefused` once this command's answer is read too.
     """
+    ahead = imap._new_tag() if first is not None else None
     tag = imap._new_tag()
-    words = text.split(b" ", 2)
-    name = b" ".join(words[:2] if words[0].upper() == b"UID" else words[:1]).decode(
-        errors="replace"
-    )
+    lines = b"%s %s\r\n" % (ahead, first) if ahead is not None else b""
+    pending = ahead is not None  # the first command's answer is still to come
+    refused: IMAPClientError | None = None
     try:
-        imap.send(b"%s %s\r\n" % (tag, text))
+        imap.send(lines + b"%s %s\r\n" % (tag, text))
         while True:
             parts = _read_response(imap)
             head = parts[0]
+            if pending and ahead is not None and head.startswith(ahead + b" "):
+                if _status(head, ahead) != b"OK":
+                    refused = FirstRefused(f"{_name(first or b'')} failed: {_said(head)}")
+                pending = False
+                continue
             if head.startswith(tag + b" "):
-                status = head[len(tag) + 1 :].split(b" ", 1)[0].upper()
-                if status != b"OK":
-                    raise IMAPClientError(f"{name} failed: {head.decode(errors='replace').strip()}")
+                if refused is not None:
+                    raise refused
+                if _status(head, tag) != b"OK":
+                    raise IMAPClientError(f"{_name(text)} failed: {_said(head)}")
                 return
             if head.startswith(b"* BYE"):
-                raise IMAPClientAbortError(head.decode(errors="replace").strip())
-            yield parts
+                raise IMAPClientAbortError(_said(head))
+            if not pending:
+                yield parts
     finally:
-        imap.tagged_commands.pop(tag, None)
+        for used in (ahead, tag):
+            if used is not None:
+                imap.tagged_commands.pop(used, None)
+
+
+def _status(head: bytes, tag: bytes) -> bytes:
+    return head[len(tag) + 1 :].split(b" ", 1)[0].upper()
+
+
+def _name(text: bytes) -> str:
+    """A command's name for messages: `UID FETCH`, `ENABLE` (never its arguments)."""
+    words = text.split(b" ", 2)
+    return b" ".join(words[:2] if words[0].upper() == b"UID" else words[:1]).decode(
+        errors="replace"
+    )
+
+
+def _said(head: bytes) -> str:
+    return head.decode(errors="replace").strip()
 
 
 def _read_response(imap: ImapConnection) -> list[bytes]:

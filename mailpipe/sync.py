@@ -14,7 +14,6 @@ from types import TracebackType
 from typing import Any, ParamSpec
 
 from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import imap, store
@@ -22,7 +21,7 @@ from .accounts import account_settings
 from .addresses import AddressPolicy
 from .crypto import DataKey
 from .errors import ProtocolError
-from .fetch import FetchedMessage, command, fetch_flags, fetch_messages
+from .fetch import FetchedMessage, FirstRefused, fetch_flags, fetch_messages
 from .folders import NOT_BY_WILDCARD, requested_role, role_of
 from .imap import ImapSettings
 from .models import MailAccount
@@ -472,37 +471,33 @@ def _state_changes(
     box: Mailbox,
 ) -> store.StateChanges:
     """Ask the server what changed among the stored messages, in one round trip (ENABLE
-    QRESYNC is sent once per connection before the first QRESYNC fetch)."""
-    last, since = known.last_uid, known.highestmodseq
-    if method == QRESYNC and not _enable_qresync(client, server):
-        method = FULL  # QRESYNC announced but refused: learn expunges by comparison this once
-    if method == QRESYNC:
-        request = f"UID FETCH 1:{last} (UID FLAGS) (CHANGEDSINCE {since} VANISHED)"
-    elif method == CHANGEDSINCE:
-        request = f"UID FETCH 1:{last} (UID FLAGS) (CHANGEDSINCE {since})"
-    elif method == FULL:
-        request = f"UID FETCH 1:{last} (UID FLAGS)"
-    else:
-        request = f"FETCH {max(1, box.exists - FLAG_WINDOW + 1)}:* (UID FLAGS)"
-    report = fetch_flags(client._imap, request, highest=last)
+    QRESYNC, once per connection, pipelined with the first QRESYNC fetch)."""
+    last = known.last_uid
+    enable = b"ENABLE QRESYNC" if method == QRESYNC and not server.qresync_enabled else None
+    try:
+        report = fetch_flags(
+            client._imap, _flag_request(method, known, box), highest=last, first=enable
+        )
+    except FirstRefused:  # QRESYNC announced but refused: learn expunges by comparison
+        server.qresync = False
+        method = FULL
+        report = fetch_flags(client._imap, _flag_request(method, known, box), highest=last)
+    server.qresync_enabled = server.qresync_enabled or enable is not None
     flags = {uid: store.flag_text(value) for uid, value in report.flags.items() if uid <= last}
     present = set(report.flags) if method == FULL else None
     return store.StateChanges(flags=flags, vanished=report.vanished, present=present)
 
 
-def _enable_qresync(client: IMAPClient, server: ServerFeatures) -> bool:
-    """ENABLE QRESYNC once per connection; a server that refuses it is used without."""
-    if not server.qresync_enabled:
-        try:
-            for _ in command(client._imap, b"ENABLE QRESYNC"):
-                pass
-        except IMAPClientAbortError:
-            raise
-        except IMAPClientError:
-            server.qresync = False
-            return False
-        server.qresync_enabled = True
-    return True
+def _flag_request(method: str, known: store.FolderPosition, box: Mailbox) -> str:
+    """The one flag fetch of a method."""
+    last, since = known.last_uid, known.highestmodseq
+    if method == QRESYNC:
+        return f"UID FETCH 1:{last} (UID FLAGS) (CHANGEDSINCE {since} VANISHED)"
+    if method == CHANGEDSINCE:
+        return f"UID FETCH 1:{last} (UID FLAGS) (CHANGEDSINCE {since})"
+    if method == FULL:
+        return f"UID FETCH 1:{last} (UID FLAGS)"
+    return f"FETCH {max(1, box.exists - FLAG_WINDOW + 1)}:* (UID FLAGS)"
 
 
 def _plan_new(

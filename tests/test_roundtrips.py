@@ -156,6 +156,7 @@ def test_a_server_without_sasl_ir_or_greeting_capabilities_still_logs_in(tmp_pat
         client = imap.connect(settings)
         turns = imap.round_trips(client)
         imap.logout(client)
+        server.wait_idle()
         commands = list(server.commands)
     # Then it asked for the capabilities (the greeting had none) and logged in in two steps
     assert commands[:2] == ["CAPABILITY", "AUTHENTICATE"]
