@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from imapclient import IMAPClient
-from imapclient.exceptions import LoginError
+from imapclient.exceptions import IMAPClientAbortError, LoginError
 from imapclient.imap4 import IMAP4WithTimeout
 from imapclient.imapclient import SocketTimeout
 from imapclient.tls import IMAP4_TLS, wrap_socket
@@ -226,16 +226,25 @@ def start_tls(client: IMAPClient, settings: ImapSettings) -> None:
 def authenticate(client: IMAPClient, settings: ImapSettings) -> None:
     """XOAUTH2 with a token; otherwise LOGIN, or AUTHENTICATE PLAIN when asked or required.
     With SASL-IR announced, AUTHENTICATE carries its response: one round trip, not two."""
+    try:
+        _authenticate(client, settings)
+    except LoginError as error:
+        lost = error.__context__  # imapclient makes a connection lost in the login a LoginError
+        if isinstance(lost, IMAPClientAbortError):
+            raise lost from None
+        if settings.access_token is not None:
+            raise TokenRefused(str(error)) from None
+        raise
+
+
+def _authenticate(client: IMAPClient, settings: ImapSettings) -> None:
     initial = client.has_capability(SASL_IR)
     if settings.access_token is not None:
-        try:
-            if initial:
-                response = f"user={settings.username}\1auth=Bearer {settings.access_token}\1\1"
-                _authenticate_ir(client, "XOAUTH2", response)
-            else:
-                client.oauth2_login(settings.username, settings.access_token)
-        except LoginError as error:
-            raise TokenRefused(str(error)) from None
+        if initial:
+            response = f"user={settings.username}\1auth=Bearer {settings.access_token}\1\1"
+            _authenticate_ir(client, "XOAUTH2", response)
+        else:
+            client.oauth2_login(settings.username, settings.access_token)
         return
     mode = settings.auth
     if mode == "auto":
