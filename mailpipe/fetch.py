@@ -29,6 +29,7 @@ SIZE_ITEM = re.compile(rb"RFC822\.SIZE (\d+)", re.IGNORECASE)
 FLAGS_ITEM = re.compile(rb"FLAGS \(([^)]*)\)", re.IGNORECASE)
 DATE_ITEM = re.compile(rb'INTERNALDATE "([^"]*)"', re.IGNORECASE)
 BODY_NIL = re.compile(rb"BODY\[\] NIL", re.IGNORECASE)
+QUOTED_NAME = re.compile(rb'"((?:[^"\\]|\\.)*)"')
 VANISHED = re.compile(rb"\* VANISHED (?:\(EARLIER\) )?([0-9:,]+)", re.IGNORECASE)
 MONTHS = {
     name.encode(): number
@@ -160,6 +161,58 @@ def command(
         for used in (ahead, tag):
             if used is not None:
                 imap.tagged_commands.pop(used, None)
+
+
+def pipelined(imap: ImapConnection, texts: Sequence[bytes]) -> tuple[list[list[bytes]], list[bool]]:
+    """Send several commands in one write and read every answer (one round trip, RFC 3501
+    5.5): the untagged responses in the order they came, and whether each command said OK.
+    Servers may interleave the answers of commands they run in parallel, so the caller tells
+    untagged responses apart by what they name, not by position."""
+    tags = [imap._new_tag() for _ in texts]
+    done: dict[bytes, bool] = {}
+    untagged: list[list[bytes]] = []
+    try:
+        imap.send(b"".join(b"%s %s\r\n" % pair for pair in zip(tags, texts, strict=True)))
+        while len(done) < len(tags):
+            parts = _read_response(imap)
+            head = parts[0]
+            tag = head.split(b" ", 1)[0]
+            if tag in tags:
+                done[tag] = _status(head, tag) == b"OK"
+            elif head.startswith(b"* BYE"):
+                raise IMAPClientAbortError(_said(head))
+            else:
+                untagged.append(parts)
+    finally:
+        for tag in tags:
+            imap.tagged_commands.pop(tag, None)
+    return untagged, [done[tag] for tag in tags]
+
+
+def status_answer(parts: list[bytes]) -> tuple[bytes, dict[bytes, int]] | None:
+    """The mailbox name (as on the wire, unquoted) and items of an untagged STATUS response."""
+    head = parts[0]
+    if head[:9].upper() != b"* STATUS ":
+        return None
+    if len(parts) == 3 and isinstance(parts[1], Literal):
+        name, rest = bytes(parts[1]), parts[2]
+    else:
+        text = head[9:]
+        quoted = QUOTED_NAME.match(text)
+        if quoted is not None:
+            name = quoted.group(1).replace(b'\\"', b'"').replace(b"\\\\", b"\\")
+            rest = text[quoted.end() :]
+        else:
+            name, _, rest = text.partition(b" ")
+    opening, closing = rest.find(b"("), rest.rfind(b")")
+    words = rest[opening + 1 : closing].split() if 0 <= opening < closing else []
+    try:
+        items = {
+            key.upper(): int(value) for key, value in zip(words[::2], words[1::2], strict=True)
+        }
+    except ValueError:
+        return None
+    return name, items
 
 
 def _status(head: bytes, tag: bytes) -> bytes:

@@ -13,7 +13,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, ParamSpec
 
-from imapclient import IMAPClient
+from imapclient import IMAPClient, imap_utf7
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import imap, store
@@ -21,7 +21,14 @@ from .accounts import account_settings
 from .addresses import AddressPolicy
 from .crypto import DataKey
 from .errors import ProtocolError
-from .fetch import FetchedMessage, FirstRefused, fetch_flags, fetch_messages
+from .fetch import (
+    FetchedMessage,
+    FirstRefused,
+    fetch_flags,
+    fetch_messages,
+    pipelined,
+    status_answer,
+)
 from .folders import NOT_BY_WILDCARD, requested_role, role_of
 from .imap import ImapSettings
 from .models import MailAccount
@@ -37,6 +44,7 @@ FETCH_ITEMS = "UID FLAGS INTERNALDATE BODY.PEEK[]"
 REQUIRED_CAPABILITY = "IMAP4REV1"
 WILDCARDS = ("*", "%")
 PIPELINE_DEPTH = 2
+STATUS_ITEMS = b"(MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ)"
 FLAG_WINDOW = 200  # without CONDSTORE: the newest messages whose flags each run refreshes
 # how a folder's flag changes and expunges are learnt (see _state_method)
 QRESYNC = "qresync"
@@ -180,7 +188,12 @@ def sync_account(
         server = ServerFeatures.of(result.capabilities)
         tombstones: list[uuid.UUID] = []  # rows made tombstones in this run
         budget = options.max_mails
+        with timer.phase("fetch"):
+            quiet = unchanged_folders(client, list(folders), states, server)
         for folder, role in folders.items():
+            if folder in quiet:  # STATUS showed nothing new: no EXAMINE
+                result.folders.append(FolderResult(folder=folder, unchanged=True))
+                continue
             folder_result = _sync_folder(
                 client,
                 sessions,
@@ -275,6 +288,53 @@ def _selectable(client: IMAPClient, pattern: str) -> list[tuple[Sequence[bytes],
         for flags, delimiter, found in client.list_folders(pattern=pattern)
         if b"\\Noselect" not in flags and b"\\NonExistent" not in flags
     ]
+
+
+def unchanged_folders(
+    client: IMAPClient,
+    folders: Sequence[str],
+    states: Mapping[str, store.FolderPosition],
+    server: ServerFeatures,
+) -> set[str]:
+    """The folders whose STATUS shows nothing new since the last run, asked of all at once (one
+    round trip, pipelined) when CONDSTORE puts HIGHESTMODSEQ in STATUS and more than one folder
+    has a position: a no-change poll of n folders then costs one round trip, not n EXAMINEs."""
+    known = [
+        folder
+        for folder in folders
+        if (state := states.get(folder)) is not None and state.uidnext and state.highestmodseq
+    ]
+    if not server.condstore or len(known) < 2:
+        return set()
+    by_wire = {_wire_name(client, folder): folder for folder in known}
+    commands = [b"STATUS %s %s" % (client._normalise_folder(f), STATUS_ITEMS) for f in known]
+    answers, _said_ok = pipelined(client._imap, commands)  # a refused folder is EXAMINEd
+    unchanged: set[str] = set()
+    for parts in answers:
+        answer = status_answer(parts)
+        folder = None if answer is None else by_wire.get(_inbox_upper(answer[0]))
+        if answer is None or folder is None:
+            continue
+        items, state = answer[1], states[folder]
+        if (
+            items.get(b"UIDVALIDITY") == state.uidvalidity
+            and items.get(b"UIDNEXT") == state.uidnext
+            and items.get(b"HIGHESTMODSEQ") == state.highestmodseq
+            and items.get(b"MESSAGES") == state.messages
+        ):
+            unchanged.add(folder)
+    return unchanged
+
+
+def _wire_name(client: IMAPClient, folder: str) -> bytes:
+    """A folder's name as the server writes it (modified UTF-7 unless encoding is off)."""
+    name = imap_utf7.encode(folder) if client.folder_encode else folder.encode()
+    return _inbox_upper(name)
+
+
+def _inbox_upper(name: bytes) -> bytes:
+    """INBOX is case-insensitive (RFC 3501 5.1)."""
+    return b"INBOX" if name.upper() == b"INBOX" else name
 
 
 def _sync_folder(

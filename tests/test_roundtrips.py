@@ -20,7 +20,7 @@ from tests.support.messages import plain_message as message
 from tests.support.scripted_imap import ScriptedImap, tagged
 from tests.support.turnproxy import TurnProxy
 from tests.test_cli import mailpipe, sync_args
-from tests.test_sync import make_mailbox
+from tests.test_sync import Recorder, make_mailbox
 
 ONE_WAY = 0.02  # seconds each way: a 40 ms round trip
 PLAIN_BAR = 4
@@ -161,3 +161,32 @@ def test_a_server_without_sasl_ir_or_greeting_capabilities_still_logs_in(tmp_pat
     # Then it asked for the capabilities (the greeting had none) and logged in in two steps
     assert commands[:2] == ["CAPABILITY", "AUTHENTICATE"]
     assert turns == 4  # connect, CAPABILITY, AUTHENTICATE, its continuation
+
+
+FOLDERS = ["INBOX", "Archiv", "Entwürfe", 'Quote "x" \\ y']
+
+
+def test_a_no_change_poll_of_several_folders_asks_their_status_in_one_round_trip(
+    dovecot, tmp_path
+):
+    # Given four folders (one with a non-ASCII name, one with quotes), each synced once
+    box = make_mailbox(dovecot, f"sqlite:///{tmp_path / 'm.db'}")
+    for number, folder in enumerate(FOLDERS):
+        box.deliver([message(number)], folder=folder)
+    assert box.sync(folders=FOLDERS).saved == len(FOLDERS)
+    # When it polls again with nothing new
+    recorder = Recorder()
+    quiet = box.sync(folders=FOLDERS, connect=recorder.connect)
+    # Then one write of four STATUS commands (one round trip) found every folder unchanged,
+    # with no EXAMINE at all
+    assert [folder.unchanged for folder in quiet.folders] == [True] * len(FOLDERS)
+    assert recorder.commands == [b"STATUS"] * len(FOLDERS) + [b"LOGOUT"]
+    assert recorder.writes == 2
+    assert quiet.round_trips == 3  # connect, LOGIN, the STATUS burst
+    # When mail arrives in one of them
+    box.deliver([message(9)], folder="Entwürfe")
+    recorder = Recorder()
+    changed = box.sync(folders=FOLDERS, connect=recorder.connect)
+    # Then only that folder is examined and fetched; the others stay unchanged
+    assert [folder.saved for folder in changed.folders] == [0, 0, 1, 0]
+    assert recorder.commands.count(b"EXAMINE") == 1
