@@ -166,9 +166,7 @@ def test_a_server_without_sasl_ir_or_greeting_capabilities_still_logs_in(tmp_pat
 FOLDERS = ["INBOX", "Archiv", "Entwürfe", 'Quote "x" \\ y']
 
 
-def test_a_no_change_poll_of_several_folders_asks_their_status_in_one_round_trip(
-    dovecot, tmp_path
-):
+def test_a_no_change_poll_of_several_folders_asks_their_status_in_one_round_trip(dovecot, tmp_path):
     # Given four folders (one with a non-ASCII name, one with quotes), each synced once
     box = make_mailbox(dovecot, f"sqlite:///{tmp_path / 'm.db'}")
     for number, folder in enumerate(FOLDERS):
