@@ -74,6 +74,10 @@ def test_a_no_change_poll_over_tls_1_3_takes_at_most_five_round_trips(dovecot, t
         security="tls",
         ca_file=str(dovecot.ca_file),
     )
+    client = imap.connect(settings)
+    version = client.socket().version()
+    imap.logout(client)
+    assert version == "TLSv1.3"
     with TurnProxy(upstream=(dovecot.host, dovecot.tls_port), delay=ONE_WAY) as proxy:
         assert poll_through(proxy, box, settings).saved == 2
         proxy.clear()
