@@ -8,7 +8,8 @@ delay of its own) in front of that to see the round trips on the wire. Then `mai
 times, before and after taking turns. It prints the medians of the sync's own wall time (the
 `duration` of its --json, so Python's start-up and the owner's key derivation stay out), of the
 round trips the wire showed, and of those the sync reported (`round_trips`, after only), with
-the ratio after/before, measured side by side in this one run.
+the ratio after/before, measured side by side in this one run: once on the plain port, once
+on the implicit-TLS one (TLS 1.3).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.dovecot import Dovecot, free_ports
@@ -53,48 +55,65 @@ def main(argv: list[str] | None = None) -> int:
     ):
         user, password = server.new_user()
         server.seed_maildir(user, args.messages)
-        [port] = free_ports(1)
-        latency = subprocess.Popen(
-            [
-                sys.executable,
-                str(LATENCY_PROXY),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--to",
-                f"{server.host}:{server.port}",
-                "--delay-ms",
-                str(ONE_WAY_MS),
-            ]
-        )
-        try:
-            _wait_listening(port)
-            with TurnProxy(upstream=("127.0.0.1", port)) as counter:
-                figures = _measure(checkouts, counter, user, password, Path(scratch), args)
-        finally:
-            latency.terminate()
-            latency.wait(10)
-    _print(figures, args.runs)
+        account = Account(user, password, str(server.ca_file), Path(scratch))
+        tables = {
+            security: _through_proxies(checkouts, account, security, upstream, args.runs)
+            for security, upstream in (("none", server.port), ("tls", server.tls_port))
+        }
+    for security, figures in tables.items():
+        _print(security, figures, args.runs)
     return 0
 
 
+@dataclass(frozen=True)
+class Account:
+    """The one Dovecot account both checkouts poll, and where their databases go."""
+
+    user: str
+    password: str
+    ca_file: str
+    scratch: Path
+
+
+def _through_proxies(
+    checkouts: dict[str, Path], account: Account, security: str, upstream: int, runs: int
+) -> dict[str, dict[str, list[float]]]:
+    """The latency proxy in front of Dovecot's port, the counting proxy in front of that."""
+    [port] = free_ports(1)
+    latency = subprocess.Popen(
+        [
+            sys.executable,
+            str(LATENCY_PROXY),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--to",
+            f"127.0.0.1:{upstream}",
+            "--delay-ms",
+            str(ONE_WAY_MS),
+        ]
+    )
+    try:
+        _wait_listening(port)
+        with TurnProxy(upstream=("127.0.0.1", port)) as counter:
+            return _measure(checkouts, counter, account, security, runs)
+    finally:
+        latency.terminate()
+        latency.wait(10)
+
+
 def _measure(
-    checkouts: dict[str, Path],
-    counter: TurnProxy,
-    user: str,
-    password: str,
-    scratch: Path,
-    args: argparse.Namespace,
+    checkouts: dict[str, Path], counter: TurnProxy, account: Account, security: str, runs: int
 ) -> dict[str, dict[str, list[float]]]:
     """Sync once per checkout, then poll each in turn; wall, wire and reported round trips."""
     figures: dict[str, dict[str, list[float]]] = {
         name: {"wall": [], "wire": [], "reported": []} for name in checkouts
     }
     for name, root in checkouts.items():  # the first sync fills each checkout's database
-        _sync(root, counter.port, user, password, scratch / f"{name}.db")
-    for _ in range(args.runs):
+        _sync(root, counter.port, account, security, f"{name}-{security}.db")
+    for _ in range(runs):
         for name, root in checkouts.items():
             counter.clear()
-            report = _sync(root, counter.port, user, password, scratch / f"{name}.db")
+            report = _sync(root, counter.port, account, security, f"{name}-{security}.db")
             [wire] = counter.turns()
             if report["fetched"] or not all(f["unchanged"] for f in report["folders"]):
                 raise SystemExit(f"bench.roundtrips: {name}'s poll found changes")
@@ -105,12 +124,13 @@ def _measure(
     return figures
 
 
-def _sync(root: Path, port: int, user: str, password: str, database: Path) -> dict:
+def _sync(root: Path, port: int, account: Account, security: str, database: str) -> dict:
     """`mailpipe sync --json` from a checkout, with that checkout's code."""
     command = [sys.executable, "-m", "cli", "sync", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--user", user, "--password-env", PASSWORD_ENV, "--security", "none"]
-    command += ["--db", f"sqlite:///{database}", "--json"]
-    env = {**os.environ, PASSWORD_ENV: password, "MAILPIPE_DATA_DIR": str(database.parent)}
+    command += ["--user", account.user, "--password-env", PASSWORD_ENV, "--security", security]
+    command += ["--ca-file", account.ca_file, "--json"]
+    command += ["--db", f"sqlite:///{account.scratch / database}"]
+    env = {**os.environ, PASSWORD_ENV: account.password, "MAILPIPE_DATA_DIR": str(account.scratch)}
     env["PYTHONPATH"] = str(root)
     done = subprocess.run(
         command, cwd=root, env=env, capture_output=True, text=True, timeout=SYNC_TIMEOUT
@@ -133,11 +153,11 @@ def _wait_listening(port: int, timeout: float = 10.0) -> None:
     raise SystemExit("bench.roundtrips: the latency proxy did not start")
 
 
-def _print(figures: dict[str, dict[str, list[float]]], runs: int) -> None:
+def _print(security: str, figures: dict[str, dict[str, list[float]]], runs: int) -> None:
     load = os.getloadavg()
     print(
-        f"no-change poll across {2 * ONE_WAY_MS:.0f} ms RTT (latency_proxy.py), median of {runs}, "
-        f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+        f"no-change poll, --security {security}, across {2 * ONE_WAY_MS:.0f} ms RTT "
+        f"(latency_proxy.py), median of {runs}, load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
     print(f"{'':8} {'wall s':>8} {'RTT x':>7} {'wire':>6} {'reported':>9}")
     medians: dict[str, tuple[float, float]] = {}
