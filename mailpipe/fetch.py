@@ -163,22 +163,22 @@ def command(
                 imap.tagged_commands.pop(used, None)
 
 
-def pipelined(imap: ImapConnection, texts: Sequence[bytes]) -> tuple[list[list[bytes]], list[bool]]:
+def pipelined(imap: ImapConnection, texts: Sequence[bytes]) -> list[list[bytes]]:
     """Send several commands in one write and read every answer (one round trip, RFC 3501
-    5.5): the untagged responses in the order they came, and whether each command said OK.
-    Servers may interleave the answers of commands they run in parallel, so the caller tells
-    untagged responses apart by what they name, not by position."""
+    5.5); return the untagged responses in the order they came. Servers may interleave the
+    answers of commands they run in parallel, so the caller tells them apart by what they
+    name, not by position; a command refused leaves only its absence."""
     tags = [imap._new_tag() for _ in texts]
-    done: dict[bytes, bool] = {}
+    pending = set(tags)
     untagged: list[list[bytes]] = []
     try:
         imap.send(b"".join(b"%s %s\r\n" % pair for pair in zip(tags, texts, strict=True)))
-        while len(done) < len(tags):
+        while pending:
             parts = _read_response(imap)
             head = parts[0]
             tag = head.split(b" ", 1)[0]
-            if tag in tags:
-                done[tag] = _status(head, tag) == b"OK"
+            if tag in pending:
+                pending.discard(tag)
             elif head.startswith(b"* BYE"):
                 raise IMAPClientAbortError(_said(head))
             else:
@@ -186,7 +186,7 @@ def pipelined(imap: ImapConnection, texts: Sequence[bytes]) -> tuple[list[list[b
     finally:
         for tag in tags:
             imap.tagged_commands.pop(tag, None)
-    return untagged, [done[tag] for tag in tags]
+    return untagged
 
 
 def status_answer(parts: list[bytes]) -> tuple[bytes, dict[bytes, int]] | None:

@@ -188,8 +188,7 @@ def sync_account(
         server = ServerFeatures.of(result.capabilities)
         tombstones: list[uuid.UUID] = []  # rows made tombstones in this run
         budget = options.max_mails
-        with timer.phase("fetch"):
-            quiet = unchanged_folders(client, list(folders), states, server)
+        quiet = unchanged_folders(client, list(folders), states, server=server, timer=timer)
         for folder, role in folders.items():
             if folder in quiet:  # STATUS showed nothing new: no EXAMINE
                 result.folders.append(FolderResult(folder=folder, unchanged=True))
@@ -294,7 +293,9 @@ def unchanged_folders(
     client: IMAPClient,
     folders: Sequence[str],
     states: Mapping[str, store.FolderPosition],
+    *,
     server: ServerFeatures,
+    timer: PhaseTimer,
 ) -> set[str]:
     """The folders whose STATUS shows nothing new since the last run, asked of all at once (one
     round trip, pipelined) when CONDSTORE puts HIGHESTMODSEQ in STATUS and more than one folder
@@ -308,7 +309,8 @@ def unchanged_folders(
         return set()
     by_wire = {_wire_name(client, folder): folder for folder in known}
     commands = [b"STATUS %s %s" % (client._normalise_folder(f), STATUS_ITEMS) for f in known]
-    answers, _said_ok = pipelined(client._imap, commands)  # a refused folder is EXAMINEd
+    with timer.phase("fetch"):
+        answers = pipelined(client._imap, commands)  # a folder refused here is EXAMINEd
     unchanged: set[str] = set()
     for parts in answers:
         answer = status_answer(parts)
