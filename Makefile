@@ -27,10 +27,11 @@ test: $(STAMP) system
 	$(BIN)/mypy
 	$(BIN)/pytest
 
-## bench: the benchmarks (not part of `make test`): sync, orchestration, metrics overhead, crashes
+## bench: the benchmarks (not part of `make test`): sync, round trips, orchestration, metrics overhead, crashes
 bench: $(STAMP) system
 	$(BIN)/python -m bench.sync
 	$(BIN)/python -m bench.resync
+	$(BIN)/python -m bench.roundtrips
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.metrics
 	$(BIN)/python -m bench.login

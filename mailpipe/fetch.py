@@ -29,6 +29,7 @@ SIZE_ITEM = re.compile(rb"RFC822\.SIZE (\d+)", re.IGNORECASE)
 FLAGS_ITEM = re.compile(rb"FLAGS \(([^)]*)\)", re.IGNORECASE)
 DATE_ITEM = re.compile(rb'INTERNALDATE "([^"]*)"', re.IGNORECASE)
 BODY_NIL = re.compile(rb"BODY\[\] NIL", re.IGNORECASE)
+QUOTED_NAME = re.compile(rb'"((?:[^"\\]|\\.)*)"')
 VANISHED = re.compile(rb"\* VANISHED (?:\(EARLIER\) )?([0-9:,]+)", re.IGNORECASE)
 MONTHS = {
     name.encode(): number
@@ -93,12 +94,15 @@ def fetch_messages(
     return messages
 
 
-def fetch_flags(imap: ImapConnection, request: str, *, highest: int) -> FlagReport:
+def fetch_flags(
+    imap: ImapConnection, request: str, *, highest: int, first: bytes | None = None
+) -> FlagReport:
     """Run a flag fetch such as `UID FETCH 1:500 (UID FLAGS) (CHANGEDSINCE 7 VANISHED)` or
     `FETCH 901:* (UID FLAGS)` and read each message's flags and any VANISHED answer (UIDs above
-    `highest` are left out of it: nothing is stored there, and a range stays bounded)."""
+    `highest` are left out of it: nothing is stored there, and a range stays bounded). A
+    `first` command (ENABLE QRESYNC) goes out with it in one round trip."""
     report = FlagReport(flags={}, vanished=set())
-    for parts in command(imap, request.encode()):
+    for parts in command(imap, request.encode(), first=first):
         head = parts[0]
         if FETCH_START.match(head):
             uid = UID_ITEM.search(head)
@@ -114,32 +118,117 @@ def fetch_flags(imap: ImapConnection, request: str, *, highest: int) -> FlagRepo
     return report
 
 
-def command(imap: ImapConnection, text: bytes) -> Iterator[list[bytes]]:
+class FirstRefused(IMAPClientError):  # type: ignore[misc]  # imapclient ships no types
+    """The command sent ahead of another was refused (the other's answer has been read)."""
+
+
+def command(
+    imap: ImapConnection, text: bytes, *, first: bytes | None = None
+) -> Iterator[list[bytes]]:
     """Send one tagged command and yield each untagged response until it completes.
 
     For what imaplib cannot say or read fast: FETCH, and ENABLE in the selected state (which
-    imaplib refuses although servers accept it). A NO or BAD raises IMAPClientError.
+    imaplib refuses although servers accept it). A NO or BAD raises IMAPClientError. A `first`
+    command is sent ahead in the same write (pipelined, RFC 3501 5.5): its untagged answers are
+    skipped, and its refusal raises `FirstRefused` once this command's answer is read too.
     """
+    ahead = imap._new_tag() if first is not None else None
     tag = imap._new_tag()
-    words = text.split(b" ", 2)
-    name = b" ".join(words[:2] if words[0].upper() == b"UID" else words[:1]).decode(
-        errors="replace"
-    )
+    lines = b"%s %s\r\n" % (ahead, first) if ahead is not None else b""
+    pending = ahead is not None  # the first command's answer is still to come
+    refused: IMAPClientError | None = None
     try:
-        imap.send(b"%s %s\r\n" % (tag, text))
+        imap.send(lines + b"%s %s\r\n" % (tag, text))
         while True:
             parts = _read_response(imap)
             head = parts[0]
+            if pending and ahead is not None and head.startswith(ahead + b" "):
+                if _status(head, ahead) != b"OK":
+                    refused = FirstRefused(f"{_name(first or b'')} failed: {_said(head)}")
+                pending = False
+                continue
             if head.startswith(tag + b" "):
-                status = head[len(tag) + 1 :].split(b" ", 1)[0].upper()
-                if status != b"OK":
-                    raise IMAPClientError(f"{name} failed: {head.decode(errors='replace').strip()}")
+                if refused is not None:
+                    raise refused
+                if _status(head, tag) != b"OK":
+                    raise IMAPClientError(f"{_name(text)} failed: {_said(head)}")
                 return
             if head.startswith(b"* BYE"):
-                raise IMAPClientAbortError(head.decode(errors="replace").strip())
-            yield parts
+                raise IMAPClientAbortError(_said(head))
+            if not pending:
+                yield parts
     finally:
-        imap.tagged_commands.pop(tag, None)
+        for used in (ahead, tag):
+            if used is not None:
+                imap.tagged_commands.pop(used, None)
+
+
+def pipelined(imap: ImapConnection, texts: Sequence[bytes]) -> list[list[bytes]]:
+    """Send several commands in one write and read every answer (one round trip, RFC 3501
+    5.5); return the untagged responses in the order they came. Servers may interleave the
+    answers of commands they run in parallel, so the caller tells them apart by what they
+    name, not by position; a command refused leaves only its absence."""
+    tags = [imap._new_tag() for _ in texts]
+    pending = set(tags)
+    untagged: list[list[bytes]] = []
+    try:
+        imap.send(b"".join(b"%s %s\r\n" % pair for pair in zip(tags, texts, strict=True)))
+        while pending:
+            parts = _read_response(imap)
+            head = parts[0]
+            tag = head.split(b" ", 1)[0]
+            if tag in pending:
+                pending.discard(tag)
+            elif head.startswith(b"* BYE"):
+                raise IMAPClientAbortError(_said(head))
+            else:
+                untagged.append(parts)
+    finally:
+        for tag in tags:
+            imap.tagged_commands.pop(tag, None)
+    return untagged
+
+
+def status_answer(parts: list[bytes]) -> tuple[bytes, dict[bytes, int]] | None:
+    """The mailbox name (as on the wire, unquoted) and items of an untagged STATUS response."""
+    head = parts[0]
+    if head[:9].upper() != b"* STATUS ":
+        return None
+    if len(parts) == 3 and isinstance(parts[1], Literal):
+        name, rest = bytes(parts[1]), parts[2]
+    else:
+        text = head[9:]
+        quoted = QUOTED_NAME.match(text)
+        if quoted is not None:
+            name = quoted.group(1).replace(b'\\"', b'"').replace(b"\\\\", b"\\")
+            rest = text[quoted.end() :]
+        else:
+            name, _, rest = text.partition(b" ")
+    opening, closing = rest.find(b"("), rest.rfind(b")")
+    words = rest[opening + 1 : closing].split() if 0 <= opening < closing else []
+    try:
+        items = {
+            key.upper(): int(value) for key, value in zip(words[::2], words[1::2], strict=True)
+        }
+    except ValueError:
+        return None
+    return name, items
+
+
+def _status(head: bytes, tag: bytes) -> bytes:
+    return head[len(tag) + 1 :].split(b" ", 1)[0].upper()
+
+
+def _name(text: bytes) -> str:
+    """A command's name for messages: `UID FETCH`, `ENABLE` (never its arguments)."""
+    words = text.split(b" ", 2)
+    return b" ".join(words[:2] if words[0].upper() == b"UID" else words[:1]).decode(
+        errors="replace"
+    )
+
+
+def _said(head: bytes) -> str:
+    return head.decode(errors="replace").strip()
 
 
 def _read_response(imap: ImapConnection) -> list[bytes]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import imaplib
 import socket
 import ssl
 from dataclasses import dataclass, field
+from typing import Literal
 
 from imapclient import IMAPClient
-from imapclient.exceptions import LoginError
+from imapclient.exceptions import IMAPClientAbortError, LoginError
 from imapclient.imap4 import IMAP4WithTimeout
 from imapclient.imapclient import SocketTimeout
 from imapclient.tls import IMAP4_TLS, wrap_socket
@@ -20,6 +23,11 @@ AUTH_MODES = ("auto", "login", "plain")
 DEFAULT_PORTS = {"tls": 993, "starttls": 143, "none": 143}
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 60.0
+SASL_IR = "SASL-IR"
+# the client's waits in a TLS handshake: a 1.3 one is answered once and ends with the client's
+# Finished (so the next read waits again); a 1.2 one takes two and ends with the server's
+HANDSHAKE_TURNS = {"TLSv1.3": (1, True)}
+HANDSHAKE_TURNS_BEFORE_1_3 = (2, False)
 
 
 class TokenRefused(LoginError):  # type: ignore[misc]  # imapclient ships no types
@@ -113,29 +121,84 @@ def open_socket(settings: ImapSettings, timeout: float | None = None) -> socket.
     raise last or OSError(f"{settings.host} has no address")
 
 
-class _Plain(IMAP4WithTimeout):  # type: ignore[misc]  # imapclient ships no types
+class _Turns(imaplib.IMAP4):
+    """An imaplib connection that counts its round trips: each time the client waits for the
+    server after sending (opening the connection is the first, the greeting comes with it),
+    and takes the capabilities from the greeting when it carries them (no CAPABILITY asked)."""
+
+    turns = 0
+    _sent = False
+
+    def send(self, data: bytes) -> None:  # type: ignore[override]  # imaplib sends bytes only
+        self._sent = True
+        super().send(data)
+
+    def readline(self) -> bytes:
+        self._wait()
+        return super().readline()
+
+    def read(self, size: int) -> bytes:
+        self._wait()
+        return super().read(size)
+
+    def _wait(self) -> None:
+        if self._sent:
+            self.turns += 1
+            self._sent = False
+
+    def _connected(self, sock: socket.socket) -> socket.socket:
+        """Count the connect, and with implicit TLS the handshake's waits."""
+        self.turns += 1
+        if isinstance(sock, ssl.SSLSocket):
+            self._sent = self._handshaken(sock)
+        return sock
+
+    def _handshaken(self, sock: ssl.SSLSocket) -> bool:
+        """Count a TLS handshake's waits by its version; True when the client spoke last."""
+        turns, client_last = HANDSHAKE_TURNS.get(sock.version() or "", HANDSHAKE_TURNS_BEFORE_1_3)
+        self.turns += turns
+        return client_last
+
+    def _get_capabilities(self) -> None:
+        greeted = self.untagged_responses.pop("CAPABILITY", None)
+        line = greeted[-1] if greeted else None
+        if isinstance(line, bytes) and not self._tls_established:
+            self.capabilities = tuple(line.decode("ascii", "replace").upper().split())
+            return
+        super()._get_capabilities()  # type: ignore[misc]  # imaplib's own, not in typeshed
+
+    def starttls(
+        self, ssl_context: ssl.SSLContext | None = None
+    ) -> tuple[Literal["OK"], list[None]]:
+        result = super().starttls(ssl_context)
+        if isinstance(self.sock, ssl.SSLSocket):  # CAPABILITY, asked again, followed it at once
+            self._handshaken(self.sock)
+        return result
+
+
+class _Plain(_Turns, IMAP4WithTimeout):  # type: ignore[misc]  # imapclient ships no types
     """imapclient's plain connection, through `open_socket`."""
 
     def __init__(self, settings: ImapSettings, timeout: float | None) -> None:
         self.mailpipe_settings = settings
-        super().__init__(settings.host, settings.effective_port, timeout)
+        IMAP4WithTimeout.__init__(self, settings.host, settings.effective_port, timeout)
 
     def _create_socket(self, timeout: float | None = None) -> socket.socket:
-        return open_socket(self.mailpipe_settings, timeout)
+        return self._connected(open_socket(self.mailpipe_settings, timeout))
 
 
-class _Tls(IMAP4_TLS):  # type: ignore[misc]
+class _Tls(_Turns, IMAP4_TLS):  # type: ignore[misc]
     """imapclient's implicit-TLS connection, through `open_socket` (the name still verified)."""
 
     def __init__(
         self, settings: ImapSettings, context: ssl.SSLContext | None, timeout: float | None
     ) -> None:
         self.mailpipe_settings = settings
-        super().__init__(settings.host, settings.effective_port, context, timeout)
+        IMAP4_TLS.__init__(self, settings.host, settings.effective_port, context, timeout)
 
     def _create_socket(self, timeout: float | None = None) -> socket.socket:
         sock = open_socket(self.mailpipe_settings, timeout)
-        return wrap_socket(sock, self.ssl_context, self.host)  # type: ignore[no-any-return]
+        return self._connected(wrap_socket(sock, self.ssl_context, self.host))
 
 
 class _Client(IMAPClient):  # type: ignore[misc]
@@ -161,20 +224,67 @@ def start_tls(client: IMAPClient, settings: ImapSettings) -> None:
 
 
 def authenticate(client: IMAPClient, settings: ImapSettings) -> None:
-    """XOAUTH2 with a token; otherwise LOGIN, or AUTHENTICATE PLAIN when asked or required."""
-    if settings.access_token is not None:
-        try:
-            client.oauth2_login(settings.username, settings.access_token)
-        except LoginError as error:
+    """XOAUTH2 with a token; otherwise LOGIN, or AUTHENTICATE PLAIN when asked or required.
+    With SASL-IR announced, AUTHENTICATE carries its response: one round trip, not two."""
+    try:
+        _authenticate(client, settings)
+    except LoginError as error:
+        lost = error.__context__  # imapclient makes a connection lost in the login a LoginError
+        if isinstance(lost, IMAPClientAbortError):
+            raise lost from None
+        if settings.access_token is not None:
             raise TokenRefused(str(error)) from None
+        raise
+
+
+def _authenticate(client: IMAPClient, settings: ImapSettings) -> None:
+    initial = client.has_capability(SASL_IR)
+    if settings.access_token is not None:
+        if initial:
+            response = f"user={settings.username}\1auth=Bearer {settings.access_token}\1\1"
+            _authenticate_ir(client, "XOAUTH2", response)
+        else:
+            client.oauth2_login(settings.username, settings.access_token)
         return
     mode = settings.auth
     if mode == "auto":
         mode = "plain" if client.has_capability("LOGINDISABLED") else "login"
-    if mode == "plain":
+    if mode == "plain" and initial:
+        _authenticate_ir(client, "PLAIN", f"\0{settings.username}\0{settings.password}")
+    elif mode == "plain":
         client.plain_login(settings.username, settings.password)
     else:
         client.login(settings.username, settings.password)
+
+
+def _authenticate_ir(client: IMAPClient, mechanism: str, response: str) -> None:
+    """AUTHENTICATE with the initial response (RFC 4959); a challenge after it (XOAUTH2's
+    reason for a refusal) gets the empty answer that ends the exchange with NO."""
+    connection = client._imap
+    tag = connection._new_tag()
+    encoded = base64.b64encode(response.encode()).decode("ascii")
+    connection.send(b"%s AUTHENTICATE %s %s\r\n" % (tag, mechanism.encode(), encoded.encode()))
+    while connection.tagged_commands[tag] is None:
+        if connection._get_response() is None:
+            connection.send(b"\r\n")
+    status, data = connection.tagged_commands.pop(tag)
+    if status != "OK":
+        raise LoginError(f"AUTHENTICATE command error: {status} {data!r}")
+    connection.state = "AUTH"
+
+
+def round_trips(client: IMAPClient) -> int:
+    """How often the connection has waited for the server so far (0 if it does not count)."""
+    return int(getattr(client._imap, "turns", 0))
+
+
+def logout(client: IMAPClient) -> None:
+    """Say LOGOUT and close without waiting for the answer: nothing in it is needed."""
+    connection = client._imap
+    with contextlib.suppress(OSError):
+        connection.state = "LOGOUT"
+        connection.send(b"%s LOGOUT\r\n" % connection._new_tag())
+    shutdown(client)
 
 
 def shutdown(client: IMAPClient) -> None:

@@ -49,6 +49,9 @@ class Observer:
     def after_state_sync(self, *, flags_changed: int, vanished: int) -> None:
         """A folder's flag changes and vanished mail were committed (counts of stored mail)."""
 
+    def after_round_trips(self, count: int) -> None:
+        """The run's IMAP connection waited for the server `count` times, logout included."""
+
     def after_push(self, *, seconds: float) -> None:
         """A push run stored new mail `seconds` after its watcher saw the server report it."""
 
@@ -103,6 +106,10 @@ class Observers(Observer):
     def after_token_refresh(self, outcome: str) -> None:
         for observer in self.observers:
             observer.after_token_refresh(outcome)
+
+    def after_round_trips(self, count: int) -> None:
+        for observer in self.observers:
+            observer.after_round_trips(count)
 
 
 class PhaseTimer:

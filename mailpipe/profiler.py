@@ -88,6 +88,7 @@ class Profiler(Observer):
         self.mail = dict.fromkeys(MAIL_COUNTS, 0)
         self.wall = 0.0
         self.peak_bytes: int | None = None
+        self.round_trips = 0
         self.provider = "other"  # the account's, told as the run begins
         self._lock = threading.Lock()
         self._started = 0.0
@@ -154,6 +155,9 @@ class Profiler(Observer):
             self.mail["flags_changed"] += flags_changed
             self.mail["vanished"] += vanished
 
+    def after_round_trips(self, count: int) -> None:
+        self.round_trips = count
+
     def to_json(self) -> dict[str, Any]:
         """Phases in pipeline order, then totals; plain numbers only, fit for a JSON column."""
         with self._lock:
@@ -168,6 +172,7 @@ class Profiler(Observer):
                 "cpu_seconds": round(cpu, 6),
                 "memory": {"method": self.memory, "peak_bytes": self.peak_bytes},
                 "mail": dict(self.mail),
+                "round_trips": self.round_trips,
             }
 
 

@@ -13,8 +13,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, ParamSpec
 
-from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
+from imapclient import IMAPClient, imap_utf7
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import imap, store
@@ -22,7 +21,14 @@ from .accounts import account_settings
 from .addresses import AddressPolicy
 from .crypto import DataKey
 from .errors import ProtocolError
-from .fetch import FetchedMessage, command, fetch_flags, fetch_messages
+from .fetch import (
+    FetchedMessage,
+    FirstRefused,
+    fetch_flags,
+    fetch_messages,
+    pipelined,
+    status_answer,
+)
 from .folders import NOT_BY_WILDCARD, requested_role, role_of
 from .imap import ImapSettings
 from .models import MailAccount
@@ -38,6 +44,7 @@ FETCH_ITEMS = "UID FLAGS INTERNALDATE BODY.PEEK[]"
 REQUIRED_CAPABILITY = "IMAP4REV1"
 WILDCARDS = ("*", "%")
 PIPELINE_DEPTH = 2
+STATUS_ITEMS = b"(MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ)"
 FLAG_WINDOW = 200  # without CONDSTORE: the newest messages whose flags each run refreshes
 # how a folder's flag changes and expunges are learnt (see _state_method)
 QRESYNC = "qresync"
@@ -89,6 +96,7 @@ class SyncResult:
     phases: dict[str, float] = field(default_factory=dict)
     duration: float = 0.0
     capabilities: tuple[str, ...] = ()
+    round_trips: int = 0  # the times the client waited for the server (see imap.round_trips)
 
     def _total(self, name: str) -> int:
         return sum(getattr(folder, name) for folder in self.folders)
@@ -132,6 +140,7 @@ class SyncResult:
             "folders": [asdict(folder) for folder in self.folders],
             "phases": {name: round(seconds, 6) for name, seconds in self.phases.items()},
             "duration": round(self.duration, 6),
+            "round_trips": self.round_trips,
         }
 
 
@@ -179,7 +188,11 @@ def sync_account(
         server = ServerFeatures.of(result.capabilities)
         tombstones: list[uuid.UUID] = []  # rows made tombstones in this run
         budget = options.max_mails
+        quiet = unchanged_folders(client, list(folders), states, server=server, timer=timer)
         for folder, role in folders.items():
+            if folder in quiet:  # STATUS showed nothing new: no EXAMINE
+                result.folders.append(FolderResult(folder=folder, unchanged=True))
+                continue
             folder_result = _sync_folder(
                 client,
                 sessions,
@@ -204,7 +217,9 @@ def sync_account(
                 store.purge_vanished(sessions, account_id=account_id, ids=tombstones)
     finally:
         with timer.phase("disconnect"):
-            _logout(client)
+            imap.logout(client)
+        result.round_trips = imap.round_trips(client)
+        timer.observer.after_round_trips(result.round_trips)
     result.phases = timer.totals
     result.duration = time.perf_counter() - started
     return result
@@ -272,6 +287,56 @@ def _selectable(client: IMAPClient, pattern: str) -> list[tuple[Sequence[bytes],
         for flags, delimiter, found in client.list_folders(pattern=pattern)
         if b"\\Noselect" not in flags and b"\\NonExistent" not in flags
     ]
+
+
+def unchanged_folders(
+    client: IMAPClient,
+    folders: Sequence[str],
+    states: Mapping[str, store.FolderPosition],
+    *,
+    server: ServerFeatures,
+    timer: PhaseTimer,
+) -> set[str]:
+    """The folders whose STATUS shows nothing new since the last run, asked of all at once (one
+    round trip, pipelined) when CONDSTORE puts HIGHESTMODSEQ in STATUS and more than one folder
+    has a position: a no-change poll of n folders then costs one round trip, not n EXAMINEs."""
+    known = [
+        folder
+        for folder in folders
+        if (state := states.get(folder)) is not None and state.uidnext and state.highestmodseq
+    ]
+    if not server.condstore or len(known) < 2:
+        return set()
+    by_wire = {_wire_name(client, folder): folder for folder in known}
+    commands = [b"STATUS %s %s" % (client._normalise_folder(f), STATUS_ITEMS) for f in known]
+    with timer.phase("fetch"):
+        answers = pipelined(client._imap, commands)  # a folder refused here is EXAMINEd
+    unchanged: set[str] = set()
+    for parts in answers:
+        answer = status_answer(parts)
+        folder = None if answer is None else by_wire.get(_inbox_upper(answer[0]))
+        if answer is None or folder is None:
+            continue
+        items, state = answer[1], states[folder]
+        if (
+            items.get(b"UIDVALIDITY") == state.uidvalidity
+            and items.get(b"UIDNEXT") == state.uidnext
+            and items.get(b"HIGHESTMODSEQ") == state.highestmodseq
+            and items.get(b"MESSAGES") == state.messages
+        ):
+            unchanged.add(folder)
+    return unchanged
+
+
+def _wire_name(client: IMAPClient, folder: str) -> bytes:
+    """A folder's name as the server writes it (modified UTF-7 unless encoding is off)."""
+    name = imap_utf7.encode(folder) if client.folder_encode else folder.encode()
+    return _inbox_upper(name)
+
+
+def _inbox_upper(name: bytes) -> bytes:
+    """INBOX is case-insensitive (RFC 3501 5.1)."""
+    return b"INBOX" if name.upper() == b"INBOX" else name
 
 
 def _sync_folder(
@@ -468,37 +533,33 @@ def _state_changes(
     box: Mailbox,
 ) -> store.StateChanges:
     """Ask the server what changed among the stored messages, in one round trip (ENABLE
-    QRESYNC is sent once per connection before the first QRESYNC fetch)."""
-    last, since = known.last_uid, known.highestmodseq
-    if method == QRESYNC and not _enable_qresync(client, server):
-        method = FULL  # QRESYNC announced but refused: learn expunges by comparison this once
-    if method == QRESYNC:
-        request = f"UID FETCH 1:{last} (UID FLAGS) (CHANGEDSINCE {since} VANISHED)"
-    elif method == CHANGEDSINCE:
-        request = f"UID FETCH 1:{last} (UID FLAGS) (CHANGEDSINCE {since})"
-    elif method == FULL:
-        request = f"UID FETCH 1:{last} (UID FLAGS)"
-    else:
-        request = f"FETCH {max(1, box.exists - FLAG_WINDOW + 1)}:* (UID FLAGS)"
-    report = fetch_flags(client._imap, request, highest=last)
+    QRESYNC, once per connection, pipelined with the first QRESYNC fetch)."""
+    last = known.last_uid
+    enable = b"ENABLE QRESYNC" if method == QRESYNC and not server.qresync_enabled else None
+    try:
+        report = fetch_flags(
+            client._imap, _flag_request(method, known, box), highest=last, first=enable
+        )
+    except FirstRefused:  # QRESYNC announced but refused: learn expunges by comparison
+        server.qresync = False
+        method = FULL
+        report = fetch_flags(client._imap, _flag_request(method, known, box), highest=last)
+    server.qresync_enabled = server.qresync_enabled or enable is not None
     flags = {uid: store.flag_text(value) for uid, value in report.flags.items() if uid <= last}
     present = set(report.flags) if method == FULL else None
     return store.StateChanges(flags=flags, vanished=report.vanished, present=present)
 
 
-def _enable_qresync(client: IMAPClient, server: ServerFeatures) -> bool:
-    """ENABLE QRESYNC once per connection; a server that refuses it is used without."""
-    if not server.qresync_enabled:
-        try:
-            for _ in command(client._imap, b"ENABLE QRESYNC"):
-                pass
-        except IMAPClientAbortError:
-            raise
-        except IMAPClientError:
-            server.qresync = False
-            return False
-        server.qresync_enabled = True
-    return True
+def _flag_request(method: str, known: store.FolderPosition, box: Mailbox) -> str:
+    """The one flag fetch of a method."""
+    last, since = known.last_uid, known.highestmodseq
+    if method == QRESYNC:
+        return f"UID FETCH 1:{last} (UID FLAGS) (CHANGEDSINCE {since} VANISHED)"
+    if method == CHANGEDSINCE:
+        return f"UID FETCH 1:{last} (UID FLAGS) (CHANGEDSINCE {since})"
+    if method == FULL:
+        return f"UID FETCH 1:{last} (UID FLAGS)"
+    return f"FETCH {max(1, box.exists - FLAG_WINDOW + 1)}:* (UID FLAGS)"
 
 
 def _plan_new(
@@ -726,10 +787,3 @@ def _batches(
         batch_bytes += size
     if batch:
         yield batch
-
-
-def _logout(client: IMAPClient) -> None:
-    try:
-        client.logout()
-    except Exception:
-        imap.shutdown(client)

@@ -25,6 +25,7 @@ JSON_KEYS = {
     "folders",
     "phases",
     "duration",
+    "round_trips",
 }
 
 

@@ -21,6 +21,7 @@ from mailpipe.mail import list_mail, mail_changes, read_mail
 from mailpipe.models import FolderState, MailAccount
 from mailpipe.sync import SyncOptions, sync_account
 from mailpipe.vocabulary import FolderRole
+from tests.support import scripted_imap
 from tests.support.dovecot import DOVECOT, Dovecot
 from tests.support.messages import plain_message as message
 from tests.support.policy import LOOPBACK
@@ -196,9 +197,12 @@ def test_changed_flags_cost_enable_and_one_fetch(mailbox):
     # When it syncs
     recorder = Recorder()
     result = mailbox.sync(connect=recorder.connect)
-    # Then one EXAMINE, ENABLE QRESYNC and one FETCH (CHANGEDSINCE ... VANISHED) did it
+    # Then one EXAMINE, ENABLE QRESYNC and one FETCH (CHANGEDSINCE ... VANISHED) did it, the
+    # ENABLE and the FETCH in one write (pipelined: one round trip, not two)
     assert result.flags_changed == 1
     assert recorder.commands == [b"EXAMINE", b"ENABLE", b"FETCH", b"LOGOUT"]
+    assert recorder.writes == 3
+    assert result.round_trips == 4  # connect, LOGIN, EXAMINE, ENABLE with FETCH
 
 
 def test_expunge_and_move_between_synced_folders(mailbox):
@@ -380,12 +384,15 @@ def test_highestmodseq_sent_unasked_is_not_taken_for_condstore(tmp_path):
         sync = scripted_account(tmp_path, server.port)
         assert sync().saved == 2
         modseq[0] = 9
+        server.wait_idle()
         server.commands.clear()
         # When it syncs again
         again = sync()
+        server.wait_idle()
         # Then no CHANGEDSINCE went to it: the newest messages' flags were refreshed instead
+        # (and no CAPABILITY either: the greeting named them)
         assert again.flags_changed == 1
-        assert server.commands == ["CAPABILITY", "LOGIN", "EXAMINE", "FETCH", "LOGOUT"]
+        assert server.commands == ["LOGIN", "EXAMINE", "FETCH", "LOGOUT"]
 
 
 def test_courier_without_uidnext_in_examine_takes_it_from_status(tmp_path):
@@ -408,9 +415,11 @@ def test_courier_without_uidnext_in_examine_takes_it_from_status(tmp_path):
     with ScriptedImap({"EXAMINE": examine, "STATUS": status, "FETCH": flags}) as server:
         sync = scripted_account(tmp_path, server.port)
         assert sync().saved == 2
+        server.wait_idle()
         server.commands.clear()
         # When it syncs again with nothing new
         again = sync()
+        server.wait_idle()
         # Then UIDNEXT came from STATUS: no size list, no body fetch, nothing saved
         assert (again.fetched, again.saved) == (0, 0)
         assert again.folders[0].unchanged
@@ -588,3 +597,52 @@ def test_mail_before_the_window_is_never_fetched_newest_first_or_not(mailbox, do
     subjects = sorted(e.uid for e in held(mailbox))
     assert subjects == [1, 3, 5, 7, 9, 11]
     assert mailbox.sync(since=since).folders[0].unchanged
+
+
+def test_qresync_announced_but_enable_refused_falls_back_to_a_full_flag_refresh(tmp_path):
+    # Given a server that announces QRESYNC but refuses ENABLE, whose modseq moves between syncs
+    announced = b"IMAP4rev1 AUTH=PLAIN ENABLE CONDSTORE QRESYNC"
+    modseq = [5]
+    vanished_asked = []
+
+    def login(tag: bytes, args: bytes) -> bytes:
+        return tagged(tag, b"OK [CAPABILITY " + announced + b"] logged in")
+
+    def examine(tag: bytes, args: bytes) -> bytes:
+        return (
+            b"* 2 EXISTS\r\n* OK [UIDVALIDITY %d] v\r\n* OK [UIDNEXT 3] n\r\n"
+            b"* OK [HIGHESTMODSEQ %d] m\r\n" % (UIDVALIDITY, modseq[0])
+        ) + tagged(tag, b"OK [READ-ONLY] EXAMINE completed")
+
+    def uid_fetch(tag: bytes, args: bytes) -> bytes:
+        if b"VANISHED" in args:
+            vanished_asked.append(args)
+            return tagged(tag, b"BAD QRESYNC not enabled")
+        if b"(UID FLAGS)" in args:
+            return b"* 1 FETCH (UID 1 FLAGS (\\Seen))\r\n* 2 FETCH (UID 2 FLAGS ())\r\n" + tagged(
+                tag, b"OK UID FETCH completed"
+            )
+        return scripted_imap.uid_fetch(tag, args)
+
+    replies = {
+        "LOGIN": login,
+        "EXAMINE": examine,
+        "ENABLE": lambda tag, args: tagged(tag, b"NO ENABLE refused"),
+        "UID FETCH": uid_fetch,
+    }
+    greeting = b"* OK [CAPABILITY " + announced + b"] scripted server ready\r\n"
+    with ScriptedImap(replies, greeting=greeting) as server:
+        sync = scripted_account(tmp_path, server.port)
+        assert sync().saved == 2
+        modseq[0] = 9
+        server.wait_idle()
+        server.commands.clear()
+        # When it syncs again
+        again = sync()
+        server.wait_idle()
+        commands = list(server.commands)
+    # Then ENABLE went out with the QRESYNC fetch, and after the refusal of both a full flag
+    # refresh learnt the change on the same connection
+    assert len(vanished_asked) == 1
+    assert commands == ["LOGIN", "EXAMINE", "ENABLE", "UID FETCH", "UID FETCH", "LOGOUT"]
+    assert again.flags_changed == 1

@@ -96,6 +96,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.commands: list[bytes] = []
+        self.writes = 0  # sends, each a burst of one or more commands
         self.before_send = None
 
     def connect(self, settings):
@@ -103,10 +104,12 @@ class Recorder:
         send = client._imap.send
 
         def recording_send(data: bytes) -> None:
-            words = data.strip().split(b" ", 3)
-            if len(words) > 1:
-                name = words[1].upper()
-                self.commands.append(words[2].upper() if name == b"UID" else name)
+            self.writes += 1
+            for line in data.splitlines():  # pipelined commands come in one write
+                words = line.strip().split(b" ", 3)
+                if len(words) > 1:
+                    name = words[1].upper()
+                    self.commands.append(words[2].upper() if name == b"UID" else name)
             if self.before_send is not None:
                 self.before_send(data)
             send(data)

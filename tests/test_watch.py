@@ -93,6 +93,7 @@ def test_watch_prints_first_sync_then_each_new_message(dovecot, imap_user, tmp_p
             "folders",
             "phases",
             "duration",
+            "round_trips",
         }
         assert first["saved"] == 2
         # When a message is appended to the folder afterwards

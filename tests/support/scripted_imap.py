@@ -18,6 +18,7 @@ import contextlib
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -152,6 +153,18 @@ class ScriptedImap:
             thread.join(JOIN_TIMEOUT)
         if self._listener is not None:
             self._listener.close()
+
+    def wait_idle(self, timeout: float = JOIN_TIMEOUT) -> None:
+        """Until every connection has ended: a client that does not wait for LOGOUT's answer
+        has returned before the server has read the LOGOUT."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._sockets:
+                    return
+            if time.monotonic() >= deadline:
+                raise TimeoutError("a scripted connection is still open")
+            time.sleep(0.01)
 
     def __enter__(self) -> ScriptedImap:
         return self.start()
