@@ -17,7 +17,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_PAGE_SIZE = 16_384  # mail bodies are large blobs; bigger pages mean fewer overflow pages
 MIGRATIONS = Path(__file__).with_name("migrations")
-HEAD_REVISION = "0012"  # the newest migration (tests/test_migrations.py holds it to Alembic's head)
+HEAD_REVISION = "0013"  # the newest migration (tests/test_migrations.py holds it to Alembic's head)
 PG_MIGRATION_LOCK = 0x6D61696C  # "mail": one advisory lock id for schema upgrades
 _MIGRATION_LOCK = threading.Lock()  # Alembic's module-level proxies are not thread-safe
 
