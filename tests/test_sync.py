@@ -54,6 +54,8 @@ class Mailbox:
         with self.sessions() as session:
             query = select(Email).where(Email.account_id == self.account_id)
             for name, value in where.items():
+                if name == "folder":  # stored as a keyed hash (mailpipe.names)
+                    name, value = "folder_hash", names.folder_hash(self.key, value)
                 query = query.where(getattr(Email, name) == value)
             return list(session.scalars(query.order_by(Email.uid)))
 
