@@ -14,7 +14,10 @@ from mailpipe import db, names
 from mailpipe.crypto import DataKey
 from mailpipe.mail import list_mail, read_mail
 from mailpipe.models import Email, FolderState, MailAccount
+from mailpipe.sync import SyncOptions, sync_account
+from tests.support.policy import LOOPBACK
 from tests.test_sync import Mailbox, make_mailbox
+from tests.test_web_api import logged_in, site  # noqa: F401  (fixture)
 
 FOLDER = "Mandant Schröder"
 DOMAIN = "kanzlei-mueller.example"
@@ -50,17 +53,17 @@ def clear_traces(engine) -> list[str]:
     return sorted(set(found))
 
 
-def back_to_0012(engine, box: Mailbox) -> None:
+def back_to_0012(engine, sessions, key: DataKey) -> None:
     """Make the database one written before 0013: names in clear, then the schema downgraded."""
-    with box.sessions.begin() as session:
+    with sessions.begin() as session:
         for email in session.scalars(select(Email)):
-            email.folder = names.email_folder(box.key, email)
-            email.message_id = names.email_message_id(box.key, email)
+            email.folder = names.email_folder(key, email)
+            email.message_id = names.email_message_id(key, email)
             email.folder_hash = email.folder_enc = None
             email.message_id_hash = email.message_id_enc = None
         for state in session.scalars(select(FolderState)):
             state.folder = names.state_folder(
-                box.key,
+                key,
                 account_id=state.account_id,
                 clear=None,
                 hashed=state.folder_hash,
@@ -101,7 +104,7 @@ def test_a_database_from_0012_keeps_no_clear_name_after_the_next_sync(dovecot, d
     assert box.sync(folders=["*"]).saved == 3
     engine = db.make_engine(db_url)
     assert clear_traces(engine) == []
-    back_to_0012(engine, box)
+    back_to_0012(engine, box.sessions, box.key)
     assert clear_traces(engine) == ["emails.folder", "emails.message_id", "folder_state.folder"]
     # When the schema is migrated, as workers do at start
     db.migrate(engine)
@@ -125,6 +128,44 @@ def test_a_database_from_0012_keeps_no_clear_name_after_the_next_sync(dovecot, d
     assert box.sync(folders=["*"]).saved == 1
     assert box.sync(folders=["*"]).saved == 0
     assert clear_traces(engine) == []
+    engine.dispose()
+
+
+@pytest.mark.dovecot
+def test_a_web_login_converts_the_users_rows_and_the_mail_api_reads_them(
+    site,  # noqa: F811  (the fixture)
+    dovecot,
+    tmp_path,
+):
+    # Given a user's account with mail in a named folder, stored before 0013 (names in clear)
+    bob = site.user("bob")
+    login, password = dovecot.new_user()
+    dovecot.append(login, password, [message(1), message(2)], folder=FOLDER)
+    account_id = site.account(bob, port=dovecot.port, login=login, password=password)
+    options = SyncOptions(folders=["*"])
+    sync_account(
+        site.sessions, account_id=account_id, key=bob.key, options=options, policy=LOOPBACK
+    )
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'web.db'}")
+    back_to_0012(engine, site.sessions, bob.key)
+    db.migrate(engine)
+    assert clear_traces(engine) != []
+    # When bob logs in to the web app (no sync has run since)
+    client, _headers = logged_in(site, bob)
+    # Then his rows hold no folder name or Message-ID in clear any more
+    assert clear_traces(engine) == []
+    # And the mail API lists and filters them by folder as before
+    listed = client.get("/api/mail", query_string={"folder": FOLDER}).json["mail"]
+    assert sorted((item["folder"], item["subject"]) for item in listed) == [
+        (FOLDER, "Akte 1"),
+        (FOLDER, "Akte 2"),
+    ]
+    assert client.get("/api/mail", query_string={"folder": "INBOX"}).json["mail"] == []
+    # And a sync afterwards takes nothing twice
+    again = sync_account(
+        site.sessions, account_id=account_id, key=bob.key, options=options, policy=LOOPBACK
+    )
+    assert again.saved == 0
     engine.dispose()
 
 
