@@ -44,12 +44,18 @@ def state_row(account_id: int, hashed: bytes) -> str:
 
 
 def email_columns(
-    key: DataKey, *, row_id: uuid.UUID, folder: str, message_id: str | None
+    key: DataKey,
+    *,
+    row_id: uuid.UUID,
+    folder: str,
+    message_id: str | None,
+    hashed: bytes | None = None,
 ) -> dict[str, Any]:
-    """The columns of an emails row that hold its folder and Message-ID."""
+    """The columns of an emails row that hold its folder and Message-ID (`hashed`: the folder's
+    hash, when the caller has it already)."""
     return {
         "folder": None,
-        "folder_hash": folder_hash(key, folder),
+        "folder_hash": hashed or folder_hash(key, folder),
         "folder_enc": key.encrypt(folder.encode(), table="emails", column=FOLDER, row=row_id),
         "message_id": None,
         "message_id_hash": message_id_hash(key, message_id) if message_id else None,

@@ -334,7 +334,11 @@ class BatchWriter:
             "uidvalidity": uidvalidity,
             "uid": message.uid,
             **email_columns(
-                self.key, row_id=row_id, folder=self.folder, message_id=parsed.message_id
+                self.key,
+                row_id=row_id,
+                folder=self.folder,
+                message_id=parsed.message_id,
+                hashed=self.folder_hash,
             ),
             "internal_date": message.internal_date,
             "sent_date": parsed.sent_date,
