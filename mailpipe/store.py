@@ -13,11 +13,11 @@ from sqlalchemy import Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import names
 from .crypto import DataKey
 from .db import rowcount
 from .fetch import FetchedMessage
 from .models import Email, FolderState, MailAccount, utcnow
-from .names import convert_account, email_columns, folder_hash, state_columns, state_folder
 from .parse import ParsedMessage
 from .processors import Annotation
 from .vocabulary import ParseStatus, ProcessStatus
@@ -80,7 +80,7 @@ def folder_states(session: Session, account_id: int, key: DataKey) -> dict[str, 
     """Every folder's stored position for one account, by name, in one query; rows from before
     migration 0013 are converted first (`names.convert_account`, in the caller's transaction:
     a sync commits it before it writes, so its new rows never meet a clear one)."""
-    convert_account(session, account_id=account_id, key=key)
+    names.convert_account(session, account_id=account_id, key=key)
     rows = session.execute(
         select(
             FolderState.folder,
@@ -97,7 +97,7 @@ def folder_states(session: Session, account_id: int, key: DataKey) -> dict[str, 
         ).where(FolderState.account_id == account_id)
     )
     return {
-        state_folder(
+        names.state_folder(
             key, account_id=account_id, clear=row[0], hashed=row[1], sealed=row[2]
         ): FolderPosition(*row[3:])
         for row in rows
@@ -231,9 +231,9 @@ class BatchWriter:
         self.account_id = account_id
         self.key = key
         self.folder = folder
-        self.folder_hash = folder_hash(key, folder)
+        self.folder_hash = names.folder_hash(key, folder)
         self.dedupe_by_content = dedupe_by_content
-        self._state_name = state_columns(key, account_id=account_id, folder=folder)
+        self._state_name = names.state_columns(key, account_id=account_id, folder=folder)
 
     def write(
         self,
@@ -333,7 +333,7 @@ class BatchWriter:
             "account_id": self.account_id,
             "uidvalidity": uidvalidity,
             "uid": message.uid,
-            **email_columns(
+            **names.email_columns(
                 self.key,
                 row_id=row_id,
                 folder=self.folder,
