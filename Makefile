@@ -37,6 +37,7 @@ bench: $(STAMP) system
 	$(BIN)/python -m bench.login
 	$(BIN)/python -m bench.logs
 	$(BIN)/python -m bench.push
+	$(BIN)/python -m bench.names
 	$(BIN)/python -m bench.watcher
 	bash bench/peers.sh
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from imapclient import IMAPClient
 from sqlalchemy import func, select
 
-from mailpipe import db, grants
+from mailpipe import db, grants, names
 from mailpipe.accounts import add_account, create_user
 from mailpipe.imap import ImapSettings
 from mailpipe.models import Email, FolderState
@@ -203,7 +203,8 @@ def _accounts(session, user, key, server, boxes) -> list[int]:
         )
         account = add_account(session, user, key, settings)
         session.flush()
-        session.add(FolderState(account_id=account.id, folder="INBOX", uidvalidity=1, uidnext=1))
+        name = names.state_columns(key, account_id=account.id, folder="INBOX")
+        session.add(FolderState(account_id=account.id, uidvalidity=1, uidnext=1, **name))
         found.append(account.id)
     return found
 

@@ -84,7 +84,7 @@ def run_diagnose(args: argparse.Namespace, settings: Settings) -> int:
             )
             imap = replace(imap, access_token=tokens.token())
         diagnosis = diagnostics.diagnose(
-            imap, sessions=sessions, account_id=args.account_id, timeout=args.timeout
+            imap, sessions=sessions, account_id=args.account_id, key=key, timeout=args.timeout
         )
     print(json.dumps(diagnosis.to_json()) if args.json else describe_diagnosis(diagnosis))
     return 0 if diagnosis.ok else EXIT_FAILURE

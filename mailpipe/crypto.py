@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import DecryptionFailed, WrongPassword
 
@@ -24,6 +26,7 @@ LEGACY_WRAP = 1  # the data key's associated data named no user: a copy opened o
 USER_WRAP = 2  # the associated data names the user's row (finding 9 of issue 15)
 WRAP_VERSION = USER_WRAP  # what every wrap writes; older forms are re-wrapped at unlock
 LEGACY_WRAP_AAD = b"mailpipe/v1|users|wrapped_dek"
+LOOKUP_INFO = "mailpipe/v1|lookup|{purpose}"  # HKDF info of each keyed lookup hash
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ def associated_data(table: str, column: str, row: object) -> bytes:
 class DataKey:
     """A user's 256-bit data key: AES-256-GCM with associated data naming table, column and row."""
 
-    __slots__ = ("_aead", "_hash_key", "_key")
+    __slots__ = ("_aead", "_hash_key", "_key", "_lookup_keys")
 
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_BYTES:
@@ -73,6 +76,7 @@ class DataKey:
         self._key = key
         self._aead = AESGCM(key)
         self._hash_key = hmac.new(key, b"mailpipe/v1|content-hash", hashlib.sha256).digest()
+        self._lookup_keys: dict[str, bytes] = {}
 
     @classmethod
     def generate(cls) -> DataKey:
@@ -99,6 +103,20 @@ class DataKey:
     def content_hash(self, data: bytes) -> bytes:
         """A keyed digest for finding the same message again without revealing its content."""
         return hmac.digest(self._hash_key, data, "sha256")
+
+    def lookup_hash(self, data: bytes, *, purpose: str) -> bytes:
+        """HMAC-SHA256 under a key HKDF derives from this one per purpose: equal values find
+        each other, while a database reader can neither compute nor confirm one."""
+        lookup_key = self._lookup_keys.get(purpose)
+        if lookup_key is None:
+            lookup_key = HKDF(
+                algorithm=hashes.SHA256(),
+                length=KEY_BYTES,
+                salt=None,
+                info=LOOKUP_INFO.format(purpose=purpose).encode(),
+            ).derive(self._key)
+            self._lookup_keys[purpose] = lookup_key
+        return hmac.digest(lookup_key, data, "sha256")
 
     def export(self) -> bytes:
         """The raw key, only for wrapping or sealing it; never store the result in the clear."""

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from .crypto import DataKey
 from .errors import NotFound
 from .models import Email, MailAccount
+from .names import email_folder, in_folder
 from .results import ChangePage, MailChange, MailItem, MailMessage, MailPage
 from .vocabulary import MailChangeKind, ParseStatus
 
@@ -52,7 +53,7 @@ def list_mail(
     if account_id is not None:
         query = query.where(Email.account_id == account_id)
     if folder is not None:
-        query = query.where(Email.folder == folder)
+        query = query.where(in_folder(key, folder))
     if since is not None:
         query = query.where(when >= since)
     if before is not None:
@@ -69,7 +70,7 @@ def list_mail(
         )
     order = (when.desc(), Email.uid.desc(), Email.id.desc())
     rows = list(session.scalars(query.order_by(*order).limit(limit + 1)))
-    items = [_item(email, _fields(email, key)) for email in rows[:limit]]
+    items = [_item(email, _fields(email, key), key) for email in rows[:limit]]
     return MailPage(mail=items, next_before=items[-1].id if len(rows) > limit else None)
 
 
@@ -82,7 +83,7 @@ def read_mail(session: Session, *, user_id: int, key: DataKey, mail_id: str) -> 
         annotations = orjson.loads(
             key.decrypt(email.annotations_enc, table="emails", column="annotations", row=email.id)
         )
-    item = _item(email, fields)
+    item = _item(email, fields, key)
     return MailMessage(
         **{name: getattr(item, name) for name in item.__dataclass_fields__},
         flags=email.flags.split(),
@@ -132,7 +133,7 @@ def mail_changes(
                 kind, item = MailChangeKind.VANISHED, None
             else:
                 kind = MailChangeKind.FLAGS if known else MailChangeKind.NEW
-                item = _item(email, _fields(email, key))
+                item = _item(email, _fields(email, key), key)
             changes.append(
                 MailChange(
                     kind=kind,
@@ -189,7 +190,7 @@ def _fields(email: Email, key: DataKey) -> dict[str, Any]:
     return document if isinstance(document, dict) else {}
 
 
-def _item(email: Email, fields: dict[str, Any]) -> MailItem:
+def _item(email: Email, fields: dict[str, Any], key: DataKey) -> MailItem:
     flags = {flag.lower() for flag in email.flags.split()}
     senders = fields.get("from") or []
     sender = ""
@@ -199,7 +200,7 @@ def _item(email: Email, fields: dict[str, Any]) -> MailItem:
     return MailItem(
         id=str(email.id),
         account_id=email.account_id,
-        folder=email.folder,
+        folder=email_folder(key, email),
         uid=email.uid,
         sender=sender,
         subject=fields.get("subject") or "",

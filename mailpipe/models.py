@@ -134,11 +134,17 @@ class FolderState(Base):
     below it (newest first: UIDs above `backfill_floor` up to `backfill_uid`)."""
 
     __tablename__ = "folder_state"
-    __table_args__ = (UniqueConstraint("account_id", "folder", name="uq_folder_state_folder"),)
+    __table_args__ = (
+        UniqueConstraint("account_id", "folder_hash", name="uq_folder_state_folder_hash"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("mail_accounts.id", ondelete="CASCADE"))
-    folder: Mapped[str] = mapped_column(String(1000))
+    # the folder's name as a keyed hash (lookups) and encrypted (reading), see mailpipe.names;
+    # `folder` holds it in clear only in rows from before 0013, until the owner's key converts them
+    folder: Mapped[str | None] = mapped_column(String(1000))
+    folder_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+    folder_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
     uidnext: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -146,7 +152,8 @@ class FolderState(Base):
     messages: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     backfill_uid: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     backfill_floor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
-    role: Mapped[str | None] = mapped_column(String(20))  # vocabulary.FolderRole, when known
+    # vocabulary.FolderRole, when known: one of a few fixed words, not secret
+    role: Mapped[str | None] = mapped_column(String(20))
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
@@ -155,18 +162,28 @@ class Email(Base):
 
     __tablename__ = "emails"
     __table_args__ = (
-        UniqueConstraint("account_id", "folder", "uidvalidity", "uid", name="uq_emails_uid"),
+        UniqueConstraint(
+            "account_id", "folder_hash", "uidvalidity", "uid", name="uq_emails_folder_uid"
+        ),
         Index("ix_emails_content_hash", "account_id", "content_hash"),
+        Index("ix_emails_message_id_hash", "account_id", "message_id_hash"),
         Index("ix_emails_account_seq", "account_id", "seq"),
         Index("ix_emails_account_vanished", "account_id", "vanished_at"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     account_id: Mapped[int] = mapped_column(ForeignKey("mail_accounts.id", ondelete="CASCADE"))
-    folder: Mapped[str] = mapped_column(String(1000))
+    # folder name and Message-ID as keyed hashes (finding, uniqueness, duplicates) and encrypted
+    # (reading), see mailpipe.names; `folder` and `message_id` hold them in clear only in rows
+    # from before 0013, until the owner's key converts them
+    folder: Mapped[str | None] = mapped_column(String(1000))
+    folder_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+    folder_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     uid: Mapped[int] = mapped_column(BigInteger)
     message_id: Mapped[str | None] = mapped_column(String(1000))
+    message_id_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+    message_id_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     internal_date: Mapped[datetime | None] = mapped_column(UtcDateTime())
     sent_date: Mapped[datetime | None] = mapped_column(UtcDateTime())
     flags: Mapped[str] = mapped_column(Text, default="")

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .crypto import DataKey
 from .models import Email
+from .names import open_folder
 from .vocabulary import ParseStatus, ProcessStatus
 
 ENTRY_POINT_GROUP = "mailpipe.processors"
@@ -103,15 +104,16 @@ def annotate_batch(
 
 
 def _reprocess(
-    row: Row[uuid.UUID, str, bytes | None],
+    row: Row[uuid.UUID, str | None, bytes | None, bytes | None],
     account_id: int,
     key: DataKey,
     processors: Mapping[str, Processor],
     outcome: ProcessOutcome,
 ) -> dict[str, Any]:
     """Run every processor on one stored mail again; the row change that records the result."""
-    email_id, folder, parsed_enc = row
+    email_id, clear, sealed, parsed_enc = row
     assert parsed_enc is not None  # stored with every parsed mail (store.BatchWriter)
+    folder = open_folder(key, row_id=email_id, clear=clear, sealed=sealed)
     fields = json.loads(key.decrypt(parsed_enc, table="emails", column="parsed", row=email_id))
     annotation = annotate(Mail(email_id, account_id, folder, MappingProxyType(fields)), processors)
     if annotation.status == ProcessStatus.DONE:
@@ -165,7 +167,7 @@ def process_backlog(
     for start in range(0, len(wanted), PROCESS_CHUNK):
         with sessions.begin() as session:
             rows = session.execute(
-                select(Email.id, Email.folder, Email.parsed_enc).where(
+                select(Email.id, Email.folder, Email.folder_enc, Email.parsed_enc).where(
                     Email.id.in_(wanted[start : start + PROCESS_CHUNK])
                 )
             ).all()

@@ -382,7 +382,7 @@ def _start(
             start.oauth2 = has_oauth2_grant(account, key)
             start.folders = list(account.folders)
             start.since = account.sync_since
-            start.states = folder_states(session, account_id)
+            start.states = folder_states(session, account_id, key)
         except NotFound:
             start.access = None
         except DBAPIError:

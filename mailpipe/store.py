@@ -13,6 +13,7 @@ from sqlalchemy import Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import names
 from .crypto import DataKey
 from .db import rowcount
 from .fetch import FetchedMessage
@@ -23,7 +24,8 @@ from .vocabulary import ParseStatus, ProcessStatus
 
 EMAILS = cast(Table, Email.__table__)
 FOLDER_STATE = cast(Table, FolderState.__table__)
-EMAIL_KEY = ["account_id", "folder", "uidvalidity", "uid"]
+EMAIL_KEY = ["account_id", "folder_hash", "uidvalidity", "uid"]
+STATE_KEY = ["account_id", "folder_hash"]
 RECENT = "\\recent"
 DELETE_CHUNK = 1000
 TOMBSTONE_DAYS = 7  # how long the change feed still says that a message vanished
@@ -74,11 +76,16 @@ class WriteOutcome:
     processed: int = 0  # stored with every processor's annotation
 
 
-def folder_states(session: Session, account_id: int) -> dict[str, FolderPosition]:
-    """Every folder's stored position for one account, in one query."""
+def folder_states(session: Session, account_id: int, key: DataKey) -> dict[str, FolderPosition]:
+    """Every folder's stored position for one account, by name, in one query; rows from before
+    migration 0013 are converted first (`names.convert_account`, in the caller's transaction:
+    a sync commits it before it writes, so its new rows never meet a clear one)."""
+    names.convert_account(session, account_id=account_id, key=key)
     rows = session.execute(
         select(
             FolderState.folder,
+            FolderState.folder_hash,
+            FolderState.folder_enc,
             FolderState.uidvalidity,
             FolderState.last_uid,
             FolderState.uidnext,
@@ -89,7 +96,12 @@ def folder_states(session: Session, account_id: int) -> dict[str, FolderPosition
             FolderState.role,
         ).where(FolderState.account_id == account_id)
     )
-    return {row[0]: FolderPosition(*row[1:]) for row in rows}
+    return {
+        names.state_folder(
+            key, account_id=account_id, clear=row[0], hashed=row[1], sealed=row[2]
+        ): FolderPosition(*row[3:])
+        for row in rows
+    }
 
 
 def flag_text(flags: Sequence[bytes | str]) -> str:
@@ -102,7 +114,7 @@ def apply_state_changes(
     session: Session,
     *,
     account_id: int,
-    folder: str,
+    folder_hash: bytes,
     uidvalidity: int,
     changes: StateChanges,
 ) -> ChangeOutcome:
@@ -115,7 +127,7 @@ def apply_state_changes(
     outcome = ChangeOutcome()
     query = select(Email.id, Email.uid, Email.flags, Email.vanished_at).where(
         Email.account_id == account_id,
-        Email.folder == folder,
+        Email.folder_hash == folder_hash,
         Email.uidvalidity == uidvalidity,
     )
     if changes.present is None:
@@ -219,7 +231,9 @@ class BatchWriter:
         self.account_id = account_id
         self.key = key
         self.folder = folder
+        self.folder_hash = names.folder_hash(key, folder)
         self.dedupe_by_content = dedupe_by_content
+        self._state_name = names.state_columns(key, account_id=account_id, folder=folder)
 
     def write(
         self,
@@ -292,7 +306,7 @@ class BatchWriter:
             outcome = apply_state_changes(
                 session,
                 account_id=self.account_id,
-                folder=self.folder,
+                folder_hash=self.folder_hash,
                 uidvalidity=position.uidvalidity,
                 changes=changes,
             )
@@ -317,10 +331,15 @@ class BatchWriter:
         return {
             "id": row_id,
             "account_id": self.account_id,
-            "folder": self.folder,
             "uidvalidity": uidvalidity,
             "uid": message.uid,
-            "message_id": parsed.message_id,
+            **names.email_columns(
+                self.key,
+                row_id=row_id,
+                folder=self.folder,
+                message_id=parsed.message_id,
+                hashed=self.folder_hash,
+            ),
             "internal_date": message.internal_date,
             "sent_date": parsed.sent_date,
             "flags": flag_text(message.flags),
@@ -365,7 +384,7 @@ class BatchWriter:
             for content_hash, email_id, vanished_at in session.execute(
                 select(Email.content_hash, Email.id, Email.vanished_at).where(
                     Email.account_id == self.account_id,
-                    Email.folder == self.folder,
+                    Email.folder_hash == self.folder_hash,
                     Email.uidvalidity != rows[0]["uidvalidity"],
                     Email.content_hash.in_([row["content_hash"] for row in rows]),
                 )
@@ -393,8 +412,7 @@ class BatchWriter:
 
     def _save_position(self, session: Session, position: FolderPosition) -> None:
         values = {
-            "account_id": self.account_id,
-            "folder": self.folder,
+            **self._state_name,
             "uidvalidity": position.uidvalidity,
             "last_uid": position.last_uid,
             "uidnext": position.uidnext,
@@ -405,13 +423,13 @@ class BatchWriter:
             "role": position.role,
             "updated_at": utcnow(),
         }
-        statement = dialect_insert(session, FOLDER_STATE).values(values)
+        statement = dialect_insert(session, FOLDER_STATE).values(
+            account_id=self.account_id, **values
+        )
         session.execute(
             statement.on_conflict_do_update(
-                index_elements=["account_id", "folder"],
-                set_={
-                    k: statement.excluded[k] for k in values if k not in ("account_id", "folder")
-                },
+                index_elements=STATE_KEY,
+                set_={k: statement.excluded[k] for k in values if k not in self._state_name},
             )
         )
 

@@ -175,7 +175,8 @@ def sync_account(
             settings = settings or account_settings(account, key, policy=policy or AddressPolicy())
             wanted = wanted or list(account.folders)
             if states is None:
-                states = store.folder_states(session, account_id)
+                states = store.folder_states(session, account_id, key)
+                session.commit()  # the account's rows from before 0013, converted
     result = SyncResult()
     with timer.phase("connect"):
         client = _connect(connect, settings, tokens)

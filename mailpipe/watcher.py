@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import grants, idle, leases
+from . import grants, idle, leases, names
 from .accounts import account_settings
 from .addresses import AddressPolicy
 from .crypto import DataKey
@@ -76,6 +76,7 @@ class _Target:
     provider: str
     settings: ImapSettings
     folder: str
+    folder_hash: bytes  # how folder_state finds the folder (mailpipe.names)
 
 
 def watched_folder(folders: list[str] | None) -> str:
@@ -207,13 +208,15 @@ class Watcher:
                 except MailpipeError:
                     unreadable.add(account.id)
                     continue
+                folder = watched_folder(account.folders)
                 targets.append(
                     _Target(
                         account.id,
                         account.user_id,
                         account.provider,
                         settings,
-                        watched_folder(account.folders),
+                        folder,
+                        names.folder_hash(key, folder),
                     )
                 )
         if unreadable:
@@ -327,7 +330,10 @@ class Watcher:
             stored = session.scalar(
                 select(FolderState.uidnext).where(
                     FolderState.account_id == target.account_id,
-                    FolderState.folder == target.folder,
+                    or_(  # converted, or still in clear from before migration 0013
+                        FolderState.folder_hash == target.folder_hash,
+                        FolderState.folder == target.folder,
+                    ),
                 )
             )
         return stored or 0

@@ -42,11 +42,11 @@ def libpq(database: str) -> str:
     return postgres.libpq_url(postgres.database_url(postgres.ADMIN_URL, database))
 
 
-def stored(sessions, account_id: int) -> list[tuple[str, int, int]]:
+def stored(sessions, account_id: int) -> list[tuple[bytes, int, int]]:
     with sessions() as session:
         return list(
             session.execute(
-                select(Email.folder, Email.uidvalidity, Email.uid)
+                select(Email.folder_hash, Email.uidvalidity, Email.uid)
                 .where(Email.account_id == account_id)
                 .order_by(Email.uid)
             ).all()

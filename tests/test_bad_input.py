@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import select
 
 import broker_config
-from mailpipe import db
+from mailpipe import db, names
 from mailpipe.accounts import add_account, create_user, unlock_user
 from mailpipe.crypto import DataKey
 from mailpipe.imap import ImapSettings
@@ -265,7 +265,7 @@ def test_8bit_and_odd_charset_headers_end_parsed_or_quarantined_with_a_reason(
         fields = parsed_fields(key, email)
         assert isinstance(fields["subject"], str)
         assert all(isinstance(a["name"], str) for a in fields["from"])
-        by_id[email.message_id] = fields
+        by_id[names.email_message_id(key, email)] = fields
     # And what can be read is read right; what cannot is kept as it came, not dropped
     assert set(by_id) == {f"<{name}@example.org>" for name in ODD_HEADERS} | {"not_a_message"}
     assert by_id["<latin1-subject@example.org>"]["subject"] == "Grüße aus Köln"

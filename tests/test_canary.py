@@ -51,6 +51,7 @@ USER_PASSWORD = f"CanaryUserPw{TOKEN}"
 DATA_KEY = hashlib.sha256(b"mailpipe canary data key").digest()  # fixed 32 bytes
 SUBJECT = f"CanarySubject{TOKEN}"
 BODY = f"Grüße vom Kanarienvogel CanaryBody{TOKEN}, bitte nicht weitersagen"
+MESSAGE_ID_DOMAIN = f"canary-msgid-{TOKEN}.example".lower()  # stored only as a keyed hash
 EXPORTER_START_SECONDS = 20.0
 SAMPLE_SECONDS = 0.05
 METRICS_MODULE = "metrics.exporter"
@@ -112,6 +113,7 @@ CANARIES: dict[str, dict[str, bytes]] = {
     "data key": encodings(DATA_KEY),
     "subject": text_encodings(SUBJECT),
     "body": text_encodings(BODY),
+    "message id": text_encodings(MESSAGE_ID_DOMAIN),
 }
 
 
@@ -140,11 +142,11 @@ def canary_mail(number: int, transfer_encoding: str) -> bytes:
         b"From: Absender <absender@example.org>\r\n"
         b"To: empfaenger@example.org\r\n"
         b"Subject: %s\r\n"
-        b"Message-ID: <canary-%d@example.org>\r\n"
+        b"Message-ID: <canary-%d@%s>\r\n"
         b"MIME-Version: 1.0\r\n"
         b'Content-Type: text/plain; charset="utf-8"\r\n'
         b"Content-Transfer-Encoding: %s\r\n"
-        b"\r\n" % (SUBJECT.encode(), number, transfer_encoding.encode())
+        b"\r\n" % (SUBJECT.encode(), number, MESSAGE_ID_DOMAIN.encode(), transfer_encoding.encode())
     ) + encoded
 
 
@@ -464,7 +466,7 @@ def test_no_canary_in_metrics(canary):
 
 def test_the_search_finds_the_mail_text_in_the_raw_mailbox_files(canary):
     hits = set(found(canary.mailbox_files))
-    assert {"subject (raw)", "body (quoted-printable)", "body (token)"} <= hits
+    assert {"subject (raw)", "body (quoted-printable)", "body (token)", "message id (raw)"} <= hits
     assert any(hit.startswith("body (base64+") for hit in hits)
 
 

@@ -324,7 +324,7 @@ def test_folders_compare_not_synced_in_sync_new_mail_and_uidvalidity_changed(dov
     dovecot.append(login, password, [message(2)])
 
     def compare() -> dict[str, str]:
-        return folder_states(diagnose(settings, sessions=sessions, account_id=account_id))
+        return folder_states(diagnose(settings, sessions=sessions, account_id=account_id, key=key))
 
     # Given an account never synced, Then its folders are not yet synced
     assert compare() == {"INBOX": NOT_SYNCED, "Archiv": NOT_SYNCED}
@@ -336,7 +336,7 @@ def test_folders_compare_not_synced_in_sync_new_mail_and_uidvalidity_changed(dov
     assert compare() == {"INBOX": NEW_MAIL, "Archiv": IN_SYNC}
     # Given a server-side rebuild of Archiv, Then its UIDVALIDITY changed
     dovecot.change_uidvalidity(login, "Archiv")
-    diagnosis = diagnose(settings, sessions=sessions, account_id=account_id)
+    diagnosis = diagnose(settings, sessions=sessions, account_id=account_id, key=key)
     assert folder_states(diagnosis) == {"INBOX": NEW_MAIL, "Archiv": UIDVALIDITY_CHANGED}
     assert diagnosis.check("database").status == OK
     [archiv] = [
@@ -347,9 +347,9 @@ def test_folders_compare_not_synced_in_sync_new_mail_and_uidvalidity_changed(dov
 
 def test_a_configured_folder_missing_on_the_server_fails_the_comparison(stored):
     # Given an account configured for INBOX and Archiv, where Archiv does not exist
-    sessions, account_id, _key, settings = stored
+    sessions, account_id, key, settings = stored
     # When it is diagnosed
-    diagnosis = diagnose(settings, sessions=sessions, account_id=account_id)
+    diagnosis = diagnose(settings, sessions=sessions, account_id=account_id, key=key)
     # Then the comparison fails naming the folder
     database = diagnosis.check("database")
     assert database.status == FAILED

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 from sqlalchemy import func, select, update
 
-from mailpipe import db, imap
+from mailpipe import db, imap, names, store
 from mailpipe.accounts import add_account, create_user
 from mailpipe.crypto import DataKey
 from mailpipe.imap import ImapSettings
@@ -54,6 +54,8 @@ class Mailbox:
         with self.sessions() as session:
             query = select(Email).where(Email.account_id == self.account_id)
             for name, value in where.items():
+                if name == "folder":  # stored as a keyed hash (mailpipe.names)
+                    name, value = "folder_hash", names.folder_hash(self.key, value)
                 query = query.where(getattr(Email, name) == value)
             return list(session.scalars(query.order_by(Email.uid)))
 
@@ -339,9 +341,9 @@ def test_folder_names_round_trip(dovecot, tmp_path, folder):
     box.deliver([message(1), message(2)], folder=folder)
     result = box.sync(folders=[folder])
     assert result.saved == 2
-    assert {e.folder for e in box.stored()} == {folder}
+    assert {names.email_folder(box.key, e) for e in box.stored()} == {folder}
     with box.sessions() as session:
-        assert session.scalars(select(FolderState.folder)).all() == [folder]
+        assert list(store.folder_states(session, box.account_id, box.key)) == [folder]
     assert box.sync(folders=[folder]).folders[0].unchanged
 
 

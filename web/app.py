@@ -27,7 +27,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import run_simple
 
-from mailpipe import db, grants, logs, mail
+from mailpipe import db, grants, logs, mail, names
 from mailpipe.accounts import unlock_user
 from mailpipe.crypto import KDF_ITERATIONS, SALT_BYTES, DataKey, KdfParams, derive_kek
 from mailpipe.errors import MailpipeError, NotFound, WrongPassword
@@ -190,6 +190,8 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
         state.throttle.succeeded(name=given_name)
         record_login("success")
         user_id, name, key = user
+        with state.sessions.begin() as session:  # rows from before migration 0013
+            names.convert_user(session, user_id=user_id, key=key)
         login = state.logins.create(user_id=user_id, user_name=name, key=key)
         notice = None
         if request.form.get("background"):

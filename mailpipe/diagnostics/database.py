@@ -28,14 +28,14 @@ MISSING = "missing_on_server"
 
 def database(probe: Probe) -> Check:
     """Each folder's stored position (folder_state) against the server's STATUS."""
-    if probe.sessions is None or probe.account_id is None:
+    if probe.sessions is None or probe.account_id is None or probe.key is None:
         return skipped(DATABASE, "no stored account to compare with")
     with probe.sessions() as session:
         account = session.get(MailAccount, probe.account_id)
         if account is None:
             return skipped(DATABASE, "the account is not in the database")
         configured = list(account.folders or [])
-        states = store.folder_states(session, probe.account_id)
+        states = store.folder_states(session, probe.account_id, probe.key)
     wanted = resolve_folders(probe.client, configured)
     names = list(dict.fromkeys([*wanted, *states]))[:MAX_FOLDERS]
     folders = [_compare(probe.client, name, states.get(name)) for name in names]

@@ -16,6 +16,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .. import imap
+from ..crypto import DataKey
 from ..failures import classify
 from .report import FAILED, SKIPPED, Check, clean, ms, text
 
@@ -27,6 +28,7 @@ class Probe:
     client: IMAPClient
     sessions: sessionmaker[Session] | None
     account_id: int | None
+    key: DataKey | None  # the owner's, to read the stored folders' names
     redact: tuple[str, ...]
     round_trips: int
     lost: str | None = None  # the check during which the connection was lost

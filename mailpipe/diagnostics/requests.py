@@ -124,7 +124,9 @@ def run_requested(
         return None
     diagnosis = None
     try:
-        diagnosis = diagnose(settings, sessions=sessions, account_id=account_id, timeout=timeout)
+        diagnosis = diagnose(
+            settings, sessions=sessions, account_id=account_id, key=key, timeout=timeout
+        )
     finally:
         _finish_request(sessions, request_id, key=key, diagnosis=diagnosis)
     return diagnosis

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .. import imap
 from ..accounts import guess_provider
+from ..crypto import DataKey
 from ..imap import ImapSettings
 from ..models import utcnow
 from . import checks
@@ -56,6 +57,7 @@ def diagnose(
     *,
     sessions: sessionmaker[Session] | None = None,
     account_id: int | None = None,
+    key: DataKey | None = None,
     timeout: float = DIAGNOSE_TIMEOUT,
     round_trips: int = ROUND_TRIPS,
 ) -> Diagnosis:
@@ -90,6 +92,7 @@ def diagnose(
         client=client,
         sessions=sessions,
         account_id=account_id,
+        key=key,
         redact=tuple(
             word
             for word in (settings.username, settings.host, settings.password, settings.access_token)
@@ -120,6 +123,7 @@ def run_checks(
     *,
     sessions: sessionmaker[Session] | None = None,
     account_id: int | None = None,
+    key: DataKey | None = None,
     redact: Sequence[str] = (),
     round_trips: int = ROUND_TRIPS,
 ) -> Diagnosis:
@@ -134,6 +138,7 @@ def run_checks(
         client=client,
         sessions=sessions,
         account_id=account_id,
+        key=key,
         redact=tuple(word for word in (*redact, client.host) if word),
         round_trips=round_trips,
         provider=guess_provider(client.host),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
 
+from mailpipe import names
 from mailpipe.accounts import add_account
 from mailpipe.imap import ImapSettings
 from mailpipe.models import AccountRun, Email, PipelineJob, User
@@ -166,15 +167,15 @@ class Drill:
             report.open_runs = self.open_runs()
             report.expected = report.stored = report.lost = report.duplicates = 0
             for box in self.mailboxes:
-                rows = session.execute(
-                    select(Email.message_id, Email.uid).where(Email.account_id == box.account_id)
+                rows = session.scalars(
+                    select(Email).where(Email.account_id == box.account_id)
                 ).all()
-                ids = [message_id for message_id, _uid in rows]
+                ids = [names.email_message_id(self.key, email) for email in rows]
                 report.expected += len(box.message_ids)
                 report.stored += len(rows)
                 report.lost += len(box.message_ids - set(ids))
                 report.duplicates += len(ids) - len(set(ids))
-                report.duplicates += len(rows) - len({uid for _id, uid in rows})
+                report.duplicates += len(rows) - len({email.uid for email in rows})
         return report
 
 

@@ -3,14 +3,14 @@
 Existing rows keep form 1 and are re-wrapped at the user's next login (only the password can).
 
 Revision ID: 0014
-Revises: 0012
+Revises: 0013
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0014"
-down_revision = "0012"
+down_revision = "0013"
 branch_labels = None
 depends_on = None
 
