@@ -8,12 +8,12 @@ from email.message import EmailMessage
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, update
 
 from mailpipe import db, names
-from mailpipe.crypto import DataKey
+from mailpipe.crypto import USER_WRAP, DataKey
 from mailpipe.mail import list_mail, read_mail
-from mailpipe.models import Email, FolderState, MailAccount
+from mailpipe.models import Email, FolderState, MailAccount, User
 from mailpipe.sync import SyncOptions, sync_account
 from tests.support.policy import LOOPBACK
 from tests.test_sync import Mailbox, make_mailbox
@@ -149,6 +149,8 @@ def test_a_web_login_converts_the_users_rows_and_the_mail_api_reads_them(
     engine = db.make_engine(f"sqlite:///{tmp_path / 'web.db'}")
     back_to_0012(engine, site.sessions, bob.key)
     db.migrate(engine)
+    with engine.begin() as connection:  # the way down dropped key_wrap: bob's wrap is bound to him
+        connection.execute(update(User).values(key_wrap=USER_WRAP))
     assert clear_traces(engine) != []
     # When bob logs in to the web app (no sync has run since)
     client, _headers = logged_in(site, bob)
