@@ -6,17 +6,13 @@ import argparse
 import json
 from dataclasses import replace
 
-from mailpipe import reports
-from mailpipe.accounts import PROVIDERS, add_account, owned_account, set_push
 from mailpipe.errors import MailpipeError
-from mailpipe.imap import SECURITY_MODES, ImapSettings
-from mailpipe.login import verify_login
-from mailpipe.oauth2 import PRESETS as OAUTH2_PRESETS
-from mailpipe.oauth2 import grant as oauth2_grant
-from mailpipe.oauth2 import refresh
+from mailpipe.providers import PRESETS as OAUTH2_PRESETS
+from mailpipe.providers import PROVIDERS
 from mailpipe.settings import Settings
 
 from .common import (
+    SECURITY_MODES,
     StrictParser,
     count,
     find_user,
@@ -107,6 +103,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
     """Add an account once its server accepted the login (unless --no-check)."""
+    from mailpipe.accounts import add_account
+    from mailpipe.imap import ImapSettings
+    from mailpipe.login import verify_login
+    from mailpipe.oauth2 import grant as oauth2_grant
+    from mailpipe.oauth2 import refresh
+
     sessions = open_database(settings)
     user, key = unlock(sessions, args.user, args.password_env)
     grant = None
@@ -169,6 +171,8 @@ def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_account_remove(args: argparse.Namespace, settings: Settings) -> int:
+    from mailpipe.accounts import owned_account
+
     sessions = open_database(settings)
     with sessions.begin() as session:
         user = find_user(session, args.user)
@@ -179,6 +183,8 @@ def run_account_remove(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_account_push(args: argparse.Namespace, settings: Settings) -> int:
     """Push on: a watcher holds an IDLE connection for it; off: it is only polled."""
+    from mailpipe.accounts import set_push
+
     sessions = open_database(settings)
     with sessions.begin() as session:
         user = find_user(session, args.user)
@@ -188,6 +194,8 @@ def run_account_push(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_health(args: argparse.Namespace, settings: Settings) -> int:
+    from mailpipe import reports
+
     sessions = open_database(settings)
     with sessions() as session:
         health = reports.account_health(session, find_user(session, args.user).id)

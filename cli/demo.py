@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -44,6 +43,8 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     """`python -m demo` from the checkout this command was installed from (editable install)."""
     if not (CHECKOUT / "demo" / "__main__.py").is_file():
         raise MailpipeError(NO_CHECKOUT)
+    import subprocess
+
     path = os.pathsep.join(filter(None, (str(CHECKOUT), os.environ.get("PYTHONPATH"))))
     command = [sys.executable, "-m", "demo"]
     if args.rounds is not None:

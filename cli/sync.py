@@ -5,31 +5,39 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-import traceback
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session, sessionmaker
-
-from mailpipe import db
-from mailpipe.accounts import account_settings, add_account, create_user, unlock_user
-from mailpipe.addresses import AddressPolicy
-from mailpipe.crypto import DataKey
 from mailpipe.errors import MailpipeError, NotFound, WrongPassword
-from mailpipe.failures import classify
-from mailpipe.imap import SECURITY_MODES, ImapSettings
-from mailpipe.models import MailAccount, User
-from mailpipe.oauth2 import TokenSource
-from mailpipe.oauth2 import grant as oauth2_grant
-from mailpipe.observer import Observer
-from mailpipe.profiler import MEMORY_METHODS, RU_MAXRSS, Profiler
 from mailpipe.settings import Settings
-from mailpipe.sync import BATCH_BYTES, SyncOptions, SyncResult, sync_account
 
-from .common import EXIT_FAILURE, amount, count, instant, nonempty, port, variable_secret
+from .common import (
+    EXIT_FAILURE,
+    SECURITY_MODES,
+    amount,
+    count,
+    instant,
+    nonempty,
+    port,
+    variable_secret,
+)
+
+if TYPE_CHECKING:  # the parser is built without them; the command loads what it runs
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from mailpipe.crypto import DataKey
+    from mailpipe.imap import ImapSettings
+    from mailpipe.models import User
+    from mailpipe.oauth2 import TokenSource
+    from mailpipe.observer import Observer
+    from mailpipe.sync import SyncOptions, SyncResult
 
 MAX_COMMAND_SECONDS = 3_600.0
+# mailpipe.sync.BATCH_BYTES and mailpipe.profiler's methods, without loading them for a parser
+BATCH_BYTES = 8 * 1024 * 1024
+RU_MAXRSS = "ru_maxrss"
+MEMORY_METHODS = (RU_MAXRSS, "tracemalloc")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -125,6 +133,10 @@ def run_sync(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_profile(args: argparse.Namespace, settings: Settings) -> int:
     """A sync under the profiler; by default into a new database, so every message is synced."""
+    import tempfile
+
+    from mailpipe.profiler import Profiler
+
     with tempfile.TemporaryDirectory(prefix="mailpipe-profile-") as scratch:
         engine, target = sync_target(args, args.db or f"sqlite:///{scratch}/profile.db")
         profiler = Profiler(memory=args.memory)
@@ -155,6 +167,8 @@ class SyncTarget:
     tokens: TokenSource | None = None
 
     def sync(self, *, observer: Observer | None = None) -> SyncResult:
+        from mailpipe.sync import sync_account
+
         return sync_account(
             self.sessions,
             account_id=self.account_id,
@@ -203,6 +217,13 @@ def sync_target(args: argparse.Namespace, url: str) -> tuple[Engine, SyncTarget]
     With OAuth2 the refresh token on the command line is used only when the account is new: a
     known account refreshes with the (rotated) token kept in the database.
     """
+    from mailpipe import db
+    from mailpipe.accounts import add_account, create_user, unlock_user
+    from mailpipe.imap import ImapSettings
+    from mailpipe.oauth2 import TokenSource
+    from mailpipe.oauth2 import grant as oauth2_grant
+    from mailpipe.sync import SyncOptions
+
     oauth2 = _oauth2_login(args)
     secret = variable_secret(args.password_env) if oauth2 is None else oauth2.refresh_token
     password = secret if oauth2 is None else None
@@ -275,7 +296,11 @@ def _owner_hint(args: argparse.Namespace) -> str:
 
 
 def one_line_failure(command: str, error: Exception, *, host: str, debug: bool) -> int:
+    from mailpipe.failures import classify
+
     if debug:
+        import traceback
+
         traceback.print_exc()
     failure = classify(error, host=host)
     print(f"mailpipe: {command} failed ({failure.error_class}): {failure.message}", file=sys.stderr)
@@ -284,6 +309,12 @@ def one_line_failure(command: str, error: Exception, *, host: str, debug: bool) 
 
 def _find_account(session: Session, user: User, key: DataKey, settings: ImapSettings) -> int | None:
     """The owner's account on this server with this login, if there is one."""
+    from sqlalchemy import select
+
+    from mailpipe.accounts import account_settings
+    from mailpipe.addresses import AddressPolicy
+    from mailpipe.models import MailAccount
+
     for account in session.scalars(select(MailAccount).where(MailAccount.user_id == user.id)):
         stored = account_settings(account, key, policy=AddressPolicy())  # compared, not connected
         if (stored.host, stored.effective_port, stored.username) == (

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from mailpipe import grants
-from mailpipe.accounts import create_user
 from mailpipe.settings import Settings
 
 from .common import (
@@ -46,6 +44,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def run_user_add(args: argparse.Namespace, settings: Settings) -> int:
+    from mailpipe.accounts import create_user
+
     password = secret(args.password_env, f"new password for {args.name}: ", confirm=True)
     sessions = open_database(settings)
     with sessions.begin() as session:
@@ -55,6 +55,8 @@ def run_user_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_user_grant(args: argparse.Namespace, settings: Settings) -> int:
+    from mailpipe import grants
+
     sessions = open_database(settings)
     user, key = unlock(sessions, args.name, args.password_env)
     with sessions.begin() as session:
@@ -72,6 +74,8 @@ def run_user_grant(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_user_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from mailpipe import grants
+
     sessions = open_database(settings)
     with sessions.begin() as session:
         removed = grants.revoke_background(session, find_user(session, args.name).id)

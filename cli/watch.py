@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from mailpipe import idle
-from mailpipe.failures import classify
 from mailpipe.retry import RetryPolicy
 from mailpipe.settings import Settings
-from mailpipe.sync import SyncResult
-from mailpipe.watcher import watched_folder
+
+if TYPE_CHECKING:
+    from mailpipe.sync import SyncResult
 
 from .common import EXIT_FAILURE, OutputLost, run_until_stopped
 from .sync import SyncTarget, one_line_failure, summary, sync_options, sync_target
@@ -35,6 +34,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def run_watch(args: argparse.Namespace, settings: Settings) -> int:
     """Sync, then IDLE on the first named folder (INBOX by default) and sync on each change; a
     lost connection is opened again with backoff; Ctrl-C or SIGTERM end it with exit 0."""
+    from mailpipe.watcher import watched_folder
+
     engine, target = sync_target(args, args.db or settings.database_url)
 
     def emit(result: SyncResult) -> None:
@@ -68,6 +69,10 @@ async def watch(
     The first connection's failure ends the command (as `mailpipe sync` would); later
     transient ones are retried with the retry policy's backoff and jitter.
     """
+    import asyncio
+
+    from mailpipe import idle
+
     failures = 0
     first = True
     while True:
@@ -100,6 +105,8 @@ async def watch(
 
 def _retry_or_raise(error: Exception, *, first: bool, failures: int, target: SyncTarget) -> int:
     """One line on stderr and the next failure count, or the error again when it is final."""
+    from mailpipe.failures import classify
+
     failure = classify(error, host=target.settings.host)
     if first or not failure.transient:
         raise error

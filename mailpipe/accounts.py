@@ -14,24 +14,8 @@ from .crypto import KDF_ITERATIONS, DataKey, KdfParams, WrappedKey, create_user_
 from .errors import MailpipeError, NotFound
 from .imap import ImapSettings
 from .models import MailAccount, User
+from .providers import PROVIDER_HOSTS
 from .vocabulary import AuthKind
-
-PROVIDERS = ("gmail", "outlook", "yahoo", "gmx", "icloud", "other")
-PROVIDER_NAMES = {
-    "gmail": "Gmail",
-    "outlook": "Outlook",
-    "yahoo": "Yahoo",
-    "gmx": "GMX",
-    "icloud": "iCloud",
-    "other": "E-Mail",
-}
-PROVIDER_HOSTS = {
-    "gmail": ("gmail.com", "googlemail.com"),
-    "outlook": ("outlook.com", "office365.com", "hotmail.com", "live.com"),
-    "yahoo": ("yahoo.com", "yahoo.de"),
-    "gmx": ("gmx.net", "gmx.de", "gmx.com"),
-    "icloud": ("mail.me.com", "icloud.com"),
-}
 
 
 @dataclass(frozen=True)

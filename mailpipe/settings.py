@@ -16,22 +16,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .accounts import PROVIDER_NAMES
 from .addresses import AddressPolicy
 from .errors import MailpipeError
-from .grants import WORKER_KEY_FILE_ENV, WORKER_PUBLIC_KEY_ENV, X25519_KEY_BYTES
-from .health import CircuitPolicy
 from .logs import LOG_FORMATS
 from .logs import TEXT as TEXT_LOGS
-from .oauth2 import PRESETS as OAUTH2_PRESETS
-from .oauth2 import Provider
+from .policies import CircuitPolicy, WatchPolicy
+from .providers import PRESETS as OAUTH2_PRESETS
+from .providers import PROVIDER_NAMES, Provider
 from .retry import RetryPolicy
-from .watcher import WatchPolicy
 
 STUB_BROKER = "stub"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 DATABASE_FILENAME = "mailpipe.db"
 WORKER_KEY_FILENAME = "worker.key"
+WORKER_KEY_FILE_ENV = "MAILPIPE_WORKER_KEY_FILE"
+WORKER_PUBLIC_KEY_ENV = "MAILPIPE_WORKER_PUBLIC_KEY"
+X25519_KEY_BYTES = 32
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
 PROVIDER_CAPS_ENV = "MAILPIPE_MAX_CONNECTIONS_BY_PROVIDER"

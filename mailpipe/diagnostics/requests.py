@@ -24,7 +24,8 @@ from ..addresses import AddressPolicy
 from ..crypto import DataKey
 from ..errors import MailpipeError, NotFound, TooManyRequests
 from ..models import DiagnosticsResult, MailAccount, iso, utcnow
-from ..oauth2 import Provider, TokenSource
+from ..oauth2 import TokenSource
+from ..providers import Provider
 from .report import Diagnosis
 from .suite import DIAGNOSE_TIMEOUT, diagnose
 
