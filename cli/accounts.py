@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from mailpipe.errors import MailpipeError
 from mailpipe.providers import PRESETS as OAUTH2_PRESETS
 from mailpipe.providers import PROVIDERS
-from mailpipe.settings import Settings
 
 from .common import (
     SECURITY_MODES,
@@ -26,6 +26,9 @@ from .common import (
     unlock,
     variable_secret,
 )
+
+if TYPE_CHECKING:
+    from mailpipe.settings import Settings
 
 MAX_INTERVAL_SECONDS = 7 * 24 * 3600  # a week between syncs at most
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-
-from mailpipe.settings import Settings
+from typing import TYPE_CHECKING
 
 from .common import MAX_LIMIT, count, open_database
+
+if TYPE_CHECKING:
+    from mailpipe.settings import Settings
 
 DEFAULT_LIMIT = 20
 

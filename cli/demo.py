@@ -11,11 +11,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailpipe.errors import MailpipeError
-from mailpipe.settings import Settings
 
 from .common import count
+
+if TYPE_CHECKING:
+    from mailpipe.settings import Settings
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # where cli/ sits; demo/ sits beside it there
 MAX_ROUNDS = 1_000

@@ -8,7 +8,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mailpipe.errors import MailpipeError
-from mailpipe.settings import Settings
 
 from .common import (
     EXIT_FAILURE,
@@ -24,6 +23,7 @@ from .common import (
 
 if TYPE_CHECKING:  # x509 and IMAP are loaded only when diagnosing
     from mailpipe.diagnostics import Diagnosis
+    from mailpipe.settings import Settings
 
 MAX_STEP_SECONDS = 600.0
 STEP_SECONDS = 15.0  # mailpipe.diagnostics.DIAGNOSE_TIMEOUT, without loading it for a parser

@@ -7,10 +7,10 @@ import json
 from typing import TYPE_CHECKING
 
 from mailpipe.errors import NotFound
-from mailpipe.settings import Settings
 
 if TYPE_CHECKING:
     from mailpipe.results import JobReport
+    from mailpipe.settings import Settings
 
 from .common import MAX_LIMIT, count, find_user, nonempty, open_database
 

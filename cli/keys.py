@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from mailpipe.settings import Settings
+if TYPE_CHECKING:
+    from mailpipe.settings import Settings
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

@@ -7,12 +7,10 @@ import contextlib
 import errno
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from mailpipe.errors import MailpipeError
-from mailpipe.settings import Settings
 
 from . import accounts, alerts, demo, diagnose, jobs, keys, queue, serve, sync, users, watch
 from .common import EXIT_FAILURE, EXIT_USAGE, OutputLost, StrictParser
@@ -72,6 +70,8 @@ class GuardedOutput:
 
 def _run(args: argparse.Namespace) -> int:
     """Run the command; any failure but a lost output is one line naming its cause."""
+    from mailpipe.settings import Settings  # not for --help or a bad command line
+
     settings = None
     try:
         settings = Settings.from_env()
@@ -83,6 +83,8 @@ def _run(args: argparse.Namespace) -> int:
         raise
     except Exception as error:  # never a traceback, unless MAILPIPE_DEBUG asks for one
         if settings is not None and settings.debug:
+            import traceback
+
             traceback.print_exc()
         cause = str(error).splitlines()[0] if str(error) else type(error).__name__
         _say(f"mailpipe: unexpected error ({type(error).__name__}): {cause}")

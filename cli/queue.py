@@ -17,8 +17,6 @@ import time
 from typing import TYPE_CHECKING
 
 from mailpipe.errors import MailpipeError
-from mailpipe.settings import Settings
-from mailpipe.vocabulary import JobStatus
 
 from .common import (
     MAX_PORT,
@@ -36,6 +34,7 @@ from .jobs import describe_job
 if TYPE_CHECKING:
     from actors.pipeline import PipelineBroker
     from mailpipe.results import JobReport
+    from mailpipe.settings import Settings
 
 POLL_SECONDS = 0.2
 MAX_MAILS = 1_000_000
@@ -92,6 +91,7 @@ def run_fetch(args: argparse.Namespace, settings: Settings) -> int:
     On the embedded broker this process is the worker too, so its jobs run only with --wait.
     """
     from mailpipe import grants
+    from mailpipe.vocabulary import JobStatus
     from worker.broker import use_broker
     from worker.embedded import embedded_worker
 

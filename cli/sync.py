@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mailpipe.errors import MailpipeError, NotFound, WrongPassword
-from mailpipe.settings import Settings
 
 from .common import (
     EXIT_FAILURE,
@@ -31,6 +30,7 @@ if TYPE_CHECKING:  # the parser is built without them; the command loads what it
     from mailpipe.models import User
     from mailpipe.oauth2 import TokenSource
     from mailpipe.observer import Observer
+    from mailpipe.settings import Settings
     from mailpipe.sync import SyncOptions, SyncResult
 
 MAX_COMMAND_SECONDS = 3_600.0

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-
-from mailpipe.settings import Settings
+from typing import TYPE_CHECKING
 
 from .common import (
     StrictParser,
@@ -16,6 +15,9 @@ from .common import (
     secret,
     unlock,
 )
+
+if TYPE_CHECKING:
+    from mailpipe.settings import Settings
 
 MAX_GRANT_HOURS = 24 * 366  # a background grant lives a year at most
 

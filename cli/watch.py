@@ -9,10 +9,9 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from mailpipe.retry import RetryPolicy
-from mailpipe.settings import Settings
-
 if TYPE_CHECKING:
+    from mailpipe.retry import RetryPolicy
+    from mailpipe.settings import Settings
     from mailpipe.sync import SyncResult
 
 from .common import EXIT_FAILURE, OutputLost, run_until_stopped
