@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mailpipe.errors import MailpipeError, NotFound, WrongPassword
+from mailpipe.errors import MailpipeError, WrongPassword
 
 from .common import (
     EXIT_FAILURE,
@@ -120,7 +121,9 @@ def sync_options(parser: argparse.ArgumentParser, *, db_help: str) -> None:
 
 def run_sync(args: argparse.Namespace, settings: Settings) -> int:
     """Sync one account straight from the command line, with no queue in between."""
-    engine, target = sync_target(args, args.db or settings.database_url)
+    engine, target = sync_target(
+        args, args.db or settings.database_url, key_dir=settings.owner_key_path
+    )
     try:
         result = target.sync()
     except Exception as error:  # every failure becomes one line naming its cause
@@ -138,7 +141,11 @@ def run_profile(args: argparse.Namespace, settings: Settings) -> int:
     from mailpipe.profiler import Profiler
 
     with tempfile.TemporaryDirectory(prefix="mailpipe-profile-") as scratch:
-        engine, target = sync_target(args, args.db or f"sqlite:///{scratch}/profile.db")
+        # a database of its own is thrown away with its key file; a given one keeps its owner's
+        key_dir = settings.owner_key_path if args.db else Path(scratch) / "keys"
+        engine, target = sync_target(
+            args, args.db or f"sqlite:///{scratch}/profile.db", key_dir=key_dir
+        )
         profiler = Profiler(memory=args.memory)
         try:
             with profiler:
@@ -211,14 +218,15 @@ def _oauth2_login(args: argparse.Namespace) -> _OAuth2Login | None:
     )
 
 
-def sync_target(args: argparse.Namespace, url: str) -> tuple[Engine, SyncTarget]:
-    """The database (migrated), its owner's key and the account, created on first use.
+def sync_target(args: argparse.Namespace, url: str, *, key_dir: Path) -> tuple[Engine, SyncTarget]:
+    """The database (migrated), its owner's key (from their key file in `key_dir`) and the
+    account, created on first use.
 
     With OAuth2 the refresh token on the command line is used only when the account is new: a
     known account refreshes with the (rotated) token kept in the database.
     """
     from mailpipe import db
-    from mailpipe.accounts import add_account, create_user, unlock_user
+    from mailpipe.accounts import add_account, unlock_owner
     from mailpipe.imap import ImapSettings
     from mailpipe.oauth2 import TokenSource
     from mailpipe.oauth2 import grant as oauth2_grant
@@ -244,9 +252,7 @@ def sync_target(args: argparse.Namespace, url: str) -> tuple[Engine, SyncTarget]
     sessions = db.session_factory(engine)
     with sessions.begin() as session:
         try:
-            user, key = unlock_user(session, args.owner, owner_password)
-        except NotFound:
-            user, key = create_user(session, args.owner, owner_password)
+            user, key = unlock_owner(session, args.owner, owner_password, key_dir=key_dir)
         except WrongPassword:
             raise MailpipeError(_owner_hint(args)) from None
         account_id = _find_account(session, user, key, settings)

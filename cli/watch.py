@@ -35,7 +35,9 @@ def run_watch(args: argparse.Namespace, settings: Settings) -> int:
     lost connection is opened again with backoff; Ctrl-C or SIGTERM end it with exit 0."""
     from mailpipe.watcher import watched_folder
 
-    engine, target = sync_target(args, args.db or settings.database_url)
+    engine, target = sync_target(
+        args, args.db or settings.database_url, key_dir=settings.owner_key_path
+    )
 
     def emit(result: SyncResult) -> None:
         print(json.dumps(result.to_json()) if args.json else summary(result), flush=True)

@@ -61,6 +61,7 @@ class Settings:
     host_slot_ttl_ms: int = 15 * 60 * 1000
     worker_key_file: Path | None = None  # None: worker.key in data_dir
     worker_public_key: bytes | None = None  # None: the key file's public half
+    owner_key_dir: Path | None = None  # None: ~/.config/mailpipe/keys
     job_grant_ttl_seconds: int = 3600
     job_retention_days: int = 30
     alert_token: str | None = field(default=None, repr=False)
@@ -111,6 +112,12 @@ class Settings:
         return self.worker_key_file or Path(self.data_dir) / WORKER_KEY_FILENAME
 
     @property
+    def owner_key_path(self) -> Path:
+        """Where one-shot commands keep key files: `MAILPIPE_OWNER_KEY_DIR`, else in the
+        operator's home, away from the database (whose copy alone must unlock nothing)."""
+        return self.owner_key_dir or Path.home() / ".config" / "mailpipe" / "keys"
+
+    @property
     def embedded(self) -> bool:
         """Whether jobs run on the in-process stub broker (the demo, a single process)."""
         return self.broker_url == STUB_BROKER
@@ -133,6 +140,7 @@ class Settings:
                     host_slot_ttl_ms=("MAILPIPE_HOST_SLOT_TTL_MS", _integer),
                     worker_key_file=(WORKER_KEY_FILE_ENV, Path),
                     worker_public_key=(WORKER_PUBLIC_KEY_ENV, _public_key),
+                    owner_key_dir=("MAILPIPE_OWNER_KEY_DIR", Path),
                     job_grant_ttl_seconds=("MAILPIPE_JOB_GRANT_TTL_SECONDS", _integer),
                     job_retention_days=("MAILPIPE_JOB_RETENTION_DAYS", _integer),
                     alert_token=("MAILPIPE_ALERT_TOKEN", str),
