@@ -113,7 +113,7 @@ def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
     from mailpipe.oauth2 import refresh
 
     sessions = open_database(settings)
-    user, key = unlock(sessions, args.user, args.password_env)
+    user, key = unlock(sessions, args.user, args.password_env, key_dir=settings.owner_key_path)
     grant = None
     if args.oauth2:
         provider = settings.oauth2_providers.get(args.oauth2)

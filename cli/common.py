@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from mailpipe.errors import MailpipeError, NotFound
@@ -93,7 +94,8 @@ def password_option(parser: argparse.ArgumentParser) -> None:
         "--password-env",
         metavar="VAR",
         type=nonempty,
-        help="variable with the mailpipe user's password (default: prompt)",
+        help="variable with the mailpipe user's password (default: prompt; not asked for "
+        "when a key file of theirs is in MAILPIPE_OWNER_KEY_DIR)",
     )
 
 
@@ -134,13 +136,19 @@ def open_database(settings: Settings) -> sessionmaker[Session]:
 
 
 def unlock(
-    sessions: sessionmaker[Session], name: str, password_env: str | None
+    sessions: sessionmaker[Session], name: str, password_env: str | None, *, key_dir: Path
 ) -> tuple[User, DataKey]:
-    """The user and their data key, from their password."""
+    """The user and their data key: from a key file of theirs in `key_dir` (the owner of
+    `mailpipe sync`'s mail, who may have no password), else from their password."""
+    from mailpipe import keyfiles
     from mailpipe.accounts import unlock_user
 
-    password = secret(password_env, f"password for {name}: ")
     with sessions() as session:
+        user = find_user(session, name)
+        key = keyfiles.unlock(session, user, key_dir)
+        if key is not None:
+            return user, key
+        password = secret(password_env, f"password for {name}: ")
         return unlock_user(session, name, password)
 
 

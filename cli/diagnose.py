@@ -89,7 +89,7 @@ def run_diagnose(args: argparse.Namespace, settings: Settings) -> int:
         if args.port is not None or args.security is not None or args.ca_file is not None:
             raise MailpipeError("--port, --security and --ca-file go with --host, not --account")
         sessions = open_database(settings)
-        user, key = unlock(sessions, args.user, args.password_env)
+        user, key = unlock(sessions, args.user, args.password_env, key_dir=settings.owner_key_path)
         with sessions() as session:
             account = owned_account(session, args.account_id, user.id)
             imap = account_settings(account, key, policy=settings.address_policy)

@@ -96,7 +96,7 @@ def run_fetch(args: argparse.Namespace, settings: Settings) -> int:
     from worker.embedded import embedded_worker
 
     sessions = open_database(settings)
-    user, key = unlock(sessions, args.user, args.password_env)
+    user, key = unlock(sessions, args.user, args.password_env, key_dir=settings.owner_key_path)
     broker = use_broker(settings)
     from actors.pipeline import PipelineBroker  # declares the actors on that broker
 

@@ -60,7 +60,7 @@ def run_user_grant(args: argparse.Namespace, settings: Settings) -> int:
     from mailpipe import grants
 
     sessions = open_database(settings)
-    user, key = unlock(sessions, args.name, args.password_env)
+    user, key = unlock(sessions, args.name, args.password_env, key_dir=settings.owner_key_path)
     with sessions.begin() as session:
         grants.grant_background(
             session,

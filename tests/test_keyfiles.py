@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 from sqlalchemy import select
@@ -112,3 +114,44 @@ def test_a_key_file_of_another_owner_does_not_unlock_this_one(sessions, tmp_path
     # Then ben's key file does not open it: the wrap is bound to its user and file
     with sessions.begin() as session, pytest.raises(MailpipeError, match="does not unlock"):
         unlock_owner(session, "ben", "pw", key_dir=keys)
+
+
+def test_other_commands_unlock_the_owner_by_its_key_file_without_asking(sessions, tmp_path):
+    # Given the one-shot owner of a database, with its key file (and no password at all)
+    keys = tmp_path / "keys"
+    with sessions.begin() as session:
+        unlock_owner(session, "operator", "pw", key_dir=keys)
+    # When an account is added for it with no password given and no terminal to ask one
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "account",
+            "add",
+            "--user",
+            "operator",
+            "--host",
+            "127.0.0.1",
+            "--login",
+            "someone",
+            "--secret-env",
+            "IMAP_SECRET",
+            "--security",
+            "none",
+            "--no-check",
+        ],
+        env={
+            **os.environ,
+            "IMAP_SECRET": "s",
+            "MAILPIPE_DATABASE_URL": f"sqlite:///{tmp_path / 'k.db'}",
+            "MAILPIPE_OWNER_KEY_DIR": str(keys),
+        },
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # Then the key file unlocked it, and the account is stored under its key
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("account 1 added")
