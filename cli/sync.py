@@ -113,8 +113,8 @@ def sync_options(parser: argparse.ArgumentParser, *, db_help: str) -> None:
         "--owner-password-env",
         metavar="VAR",
         type=nonempty,
-        help="variable with the owner's password (default: the IMAP password's, or with OAuth2 "
-        "the refresh-token variable's first value)",
+        help="variable with the password of an owner from before key files, asked for once "
+        "(default: the IMAP password's, or with OAuth2 the refresh-token variable's first value)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
