@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mailpipe.errors import MailpipeError
-from mailpipe.providers import PRESETS as OAUTH2_PRESETS
-from mailpipe.providers import PROVIDERS
 
 from .common import (
     SECURITY_MODES,
@@ -31,6 +28,9 @@ if TYPE_CHECKING:
     from mailpipe.settings import Settings
 
 MAX_INTERVAL_SECONDS = 7 * 24 * 3600  # a week between syncs at most
+# mailpipe.providers' names, without loading its classes for a parser
+PROVIDERS = ("gmail", "outlook", "yahoo", "gmx", "icloud", "other")
+OAUTH2_PROVIDERS = ("generic", "google", "microsoft")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -66,7 +66,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     account_add.add_argument(
         "--oauth2",
-        choices=sorted(OAUTH2_PRESETS),
+        choices=OAUTH2_PROVIDERS,
         metavar="PROVIDER",
         help="log in with OAuth2 through this configured provider (google, microsoft, generic)",
     )
@@ -106,6 +106,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
     """Add an account once its server accepted the login (unless --no-check)."""
+    from dataclasses import replace
+
     from mailpipe.accounts import add_account
     from mailpipe.imap import ImapSettings
     from mailpipe.login import verify_login

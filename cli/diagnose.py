@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mailpipe.errors import MailpipeError
@@ -68,6 +67,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def run_diagnose(args: argparse.Namespace, settings: Settings) -> int:
     """Diagnose any server from its address, or a stored account unlocked by its owner."""
+    from dataclasses import replace
+
     from mailpipe import diagnostics
     from mailpipe.accounts import account_settings, has_oauth2_grant, owned_account
     from mailpipe.imap import ImapSettings

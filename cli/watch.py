@@ -14,8 +14,10 @@ if TYPE_CHECKING:
     from mailpipe.settings import Settings
     from mailpipe.sync import SyncResult
 
+    from .target import SyncTarget
+
 from .common import EXIT_FAILURE, OutputLost, run_until_stopped
-from .sync import SyncTarget, one_line_failure, summary, sync_options, sync_target
+from .sync import one_line_failure, summary, sync_options
 
 POLL_SECONDS = 60.0  # a server without IDLE is asked this often instead
 
@@ -34,6 +36,8 @@ def run_watch(args: argparse.Namespace, settings: Settings) -> int:
     """Sync, then IDLE on the first named folder (INBOX by default) and sync on each change; a
     lost connection is opened again with backoff; Ctrl-C or SIGTERM end it with exit 0."""
     from mailpipe.watcher import watched_folder
+
+    from .target import sync_target
 
     engine, target = sync_target(
         args, args.db or settings.database_url, key_dir=settings.owner_key_path

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from cli import common, diagnose, queue
+from cli import accounts, common, diagnose, queue
 from cli import sync as cli_sync
-from mailpipe import diagnostics, imap, jobs, profiler
+from mailpipe import diagnostics, imap, jobs, profiler, providers
 from mailpipe import sync as core_sync
 from tests.support.dovecot import free_ports
 
@@ -57,6 +57,7 @@ def test_help_and_building_the_parser_load_no_database_queue_or_x509(argv: list[
     assert code in (0, common.EXIT_USAGE)
     assert "cli.sync" in modules  # the parser really was built, every command group with it
     assert among(modules, NOT_FOR_PARSERS) == []
+    assert "mailpipe.settings" not in modules  # read only for a command that runs
 
 
 def test_settings_load_without_the_database() -> None:
@@ -114,3 +115,5 @@ def test_the_parsers_own_copies_of_core_values_match_the_core() -> None:
     assert cli_sync.BATCH_BYTES == core_sync.BATCH_BYTES
     assert cli_sync.MEMORY_METHODS == profiler.MEMORY_METHODS
     assert cli_sync.RU_MAXRSS == profiler.RU_MAXRSS
+    assert accounts.PROVIDERS == providers.PROVIDERS
+    assert tuple(sorted(providers.PRESETS)) == accounts.OAUTH2_PROVIDERS
