@@ -32,7 +32,7 @@ MEMORY_METHODS = (RU_MAXRSS, "tracemalloc")
 def add_commands(commands: argparse._SubParsersAction) -> None:
     sync = commands.add_parser("sync", help="one-shot incremental sync of one account")
     sync_options(sync, db_help="database URL (default: MAILPIPE_DATABASE_URL or SQLite)")
-    sync.set_defaults(run=run_sync)
+    sync.set_defaults(run=run_sync, exit_at_once=True)
 
     profile = commands.add_parser(
         "profile", help="sync one account and show per phase wall and CPU time, memory, counts"
@@ -48,7 +48,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="peak memory from the process's resident high-water mark (cheap) or tracemalloc "
         "(Python allocations only, and slows the run down)",
     )
-    profile.set_defaults(run=run_profile)
+    profile.set_defaults(run=run_profile, exit_at_once=True)
 
 
 def sync_options(parser: argparse.ArgumentParser, *, db_help: str) -> None:
