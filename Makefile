@@ -29,6 +29,7 @@ test: $(STAMP) system
 
 ## bench: the benchmarks (not part of `make test`): sync, round trips, orchestration, metrics overhead, crashes
 bench: $(STAMP) system
+	$(BIN)/python -m bench.startup
 	$(BIN)/python -m bench.sync
 	$(BIN)/python -m bench.resync
 	$(BIN)/python -m bench.roundtrips

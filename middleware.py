@@ -15,6 +15,7 @@ from dramatiq.middleware import Retries, SkipMessage
 from sqlalchemy.orm import Session, sessionmaker
 
 from mailpipe import health
+from mailpipe.policies import CircuitPolicy
 from mailpipe.retry import RetryPolicy
 from mailpipe.runner import skip_run
 from mailpipe.vocabulary import ErrorClass, Gate
@@ -89,7 +90,7 @@ class AccountHealth(dramatiq.Middleware):
         *,
         sessions: Callable[[], sessionmaker[Session]],
         retry_policy: RetryPolicy,
-        circuit: health.CircuitPolicy,
+        circuit: CircuitPolicy,
         on_skipped: Callable[[sessionmaker[Session], int], None],
     ) -> None:
         self.sessions = sessions

@@ -146,6 +146,7 @@ class Bench:
         self.user, self.password = server.new_user()
         self.env = {**os.environ, PASSWORD_ENV: self.password}
         self.env.pop("MAILPIPE_DATABASE_URL", None)
+        self.env["MAILPIPE_OWNER_KEY_DIR"] = str(workdir / "keys")  # the owners' key files
         self.mailpipe = find_mailpipe(args.mailpipe)
 
     def raw_argv(self) -> list[str]:

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from mailpipe import reports
-from mailpipe.accounts import PROVIDERS, add_account, owned_account, set_push
 from mailpipe.errors import MailpipeError
-from mailpipe.imap import SECURITY_MODES, ImapSettings
-from mailpipe.login import verify_login
-from mailpipe.oauth2 import PRESETS as OAUTH2_PRESETS
-from mailpipe.oauth2 import grant as oauth2_grant
-from mailpipe.oauth2 import refresh
-from mailpipe.settings import Settings
 
 from .common import (
+    SECURITY_MODES,
     StrictParser,
     count,
     find_user,
@@ -31,7 +24,13 @@ from .common import (
     variable_secret,
 )
 
+if TYPE_CHECKING:
+    from mailpipe.settings import Settings
+
 MAX_INTERVAL_SECONDS = 7 * 24 * 3600  # a week between syncs at most
+# mailpipe.providers' names, without loading its classes for a parser
+PROVIDERS = ("gmail", "outlook", "yahoo", "gmx", "icloud", "other")
+OAUTH2_PROVIDERS = ("generic", "google", "microsoft")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -67,7 +66,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     account_add.add_argument(
         "--oauth2",
-        choices=sorted(OAUTH2_PRESETS),
+        choices=OAUTH2_PROVIDERS,
         metavar="PROVIDER",
         help="log in with OAuth2 through this configured provider (google, microsoft, generic)",
     )
@@ -107,8 +106,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
     """Add an account once its server accepted the login (unless --no-check)."""
+    from dataclasses import replace
+
+    from mailpipe.accounts import add_account
+    from mailpipe.imap import ImapSettings
+    from mailpipe.login import verify_login
+    from mailpipe.oauth2 import grant as oauth2_grant
+    from mailpipe.oauth2 import refresh
+
     sessions = open_database(settings)
-    user, key = unlock(sessions, args.user, args.password_env)
+    user, key = unlock(sessions, args.user, args.password_env, key_dir=settings.owner_key_path)
     grant = None
     if args.oauth2:
         provider = settings.oauth2_providers.get(args.oauth2)
@@ -169,6 +176,8 @@ def run_account_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_account_remove(args: argparse.Namespace, settings: Settings) -> int:
+    from mailpipe.accounts import owned_account
+
     sessions = open_database(settings)
     with sessions.begin() as session:
         user = find_user(session, args.user)
@@ -179,6 +188,8 @@ def run_account_remove(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_account_push(args: argparse.Namespace, settings: Settings) -> int:
     """Push on: a watcher holds an IDLE connection for it; off: it is only polled."""
+    from mailpipe.accounts import set_push
+
     sessions = open_database(settings)
     with sessions.begin() as session:
         user = find_user(session, args.user)
@@ -188,6 +199,8 @@ def run_account_push(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_health(args: argparse.Namespace, settings: Settings) -> int:
+    from mailpipe import reports
+
     sessions = open_database(settings)
     with sessions() as session:
         health = reports.account_health(session, find_user(session, args.user).id)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-
-from mailpipe import health
-from mailpipe.settings import Settings
+from typing import TYPE_CHECKING
 
 from .common import MAX_LIMIT, count, open_database
+
+if TYPE_CHECKING:
+    from mailpipe.settings import Settings
 
 DEFAULT_LIMIT = 20
 
@@ -26,6 +27,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def run_alerts(args: argparse.Namespace, settings: Settings) -> int:
     """They belong to no user, so no web page shows them: operators read them here."""
+    from mailpipe import health
+
     sessions = open_database(settings)
     with sessions() as session:
         notes = health.operator_alerts(session, limit=args.limit)

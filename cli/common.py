@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import getpass
 import math
 import os
-import signal
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
-
-from mailpipe import db
-from mailpipe.accounts import unlock_user
-from mailpipe.crypto import DataKey
 from mailpipe.errors import MailpipeError, NotFound
-from mailpipe.models import User
-from mailpipe.settings import Settings
+
+if TYPE_CHECKING:  # the parsers are built without the database: the commands import it
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from mailpipe.crypto import DataKey
+    from mailpipe.models import User
+    from mailpipe.settings import Settings
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -29,6 +26,7 @@ MAX_ID = 2**63 - 1  # the largest row id the databases hold (BIGINT)
 MAX_PORT = 65_535
 MAX_LIMIT = 1_000  # rows a listing command prints at most
 MAX_PROCESSES = 1_024
+SECURITY_MODES = ("tls", "starttls", "none")  # mailpipe.imap's, without loading IMAP for a parser
 
 
 class OutputLost(Exception):
@@ -96,7 +94,8 @@ def password_option(parser: argparse.ArgumentParser) -> None:
         "--password-env",
         metavar="VAR",
         type=nonempty,
-        help="variable with the mailpipe user's password (default: prompt)",
+        help="variable with the mailpipe user's password (default: prompt; not asked for "
+        "when a key file of theirs is in MAILPIPE_OWNER_KEY_DIR)",
     )
 
 
@@ -111,6 +110,8 @@ def secret(
         return variable_secret(variable)
     if not sys.stdin.isatty():
         raise MailpipeError(f"{prompt.rstrip(': ')}: no terminal to ask; use {option}")
+    import getpass
+
     value = getpass.getpass(prompt)
     if confirm and getpass.getpass("again: ") != value:
         raise MailpipeError("the two entries differ")
@@ -127,21 +128,35 @@ def variable_secret(variable: str) -> str:
 
 def open_database(settings: Settings) -> sessionmaker[Session]:
     """The settings' database, migrated."""
+    from mailpipe import db
+
     engine = db.make_engine(settings.database_url)
     db.migrate(engine)
     return db.session_factory(engine)
 
 
 def unlock(
-    sessions: sessionmaker[Session], name: str, password_env: str | None
+    sessions: sessionmaker[Session], name: str, password_env: str | None, *, key_dir: Path
 ) -> tuple[User, DataKey]:
-    """The user and their data key, from their password (an old-form wrap is re-wrapped)."""
-    password = secret(password_env, f"password for {name}: ")
-    with sessions.begin() as session:
+    """The user and their data key: from a key file of theirs in `key_dir` (the owner of
+    `mailpipe sync`'s mail, who may have no password), else from their password."""
+    from mailpipe import keyfiles
+    from mailpipe.accounts import unlock_user
+
+    with sessions.begin() as session:  # an old-form wrap is re-wrapped and kept
+        user = find_user(session, name)
+        key = keyfiles.unlock(session, user, key_dir)
+        if key is not None:
+            return user, key
+        password = secret(password_env, f"password for {name}: ")
         return unlock_user(session, name, password)
 
 
 def find_user(session: Session, name: str) -> User:
+    from sqlalchemy import select
+
+    from mailpipe.models import User
+
     user = session.scalar(select(User).where(User.name == name))
     if user is None:
         raise NotFound(f"no user named {name!r}")
@@ -151,6 +166,8 @@ def find_user(session: Session, name: str) -> User:
 def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:
     """Run a long-lived coroutine until it ends or Ctrl-C / SIGTERM cancel it, which is a clean
     end: its `finally` blocks close connections and give leases back."""
+    import asyncio
+    import signal
 
     async def guarded() -> None:
         task = asyncio.current_task()

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailpipe.errors import MailpipeError
-from mailpipe.settings import Settings
 
 from .common import count
+
+if TYPE_CHECKING:
+    from mailpipe.settings import Settings
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # where cli/ sits; demo/ sits beside it there
 MAX_ROUNDS = 1_000
@@ -44,6 +46,8 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     """`python -m demo` from the checkout this command was installed from (editable install)."""
     if not (CHECKOUT / "demo" / "__main__.py").is_file():
         raise MailpipeError(NO_CHECKOUT)
+    import subprocess
+
     path = os.pathsep.join(filter(None, (str(CHECKOUT), os.environ.get("PYTHONPATH"))))
     command = [sys.executable, "-m", "demo"]
     if args.rounds is not None:

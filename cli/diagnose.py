@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from mailpipe import diagnostics
-from mailpipe.accounts import account_settings, has_oauth2_grant, owned_account
 from mailpipe.errors import MailpipeError
-from mailpipe.imap import SECURITY_MODES, ImapSettings
-from mailpipe.oauth2 import TokenSource
-from mailpipe.settings import Settings
 
-from .common import EXIT_FAILURE, amount, nonempty, open_database, port, row_id, secret, unlock
+from .common import (
+    EXIT_FAILURE,
+    SECURITY_MODES,
+    amount,
+    nonempty,
+    open_database,
+    port,
+    row_id,
+    secret,
+    unlock,
+)
+
+if TYPE_CHECKING:  # x509 and IMAP are loaded only when diagnosing
+    from mailpipe.diagnostics import Diagnosis
+    from mailpipe.settings import Settings
 
 MAX_STEP_SECONDS = 600.0
+STEP_SECONDS = 15.0  # mailpipe.diagnostics.DIAGNOSE_TIMEOUT, without loading it for a parser
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -48,7 +58,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     diagnose.add_argument(
         "--timeout",
         type=amount(maximum=MAX_STEP_SECONDS),
-        default=diagnostics.DIAGNOSE_TIMEOUT,
+        default=STEP_SECONDS,
         help="seconds per step",
     )
     diagnose.add_argument("--json", action="store_true", help="print one JSON object")
@@ -57,6 +67,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def run_diagnose(args: argparse.Namespace, settings: Settings) -> int:
     """Diagnose any server from its address, or a stored account unlocked by its owner."""
+    from dataclasses import replace
+
+    from mailpipe import diagnostics
+    from mailpipe.accounts import account_settings, has_oauth2_grant, owned_account
+    from mailpipe.imap import ImapSettings
+    from mailpipe.oauth2 import TokenSource
+
     if (args.host is None) == (args.account_id is None):
         raise MailpipeError("give --host (any server) or --account (a stored account)")
     if args.account_id is None:
@@ -73,7 +90,7 @@ def run_diagnose(args: argparse.Namespace, settings: Settings) -> int:
         if args.port is not None or args.security is not None or args.ca_file is not None:
             raise MailpipeError("--port, --security and --ca-file go with --host, not --account")
         sessions = open_database(settings)
-        user, key = unlock(sessions, args.user, args.password_env)
+        user, key = unlock(sessions, args.user, args.password_env, key_dir=settings.owner_key_path)
         with sessions() as session:
             account = owned_account(session, args.account_id, user.id)
             imap = account_settings(account, key, policy=settings.address_policy)
@@ -90,8 +107,10 @@ def run_diagnose(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if diagnosis.ok else EXIT_FAILURE
 
 
-def describe_diagnosis(diagnosis: diagnostics.Diagnosis) -> str:
+def describe_diagnosis(diagnosis: Diagnosis) -> str:
     """One line per check, then the verdict and, on failure, what to act on."""
+    from mailpipe import diagnostics
+
     lines = [
         f"{check.status:<8} {check.name:<17} {diagnostics.summarise(check)}"
         for check in diagnosis.checks

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from mailpipe import jobs
 from mailpipe.errors import NotFound
-from mailpipe.models import PipelineJob
-from mailpipe.results import JobReport
-from mailpipe.settings import Settings
+
+if TYPE_CHECKING:
+    from mailpipe.results import JobReport
+    from mailpipe.settings import Settings
 
 from .common import MAX_LIMIT, count, find_user, nonempty, open_database
 
@@ -28,6 +29,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def run_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    from mailpipe import jobs
+
     sessions = open_database(settings)
     with sessions() as session:
         listed = jobs.list_jobs(session, find_user(session, args.user).id, args.limit)
@@ -44,6 +47,9 @@ def run_jobs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_job(args: argparse.Namespace, settings: Settings) -> int:
+    from mailpipe import jobs
+    from mailpipe.models import PipelineJob
+
     sessions = open_database(settings)
     with sessions() as session:
         owner = find_user(session, args.user).id if args.user else None

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from mailpipe import grants
-from mailpipe.settings import Settings
+if TYPE_CHECKING:
+    from mailpipe.settings import Settings
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -18,6 +19,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def run_worker_key(args: argparse.Namespace, settings: Settings) -> int:
     """Web hosts get the public half as MAILPIPE_WORKER_PUBLIC_KEY; only workers keep the file."""
+    from mailpipe import grants
+
     if args.generate:
         public = grants.generate_worker_key(settings.worker_key_path)
     else:

@@ -16,13 +16,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from mailpipe import grants
 from mailpipe.errors import MailpipeError
-from mailpipe.jobs import MAX_TIMEOUT_SECONDS
-from mailpipe.results import JobReport
-from mailpipe.settings import Settings
-from mailpipe.vocabulary import JobStatus
-from mailpipe.watcher import Watcher, owner_name
 
 from .common import (
     MAX_PORT,
@@ -39,10 +33,13 @@ from .jobs import describe_job
 
 if TYPE_CHECKING:
     from actors.pipeline import PipelineBroker
+    from mailpipe.results import JobReport
+    from mailpipe.settings import Settings
 
 POLL_SECONDS = 0.2
 MAX_MAILS = 1_000_000
 WATCHER_METRICS_PORT = 9192
+MAX_JOB_SECONDS = 3600  # mailpipe.jobs.MAX_TIMEOUT_SECONDS, without loading it for a parser
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -53,7 +50,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     fetch.add_argument("--max-mails", type=count(maximum=MAX_MAILS), default=100)
     fetch.add_argument(
         "--timeout",
-        type=count(maximum=MAX_TIMEOUT_SECONDS),
+        type=count(maximum=MAX_JOB_SECONDS),
         default=120,
         help="seconds for the job",
     )
@@ -93,11 +90,13 @@ def run_fetch(args: argparse.Namespace, settings: Settings) -> int:
 
     On the embedded broker this process is the worker too, so its jobs run only with --wait.
     """
+    from mailpipe import grants
+    from mailpipe.vocabulary import JobStatus
     from worker.broker import use_broker
     from worker.embedded import embedded_worker
 
     sessions = open_database(settings)
-    user, key = unlock(sessions, args.user, args.password_env)
+    user, key = unlock(sessions, args.user, args.password_env, key_dir=settings.owner_key_path)
     broker = use_broker(settings)
     from actors.pipeline import PipelineBroker  # declares the actors on that broker
 
@@ -169,6 +168,8 @@ def run_scheduler(args: argparse.Namespace, settings: Settings) -> int:
 def run_watcher(args: argparse.Namespace, settings: Settings) -> int:
     """Watch the push accounts this process gets leases on, until Ctrl-C or SIGTERM; runs go
     to the workers through the broker (on the embedded broker, to a worker in this process)."""
+    from mailpipe import grants
+    from mailpipe.watcher import Watcher, owner_name
     from metrics.observer import WatchMetrics
     from worker import runtime
     from worker.broker import use_broker

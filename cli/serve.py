@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from mailpipe.errors import MailpipeError
-from mailpipe.settings import Settings
 
 from .common import MAX_PROCESSES, count, nonempty, port
+
+if TYPE_CHECKING:
+    from mailpipe.settings import Settings
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

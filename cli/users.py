@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-
-from mailpipe import grants
-from mailpipe.accounts import create_user
-from mailpipe.settings import Settings
+from typing import TYPE_CHECKING
 
 from .common import (
     StrictParser,
@@ -18,6 +15,9 @@ from .common import (
     secret,
     unlock,
 )
+
+if TYPE_CHECKING:
+    from mailpipe.settings import Settings
 
 MAX_GRANT_HOURS = 24 * 366  # a background grant lives a year at most
 
@@ -46,6 +46,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def run_user_add(args: argparse.Namespace, settings: Settings) -> int:
+    from mailpipe.accounts import create_user
+
     password = secret(args.password_env, f"new password for {args.name}: ", confirm=True)
     sessions = open_database(settings)
     with sessions.begin() as session:
@@ -55,8 +57,10 @@ def run_user_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_user_grant(args: argparse.Namespace, settings: Settings) -> int:
+    from mailpipe import grants
+
     sessions = open_database(settings)
-    user, key = unlock(sessions, args.name, args.password_env)
+    user, key = unlock(sessions, args.name, args.password_env, key_dir=settings.owner_key_path)
     with sessions.begin() as session:
         grants.grant_background(
             session,
@@ -72,6 +76,8 @@ def run_user_grant(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_user_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from mailpipe import grants
+
     sessions = open_database(settings)
     with sessions.begin() as session:
         removed = grants.revoke_background(session, find_user(session, args.name).id)

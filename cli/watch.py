@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from mailpipe import idle
-from mailpipe.failures import classify
-from mailpipe.retry import RetryPolicy
-from mailpipe.settings import Settings
-from mailpipe.sync import SyncResult
-from mailpipe.watcher import watched_folder
+if TYPE_CHECKING:
+    from mailpipe.retry import RetryPolicy
+    from mailpipe.settings import Settings
+    from mailpipe.sync import SyncResult
+
+    from .target import SyncTarget
 
 from .common import EXIT_FAILURE, OutputLost, run_until_stopped
-from .sync import SyncTarget, one_line_failure, summary, sync_options, sync_target
+from .sync import one_line_failure, summary, sync_options
 
 POLL_SECONDS = 60.0  # a server without IDLE is asked this often instead
 
@@ -35,7 +35,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def run_watch(args: argparse.Namespace, settings: Settings) -> int:
     """Sync, then IDLE on the first named folder (INBOX by default) and sync on each change; a
     lost connection is opened again with backoff; Ctrl-C or SIGTERM end it with exit 0."""
-    engine, target = sync_target(args, args.db or settings.database_url)
+    from mailpipe.watcher import watched_folder
+
+    from .target import sync_target
+
+    engine, target = sync_target(
+        args, args.db or settings.database_url, key_dir=settings.owner_key_path
+    )
 
     def emit(result: SyncResult) -> None:
         print(json.dumps(result.to_json()) if args.json else summary(result), flush=True)
@@ -68,6 +74,10 @@ async def watch(
     The first connection's failure ends the command (as `mailpipe sync` would); later
     transient ones are retried with the retry policy's backoff and jitter.
     """
+    import asyncio
+
+    from mailpipe import idle
+
     failures = 0
     first = True
     while True:
@@ -100,6 +110,8 @@ async def watch(
 
 def _retry_or_raise(error: Exception, *, first: bool, failures: int, target: SyncTarget) -> int:
     """One line on stderr and the next failure count, or the error again when it is final."""
+    from mailpipe.failures import classify
+
     failure = classify(error, host=target.settings.host)
     if first or not failure.transient:
         raise error

@@ -4,34 +4,30 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from . import keyfiles
 from .addresses import AddressPolicy
-from .crypto import KDF_ITERATIONS, DataKey, KdfParams, WrappedKey, create_user_key, unwrap_key
-from .errors import MailpipeError, NotFound
+from .crypto import (
+    KDF_ITERATIONS,
+    SALT_BYTES,
+    WRAP_VERSION,
+    DataKey,
+    KdfParams,
+    WrappedKey,
+    create_user_key,
+    derive_kek,
+    unwrap_key,
+)
+from .errors import MailpipeError, NotFound, WrongPassword
 from .imap import ImapSettings
 from .models import MailAccount, User
+from .providers import PROVIDER_HOSTS
 from .vocabulary import AuthKind
-
-PROVIDERS = ("gmail", "outlook", "yahoo", "gmx", "icloud", "other")
-PROVIDER_NAMES = {
-    "gmail": "Gmail",
-    "outlook": "Outlook",
-    "yahoo": "Yahoo",
-    "gmx": "GMX",
-    "icloud": "iCloud",
-    "other": "E-Mail",
-}
-PROVIDER_HOSTS = {
-    "gmail": ("gmail.com", "googlemail.com"),
-    "outlook": ("outlook.com", "office365.com", "hotmail.com", "live.com"),
-    "yahoo": ("yahoo.com", "yahoo.de"),
-    "gmx": ("gmx.net", "gmx.de", "gmx.com"),
-    "icloud": ("mail.me.com", "icloud.com"),
-}
 
 
 @dataclass(frozen=True)
@@ -76,6 +72,7 @@ CREDENTIAL_FIELDS = (
     "auth",
     "ca_file",
 )
+KEY_FILE_ONLY = "key-file"  # users.kdf of a user with no password: only key files unlock them
 OAUTH2_GRANT = "oauth2"  # the credentials' key holding an OAuth2 grant (see mailpipe.oauth2)
 
 
@@ -112,6 +109,9 @@ def unlock_user(session: Session, name: str, password: str) -> tuple[User, DataK
     user = session.scalar(select(User).where(User.name == name))
     if user is None:
         raise NotFound(f"no user named {name!r}")
+    if user.kdf.get("algorithm") == KEY_FILE_ONLY:
+        derive_kek(password, KdfParams(salt=bytes(SALT_BYTES)))  # as long as a wrong password
+        raise WrongPassword(f"user {name!r} has no password: a key file unlocks them")
     wrapped = WrappedKey(
         params=KdfParams.from_json(user.kdf), wrapped=user.wrapped_dek, version=user.key_wrap
     )
@@ -125,6 +125,41 @@ def _store_wrap(user: User, wrapped: WrappedKey) -> None:
     user.kdf = wrapped.params.to_json()
     user.wrapped_dek = wrapped.wrapped
     user.key_wrap = wrapped.version
+
+
+def create_key_file_user(session: Session, name: str, directory: Path) -> tuple[User, DataKey]:
+    """A new user whose data key only a key file in `directory` unlocks: no password to guess."""
+    if session.scalar(select(User.id).where(User.name == name)) is not None:
+        raise MailpipeError(f"user {name!r} exists already")
+    key = DataKey.generate()
+    # no password wrap to bind: marked current, so `key_wrap = 1` lists only rows to re-wrap
+    user = User(name=name, kdf={"algorithm": KEY_FILE_ONLY}, wrapped_dek=b"", key_wrap=WRAP_VERSION)
+    session.add(user)
+    session.flush()
+    keyfiles.issue(session, user, key, directory)
+    return user, key
+
+
+def unlock_owner(
+    session: Session, name: str, password: str, *, key_dir: Path
+) -> tuple[User, DataKey]:
+    """The owner of a one-shot command's mail, without 600,000 PBKDF2 rounds on every run: new,
+    created with a key file only; else unlocked by their key file in `key_dir`, or once by
+    their password, after which a key file is made there for the next runs."""
+    user = session.scalar(select(User).where(User.name == name))
+    if user is None:
+        return create_key_file_user(session, name, key_dir)
+    key = keyfiles.unlock(session, user, key_dir)
+    if key is not None:
+        return user, key
+    if user.kdf.get("algorithm") == KEY_FILE_ONLY:
+        raise MailpipeError(
+            f"the mailpipe user {name!r} is unlocked by a key file that is not in {key_dir} "
+            f"(MAILPIPE_OWNER_KEY_DIR): restore it there, or use another user with --owner NAME"
+        )
+    user, key = unlock_user(session, name, password)
+    keyfiles.issue(session, user, key, key_dir)
+    return user, key
 
 
 def add_account(

@@ -30,11 +30,9 @@ from .crypto import KEY_BYTES, DataKey
 from .db import rowcount
 from .errors import DecryptionFailed, MailpipeError, NotFound
 from .models import KeyGrant, utcnow
+from .settings import WORKER_KEY_FILE_ENV, WORKER_PUBLIC_KEY_ENV, X25519_KEY_BYTES
 
-WORKER_KEY_FILE_ENV = "MAILPIPE_WORKER_KEY_FILE"
-WORKER_PUBLIC_KEY_ENV = "MAILPIPE_WORKER_PUBLIC_KEY"
 WORKER_KEY_MODE = 0o600
-X25519_KEY_BYTES = 32
 
 PURPOSE_JOB = "job"
 PURPOSE_BACKGROUND = "background"

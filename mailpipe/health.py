@@ -15,9 +15,10 @@ from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .accounts import PROVIDER_NAMES
 from .db import rowcount
 from .models import MailAccount, Notification, PipelineJob, utcnow
+from .policies import CircuitPolicy
+from .providers import PROVIDER_NAMES
 from .results import Note
 from .retry import RetryPolicy, transient
 from .vocabulary import AuthKind, CircuitState, ErrorClass, Gate, Health
@@ -44,24 +45,6 @@ RETRIES_EXHAUSTED_MESSAGE = (
     "{provider}: fetching failed after every retry ({error}); the other accounts were fetched, "
     "and this one is tried again at the next fetch"
 )
-
-
-@dataclass(frozen=True, kw_only=True)
-class CircuitPolicy:
-    """When an account's circuit opens (failures within a window) and how long it stays open."""
-
-    failures: int = 5
-    window_seconds: int = 3600
-    cooldown_seconds: int = 600
-
-    def __post_init__(self) -> None:
-        for variable, value in (
-            ("MAILPIPE_CIRCUIT_FAILURES", self.failures),
-            ("MAILPIPE_CIRCUIT_WINDOW_SECONDS", self.window_seconds),
-            ("MAILPIPE_CIRCUIT_COOLDOWN_SECONDS", self.cooldown_seconds),
-        ):
-            if value < 1:
-                raise ValueError(f"{variable} must be at least 1, not {value}")
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ from imapclient import IMAPClient
 from . import imap
 from .errors import MailpipeError
 from .imap import ImapSettings
+from .policies import RENEW_SECONDS
 
 IDLE_CAPABILITY = "IDLE"
 # Changes that make the watched folder worth a sync. Flag sync (issue 9) adds EXPUNGE and FETCH.
 TRIGGERS = frozenset({"EXISTS"})
-RENEW_SECONDS = 600.0  # IDLE is ended and started again this often: a liveness check, < 29 min
 ANSWER_TIMEOUT = 30.0  # how long DONE or IDLE may wait for the server's answer
 READ_BYTES = 65_536
 LITERAL = re.compile(rb"\{(\d+)\+?\}$")

@@ -282,6 +282,18 @@ class Notification(Base):
     read_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
+class KeyFile(Base):
+    """A user's data key wrapped under a random key kept in a 0600 file on one machine, so
+    one-shot commands there unlock it without a password; the database alone unlocks nothing."""
+
+    __tablename__ = "key_files"
+
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)  # the file's name
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    wrapped_dek: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
 class KeyGrant(Base):
     """A user's data key sealed to the workers' public key, usable until `expires_at`."""
 

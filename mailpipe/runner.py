@@ -24,10 +24,11 @@ from .errors import MailpipeError, NotFound
 from .failures import Failure, classify
 from .imap import ImapSettings
 from .models import MailAccount, PipelineJob, utcnow
-from .oauth2 import Provider, TokenSource
+from .oauth2 import TokenSource
 from .observer import Observer, Observers, PhaseTimer
 from .processors import Processor, process_backlog
 from .profiler import Profiler
+from .providers import Provider
 from .retry import RetryPolicy
 from .store import FolderPosition, folder_states
 from .sync import SyncOptions, SyncResult, sync_account

@@ -16,23 +16,23 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .accounts import PROVIDER_NAMES
 from .addresses import AddressPolicy
 from .digests import SERVER_SECRET_FILENAME, server_secret
 from .errors import MailpipeError
-from .grants import WORKER_KEY_FILE_ENV, WORKER_PUBLIC_KEY_ENV, X25519_KEY_BYTES
-from .health import CircuitPolicy
 from .logs import LOG_FORMATS
 from .logs import TEXT as TEXT_LOGS
-from .oauth2 import PRESETS as OAUTH2_PRESETS
-from .oauth2 import Provider
+from .policies import CircuitPolicy, WatchPolicy
+from .providers import PRESETS as OAUTH2_PRESETS
+from .providers import PROVIDER_NAMES, Provider
 from .retry import RetryPolicy
-from .watcher import WatchPolicy
 
 STUB_BROKER = "stub"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 DATABASE_FILENAME = "mailpipe.db"
 WORKER_KEY_FILENAME = "worker.key"
+WORKER_KEY_FILE_ENV = "MAILPIPE_WORKER_KEY_FILE"
+WORKER_PUBLIC_KEY_ENV = "MAILPIPE_WORKER_PUBLIC_KEY"
+X25519_KEY_BYTES = 32
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
 PROVIDER_CAPS_ENV = "MAILPIPE_MAX_CONNECTIONS_BY_PROVIDER"
@@ -62,6 +62,7 @@ class Settings:
     host_slot_ttl_ms: int = 15 * 60 * 1000
     worker_key_file: Path | None = None  # None: worker.key in data_dir
     worker_public_key: bytes | None = None  # None: the key file's public half
+    owner_key_dir: Path | None = None  # None: ~/.config/mailpipe/keys
     job_grant_ttl_seconds: int = 3600
     job_retention_days: int = 30
     alert_token: str | None = field(default=None, repr=False)
@@ -120,6 +121,12 @@ class Settings:
         return server_secret(Path(self.data_dir) / SERVER_SECRET_FILENAME, create=True)
 
     @property
+    def owner_key_path(self) -> Path:
+        """Where one-shot commands keep key files: `MAILPIPE_OWNER_KEY_DIR`, else in the
+        operator's home, away from the database (whose copy alone must unlock nothing)."""
+        return self.owner_key_dir or Path.home() / ".config" / "mailpipe" / "keys"
+
+    @property
     def embedded(self) -> bool:
         """Whether jobs run on the in-process stub broker (the demo, a single process)."""
         return self.broker_url == STUB_BROKER
@@ -142,6 +149,7 @@ class Settings:
                     host_slot_ttl_ms=("MAILPIPE_HOST_SLOT_TTL_MS", _integer),
                     worker_key_file=(WORKER_KEY_FILE_ENV, Path),
                     worker_public_key=(WORKER_PUBLIC_KEY_ENV, _public_key),
+                    owner_key_dir=("MAILPIPE_OWNER_KEY_DIR", Path),
                     job_grant_ttl_seconds=("MAILPIPE_JOB_GRANT_TTL_SECONDS", _integer),
                     job_retention_days=("MAILPIPE_JOB_RETENTION_DAYS", _integer),
                     alert_token=("MAILPIPE_ALERT_TOKEN", str),

@@ -36,6 +36,7 @@ from .failures import classify
 from .imap import ImapSettings
 from .models import AccountRun, FolderState, MailAccount
 from .observer import WatchObserver
+from .policies import WatchPolicy
 from .retry import RetryPolicy
 from .sync import WILDCARDS
 from .vocabulary import RUN_OPEN, RunStatus
@@ -45,26 +46,6 @@ _T = TypeVar("_T")
 
 FLUSH_SECONDS = 0.5  # how often an account whose run is still going is looked at again
 LEASE_SAFETY = 0.75  # leases not renewed for this part of their time: stop watching, they lapse
-
-
-@dataclass(frozen=True, kw_only=True)
-class WatchPolicy:
-    """How a watcher holds its accounts; `Settings.watch` carries the configured one."""
-
-    lease_seconds: float = 45.0  # a dead watcher's accounts are taken over after this
-    capacity: int = 5_000  # accounts one watcher process holds at most
-    renew_seconds: float = idle.RENEW_SECONDS  # IDLE renewed (and the server checked) this often
-    connect_threads: int = 8  # logins and EXAMINEs at once
-
-    def __post_init__(self) -> None:
-        if not self.lease_seconds > 0:
-            raise ValueError("MAILPIPE_WATCH_LEASE_SECONDS must be above 0")
-        if self.capacity < 1:
-            raise ValueError("MAILPIPE_WATCH_CAPACITY must be at least 1")
-        if not 0 < self.renew_seconds < 29 * 60:
-            raise ValueError("MAILPIPE_IDLE_RENEW_SECONDS must be above 0 and below 1740")
-        if self.connect_threads < 1:
-            raise ValueError("MAILPIPE_WATCH_CONNECT_THREADS must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from collections.abc import Container
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from mailpipe import accounts, observer, parse, retry
+from mailpipe import observer, parse, providers, retry
 from mailpipe.vocabulary import (
     FAILURES,
     JOB_FINAL,
@@ -21,7 +21,7 @@ from mailpipe.vocabulary import (
 )
 
 OTHER = "other"
-PROVIDERS = accounts.PROVIDERS  # includes "other", the fallback
+PROVIDERS = providers.PROVIDERS  # includes "other", the fallback
 PHASES = (*observer.PHASES, OTHER)  # "other": an error outside any timed phase
 RUN_OUTCOMES = (*RUN_FINAL, OTHER)
 JOB_TYPES = (JobType.ACCOUNT, JobType.ALL, JobType.SCHEDULED, JobType.PUSH, OTHER)

@@ -7,6 +7,7 @@ the allowance is set here, explicitly, for everything the tests start (workers, 
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -25,6 +26,10 @@ os.environ.setdefault(
     "MAILPIPE_MIN_BACKOFF_MS", "100"
 )  # retries in tests wait 0.1-0.2 s, not 1-2 s
 os.environ["MAILPIPE_ALLOW_PRIVATE_HOSTS"] = "127.0.0.1,::1"  # tests.support.policy.LOOPBACK_HOSTS
+# one-shot commands' key files go to a directory of the test run's own, removed at its end
+OWNER_KEY_DIR = tempfile.mkdtemp(prefix="mailpipe-test-keys-")
+os.environ["MAILPIPE_OWNER_KEY_DIR"] = OWNER_KEY_DIR
+atexit.register(shutil.rmtree, OWNER_KEY_DIR, ignore_errors=True)
 
 from tests.support import postgres  # noqa: E402
 from tests.support.dovecot import DOVECOT, Dovecot  # noqa: E402

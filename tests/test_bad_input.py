@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 import broker_config
 from mailpipe import db, names
-from mailpipe.accounts import add_account, create_user, unlock_user
+from mailpipe.accounts import add_account, create_user, unlock_owner
 from mailpipe.crypto import DataKey
 from mailpipe.imap import ImapSettings
 from mailpipe.models import Email
@@ -186,7 +186,9 @@ def test_a_25_mb_attachment_is_stored_and_parsed_within_the_memory_bound(
     engine = db.make_engine(db_url)
     sessions = db.session_factory(engine)
     with sessions() as session:
-        _owner, key = unlock_user(session, "operator", password)
+        # the owner `mailpipe sync` made is unlocked by its key file (tests/conftest.py's dir)
+        owner_keys = Path(os.environ["MAILPIPE_OWNER_KEY_DIR"])
+        _owner, key = unlock_owner(session, "operator", password, key_dir=owner_keys)
         [email] = session.scalars(select(Email)).all()
     engine.dispose()
     assert email.status == "parsed"

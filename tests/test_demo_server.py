@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -252,7 +253,12 @@ def mailpipe(*args: str, password: str, cwd: Path) -> subprocess.CompletedProces
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")}
     return subprocess.run(
         [sys.executable, "-m", "cli", *args],
-        env={**env, "DEMO_PW": password, "MAILPIPE_DATA_DIR": str(cwd)},
+        env={
+            **env,
+            "DEMO_PW": password,
+            "MAILPIPE_DATA_DIR": str(cwd),
+            "MAILPIPE_OWNER_KEY_DIR": str(cwd / "keys"),
+        },
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -320,48 +326,27 @@ def test_starttls_against_a_plain_server_says_it_is_not_offered(server: DemoServ
     assert "does not offer STARTTLS" in line
 
 
-def test_a_second_account_with_another_password_is_told_what_to_do(tmp_path: Path):
+def test_a_second_account_with_another_password_joins_the_owner_its_key_file_unlocks(
+    tmp_path: Path,
+):
     # Given two demo mailboxes with different passwords, the first synced into the default db
     with DemoServer(workdir=tmp_path / "imap", users={"anna": "anna-pw", "ben": "ben-pw"}) as s:
         address = ["--host", s.host, "--port", str(s.port), "--security", "none"]
-        first = mailpipe(
-            "sync",
-            *address,
-            "--user",
-            "anna",
-            "--password-env",
-            "DEMO_PW",
-            password="anna-pw",
-            cwd=tmp_path,
-        )
+        anna = ["sync", *address, "--user", "anna", "--password-env", "DEMO_PW"]
+        ben = ["sync", *address, "--user", "ben", "--password-env", "DEMO_PW"]
+        first = mailpipe(*anna, password="anna-pw", cwd=tmp_path)
         assert first.returncode == 0, first.stderr
         # When the second is synced with its own, right IMAP password
-        second = mailpipe(
-            "sync",
-            *address,
-            "--user",
-            "ben",
-            "--password-env",
-            "DEMO_PW",
-            password="ben-pw",
-            cwd=tmp_path,
-        )
-        # Then the one line names the owner and the two options that solve it
-        assert second.returncode == 1
-        [line] = second.stderr.splitlines()
-        assert "'operator'" in line
-        assert "--owner-password-env" in line and "--owner NAME" in line
+        second = mailpipe(*ben, password="ben-pw", cwd=tmp_path)
+        # Then the owner is unlocked by the key file the first sync made, not by a password
+        assert second.returncode == 0, second.stderr
+        # When that key file is gone
+        shutil.rmtree(tmp_path / "keys")
+        third = mailpipe(*ben, password="ben-pw", cwd=tmp_path)
+        # Then the one line names the owner, the missing key file and the option that solves it
+        assert third.returncode == 1
+        [line] = third.stderr.splitlines()
+        assert "'operator'" in line and "key file" in line and "--owner NAME" in line
         # And with an owner of its own, the sync works
-        own = mailpipe(
-            "sync",
-            *address,
-            "--user",
-            "ben",
-            "--password-env",
-            "DEMO_PW",
-            "--owner",
-            "ben",
-            password="ben-pw",
-            cwd=tmp_path,
-        )
+        own = mailpipe(*ben, "--owner", "ben", password="ben-pw", cwd=tmp_path)
         assert own.returncode == 0, own.stderr

@@ -30,6 +30,7 @@ VALID = {
     "MAILPIPE_MAX_CONNECTIONS_BY_PROVIDER": "gmail=40, Outlook=20",
     "MAILPIPE_HOST_SLOT_TTL_MS": "60000",
     "MAILPIPE_WORKER_KEY_FILE": "/run/keys/worker.key",
+    "MAILPIPE_OWNER_KEY_DIR": "/home/operator/.config/mailpipe/keys",
     "MAILPIPE_WORKER_PUBLIC_KEY": PUBLIC_KEY,
     "MAILPIPE_JOB_GRANT_TTL_SECONDS": "600",
     "MAILPIPE_JOB_RETENTION_DAYS": "7",

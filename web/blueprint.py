@@ -57,6 +57,7 @@ from mailpipe.jobs import MAX_TIMEOUT_SECONDS
 from mailpipe.login import verify_login
 from mailpipe.mail import MAX_PAGE_SIZE, PAGE_SIZE
 from mailpipe.models import MailAccount, Notification, User, utcnow
+from mailpipe.providers import Provider
 from mailpipe.vocabulary import AuthKind
 
 from . import diagnostics, present
@@ -161,7 +162,7 @@ class _Api:
     sessions: sessionmaker[Session]
     alert_token: str | None
     max_queued_jobs: int
-    oauth2_providers: Mapping[str, oauth2.Provider]
+    oauth2_providers: Mapping[str, Provider]
     home_url: str
 
     # -- guards ----------------------------------------------------------------------------
@@ -392,7 +393,7 @@ class _Api:
                 set_credentials(account, key, settings, oauth2=grant)
                 health.reset(account)
 
-    def _provider(self, name: str) -> oauth2.Provider:
+    def _provider(self, name: str) -> Provider:
         provider = self.oauth2_providers.get(name)
         if provider is None or not provider.configured:
             raise ApiError(404, "not_found", "no such OAuth2 provider is configured")
@@ -743,7 +744,7 @@ def create_blueprint(
     sessions: sessionmaker[Session] | None = None,
     alert_token: str | None = None,
     max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS,
-    oauth2_providers: Mapping[str, oauth2.Provider] | None = None,
+    oauth2_providers: Mapping[str, Provider] | None = None,
     home_url: str = "/",
 ) -> Blueprint:
     """The API bound to the host's session; `sessions` defaults to the pipeline's database.

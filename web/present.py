@@ -8,10 +8,11 @@ from datetime import timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from mailpipe.accounts import PROVIDER_NAMES, account_login
+from mailpipe.accounts import account_login
 from mailpipe.crypto import DataKey
 from mailpipe.errors import DecryptionFailed
 from mailpipe.models import AccountRun, MailAccount, Notification, PipelineJob, iso, utcnow
+from mailpipe.providers import PROVIDER_NAMES
 from mailpipe.results import AccountHealth, JobReport, JobSummary
 from mailpipe.vocabulary import JOB_FINAL, RUN_FINAL, JobType
 

@@ -25,7 +25,8 @@ from ..crypto import DataKey
 from ..db import rowcount
 from ..errors import MailpipeError, NotFound, TooManyRequests
 from ..models import DiagnosticsResult, MailAccount, utcnow
-from ..oauth2 import Provider, TokenSource
+from ..oauth2 import TokenSource
+from ..providers import Provider
 from ..results import DiagnosisRequest
 from ..vocabulary import DiagnosisStatus
 from .report import Diagnosis
