@@ -1,4 +1,4 @@
-"""Round trips of a no-change poll across a 40 ms round trip: main's checkout against this one.
+"""Round trips of a no-change poll across a 40 ms round trip: this checkout, and another beside it.
 
 Run from the repository root (as root, Dovecot installed): `python -m bench.roundtrips` (`make
 bench`). It seeds one folder with a few messages and puts ../shared/bench/latency_proxy.py (20 ms
@@ -7,9 +7,10 @@ delay of its own) in front of that to see the round trips on the wire. Then `mai
 --json` of the same account, each checkout into its own database, syncs once and polls --runs
 times, before and after taking turns. It prints the medians of the sync's own wall time (the
 `duration` of its --json, so Python's start-up and the owner's key derivation stay out), of the
-round trips the wire showed, and of those the sync reported (`round_trips`, after only), with
-the ratio after/before, measured side by side in this one run: once on the plain port, once
-on the implicit-TLS one (TLS 1.3).
+round trips the wire showed, and of those the sync reported (`round_trips`), once on the plain
+port, once on the implicit-TLS one (TLS 1.3). With `--before DIR` (an older checkout, e.g. a
+`git worktree` of main) both take turns and the ratio after/before is printed, measured side by
+side in this one run.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from tests.support.dovecot import Dovecot, free_ports
 from tests.support.turnproxy import TurnProxy
 
 HERE = Path(__file__).resolve().parent.parent
-MAIN = Path("/work/main")
 LATENCY_PROXY = HERE.parent / "shared" / "bench" / "latency_proxy.py"
 ONE_WAY_MS = 20.0
 PASSWORD_ENV = "BENCH_IMAP_PASSWORD"
@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     """Seed, put the proxies up, run both checkouts' polls in turn and print the table."""
     parser = argparse.ArgumentParser(prog="python -m bench.roundtrips", description=__doc__)
     parser.add_argument("--runs", type=int, default=7, help="polls per checkout (default 7)")
-    parser.add_argument("--main", type=Path, default=MAIN, help="main's checkout (before)")
+    parser.add_argument("--before", type=Path, help="an older checkout to poll beside this one")
     parser.add_argument("--messages", type=int, default=20, help="messages in the folder")
     args = parser.parse_args(argv)
-    checkouts = {"before": args.main, "after": HERE}
+    checkouts = {"before": args.before, "after": HERE} if args.before else {"after": HERE}
     for name, root in checkouts.items():
         if not (root / "cli").is_dir():
             print(f"bench.roundtrips: no checkout for {name} at {root}", file=sys.stderr)
@@ -168,8 +168,9 @@ def _print(security: str, figures: dict[str, dict[str, list[float]]], runs: int)
         shown = "-" if reported is None else f"{reported:g}"
         rtt = wall / (2 * ONE_WAY_MS / 1000)
         print(f"{name:8} {wall:8.3f} {rtt:7.2f} {wire:6g} {shown:>9}")
-    (wall_b, wire_b), (wall_a, wire_a) = medians["before"], medians["after"]
-    print(f"after/before: wall {wall_a / wall_b:.2f}x, round trips {wire_a / wire_b:.2f}x")
+    if "before" in medians:
+        (wall_b, wire_b), (wall_a, wire_a) = medians["before"], medians["after"]
+        print(f"after/before: wall {wall_a / wall_b:.2f}x, round trips {wire_a / wire_b:.2f}x")
 
 
 if __name__ == "__main__":
