@@ -37,6 +37,7 @@ bench: $(STAMP) system
 	$(BIN)/python -m bench.logs
 	$(BIN)/python -m bench.push
 	$(BIN)/python -m bench.watcher
+	$(BIN)/python -m bench.scale --accounts 1000 --users 100
 
 system:
 	bash scripts/ensure-system.sh
