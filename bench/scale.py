@@ -452,8 +452,11 @@ def main(argv: list[str] | None = None) -> int:
                 "own_xacts": 0,
             }
             settled_xacts(ctx, args)
-            rounds = [run_round("initial", ctx, args)]
-            rounds += [run_round(f"poll {n}", ctx, args) for n in range(1, args.polls + 1)]
+            progress({"setup_s": made})
+            rounds = [progress(run_round("initial", ctx, args))]
+            rounds += [
+                progress(run_round(f"poll {n}", ctx, args)) for n in range(1, args.polls + 1)
+            ]
             watch = watch_round(ctx, args, args.watch_seconds) if args.watch_seconds else None
     finally:
         if workers is not None:
@@ -477,6 +480,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report) if args.json else render(report))
     return 0
+
+
+def progress(figures: dict) -> dict:
+    """Each round's figures on stderr as soon as they are known (a long run can fail later)."""
+    print(json.dumps(figures), file=sys.stderr, flush=True)
+    return figures
 
 
 def render(report: dict) -> str:
