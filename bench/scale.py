@@ -120,21 +120,31 @@ class Probe:
         self.redis = redis.Redis.from_url(REDIS_URL)
         self.admin = psycopg.connect(postgres.libpq_url(postgres.ADMIN_URL), autocommit=True)
         self.own_commands = 0  # our own commands to the shared Redis, taken off its count
+        # every backend's CPU when last seen: pools close connections, and a backend's CPU
+        # leaves with it (the sampler looks twice a second, so only a shorter life goes unseen)
+        self.seen: dict[int, float] = {}
+        self.lock = threading.Lock()
 
     def backends(self) -> dict[int, float]:
-        rows = self.admin.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name <> %s",
-            (self.database, BENCH_APP),
-        ).fetchall()
-        return {pid: proc_cpu(pid) for (pid,) in rows}
+        with self.lock:
+            rows = self.admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name <> %s",
+                (self.database, BENCH_APP),
+            ).fetchall()
+        now = {pid: proc_cpu(pid) for (pid,) in rows}
+        self.seen.update({pid: cpu for pid, cpu in now.items() if cpu})
+        return now
 
-    def xacts(self) -> int:
-        self.admin.execute("SELECT pg_stat_clear_snapshot()")
-        (count,) = self.admin.execute(
-            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s",
-            (self.database,),
-        ).fetchone()
-        return int(count)
+    def xacts(self) -> tuple[int, int]:
+        """Transactions and sessions (connections opened) of this database so far."""
+        with self.lock:
+            self.admin.execute("SELECT pg_stat_clear_snapshot()")
+            row = self.admin.execute(
+                "SELECT xact_commit + xact_rollback, sessions FROM pg_stat_database "
+                "WHERE datname = %s",
+                (self.database,),
+            ).fetchone()
+        return int(row[0]), int(row[1])
 
     def redis_cpu_and_calls(self) -> tuple[float, int]:
         cpu = self.redis.info("cpu")
@@ -150,7 +160,7 @@ class Probe:
         redis_cpu, calls = self.redis_cpu_and_calls()
         return {
             "groups": {name: tree_cpu(pid) for name, pid in self.roots.items()},
-            "backends": self.backends(),
+            "backends": {**self.seen, **self.backends()},
             "redis": redis_cpu,
             "calls": calls,
             "own": self.own_commands,
@@ -191,6 +201,7 @@ class DepthSampler(threading.Thread):
         started = time.perf_counter()
         while not self.done.is_set():
             self.samples.append((time.perf_counter() - started, self.probe.depth()))
+            self.probe.backends()
             self.done.wait(SAMPLE_SECONDS)
 
     def series(self, points: int = 8) -> list[tuple[float, int]]:
@@ -278,7 +289,7 @@ def run_round(name: str, ctx: dict, args: argparse.Namespace) -> dict:
             )
         ).all()
     ctx["own_xacts"] += 1
-    xacts = settled_xacts(ctx, args)
+    xacts, sessions = settled_xacts(ctx, args)
     runs = len(rows)
     cpu = Probe.spent(before, after)
     cpu["scheduler"] = tick
@@ -295,6 +306,7 @@ def run_round(name: str, ctx: dict, args: argparse.Namespace) -> dict:
         "accounts_per_s": runs / wall,
         "cpu_ms_per_run": {group: 1000 * seconds / runs for group, seconds in cpu.items()},
         "pg_xacts_per_run": xacts / runs,
+        "pg_sessions_per_run": sessions / runs,
         "redis_commands_per_run": Probe.commands(before, after) / runs,
         "run_ms": {
             "p50": 1000 * percentile(durations, 0.50),
@@ -307,12 +319,13 @@ def run_round(name: str, ctx: dict, args: argparse.Namespace) -> dict:
     }
 
 
-def settled_xacts(ctx: dict, args: argparse.Namespace) -> int:
-    """Transactions since the last call, once idle backends flushed their counts (up to 10 s)."""
+def settled_xacts(ctx: dict, args: argparse.Namespace) -> tuple[int, int]:
+    """Transactions and sessions since the last call, once idle backends flushed their counts
+    (up to 10 s after their last transaction)."""
     time.sleep(args.settle)
-    now = ctx["probe"].xacts()
-    spent = now - ctx["xacts"] - ctx["own_xacts"]
-    ctx["xacts"], ctx["own_xacts"] = now, 0
+    xacts, sessions = ctx["probe"].xacts()
+    spent = xacts - ctx["xacts"] - ctx["own_xacts"], sessions - ctx["sessions"]
+    ctx["xacts"], ctx["sessions"], ctx["own_xacts"] = xacts, sessions, 0
     return spent
 
 
@@ -353,9 +366,13 @@ def watch_round(ctx: dict, args: argparse.Namespace, seconds: float) -> dict:
         time.sleep(2)
         settled_xacts(ctx, args)
         before = probe.cpu()
+        sampler = DepthSampler(probe)
+        sampler.start()
         time.sleep(seconds)
+        sampler.done.set()
+        sampler.join()
         after = probe.cpu()
-        xacts = settled_xacts(ctx, args)
+        xacts, sessions = settled_xacts(ctx, args)
         cpu = Probe.spent(before, after)
         dovecot = descendants(ctx["dovecot"])
         return {
@@ -365,6 +382,7 @@ def watch_round(ctx: dict, args: argparse.Namespace, seconds: float) -> dict:
             "window_s": seconds,
             "cpu_percent": {group: 100 * spent / seconds for group, spent in cpu.items()},
             "pg_xacts_per_s": xacts / seconds,
+            "pg_sessions": sessions,
             "redis_commands_per_s": Probe.commands(before, after) / seconds,
             "watcher_rss_mib": rss_mib(watcher.pid),
             "watcher_fds": len(os.listdir(f"/proc/{watcher.pid}/fd")),
@@ -449,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                 "env": env,
                 "dovecot": server.pid or 0,
                 "xacts": 0,
+                "sessions": 0,
                 "own_xacts": 0,
             }
             settled_xacts(ctx, args)
@@ -503,7 +522,8 @@ def render(report: dict) -> str:
             "  CPU ms per run: "
             + ", ".join(f"{group} {value:.2f}" for group, value in cpu.items())
             + f" (total {sum(cpu.values()):.2f})",
-            f"  per run: {row['pg_xacts_per_run']:.1f} PostgreSQL transactions, "
+            f"  per run: {row['pg_xacts_per_run']:.1f} PostgreSQL transactions "
+            f"({row['pg_sessions_per_run']:.2f} connections opened), "
             f"{row['redis_commands_per_run']:.1f} Redis commands (shared Redis: others' count too)",
             "  run duration ms: "
             + ", ".join(f"{name} {value:.0f}" for name, value in row["run_ms"].items()),
@@ -519,7 +539,8 @@ def render(report: dict) -> str:
             f"(all held {watch['connect_s']:.0f} s after start), over {watch['window_s']:.0f} s:",
             "  CPU % of a core: "
             + ", ".join(f"{group} {value:.2f}" for group, value in watch["cpu_percent"].items()),
-            f"  {watch['pg_xacts_per_s']:.1f} PostgreSQL transactions/s, "
+            f"  {watch['pg_xacts_per_s']:.1f} PostgreSQL transactions/s "
+            f"({watch['pg_sessions']} connections opened), "
             f"{watch['redis_commands_per_s']:.1f} Redis commands/s",
             f"  watcher RSS {watch['watcher_rss_mib']:.0f} MiB, {watch['watcher_fds']} open files; "
             f"Dovecot {watch['dovecot_processes']} processes, {watch['dovecot_rss_mib']:.0f} MiB "
