@@ -9,7 +9,8 @@ A throwaway Dovecot holds --accounts users with --messages messages each; the ac
 its own). This process is the scheduler: each round it makes every account due and runs the
 product's tick (actors.schedule.schedule_due: claim, one scheduled job per user through
 PipelineBroker). Round 1 is the initial sync, the next --polls rounds find nothing new. Then
-`mailpipe watcher` holds every account in IMAP IDLE instead, watched for --watch-seconds.
+`mailpipe watcher` processes (one per 5,000 accounts, the product's capacity) hold every
+account in IMAP IDLE instead, watched for --watch-seconds.
 
 Per round: accounts per second, CPU per account run by process group (worker processes,
 PostgreSQL backends of this database, Redis, Dovecot and its children, the scheduler tick),
@@ -42,6 +43,7 @@ from mailpipe.accounts import add_account, create_user
 from mailpipe.imap import ImapSettings
 from mailpipe.models import AccountRun, MailAccount
 from mailpipe.vocabulary import RUN_FINAL
+from mailpipe.watcher import WatchPolicy
 from tests.support import postgres
 from tests.support.dovecot import Dovecot, free_ports
 from tests.support.policy import LOOPBACK_HOSTS
@@ -52,11 +54,12 @@ BENCH_APP = "mailpipe-bench-scale"  # this process's own queries, left out of th
 CLOCK = os.sysconf("SC_CLK_TCK")
 SAMPLE_SECONDS = 0.5
 # One imap process serves many connections (a process each would be 10,000 processes for the
-# watchers); login processes as Debian ships them.
+# watchers; service_count = 0 lets client_limit count); login processes as Debian ships them.
 LIMITS = """
 default_client_limit = 25000
 default_vsz_limit = 1G
 service imap {
+  service_count = 0
   client_limit = 100
   process_limit = 400
 }
@@ -113,7 +116,7 @@ def percentile(values: list[float], fraction: float) -> float:
 class Probe:
     """Before/after readings of the processes, the database's and Redis's counters."""
 
-    def __init__(self, *, database: str, namespace: str, roots: dict[str, int]) -> None:
+    def __init__(self, *, database: str, namespace: str, roots: dict[str, list[int]]) -> None:
         self.database = database
         self.namespace = namespace
         self.roots = roots
@@ -159,7 +162,9 @@ class Probe:
     def cpu(self) -> dict:
         redis_cpu, calls = self.redis_cpu_and_calls()
         return {
-            "groups": {name: tree_cpu(pid) for name, pid in self.roots.items()},
+            "groups": {
+                name: sum(tree_cpu(pid) for pid in pids) for name, pids in self.roots.items()
+            },
             "backends": {**self.seen, **self.backends()},
             "redis": redis_cpu,
             "calls": calls,
@@ -345,21 +350,30 @@ def held(port: int) -> int:
 
 
 def watch_round(ctx: dict, args: argparse.Namespace, seconds: float) -> dict:
-    """The same accounts held in IDLE by one `mailpipe watcher`: CPU, memory, connections."""
-    [port] = free_ports(1)
+    """The same accounts held in IDLE by `mailpipe watcher` processes, as many as the product's
+    per-process capacity needs: CPU, memory, connections."""
+    count = -(-args.accounts // WatchPolicy().capacity)
+    ports = free_ports(count)
     log = open(ctx["scratch"] / "watcher.log", "wb")  # noqa: SIM115 - closed below
-    watcher = subprocess.Popen(
-        [sys.executable, "-m", "cli", "watcher", "--metrics-port", str(port)],
-        env=ctx["env"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    watchers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cli", "watcher", "--metrics-port", str(port)],
+            env=ctx["env"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        for port in ports
+    ]
     probe = ctx["probe"]
-    probe.roots["watcher"] = watcher.pid
+    probe.roots["watchers"] = [watcher.pid for watcher in watchers]
+
+    def holding() -> int:
+        return sum(held(port) for port in ports)
+
     try:
         connect = wait_for(
-            lambda: held(port) >= args.accounts,
-            "the watcher holds every account",
+            lambda: holding() >= args.accounts,
+            "the watchers hold every account",
             seconds=args.timeout,
             log=lambda: (ctx["scratch"] / "watcher.log").read_text(errors="replace"),
         )
@@ -377,23 +391,26 @@ def watch_round(ctx: dict, args: argparse.Namespace, seconds: float) -> dict:
         dovecot = descendants(ctx["dovecot"])
         return {
             "accounts": args.accounts,
-            "held": held(port),
+            "watchers": count,
+            "held": holding(),
             "connect_s": connect,
             "window_s": seconds,
             "cpu_percent": {group: 100 * spent / seconds for group, spent in cpu.items()},
             "pg_xacts_per_s": xacts / seconds,
             "pg_sessions": sessions,
             "redis_commands_per_s": Probe.commands(before, after) / seconds,
-            "watcher_rss_mib": rss_mib(watcher.pid),
-            "watcher_fds": len(os.listdir(f"/proc/{watcher.pid}/fd")),
+            "watcher_rss_mib": [rss_mib(watcher.pid) for watcher in watchers],
+            "watcher_fds": [len(os.listdir(f"/proc/{watcher.pid}/fd")) for watcher in watchers],
             "dovecot_processes": len(dovecot),
             "dovecot_rss_mib": sum(rss_mib(pid) for pid in dovecot),
             "pg_connections": len(probe.backends()),
         }
     finally:
-        probe.roots.pop("watcher", None)
-        watcher.terminate()
-        watcher.wait(timeout=60)
+        probe.roots.pop("watchers", None)
+        for watcher in watchers:
+            watcher.terminate()
+        for watcher in watchers:
+            watcher.wait(timeout=60)
         log.close()
 
 
@@ -456,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             probe = Probe(
                 database=database,
                 namespace=namespace,
-                roots={"workers": workers.process.pid, "dovecot": server.pid or 0},
+                roots={"workers": [workers.process.pid], "dovecot": [server.pid or 0]},
             )
             ctx = {
                 "engine": engine,
@@ -535,14 +552,17 @@ def render(report: dict) -> str:
     watch = report["watchers"]
     if watch:
         lines += [
-            f"watcher holding {watch['held']} of {watch['accounts']} accounts in IDLE "
+            f"{watch['watchers']} watcher(s) holding {watch['held']} of {watch['accounts']} "
+            "accounts in IDLE "
             f"(all held {watch['connect_s']:.0f} s after start), over {watch['window_s']:.0f} s:",
             "  CPU % of a core: "
             + ", ".join(f"{group} {value:.2f}" for group, value in watch["cpu_percent"].items()),
             f"  {watch['pg_xacts_per_s']:.1f} PostgreSQL transactions/s "
             f"({watch['pg_sessions']} connections opened), "
             f"{watch['redis_commands_per_s']:.1f} Redis commands/s",
-            f"  watcher RSS {watch['watcher_rss_mib']:.0f} MiB, {watch['watcher_fds']} open files; "
+            "  watcher RSS MiB "
+            + ", ".join(f"{value:.0f}" for value in watch["watcher_rss_mib"])
+            + f", open files {watch['watcher_fds']}; "
             f"Dovecot {watch['dovecot_processes']} processes, {watch['dovecot_rss_mib']:.0f} MiB "
             f"RSS; {watch['pg_connections']} PostgreSQL connections",
         ]

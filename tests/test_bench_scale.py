@@ -66,5 +66,5 @@ def test_scale_bench_counts_every_run_and_measures_every_process() -> None:
     assert poll["fetched"] == 0
     watch = report["watchers"]
     assert watch["held"] == ACCOUNTS
-    assert watch["watcher_rss_mib"] > 10
-    assert watch["watcher_fds"] >= ACCOUNTS
+    assert all(rss > 10 for rss in watch["watcher_rss_mib"])
+    assert sum(watch["watcher_fds"]) >= ACCOUNTS
