@@ -40,6 +40,7 @@ bench: $(STAMP) system
 	$(BIN)/python -m bench.push
 	$(BIN)/python -m bench.names
 	$(BIN)/python -m bench.watcher
+	$(BIN)/python -m bench.scale --accounts 1000 --users 100
 	bash bench/peers.sh
 
 system:

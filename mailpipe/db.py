@@ -19,12 +19,18 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_PAGE_SIZE = 16_384  # mail bodies are large blobs; bigger pages mean fewer overflow pages
 MIGRATIONS = Path(__file__).with_name("migrations")
 HEAD_REVISION = "0015"  # the newest migration (tests/test_migrations.py holds it to Alembic's head)
+POOL_SIZE = 5  # SQLAlchemy's default, for processes with a few threads
 PG_MIGRATION_LOCK = 0x6D61696C  # "mail": one advisory lock id for schema upgrades
 _MIGRATION_LOCK = threading.Lock()  # Alembic's module-level proxies are not thread-safe
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`, with SQLite set to WAL (and the SQLite file's directory made)."""
+def make_engine(url: str, *, pool_size: int = POOL_SIZE) -> Engine:
+    """An engine for `url`, with SQLite set to WAL (and the SQLite file's directory made).
+
+    `pool_size` is how many connections the pool keeps open once used (it opens one only when
+    all are busy): past it, a returned connection is closed, and the next busy moment opens a
+    new PostgreSQL backend (a fork, authentication and cold caches) for one transaction.
+    """
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
@@ -32,7 +38,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size)
 
 
 def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:

@@ -59,6 +59,10 @@ end
 return 1
 """
 
+# Connections a worker process keeps: one per thread that ever used one at the same time (the
+# pool opens no more than that). SQLAlchemy's 5 made 8 threads close and reopen PostgreSQL
+# connections all the time: a new backend for about one run in six (bench.scale).
+POOL_SIZE = 32
 logger = logging.getLogger(__name__)
 _SETUP = threading.RLock()  # what is made on first use may need another such thing
 _state: dict = {}
@@ -215,7 +219,7 @@ def _redis_backend() -> RedisBackend:
 
 
 def _open(url: str) -> sessionmaker[Session]:
-    engine = db.make_engine(url)
+    engine = db.make_engine(url, pool_size=POOL_SIZE)
     db.migrate(engine)
     return db.session_factory(engine)
 
