@@ -960,12 +960,14 @@ def _die_with(parent: int) -> None:
 
 
 def _portable(error: BaseException) -> BaseException:
-    """The error as it can cross to the parent (its traceback as a note), or a stand-in."""
-    error.add_note(f"in the storing process {os.getpid()}:\n{traceback.format_exc()}")
+    """The error as it can cross to the parent, its traceback as a note; one that does not
+    survive pickling (SQLAlchemy's) becomes a stand-in that `failures.classify` words alike."""
+    note = f"in the storing process {os.getpid()}:\n{traceback.format_exc()}"
     try:
         pickle.loads(pickle.dumps(error))
     except Exception:
-        return MailpipeError(f"storing failed: unexpected {type(error).__name__}")
+        error = MailpipeError(f"unexpected {type(error).__name__}")
+    error.add_note(note)
     return error
 
 
