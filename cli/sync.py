@@ -112,7 +112,7 @@ def run_sync(args: argparse.Namespace, settings: Settings) -> int:
     from .target import sync_target
 
     engine, target = sync_target(
-        args, args.db or settings.database_url, key_dir=settings.owner_key_path
+        args, args.db or settings.database_url, key_dir=settings.owner_key_path, store_process=True
     )
     try:
         result = target.sync()
@@ -136,7 +136,7 @@ def run_profile(args: argparse.Namespace, settings: Settings) -> int:
         # a database of its own is thrown away with its key file; a given one keeps its owner's
         key_dir = settings.owner_key_path if args.db else Path(scratch) / "keys"
         engine, target = sync_target(
-            args, args.db or f"sqlite:///{scratch}/profile.db", key_dir=key_dir
+            args, args.db or f"sqlite:///{scratch}/profile.db", key_dir=key_dir, store_process=True
         )
         profiler = Profiler(memory=args.memory)
         try:

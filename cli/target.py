@@ -83,9 +83,12 @@ def _oauth2_login(args: argparse.Namespace) -> _OAuth2Login | None:
     )
 
 
-def sync_target(args: argparse.Namespace, url: str, *, key_dir: Path) -> tuple[Engine, SyncTarget]:
+def sync_target(
+    args: argparse.Namespace, url: str, *, key_dir: Path, store_process: bool = False
+) -> tuple[Engine, SyncTarget]:
     """The database (migrated), its owner's key (from their key file in `key_dir`) and the
-    account, created on first use.
+    account, created on first use. With `store_process` the sync stores in a forked process
+    (`sync.StoreProcess`): only for a command that runs no threads of its own (not `watch`).
 
     With OAuth2 the refresh token on the command line is used only when the account is new: a
     known account refreshes with the (rotated) token kept in the database.
@@ -129,6 +132,7 @@ def sync_target(args: argparse.Namespace, url: str, *, key_dir: Path) -> tuple[E
         max_mails=args.max_mails,
         batch_bytes=args.batch_bytes,
         since=args.since,
+        store_process=store_process,
     )
     # What start-up loaded (SQLAlchemy, the models, ...) lives until exit: out of the collector's
     # sight, the full collections a sync of thousands of messages sets off no longer walk it

@@ -2,12 +2,14 @@
 
 A `Profiler` is an `Observer`, so it rides along with the metrics observer at no extra round
 trip. CPU time is the CPU of the thread that ran the phase (the sync parses and saves in its
-storage thread), so a phase's CPU/wall ratio says whether it waited (I/O, or the GIL held by the
-other thread) or computed. Work a phase hands to native threads of their own (fast-mail-parser's
+storage thread, or for the one-shot command in its store process, which reports its phases
+back), so a phase's CPU/wall ratio says whether it waited (I/O, or the GIL held by the other
+thread) or computed. Work a phase hands to native threads of their own (fast-mail-parser's
 `parse_many`) is not in its CPU time, so such a phase can look I/O bound.
 Memory is measured one of two ways, named in the output:
 `ru_maxrss` (the process's resident high-water mark, how far this run raised it; cheap, so every
-account run keeps it, but shared with whatever else the process runs at the time) or
+account run keeps it, but shared with whatever else the process runs at the time, and without
+the one-shot command's store process: `bench.sync`'s peak RSS is the larger of the two) or
 `tracemalloc` (the peak of Python's own allocations during the run, without native buffers;
 exact, but it slows Python down, so only `mailpipe profile` offers it).
 """

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
+import fcntl
+import os
+import pickle
 import queue
+import select
+import signal
+import struct
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from types import TracebackType
 from typing import Any, ParamSpec
 
@@ -20,7 +30,7 @@ from . import imap, store
 from .accounts import account_settings
 from .addresses import AddressPolicy
 from .crypto import DataKey
-from .errors import ProtocolError
+from .errors import MailpipeError, ProtocolError
 from .fetch import (
     FetchedMessage,
     FirstRefused,
@@ -55,6 +65,9 @@ WINDOW = "window"
 _P = ParamSpec("_P")
 # a step queued for the storage thread: the function and its arguments
 _Step = tuple[Callable[..., object], tuple[object, ...], dict[str, object]]
+FRAME_HEADER = struct.Struct("!Q")  # the length of each pickled frame on a StoreProcess pipe
+PIPE_BYTES = 1024 * 1024  # the batches' pipe buffer: Linux's default pipe-max-size
+PR_SET_PDEATHSIG = 1  # Linux prctl: a signal for the child when its parent ends
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,8 @@ class SyncOptions:
     batch_bytes: int = BATCH_BYTES
     batch_messages: int = BATCH_MESSAGES
     since: datetime | None = None  # the account's window: mail received earlier is not fetched
+    # store in a forked process (StoreProcess); only for a process without threads (the CLI)
+    store_process: bool = False
 
 
 @dataclass
@@ -439,21 +454,25 @@ def _sync_folder(
     if steps:
         steps[-1] = (steps[-1][0], final)
     # A single batch has nothing to overlap with: store it in this thread.
-    with Pipeline(threaded=len(steps) > 1) as pipeline:
+    pipeline: Pipeline | StoreProcess
+    if options.store_process and len(steps) > 1:
+        pipeline = StoreProcess(
+            sessions,
+            store_batch=partial(_store_in_child, writer, processors=options.processors),
+            count=partial(_count, outcome, timer=timer),
+        )
+        submit = pipeline.submit
+    else:
+        pipeline = Pipeline(threaded=len(steps) > 1)
+        here = partial(_store_and_count, writer, outcome, options.processors, timer)
+        submit = partial(pipeline.submit, here)
+    with pipeline:
         for batch, after in steps:
             with timer.phase("fetch"):
                 fetched = fetch_messages(client._imap, batch, FETCH_ITEMS)
             messages = [fetched[uid] for uid in batch if uid in fetched]
             outcome.expunged += len(batch) - len(messages)
-            pipeline.submit(
-                _store_batch,
-                writer,
-                after,
-                messages,
-                outcome=outcome,
-                processors=options.processors,
-                timer=timer,
-            )
+            submit(after, messages)
     if not steps and final != saved:  # nothing to fetch: the position still moves on
         with timer.phase("save"):
             writer.finish(final)
@@ -594,15 +613,28 @@ def _plan_new(
     return steps, None
 
 
+@dataclass(frozen=True)
+class BatchReport:
+    """What storing one batch did, counted where it was stored, added up where it was fetched;
+    `phases` holds (phase, wall, CPU) timed in a store process, to be told in the fetching one."""
+
+    fetched: int
+    fetched_bytes: int
+    saved: int
+    duplicates: int
+    processed: int
+    quarantined: dict[str, int]
+    phases: list[tuple[str, float, float]] = field(default_factory=list)
+
+
 def _store_batch(
     writer: store.BatchWriter,
     position: store.FolderPosition,
     messages: list[FetchedMessage],
     *,
-    outcome: FolderResult,
     processors: Mapping[str, Processor] | None,
     timer: PhaseTimer,
-) -> None:
+) -> BatchReport:
     """Parse, process, encrypt and commit one batch with its high-water mark (in the pipeline)."""
     with timer.phase("parse"):
         parsed = parse_messages([message.body for message in messages])
@@ -614,18 +646,73 @@ def _store_batch(
     with timer.phase("save"):
         saved = writer.write(position, messages, parsed, ids=ids, annotations=annotations)
     quarantined = [p.quarantine_reason for p in parsed if p.quarantine_reason is not None]
-    outcome.fetched += len(messages)
-    outcome.saved += saved.saved
-    outcome.duplicates += saved.duplicates
-    outcome.quarantined += len(quarantined)
-    outcome.processed += saved.processed
-    timer.observer.after_batch(
+    return BatchReport(
         fetched=len(messages),
         fetched_bytes=sum(len(message.body) for message in messages),
         saved=saved.saved,
         duplicates=saved.duplicates,
+        processed=saved.processed,
         quarantined={reason: quarantined.count(reason) for reason in set(quarantined)},
     )
+
+
+def _store_and_count(
+    writer: store.BatchWriter,
+    outcome: FolderResult,
+    processors: Mapping[str, Processor] | None,
+    timer: PhaseTimer,
+    position: store.FolderPosition,
+    messages: list[FetchedMessage],
+) -> None:
+    """Store a batch in this process (the storage thread, or the caller's) and count it."""
+    report = _store_batch(writer, position, messages, processors=processors, timer=timer)
+    _count(outcome, report, timer=timer)
+
+
+def _store_in_child(
+    writer: store.BatchWriter,
+    position: store.FolderPosition,
+    messages: list[FetchedMessage],
+    *,
+    processors: Mapping[str, Processor] | None,
+) -> BatchReport:
+    """Store a batch in a StoreProcess, its phases kept for the report (the observer that
+    records them lives in the fetching process)."""
+    log = PhaseLog()
+    report = _store_batch(writer, position, messages, processors=processors, timer=PhaseTimer(log))
+    return replace(report, phases=log.phases)
+
+
+def _count(outcome: FolderResult, report: BatchReport, *, timer: PhaseTimer) -> None:
+    """Add a stored batch to the folder's result and tell the observer."""
+    for name, seconds, cpu_seconds in report.phases:
+        timer.add(name, seconds, cpu_seconds=cpu_seconds)
+    outcome.fetched += report.fetched
+    outcome.saved += report.saved
+    outcome.duplicates += report.duplicates
+    outcome.quarantined += sum(report.quarantined.values())
+    outcome.processed += report.processed
+    timer.observer.after_batch(
+        fetched=report.fetched,
+        fetched_bytes=report.fetched_bytes,
+        saved=report.saved,
+        duplicates=report.duplicates,
+        quarantined=report.quarantined,
+    )
+
+
+class PhaseLog(Observer):
+    """Keeps each timed phase (name, wall, CPU) for telling another observer later."""
+
+    def __init__(self) -> None:
+        self.phases: list[tuple[str, float, float]] = []
+        self._cpu = 0.0
+
+    def after_phase_cpu(self, phase: str, seconds: float) -> None:
+        self._cpu = seconds
+
+    def after_phase(self, phase: str, seconds: float) -> None:
+        self.phases.append((phase, seconds, self._cpu))
 
 
 def _annotations(
@@ -742,6 +829,188 @@ class Pipeline:
                 function(*args, **kwargs)
             except BaseException as error:
                 self._error = error
+
+
+class StoreProcess:
+    """A forked child that stores the batches this process fetches, on the other core.
+
+    Parsing, encryption and SQLite or PostgreSQL writes hold the GIL; in a thread they starve
+    the fetch. Each batch (its position and raw messages) goes to the child through a pipe; the
+    child stores batches in the order sent, each with its high-water mark, and answers with a
+    BatchReport, counted here. At most `depth` batches are sent and not yet reported, which
+    bounds memory. The child opens its own database connections (the inherited pool is
+    dropped unclosed), ignores Ctrl-C (this process decides), dies with this process (Linux's
+    parent-death signal, and the end of the pipe) and never runs this process's exit code.
+    An error in the child is raised here, as it was raised there, at the next submit or at
+    the end. Only for a process without threads (the one-shot command): forking a threaded
+    worker is unsafe.
+    """
+
+    DRAIN_SECONDS = 5.0
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        store_batch: Callable[[store.FolderPosition, list[FetchedMessage]], BatchReport],
+        count: Callable[[BatchReport], None],
+        depth: int = PIPELINE_DEPTH,
+    ) -> None:
+        self._sessions = sessions
+        self._store_batch = store_batch
+        self._count = count
+        self._depth = depth
+        self._pending = 0  # batches sent and not reported yet
+        self.pid = 0
+        self._ended = False  # the child has been waited for
+        self._batches = self._reports = -1
+
+    def __enter__(self) -> StoreProcess:
+        batches_in, self._batches = os.pipe()
+        self._reports, reports_out = os.pipe()
+        with contextlib.suppress(OSError):  # fewer, larger copies (Linux; up to pipe-max-size)
+            fcntl.fcntl(self._batches, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        parent = os.getpid()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                os.close(self._batches)
+                os.close(self._reports)
+                _die_with(parent)
+                self._sessions.kw["bind"].dispose(close=False)
+                self._serve(batches_in, reports_out)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(batches_in)
+        os.close(reports_out)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        os.close(self._batches)  # the end of the batches: the child stores what it has, exits
+        deadline = None if exc is None else time.monotonic() + self.DRAIN_SECONDS
+        try:
+            while self._pending and _readable(self._reports, deadline):
+                self._collect()
+        except Exception:
+            if exc is None:
+                raise
+        finally:
+            os.close(self._reports)
+            if not self._ended:
+                if self._pending or exc is not None:
+                    os.kill(self.pid, signal.SIGKILL)  # a batch cut short is a rolled-back one
+                os.waitpid(self.pid, 0)
+
+    def submit(self, position: store.FolderPosition, messages: list[FetchedMessage]) -> None:
+        while _readable(self._reports, 0.0):
+            self._collect()
+        while self._pending >= self._depth:
+            self._collect()
+        try:
+            _send(self._batches, (position, messages))
+        except BrokenPipeError:  # the child has ended: say why
+            while True:
+                self._collect()
+        self._pending += 1
+
+    def _collect(self) -> None:
+        """Read the child's next report and count it, or raise its error."""
+        frame = _receive(self._reports)
+        if frame is None:
+            _pid, status = os.waitpid(self.pid, 0)
+            self._ended = True
+            code = os.waitstatus_to_exitcode(status)
+            raise MailpipeError(f"the process storing the mail ended unexpectedly (exit {code})")
+        stored, answer = frame
+        if not stored:
+            raise answer
+        self._pending -= 1
+        self._count(answer)
+
+    def _serve(self, batches: int, reports: int) -> None:
+        """In the child: store each batch as it comes, read by a thread of its own meanwhile."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        inbox: queue.Queue[Any] = queue.Queue(maxsize=self._depth)
+
+        def receive() -> None:
+            while (batch := _receive(batches)) is not None:
+                inbox.put(batch)
+            inbox.put(None)
+
+        threading.Thread(target=receive, name="mailpipe-receive", daemon=True).start()
+        while (batch := inbox.get()) is not None:
+            try:
+                report = self._store_batch(*batch)
+            except BaseException as error:
+                _send(reports, (False, _portable(error)))
+                return
+            _send(reports, (True, report))
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel end this child when its parent ends (Linux), or end it now if it has."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _portable(error: BaseException) -> BaseException:
+    """The error as it can cross to the parent, its traceback as a note; one that does not
+    survive pickling (SQLAlchemy's) becomes a stand-in that `failures.classify` words alike."""
+    note = f"in the storing process {os.getpid()}:\n{traceback.format_exc()}"
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        error = MailpipeError(f"unexpected {type(error).__name__}")
+    error.add_note(note)
+    return error
+
+
+def _send(fd: int, item: object) -> None:
+    """Write one frame: the length, then the pickle."""
+    data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+    for part in (FRAME_HEADER.pack(len(data)), data):
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+def _receive(fd: int) -> Any:
+    """Read one frame; None at the end of the pipe."""
+    header = _read_exactly(fd, FRAME_HEADER.size)
+    if header is None:
+        return None
+    data = _read_exactly(fd, FRAME_HEADER.unpack(header)[0])
+    return None if data is None else pickle.loads(data)
+
+
+def _read_exactly(fd: int, size: int) -> bytearray | None:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        read = os.readv(fd, [view[got:]])
+        if not read:
+            return None
+        got += read
+    return buffer
+
+
+def _readable(fd: int, deadline: float | None) -> bool:
+    """Whether the pipe has something to read, waiting until the deadline (None: forever;
+    a deadline of 0.0 does not wait)."""
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    return bool(select.select([fd], [], [], timeout)[0])
 
 
 def _sizes_above(client: IMAPClient, last_uid: int, *, since: datetime | None) -> dict[int, int]:
