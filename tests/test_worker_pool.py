@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 from dataclasses import replace
 
-from sqlalchemy import text
+import dramatiq
+import psycopg
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from sqlalchemy import select, text
 
 import broker_config
+from actors import PipelineBroker
+from mailpipe import db, grants
+from mailpipe.accounts import add_account, create_user
+from mailpipe.imap import ImapSettings
+from mailpipe.models import AccountRun, MailAccount
+from mailpipe.vocabulary import Health, JobStatus
+from tests.support import postgres
 from worker import runtime
 
 THREADS = 8  # `mailpipe worker`'s default
@@ -42,3 +53,72 @@ def test_worker_threads_reuse_their_postgresql_connections(pg_url: str) -> None:
         engine = sessions.kw["bind"]
         engine.dispose()
         runtime.configure(broker_config.SETTINGS)
+
+
+def test_a_postgresql_backend_killed_between_runs_costs_one_retried_attempt(
+    pg_admin_url: str, dovecot
+) -> None:
+    """Given a worker on PostgreSQL whose pool pings no connection before use, and a job that
+    synced an account, when PostgreSQL ends every backend of the worker's connections
+    (pg_terminate_backend, as a restart or failover does) and the account is fetched again,
+    then that run needs exactly one retried attempt and succeeds: the dropped connection fails
+    the first attempt's first statement, the pool replaces it, and the job does not fail; the
+    account's health stays HEALTHY (the mail server was never tried by the failed attempt)."""
+    name = postgres.create_database(pg_admin_url)  # its own: every backend of it is the worker's
+    url = postgres.database_url(pg_admin_url, name)
+    runtime.configure(
+        replace(broker_config.SETTINGS, database_url=url), private_key=X25519PrivateKey.generate()
+    )
+    sessions = runtime.sessions()
+    engine = sessions.kw["bind"]
+    assert engine.pool._pre_ping is False
+    broker_config.broker.flush_all()
+    worker = dramatiq.Worker(broker_config.broker, worker_threads=2, worker_timeout=50)
+    worker.start()
+    web = db.make_engine(url)  # the enqueuing side's own engine, as a web process has
+    pipeline = PipelineBroker(
+        db.session_factory(web),
+        settings=broker_config.SETTINGS,
+        public_key=grants.public_key_bytes(runtime.private_key()),
+    )
+
+    def fetch(user_id: int, key) -> tuple[str, list[int]]:
+        job_id = pipeline.enqueue_fetch_job(user_id, key=key)
+        broker_config.broker.join("fetch", fail_fast=True)
+        worker.join()
+        with sessions() as session:
+            attempts = session.scalars(
+                select(AccountRun.attempt).where(AccountRun.job_id == job_id)
+            ).all()
+        return pipeline.get_job_status(job_id, user_id).status, list(attempts)
+
+    try:
+        with sessions.begin() as session:
+            user, key = create_user(session, f"kill-{secrets.token_hex(4)}", "pw", iterations=1_000)
+            login, password = dovecot.new_user()
+            settings = ImapSettings(
+                host=dovecot.host,
+                port=dovecot.port,
+                username=login,
+                password=password,
+                security="none",
+            )
+            account_id = add_account(session, user, key, settings).id
+            user_id = user.id
+        assert fetch(user_id, key) == (JobStatus.SUCCESS, [1])
+        with psycopg.connect(postgres.libpq_url(url), autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+        assert killed is not None and killed[0] >= 1
+        assert fetch(user_id, key) == (JobStatus.SUCCESS, [2])
+        with sessions() as session:
+            assert session.get_one(MailAccount, account_id).health_status == Health.HEALTHY
+    finally:
+        worker.stop()
+        broker_config.broker.flush_all()
+        engine.dispose()
+        web.dispose()
+        runtime.configure(broker_config.SETTINGS)
+        postgres.drop_database(name, pg_admin_url)
