@@ -518,7 +518,12 @@ def _finish(
             values.update(last_success_at=now, last_error_class=None, last_error_message=None)
         elif status == RunStatus.FAILED:
             values.update(last_error_class=error_class, last_error_message=message)
-        session.execute(update(MailAccount).where(MailAccount.id == account_id).values(**values))
+        session.execute(
+            update(MailAccount)
+            .where(MailAccount.id == account_id)
+            .values(**values)
+            .execution_options(synchronize_session=False)  # no account object in this session
+        )
         if lease_owner is not None:
             leases.release(session, account_id, owner=lease_owner)
         healthy = (
