@@ -11,16 +11,14 @@ import dramatiq
 import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.errors import BrokerConnectionError
-from dramatiq.middleware import Retries, SkipMessage
+from dramatiq.middleware import Retries
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mailpipe import health
 from mailpipe.policies import CircuitPolicy
 from mailpipe.retry import RetryPolicy
-from mailpipe.runner import skip_run
-from mailpipe.vocabulary import ErrorClass, Gate
-
-CIRCUIT_OPEN_MESSAGE = "skipped: fetching this account kept failing, so it is paused for a while"
+from mailpipe.vocabulary import ErrorClass
 
 REENQUEUE_DELAY_SECONDS = 1.0
 REENQUEUE_PATIENCE_SECONDS = 600.0
@@ -70,19 +68,19 @@ class DurableRetries(Retries):
                 time.sleep(REENQUEUE_DELAY_SECONDS)
 
 
-def report_attempt(*, attempted: bool, error_class: str | None) -> None:
-    """Called by an actor that opted in: what this attempt did, for after_process_message."""
-    _attempt.value = {"attempted": attempted, "error_class": error_class}
+def report_attempt(*, attempted: bool, error_class: str | None, healthy: bool = False) -> None:
+    """Called by an actor that opted in: what this attempt did, for after_process_message
+    (`healthy`: a success the run itself noted on a healthy account, nothing left to do)."""
+    _attempt.value = {"attempted": attempted, "error_class": error_class, "healthy": healthy}
 
 
 class AccountHealth(dramatiq.Middleware):
     """After each fetch attempt, move the account between HEALTHY, DEGRADED and BROKEN.
 
-    Before a fetch, skip it while the account's circuit is open (recorded as skipped, which
-    ends the run, so the job still finalises); after the cool-down one probe goes through.
-    Actors opt in with `account_health=True`: their messages carry (job_id, account_id) and they
-    tell each attempt's outcome with `report_attempt`. `on_skipped(sessions, account_id)` is
-    called for each run the open circuit skipped (the metrics count it).
+    The circuit gate before a fetch (an open circuit skips it) is the run's own: it passes it
+    in its first transaction (`run_account(circuit=...)`), as it notes a success on a healthy
+    account in its last. Actors opt in with `account_health=True`: their messages carry
+    (job_id, account_id) and they tell each attempt's outcome with `report_attempt`.
     """
 
     def __init__(
@@ -91,35 +89,18 @@ class AccountHealth(dramatiq.Middleware):
         sessions: Callable[[], sessionmaker[Session]],
         retry_policy: RetryPolicy,
         circuit: CircuitPolicy,
-        on_skipped: Callable[[sessionmaker[Session], int], None],
     ) -> None:
         self.sessions = sessions
         self.retry_policy = retry_policy
         self.circuit = circuit
-        self.on_skipped = on_skipped
 
     @property
     def actor_options(self) -> set[str]:
         return {"account_health"}
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
-        if not _opted_in(broker, message):
-            return
-        _attempt.value = None
-        job_id, account_id = message.args
-        sessions = self.sessions()
-        with sessions.begin() as session:
-            gate = health.circuit_gate(session, account_id, circuit=self.circuit)
-        if gate == Gate.SKIP:
-            skip_run(
-                sessions,
-                job_id=job_id,
-                account_id=account_id,
-                reason=ErrorClass.CIRCUIT_OPEN,
-                message=CIRCUIT_OPEN_MESSAGE,
-            )
-            self.on_skipped(sessions, account_id)
-            raise SkipMessage("circuit open")
+        if _opted_in(broker, message):
+            _attempt.value = None
 
     def after_process_message(
         self,
@@ -133,9 +114,13 @@ class AccountHealth(dramatiq.Middleware):
             return
         attempt = getattr(_attempt, "value", None)
         _attempt.value = None
+        if isinstance(exception, DBAPIError) and exception.connection_invalidated:
+            return  # our database connection had dropped: the account was not tried, it retries
         if exception is not None:
             error_class = getattr(exception, "error_class", ErrorClass.UNKNOWN)
         elif attempt is not None and attempt["attempted"]:
+            if attempt["healthy"]:
+                return  # the run's last transaction noted it
             error_class = attempt["error_class"]
         else:
             return  # waited, redelivered or locked: nothing was tried, health stays

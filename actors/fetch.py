@@ -73,6 +73,7 @@ def fetch_account(job_id: str, account_id: int) -> None:
         timeouts=(TimeLimitExceeded,),
         observer=observer,
         oauth2_providers=settings.oauth2_providers,
+        circuit=settings.circuit,
     )
     observer.record_outcome(outcome, seconds=time.perf_counter() - started)
     if outcome.finished is not None:
@@ -80,6 +81,7 @@ def fetch_account(job_id: str, account_id: int) -> None:
     report_attempt(
         attempted=outcome.attempted,
         error_class=outcome.failure.error_class if outcome.failure else None,
+        healthy=outcome.healthy,
     )
     if outcome.action == Next.RETRY and outcome.failure is not None:
         raise TransientFailure(outcome.failure.error_class) from None

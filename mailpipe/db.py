@@ -24,12 +24,18 @@ PG_MIGRATION_LOCK = 0x6D61696C  # "mail": one advisory lock id for schema upgrad
 _MIGRATION_LOCK = threading.Lock()  # Alembic's module-level proxies are not thread-safe
 
 
-def make_engine(url: str, *, pool_size: int = POOL_SIZE) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = POOL_SIZE, pre_ping: bool = True, recycle_seconds: int = -1
+) -> Engine:
     """An engine for `url`, with SQLite set to WAL (and the SQLite file's directory made).
 
     `pool_size` is how many connections the pool keeps open once used (it opens one only when
     all are busy): past it, a returned connection is closed, and the next busy moment opens a
     new PostgreSQL backend (a fork, authentication and cold caches) for one transaction.
+    `pre_ping` tests each connection with a `SELECT 1` of its own as it is checked out (a
+    transaction per checkout); without it, a connection the server dropped fails its first
+    statement, and the pool then replaces every connection opened before that moment.
+    `recycle_seconds` (-1: never) replaces a connection that old at its next checkout.
     """
     if url.startswith("sqlite"):
         database = make_url(url).database
@@ -38,7 +44,9 @@ def make_engine(url: str, *, pool_size: int = POOL_SIZE) -> Engine:
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size)
+    return create_engine(
+        url, pool_pre_ping=pre_ping, pool_size=pool_size, pool_recycle=recycle_seconds
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:

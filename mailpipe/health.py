@@ -58,16 +58,25 @@ class Transition:
 
 
 def circuit_gate(
-    session: Session, account_id: int, *, circuit: CircuitPolicy, now: datetime | None = None
+    session: Session,
+    account_id: int,
+    *,
+    circuit: CircuitPolicy,
+    now: datetime | None = None,
+    state: str | None = None,
 ) -> Gate:
     """Whether a run may go ahead: PASS, the single half-open PROBE, or SKIP.
 
     A probe's claim is timed like the opening of the circuit: a probe that never reports (its
     worker died, or its run had to wait) gives way to a new one after another cool-down, so the
-    circuit cannot stay half-open for good.
+    circuit cannot stay half-open for good. `state` is the circuit state the caller read in
+    this transaction (a closed circuit then costs no query).
     """
     now = now or utcnow()
-    state = session.scalar(select(MailAccount.circuit_state).where(MailAccount.id == account_id))
+    if state is None:
+        state = session.scalar(
+            select(MailAccount.circuit_state).where(MailAccount.id == account_id)
+        )
     if state is None or state == CircuitState.CLOSED:
         return Gate.PASS
     cooled = now - timedelta(seconds=circuit.cooldown_seconds)
@@ -95,7 +104,7 @@ def record_outcome(
 ) -> Transition:
     """Move health and circuit after one attempt; notify the owner on each transition."""
     now = now or utcnow()
-    if error_class is None and _stays_healthy(session, account_id, now):
+    if error_class is None and stays_healthy(session, account_id, now=now):
         return Transition(Health.HEALTHY, Health.HEALTHY, CircuitState.CLOSED, CircuitState.CLOSED)
     _lock(session, account_id)
     account = session.get_one(MailAccount, account_id)
@@ -289,8 +298,9 @@ def mark_read(session: Session, user_id: int, notification_id: int | None = None
     return rowcount(session.execute(query.values(read_at=utcnow())))
 
 
-def _stays_healthy(session: Session, account_id: int, now: datetime) -> bool:
-    """A success on an account that was healthy changes nothing but the time: one UPDATE."""
+def stays_healthy(session: Session, account_id: int, *, now: datetime) -> bool:
+    """A success on an account that was healthy changes nothing but the time: one UPDATE (the
+    runner's last transaction makes it; False: `record_outcome` moves health and circuit)."""
     touched = session.execute(
         update(MailAccount)
         .where(

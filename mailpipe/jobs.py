@@ -114,6 +114,7 @@ def begin_run(
             .values(
                 status=JobStatus.RUNNING, started_at=func.coalesce(PipelineJob.started_at, utcnow())
             )
+            .execution_options(synchronize_session=False)  # the caller read the status it needs
         )
         if rowcount(moved) and job_status == JobStatus.PENDING:
             logs.job_started(job_id=job_id, account_id=account_id)
@@ -206,6 +207,7 @@ def finish_run(
         .where(PipelineJob.id == job_id)
         .values(runs_open=PipelineJob.runs_open - 1)
         .returning(PipelineJob.runs_open)
+        .execution_options(synchronize_session=False)
     )
     return finalise_if_done(session, job_id) if left is not None and left <= 0 else None
 
@@ -311,11 +313,16 @@ def purge_finished(session: Session, *, before: datetime, limit: int = PURGE_BAT
 
 
 def _update_open_run(job_id: str, account_id: int) -> Update:
-    """An UPDATE of the account's run in the job that touches it only while it has not ended."""
-    return update(AccountRun).where(
-        AccountRun.job_id == job_id,
-        AccountRun.account_id == account_id,
-        AccountRun.status.not_in(RUN_FINAL),
+    """An UPDATE of the account's run in the job that touches it only while it has not ended
+    (no run object of the session is brought up to date: the runner holds none)."""
+    return (
+        update(AccountRun)
+        .where(
+            AccountRun.job_id == job_id,
+            AccountRun.account_id == account_id,
+            AccountRun.status.not_in(RUN_FINAL),
+        )
+        .execution_options(synchronize_session=False)
     )
 
 

@@ -26,18 +26,20 @@ from .imap import ImapSettings
 from .models import MailAccount, PipelineJob, utcnow
 from .oauth2 import TokenSource
 from .observer import Observer, Observers, PhaseTimer
+from .policies import CircuitPolicy
 from .processors import Processor, process_backlog
 from .profiler import Profiler
 from .providers import Provider
 from .retry import RetryPolicy
 from .store import FolderPosition, folder_states
 from .sync import SyncOptions, SyncResult, sync_account
-from .vocabulary import ErrorClass, JobStatus, RunStatus
+from .vocabulary import ErrorClass, Gate, JobStatus, RunStatus
 
 LEASE_MARGIN_SECONDS = 60
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 60.0
 LOCKED_MESSAGE = "not synced: log in again so mailpipe may read this account"
+CIRCUIT_OPEN_MESSAGE = "skipped: fetching this account kept failing, so it is paused for a while"
 LOST_MESSAGE = (
     "not synced: this run's queue message was lost (the broker lost its data, or the database "
     "was restored); the next fetch syncs the account again"
@@ -68,6 +70,8 @@ class RunOutcome:
     attempted: bool = False  # a connection to the mail server was tried
     result: SyncResult | None = None
     finished: jobs.FinishedJob | None = None
+    skipped: ErrorClass | None = None  # why a run ended skipped without trying the server
+    healthy: bool = False  # a success on a healthy account, its health touched in the last step
 
 
 def run_account(
@@ -84,6 +88,7 @@ def run_account(
     connection_slot: Callable[[str], AbstractContextManager[bool]] | None = None,
     timeouts: tuple[type[BaseException], ...] = (),
     oauth2_providers: Mapping[str, Provider] | None = None,
+    circuit: CircuitPolicy | None = None,
 ) -> RunOutcome:
     """Sync one account for one job and record the outcome; the last run finalises the job.
 
@@ -91,6 +96,9 @@ def run_account(
     the timeout error class; `address_policy` says which servers the account may connect to.
     Each attempt ends with one `account_run` log event. An OAuth2 account's token is refreshed
     with the client secret of the configured provider (`oauth2_providers`) its grant names.
+    With a `circuit`, the run's first transaction also passes the account's circuit gate (an
+    open circuit ends the run skipped) and its last one notes a success on a healthy account
+    (`RunOutcome.healthy`): no transactions of their own for the two.
     """
     profiler = Profiler()
     started = time.perf_counter()
@@ -108,6 +116,7 @@ def run_account(
         timeouts=timeouts,
         profiler=profiler,
         oauth2_providers=oauth2_providers,
+        circuit=circuit,
     )
     _log_attempt(
         outcome,
@@ -135,6 +144,7 @@ def _run_account(
     timeouts: tuple[type[BaseException], ...],
     profiler: Profiler,
     oauth2_providers: Mapping[str, Provider] | None,
+    circuit: CircuitPolicy | None,
 ) -> RunOutcome:
     owner = f"{job_id}:{account_id}"
     start = _start(
@@ -145,15 +155,28 @@ def _run_account(
         owner=owner,
         private_key=private_key,
         address_policy=address_policy,
+        circuit=circuit,
     )
     if isinstance(start, RunOutcome):
         return start
+    observers = profiler if observer is None else Observers(observer, profiler)
+    if start.circuit_open:
+        observers.before_run(provider=start.provider)
+        skipped = _finish(
+            sessions,
+            job_id,
+            account_id,
+            RunStatus.SKIPPED,
+            error_class=ErrorClass.CIRCUIT_OPEN,
+            message=CIRCUIT_OPEN_MESSAGE,
+        )
+        skipped.skipped = ErrorClass.CIRCUIT_OPEN
+        return skipped
     options = start.options
     caught: tuple[type[BaseException], ...] = (Exception, *timeouts)
     started = time.perf_counter()
     started_at = utcnow()
     released = False
-    observers = profiler if observer is None else Observers(observer, profiler)
     observers.before_run(provider=start.provider)
     try:
         if start.problem is not None:
@@ -229,12 +252,19 @@ def _run_account(
             phases=result.phases,
             profile=profiler.to_json(),
             duration=time.perf_counter() - started,
-        ).finished
+            touch_health=circuit is not None,
+        )
         released = True
         noticed_at = options.get("noticed_at")  # a push run: when the watcher saw the mail come
         if noticed_at is not None and result.saved:
             observers.after_push(seconds=max(time.time() - float(noticed_at), 0.0))
-        return RunOutcome(Next.DONE, result=result, finished=finished, attempted=True)
+        return RunOutcome(
+            Next.DONE,
+            result=result,
+            finished=finished.finished,
+            attempted=True,
+            healthy=finished.healthy,
+        )
     except HostBusy:
         with sessions.begin() as session:
             jobs.reopen_run(session, job_id=job_id, account_id=account_id)
@@ -297,8 +327,8 @@ def _log_attempt(
         status = RunStatus.FAILED
     elif outcome.result is not None:
         status = RunStatus.SUCCESS
-    else:  # the one skip inside a run: no live key grant
-        status, error_class = RunStatus.SKIPPED, ErrorClass.LOCKED
+    else:  # a skip: an open circuit, or no live key grant
+        status, error_class = RunStatus.SKIPPED, outcome.skipped or ErrorClass.LOCKED
     logs.account_run(
         job_id=job_id,
         account_id=account_id,
@@ -340,6 +370,7 @@ class _Start:
     states: dict[str, FolderPosition] = field(default_factory=dict)
     problem: Exception | None = None  # raised inside the run, so it is classified and recorded
     oauth2: bool = False  # the account logs in with a refreshable OAuth2 grant
+    circuit_open: bool = False  # the account's circuit is open: the run ends skipped
 
 
 def _start(
@@ -351,14 +382,24 @@ def _start(
     owner: str,
     private_key: X25519PrivateKey,
     address_policy: AddressPolicy,
+    circuit: CircuitPolicy | None,
 ) -> _Start | RunOutcome:
-    """Take the account's lease, mark the run started, open the key and read the account and
-    its folders' positions, in one transaction; or say why the run cannot go ahead."""
+    """Pass the circuit gate, take the account's lease, mark the run started, open the key and
+    read the account and its folders' positions, in one transaction; or say why the run cannot
+    go ahead."""
     with sessions.begin() as session:
         job = session.get(PipelineJob, job_id)
         if job is None:
             return RunOutcome(Next.DUPLICATE)
         start = _Start(options=dict(job.options or {}))
+        found = session.get(MailAccount, account_id)
+        if circuit is not None and found is not None:
+            gate = health.circuit_gate(
+                session, account_id, circuit=circuit, state=found.circuit_state
+            )
+            if gate == Gate.SKIP:
+                start.provider, start.circuit_open = found.provider, True
+                return start
         lease_seconds = start.options.get("timeout_seconds", 120) + LEASE_MARGIN_SECONDS
         if not leases.acquire(session, account_id, owner=owner, seconds=lease_seconds):
             return RunOutcome(Next.BUSY)
@@ -391,29 +432,6 @@ def _start(
         except Exception as error:  # bad stored data: the run records it as its failure
             start.problem = error
     return start
-
-
-def skip_run(
-    sessions: sessionmaker[Session],
-    *,
-    job_id: str,
-    account_id: int,
-    reason: ErrorClass,
-    message: str,
-) -> None:
-    """End a run that must not go ahead (open circuit): skipped, which is not a failure."""
-    finished = _finish(
-        sessions, job_id, account_id, RunStatus.SKIPPED, error_class=reason, message=message
-    ).finished
-    logs.account_run(
-        job_id=job_id,
-        account_id=account_id,
-        status=RunStatus.SKIPPED,
-        error_class=reason,
-        duration_seconds=0.0,
-    )
-    if finished is not None:
-        _log_finished(finished)
 
 
 def record_crash(
@@ -476,9 +494,11 @@ def _finish(
     phases: dict[str, float] | None = None,
     profile: dict[str, Any] | None = None,
     duration: float | None = None,
+    touch_health: bool = False,
 ) -> RunOutcome:
     """Record a run's end on the run and its account (giving back the account's lease when
-    `lease_owner` holds it); drop the job's key if it was the last."""
+    `lease_owner` holds it); drop the job's key if it was the last. With `touch_health`, a
+    success on a healthy account is noted there too (`RunOutcome.healthy`)."""
     with sessions.begin() as session:
         finished = jobs.finish_run(
             session,
@@ -498,9 +518,19 @@ def _finish(
             values.update(last_success_at=now, last_error_class=None, last_error_message=None)
         elif status == RunStatus.FAILED:
             values.update(last_error_class=error_class, last_error_message=message)
-        session.execute(update(MailAccount).where(MailAccount.id == account_id).values(**values))
+        session.execute(
+            update(MailAccount)
+            .where(MailAccount.id == account_id)
+            .values(**values)
+            .execution_options(synchronize_session=False)  # no account object in this session
+        )
         if lease_owner is not None:
             leases.release(session, account_id, owner=lease_owner)
+        healthy = (
+            touch_health
+            and status == RunStatus.SUCCESS
+            and health.stays_healthy(session, account_id, now=now)
+        )
         if finished is not None and finished.grant_id is not None:
             grants.drop_job_grant(session, finished.job_id)
         if finished is not None and finished.status == JobStatus.FAILED:
@@ -522,4 +552,4 @@ def _finish(
             health.notify_retries_exhausted(
                 session, user_id=finished.user_id, job_id=finished.job_id
             )
-    return RunOutcome(Next.DONE, finished=finished)
+    return RunOutcome(Next.DONE, finished=finished, healthy=healthy)

@@ -118,12 +118,6 @@ def record_account_run(provider: str, outcome: str, seconds: float) -> None:
     c.ACCOUNT_RUN_DURATION.labels(provider, outcome).observe(max(seconds, 0.0))
 
 
-def record_skipped_run(sessions: sessionmaker[Session], account_id: int) -> None:
-    """A run the account's open circuit skipped before it began (AccountHealth's hook)."""
-    provider = MetricsObserver.for_account(sessions, account_id).provider
-    record_account_run(provider, RunStatus.SKIPPED, 0.0)
-
-
 def record_job(type: str, status: str, seconds: float) -> None:
     """A fetch job reached its final status `seconds` after it was enqueued."""
     job_type = c.bounded(type, c.JOB_TYPES)

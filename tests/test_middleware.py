@@ -57,7 +57,6 @@ def test_account_health_acts_on_the_actors_that_opt_in_whatever_their_name(accou
         sessions=lambda: opened.append(1) or sessions,
         retry_policy=RetryPolicy(),
         circuit=CircuitPolicy(),
-        on_skipped=lambda sessions, account_id: None,
     )
     broker = StubBroker(middleware=[middleware])
     plain = dramatiq.actor(

@@ -15,8 +15,9 @@ Middleware order, outermost first:
                            (Dramatiq's Retries, whose retry survives a Redis outage)
   7. CurrentMessage        actors read their own retry count
   8. PeriodiqMiddleware    periodic actors (the scheduler) and their skip of stale ticks
-  9. AccountHealth         skip fetches of accounts whose circuit is open; after each attempt,
-                           move the account between HEALTHY, DEGRADED and BROKEN
+  9. AccountHealth         after each attempt, move the account between HEALTHY, DEGRADED and
+                           BROKEN (the run itself passes the circuit gate and notes a success
+                           on a healthy account, in its first and last transactions)
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from periodiq import PeriodiqMiddleware
 
 from mailpipe.settings import Settings
 from metrics.middleware import DramatiqMetrics
-from metrics.observer import record_skipped_run
 from middleware import AccountHealth, DurableRetries
 
 from . import runtime
@@ -85,7 +85,6 @@ def middleware_stack(settings: Settings) -> list[dramatiq.Middleware]:
             sessions=runtime.sessions,
             retry_policy=settings.retry,
             circuit=settings.circuit,
-            on_skipped=record_skipped_run,
         ),
     ]
 

@@ -63,6 +63,11 @@ return 1
 # pool opens no more than that). SQLAlchemy's 5 made 8 threads close and reopen PostgreSQL
 # connections all the time: a new backend for about one run in six (bench.scale).
 POOL_SIZE = 32
+# No `SELECT 1` before each checkout (half of a poll's PostgreSQL transactions, bench.scale): a
+# connection the server dropped fails the attempt's first statement, the pool replaces it and
+# its elders, and the message comes back as any crash outside the sync does (one retry). Kept
+# connections are replaced after half an hour, before idle-timeouts of proxies in between.
+POOL_RECYCLE_SECONDS = 1800
 logger = logging.getLogger(__name__)
 _SETUP = threading.RLock()  # what is made on first use may need another such thing
 _state: dict = {}
@@ -219,7 +224,9 @@ def _redis_backend() -> RedisBackend:
 
 
 def _open(url: str) -> sessionmaker[Session]:
-    engine = db.make_engine(url, pool_size=POOL_SIZE)
+    engine = db.make_engine(
+        url, pool_size=POOL_SIZE, pre_ping=False, recycle_seconds=POOL_RECYCLE_SECONDS
+    )
     db.migrate(engine)
     return db.session_factory(engine)
 
