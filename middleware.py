@@ -70,7 +70,7 @@ class DurableRetries(Retries):
 
 def report_attempt(*, attempted: bool, error_class: str | None, healthy: bool = False) -> None:
     """Called by an actor that opted in: what this attempt did, for after_process_message
-    (`healthy`: a success the run itself noted on a healthy account, nothing left to do)."""
+    (`healthy`: a success the run itself recorded on the account's health, nothing left to do)."""
     _attempt.value = {"attempted": attempted, "error_class": error_class, "healthy": healthy}
 
 
@@ -78,8 +78,8 @@ class AccountHealth(dramatiq.Middleware):
     """After each fetch attempt, move the account between HEALTHY, DEGRADED and BROKEN.
 
     The circuit gate before a fetch (an open circuit skips it) is the run's own: it passes it
-    in its first transaction (`run_account(circuit=...)`), as it notes a success on a healthy
-    account in its last. Actors opt in with `account_health=True`: their messages carry
+    in its first transaction (`run_account(circuit=...)`), as it records a success on the
+    account's health in its last (a job seen final then shows its accounts' health). Actors opt in with `account_health=True`: their messages carry
     (job_id, account_id) and they tell each attempt's outcome with `report_attempt`.
     """
 

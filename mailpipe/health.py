@@ -102,71 +102,63 @@ def record_outcome(
     circuit: CircuitPolicy,
     now: datetime | None = None,
 ) -> Transition:
-    """Move health and circuit after one attempt; notify the owner on each transition."""
+    """Move health and circuit after one attempt; notify the owner on each transition (only a
+    failure breaks an account or opens its circuit)."""
     now = now or utcnow()
-    if error_class is None and stays_healthy(session, account_id, now=now):
-        return Transition(Health.HEALTHY, Health.HEALTHY, CircuitState.CLOSED, CircuitState.CLOSED)
+    if error_class is None:
+        return record_success(session, account_id, now=now)
     _lock(session, account_id)
     account = session.get_one(MailAccount, account_id)
     health_before, circuit_before = account.health_status, account.circuit_state
     account.health_checked_at = now
-    if error_class is None:
-        account.health_status = Health.HEALTHY
-        account.failure_count = 0
-        account.failure_window_start = None
-        account.circuit_state = CircuitState.CLOSED
-        account.circuit_opened_at = None
+    account.health_status = retry_policy.health_after(error_class)
+    window_start = account.failure_window_start
+    if window_start is None or window_start < now - timedelta(seconds=circuit.window_seconds):
+        account.failure_window_start = now
+        account.failure_count = 1
     else:
-        account.health_status = retry_policy.health_after(error_class)
-        window_start = account.failure_window_start
-        if window_start is None or window_start < now - timedelta(seconds=circuit.window_seconds):
-            account.failure_window_start = now
-            account.failure_count = 1
-        else:
-            account.failure_count += 1
-        if account.circuit_state == CircuitState.HALF_OPEN or (
-            account.circuit_state == CircuitState.CLOSED
-            and account.failure_count >= circuit.failures
-        ):
-            account.circuit_state = CircuitState.OPEN
-            account.circuit_opened_at = now
-    if error_class is not None:  # only a failure breaks an account or opens its circuit
-        provider = PROVIDER_NAMES.get(account.provider, account.provider)
-        if account.health_status == Health.BROKEN and health_before != Health.BROKEN:
-            notify(
-                session,
-                user_id=account.user_id,
-                account_id=account.id,
-                kind="account_broken",
-                severity="error",
-                message=_broken_message(error_class, account.auth_kind).format(provider=provider),
-                params={
-                    "provider": provider,
-                    "error_class": error_class,
-                    "auth": account.auth_kind,
-                },
-                dedupe_key=f"account_broken:{account.id}:{now.isoformat()}",
-            )
-        if account.circuit_state == CircuitState.OPEN and circuit_before != CircuitState.OPEN:
-            minutes = max(1, circuit.cooldown_seconds // 60)
-            notify(
-                session,
-                user_id=account.user_id,
-                account_id=account.id,
-                kind="circuit_open",
-                severity="warning",
-                message=CIRCUIT_MESSAGE.format(
-                    provider=provider,
-                    error=error_class.replace("_", " "),
-                    minutes=minutes,
-                ),
-                params={
-                    "provider": provider,
-                    "error_class": error_class,
-                    "minutes": minutes,
-                },
-                dedupe_key=f"circuit_open:{account.id}:{now.isoformat()}",
-            )
+        account.failure_count += 1
+    if account.circuit_state == CircuitState.HALF_OPEN or (
+        account.circuit_state == CircuitState.CLOSED and account.failure_count >= circuit.failures
+    ):
+        account.circuit_state = CircuitState.OPEN
+        account.circuit_opened_at = now
+    provider = PROVIDER_NAMES.get(account.provider, account.provider)
+    if account.health_status == Health.BROKEN and health_before != Health.BROKEN:
+        notify(
+            session,
+            user_id=account.user_id,
+            account_id=account.id,
+            kind="account_broken",
+            severity="error",
+            message=_broken_message(error_class, account.auth_kind).format(provider=provider),
+            params={
+                "provider": provider,
+                "error_class": error_class,
+                "auth": account.auth_kind,
+            },
+            dedupe_key=f"account_broken:{account.id}:{now.isoformat()}",
+        )
+    if account.circuit_state == CircuitState.OPEN and circuit_before != CircuitState.OPEN:
+        minutes = max(1, circuit.cooldown_seconds // 60)
+        notify(
+            session,
+            user_id=account.user_id,
+            account_id=account.id,
+            kind="circuit_open",
+            severity="warning",
+            message=CIRCUIT_MESSAGE.format(
+                provider=provider,
+                error=error_class.replace("_", " "),
+                minutes=minutes,
+            ),
+            params={
+                "provider": provider,
+                "error_class": error_class,
+                "minutes": minutes,
+            },
+            dedupe_key=f"circuit_open:{account.id}:{now.isoformat()}",
+        )
     session.flush()
     return Transition(health_before, account.health_status, circuit_before, account.circuit_state)
 
@@ -296,6 +288,25 @@ def mark_read(session: Session, user_id: int, notification_id: int | None = None
     if notification_id is not None:
         query = query.where(Notification.id == notification_id)
     return rowcount(session.execute(query.values(read_at=utcnow())))
+
+
+def record_success(session: Session, account_id: int, *, now: datetime) -> Transition:
+    """A successful attempt: healthy, circuit closed, failures forgotten (one UPDATE when the
+    account was healthy already). The runner's last transaction makes it, so a job seen final
+    already shows its accounts' health."""
+    if stays_healthy(session, account_id, now=now):
+        return Transition(Health.HEALTHY, Health.HEALTHY, CircuitState.CLOSED, CircuitState.CLOSED)
+    _lock(session, account_id)
+    account = session.get_one(MailAccount, account_id)
+    health_before, circuit_before = account.health_status, account.circuit_state
+    account.health_checked_at = now
+    account.health_status = Health.HEALTHY
+    account.failure_count = 0
+    account.failure_window_start = None
+    account.circuit_state = CircuitState.CLOSED
+    account.circuit_opened_at = None
+    session.flush()
+    return Transition(health_before, account.health_status, circuit_before, account.circuit_state)
 
 
 def stays_healthy(session: Session, account_id: int, *, now: datetime) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -35,6 +36,7 @@ from .store import FolderPosition, folder_states
 from .sync import SyncOptions, SyncResult, sync_account
 from .vocabulary import ErrorClass, Gate, JobStatus, RunStatus
 
+logger = logging.getLogger(__name__)
 LEASE_MARGIN_SECONDS = 60
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 60.0
@@ -71,7 +73,7 @@ class RunOutcome:
     result: SyncResult | None = None
     finished: jobs.FinishedJob | None = None
     skipped: ErrorClass | None = None  # why a run ended skipped without trying the server
-    healthy: bool = False  # a success on a healthy account, its health touched in the last step
+    healthy: bool = False  # a success, recorded on the account's health in the last step
 
 
 def run_account(
@@ -97,8 +99,8 @@ def run_account(
     Each attempt ends with one `account_run` log event. An OAuth2 account's token is refreshed
     with the client secret of the configured provider (`oauth2_providers`) its grant names.
     With a `circuit`, the run's first transaction also passes the account's circuit gate (an
-    open circuit ends the run skipped) and its last one notes a success on a healthy account
-    (`RunOutcome.healthy`): no transactions of their own for the two.
+    open circuit ends the run skipped) and its last one records a success on the account's
+    health (`RunOutcome.healthy`): no transactions of their own for the two.
     """
     profiler = Profiler()
     started = time.perf_counter()
@@ -498,7 +500,8 @@ def _finish(
 ) -> RunOutcome:
     """Record a run's end on the run and its account (giving back the account's lease when
     `lease_owner` holds it); drop the job's key if it was the last. With `touch_health`, a
-    success on a healthy account is noted there too (`RunOutcome.healthy`)."""
+    success is recorded on the account's health there too (`RunOutcome.healthy`), so a job
+    seen final already shows its accounts' health."""
     with sessions.begin() as session:
         finished = jobs.finish_run(
             session,
@@ -526,11 +529,18 @@ def _finish(
         )
         if lease_owner is not None:
             leases.release(session, account_id, owner=lease_owner)
-        healthy = (
-            touch_health
-            and status == RunStatus.SUCCESS
-            and health.stays_healthy(session, account_id, now=now)
-        )
+        healthy = touch_health and status == RunStatus.SUCCESS
+        if healthy:
+            change = health.record_success(session, account_id, now=now)
+            if change.health_before != change.health_after:
+                logger.info(
+                    "account %s: health %s -> %s, circuit %s -> %s",
+                    account_id,
+                    change.health_before,
+                    change.health_after,
+                    change.circuit_before,
+                    change.circuit_after,
+                )
         if finished is not None and finished.grant_id is not None:
             grants.drop_job_grant(session, finished.job_id)
         if finished is not None and finished.status == JobStatus.FAILED:

@@ -166,6 +166,28 @@ def run_with(world: World, user: User, account: int, processors: dict, observer=
     )
 
 
+def test_a_successful_run_records_the_recovery_before_its_job_is_seen_final(world):
+    # Given an account that a failed attempt left DEGRADED with one failure counted
+    alice = world.user("alice")
+    account = world.account(alice, mails=1)
+    with world.sessions.begin() as session:
+        session.execute(
+            update(MailAccount)
+            .where(MailAccount.id == account)
+            .values(health_status=Health.DEGRADED, failure_count=1, failure_window_start=utcnow())
+        )
+    # When the core runs it with the circuit (as the worker does), no middleware after it
+    outcome = run_job(
+        world, job_with_grant(world, alice, account), account, circuit=CircuitPolicy()
+    )
+    # Then the job is final and, in the same transaction, the account is HEALTHY again
+    assert outcome.finished is not None and outcome.finished.status == "success"
+    assert outcome.healthy
+    with world.sessions() as session:
+        row = session.get_one(MailAccount, account)
+        assert (row.health_status, row.failure_count) == (Health.HEALTHY, 0)
+
+
 def test_a_held_account_lease_makes_the_run_wait(world):
     alice = world.user("alice")
     account = world.account(alice, mails=1)
