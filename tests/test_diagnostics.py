@@ -249,6 +249,7 @@ def test_a_stalled_server_gives_a_timeout_reason(dovecot, imap_user):
     assert (login.status, login.error_class) == (FAILED, "timeout")
     assert login.reason == "server did not answer in time"
     assert diagnosis.check("inbox").status == SKIPPED
+    assert diagnosis.check("inbox").reason == "not logged in"
 
 
 def test_checks_run_on_an_open_connection_and_stop_where_it_is_lost(dovecot, imap_user):
