@@ -133,18 +133,7 @@ class AccountHealth(dramatiq.Middleware):
                 retry_policy=self.retry_policy,
                 circuit=self.circuit,
             )
-        if (
-            change.health_before != change.health_after
-            or change.circuit_before != change.circuit_after
-        ):
-            logger.info(
-                "account %s: health %s -> %s, circuit %s -> %s",
-                account_id,
-                change.health_before,
-                change.health_after,
-                change.circuit_before,
-                change.circuit_after,
-            )
+        change.log(account_id)
 
 
 def _opted_in(broker: dramatiq.Broker, message: MessageProxy) -> bool:

@@ -7,6 +7,7 @@ decides. Users are told once per transition, never once per attempt.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -46,6 +47,8 @@ RETRIES_EXHAUSTED_MESSAGE = (
     "and this one is tried again at the next fetch"
 )
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Transition:
@@ -55,6 +58,18 @@ class Transition:
     health_after: str
     circuit_before: str
     circuit_after: str
+
+    def log(self, account_id: int) -> None:
+        """One line when health or circuit moved (none when the attempt changed nothing)."""
+        if (self.health_before, self.circuit_before) != (self.health_after, self.circuit_after):
+            logger.info(
+                "account %s: health %s -> %s, circuit %s -> %s",
+                account_id,
+                self.health_before,
+                self.health_after,
+                self.circuit_before,
+                self.circuit_after,
+            )
 
 
 def circuit_gate(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -36,7 +35,6 @@ from .store import FolderPosition, folder_states
 from .sync import SyncOptions, SyncResult, sync_account
 from .vocabulary import ErrorClass, Gate, JobStatus, RunStatus
 
-logger = logging.getLogger(__name__)
 LEASE_MARGIN_SECONDS = 60
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 60.0
@@ -531,16 +529,7 @@ def _finish(
             leases.release(session, account_id, owner=lease_owner)
         healthy = touch_health and status == RunStatus.SUCCESS
         if healthy:
-            change = health.record_success(session, account_id, now=now)
-            if change.health_before != change.health_after:
-                logger.info(
-                    "account %s: health %s -> %s, circuit %s -> %s",
-                    account_id,
-                    change.health_before,
-                    change.health_after,
-                    change.circuit_before,
-                    change.circuit_after,
-                )
+            health.record_success(session, account_id, now=now).log(account_id)
         if finished is not None and finished.grant_id is not None:
             grants.drop_job_grant(session, finished.job_id)
         if finished is not None and finished.status == JobStatus.FAILED:
