@@ -68,10 +68,17 @@ class DurableRetries(Retries):
                 time.sleep(REENQUEUE_DELAY_SECONDS)
 
 
-def report_attempt(*, attempted: bool, error_class: str | None, healthy: bool = False) -> None:
+def report_attempt(
+    *, attempted: bool, error_class: str | None, health_recorded: bool = False
+) -> None:
     """Called by an actor that opted in: what this attempt did, for after_process_message
-    (`healthy`: a success the run itself recorded on the account's health, nothing left to do)."""
-    _attempt.value = {"attempted": attempted, "error_class": error_class, "healthy": healthy}
+    (`health_recorded`: a success the run itself recorded on the account's health, nothing left
+    to do)."""
+    _attempt.value = {
+        "attempted": attempted,
+        "error_class": error_class,
+        "health_recorded": health_recorded,
+    }
 
 
 class AccountHealth(dramatiq.Middleware):
@@ -119,8 +126,8 @@ class AccountHealth(dramatiq.Middleware):
         if exception is not None:
             error_class = getattr(exception, "error_class", ErrorClass.UNKNOWN)
         elif attempt is not None and attempt["attempted"]:
-            if attempt["healthy"]:
-                return  # the run's last transaction noted it
+            if attempt["health_recorded"]:
+                return  # the run's last transaction recorded it
             error_class = attempt["error_class"]
         else:
             return  # waited, redelivered or locked: nothing was tried, health stays

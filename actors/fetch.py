@@ -81,7 +81,7 @@ def fetch_account(job_id: str, account_id: int) -> None:
     report_attempt(
         attempted=outcome.attempted,
         error_class=outcome.failure.error_class if outcome.failure else None,
-        healthy=outcome.healthy,
+        health_recorded=outcome.health_recorded,
     )
     if outcome.action == Next.RETRY and outcome.failure is not None:
         raise TransientFailure(outcome.failure.error_class) from None

@@ -71,7 +71,7 @@ class RunOutcome:
     result: SyncResult | None = None
     finished: jobs.FinishedJob | None = None
     skipped: ErrorClass | None = None  # why a run ended skipped without trying the server
-    healthy: bool = False  # a success, recorded on the account's health in the last step
+    health_recorded: bool = False  # a success, recorded on the account's health in the last step
 
 
 def run_account(
@@ -98,7 +98,7 @@ def run_account(
     with the client secret of the configured provider (`oauth2_providers`) its grant names.
     With a `circuit`, the run's first transaction also passes the account's circuit gate (an
     open circuit ends the run skipped) and its last one records a success on the account's
-    health (`RunOutcome.healthy`): no transactions of their own for the two.
+    health (`RunOutcome.health_recorded`): no transactions of their own for the two.
     """
     profiler = Profiler()
     started = time.perf_counter()
@@ -263,7 +263,7 @@ def _run_account(
             result=result,
             finished=finished.finished,
             attempted=True,
-            healthy=finished.healthy,
+            health_recorded=finished.health_recorded,
         )
     except HostBusy:
         with sessions.begin() as session:
@@ -498,7 +498,7 @@ def _finish(
 ) -> RunOutcome:
     """Record a run's end on the run and its account (giving back the account's lease when
     `lease_owner` holds it); drop the job's key if it was the last. With `touch_health`, a
-    success is recorded on the account's health there too (`RunOutcome.healthy`), so a job
+    success is recorded on the account's health there too (`RunOutcome.health_recorded`), so a job
     seen final already shows its accounts' health."""
     with sessions.begin() as session:
         finished = jobs.finish_run(
@@ -527,8 +527,8 @@ def _finish(
         )
         if lease_owner is not None:
             leases.release(session, account_id, owner=lease_owner)
-        healthy = touch_health and status == RunStatus.SUCCESS
-        if healthy:
+        health_recorded = touch_health and status == RunStatus.SUCCESS
+        if health_recorded:
             health.record_success(session, account_id, now=now).log(account_id)
         if finished is not None and finished.grant_id is not None:
             grants.drop_job_grant(session, finished.job_id)
@@ -551,4 +551,4 @@ def _finish(
             health.notify_retries_exhausted(
                 session, user_id=finished.user_id, job_id=finished.job_id
             )
-    return RunOutcome(Next.DONE, finished=finished, healthy=healthy)
+    return RunOutcome(Next.DONE, finished=finished, health_recorded=health_recorded)

@@ -182,7 +182,7 @@ def test_a_successful_run_records_the_recovery_before_its_job_is_seen_final(worl
     )
     # Then the job is final and, in the same transaction, the account is HEALTHY again
     assert outcome.finished is not None and outcome.finished.status == "success"
-    assert outcome.healthy
+    assert outcome.health_recorded
     with world.sessions() as session:
         row = session.get_one(MailAccount, account)
         assert (row.health_status, row.failure_count) == (Health.HEALTHY, 0)
