@@ -30,9 +30,15 @@ def issue(session: Session, user: User, key: DataKey, directory: Path) -> Path:
     """Write a new key file for the user's data key and store the key wrapped under it."""
     key_id = secrets.token_hex(16)
     file_key = secrets.token_bytes(KEY_BYTES)
-    Path(directory).mkdir(mode=KEY_DIR_MODE, parents=True, exist_ok=True)
     path = Path(directory) / f"{key_id}{SUFFIX}"
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
+    try:
+        Path(directory).mkdir(mode=KEY_DIR_MODE, parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
+    except OSError as error:
+        raise MailpipeError(
+            f"cannot write a key file in {directory} ({error.strerror}): set "
+            "MAILPIPE_OWNER_KEY_DIR to a directory of yours"
+        ) from None
     with os.fdopen(descriptor, "wb") as handle:
         os.fchmod(handle.fileno(), KEY_FILE_MODE)  # the umask only narrows; be explicit
         handle.write(file_key)

@@ -55,6 +55,21 @@ def test_a_new_owner_has_no_password_to_guess_and_a_private_key_file(sessions, t
     assert again.decrypt(sealed, table="emails", column="raw", row=1) == SECRET
 
 
+def test_a_key_directory_that_cannot_be_written_is_one_clear_error_and_no_owner(sessions, tmp_path):
+    # Given a key directory below a plain file (it cannot be made)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_bytes(b"")
+    # When the one-shot owner is first asked for, Then the error names the setting to change
+    with (
+        pytest.raises(MailpipeError, match=r"cannot write a key file.*MAILPIPE_OWNER_KEY_DIR"),
+        sessions.begin() as session,
+    ):
+        unlock_owner(session, "operator", "imap-pw", key_dir=blocker / "keys")
+    # And no owner was left behind that nothing could unlock
+    with sessions() as session:
+        assert session.scalar(select(User).where(User.name == "operator")) is None
+
+
 def test_without_its_key_file_the_database_unlocks_nothing(sessions, tmp_path):
     # Given an owner whose key file is not where the command looks (a copy of the database)
     with sessions.begin() as session:
