@@ -464,6 +464,11 @@ def test_gunicorn_processes_share_one_login(tmp_path, redis_namespace):
             except requests.ConnectionError:
                 assert time.monotonic() < deadline and server.poll() is None, "web did not start"
                 time.sleep(0.2)
+        # (gunicorn spawns its workers a moment apart: wait for the second one)
+        while len(subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True,
+                                 text=True).stdout.split()) < 2:  # fmt: skip
+            assert time.monotonic() < deadline, "the second web process did not start"
+            time.sleep(0.1)
         # When she logs in once
         token = LOGIN_TOKEN.search(form.text).group(1)
         answer = browser.post(
