@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, Table, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -48,6 +48,20 @@ RETRIES_EXHAUSTED_MESSAGE = (
 )
 
 logger = logging.getLogger(__name__)
+
+_ACCOUNTS = cast(Table, MailAccount.__table__)
+# Every successful run makes it, so it is built once, on the table (no ORM session
+# synchronisation: the runner holds no account object it changes).
+_STAYS_HEALTHY = (
+    update(_ACCOUNTS)
+    .where(
+        _ACCOUNTS.c.id == bindparam("account_id"),
+        _ACCOUNTS.c.health_status == Health.HEALTHY,
+        _ACCOUNTS.c.circuit_state == CircuitState.CLOSED,
+        _ACCOUNTS.c.failure_count == 0,
+    )
+    .values(health_checked_at=bindparam("now"))
+)
 
 
 @dataclass(frozen=True)
@@ -327,17 +341,7 @@ def record_success(session: Session, account_id: int, *, now: datetime) -> Trans
 def stays_healthy(session: Session, account_id: int, *, now: datetime) -> bool:
     """A success on an account that was healthy changes nothing but the time: one UPDATE (the
     runner's last transaction makes it; False: `record_outcome` moves health and circuit)."""
-    touched = session.execute(
-        update(MailAccount)
-        .where(
-            MailAccount.id == account_id,
-            MailAccount.health_status == Health.HEALTHY,
-            MailAccount.circuit_state == CircuitState.CLOSED,
-            MailAccount.failure_count == 0,
-        )
-        .values(health_checked_at=now)
-        .execution_options(synchronize_session=False)
-    )
+    touched = session.execute(_STAYS_HEALTHY, {"account_id": account_id, "now": now})
     return rowcount(touched) == 1
 
 

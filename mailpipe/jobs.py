@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, Update, delete, func, select, update
+from sqlalchemy import Table, Update, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from . import grants, logs
 from .db import rowcount
 from .errors import NotFound
-from .models import AccountRun, MailAccount, PipelineJob, utcnow
+from .models import AccountRun, MailAccount, PipelineJob, UtcDateTime, utcnow
 from .results import JobReport, JobSummary, RunReport
 from .vocabulary import (
     JOB_FINAL,
@@ -30,6 +31,37 @@ from .vocabulary import (
 COUNTERS = ("fetched", "saved", "duplicates", "quarantined", "processed")
 MAX_TIMEOUT_SECONDS = 3600  # the longest a fetch job may be given (its timeout_seconds)
 PURGE_BATCH = 5_000  # jobs deleted per call, so one transaction stays short
+
+# Every account run begins and ends its run row and counts down its job's open runs: those
+# UPDATEs are built once, on the tables (Core: no ORM session synchronisation; the runner holds
+# no run or job object they change).
+_RUNS = cast(Table, AccountRun.__table__)
+_JOBS = cast(Table, PipelineJob.__table__)
+_NOW = bindparam("now", type_=UtcDateTime())
+_OPEN_RUN = update(_RUNS).where(
+    _RUNS.c.job_id == bindparam("run_job"),
+    _RUNS.c.account_id == bindparam("run_account"),
+    _RUNS.c.status.not_in(RUN_FINAL),
+)
+_BEGIN_RUN = _OPEN_RUN.values(
+    status=RunStatus.RUNNING,
+    attempt=bindparam("new_attempt"),
+    started_at=func.coalesce(_RUNS.c.started_at, _NOW),
+)
+_START_JOB = (
+    update(_JOBS)
+    .where(
+        _JOBS.c.id == bindparam("job_id"),
+        _JOBS.c.status.in_((JobStatus.PENDING, JobStatus.RETRYING)),
+    )
+    .values(status=JobStatus.RUNNING, started_at=func.coalesce(_JOBS.c.started_at, _NOW))
+)
+_COUNT_DOWN = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("job_id"))
+    .values(runs_open=_JOBS.c.runs_open - 1)
+    .returning(_JOBS.c.runs_open)
+)
 
 
 def new_job_id() -> str:
@@ -95,27 +127,16 @@ def begin_run(
     `job_status`, the job's status as the caller read it, spares the job row an UPDATE (and
     its lock, which every run of the job would queue for) once the job is running.
     """
+    now = utcnow()
     result = session.execute(
-        _update_open_run(job_id, account_id).values(
-            status=RunStatus.RUNNING,
-            attempt=attempt,
-            started_at=func.coalesce(AccountRun.started_at, utcnow()),
-        )
+        _BEGIN_RUN,
+        {"run_job": job_id, "run_account": account_id, "new_attempt": attempt, "now": now},
     )
     if rowcount(result) == 0:
         return False
     if job_status in (JobStatus.PENDING, JobStatus.RETRYING, None):
-        moved = session.execute(
-            update(PipelineJob)
-            .where(
-                PipelineJob.id == job_id,
-                PipelineJob.status.in_((JobStatus.PENDING, JobStatus.RETRYING)),
-            )
-            .values(
-                status=JobStatus.RUNNING, started_at=func.coalesce(PipelineJob.started_at, utcnow())
-            )
-            .execution_options(synchronize_session=False)  # the caller read the status it needs
-        )
+        # the caller read the status it needs: no job object of the session is brought up to date
+        moved = session.execute(_START_JOB, {"job_id": job_id, "now": now})
         if rowcount(moved) and job_status == JobStatus.PENDING:
             logs.job_started(job_id=job_id, account_id=account_id)
     return True
@@ -199,17 +220,21 @@ def finish_run(
         values["profile"] = profile
     if duration is not None:
         values["duration"] = duration
-    ended = session.execute(_update_open_run(job_id, account_id).values(**values))
+    ended = session.execute(
+        _end_run(tuple(values)),
+        {"run_job": job_id, "run_account": account_id}
+        | {f"new_{name}": value for name, value in values.items()},
+    )
     if rowcount(ended) == 0:
         return None
-    left = session.scalar(
-        update(PipelineJob)
-        .where(PipelineJob.id == job_id)
-        .values(runs_open=PipelineJob.runs_open - 1)
-        .returning(PipelineJob.runs_open)
-        .execution_options(synchronize_session=False)
-    )
+    left = session.scalar(_COUNT_DOWN, {"job_id": job_id})
     return finalise_if_done(session, job_id) if left is not None and left <= 0 else None
+
+
+@functools.cache
+def _end_run(columns: tuple[str, ...]) -> Update:
+    """The UPDATE that ends an open run, setting `columns` (a run ends with one of a few sets)."""
+    return _OPEN_RUN.values({name: bindparam(f"new_{name}") for name in columns})
 
 
 def finalise_if_done(session: Session, job_id: str) -> FinishedJob | None:
@@ -310,20 +335,6 @@ def purge_finished(session: Session, *, before: datetime, limit: int = PURGE_BAT
         .execution_options(synchronize_session=False)
     )
     return rowcount(deleted)
-
-
-def _update_open_run(job_id: str, account_id: int) -> Update:
-    """An UPDATE of the account's run in the job that touches it only while it has not ended
-    (no run object of the session is brought up to date: the runner holds none)."""
-    return (
-        update(AccountRun)
-        .where(
-            AccountRun.job_id == job_id,
-            AccountRun.account_id == account_id,
-            AccountRun.status.not_in(RUN_FINAL),
-        )
-        .execution_options(synchronize_session=False)
-    )
 
 
 def final_status(statuses: Sequence[str]) -> tuple[JobStatus, JobReason | None]:

@@ -5,14 +5,36 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import timedelta
+from typing import cast
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import grants
 from .db import rowcount
 from .models import KeyGrant, MailAccount, utcnow
 from .vocabulary import CircuitState, Health
+
+# Every account run takes and gives back a lease: its two UPDATEs are built once, on the table
+# (Core: no ORM session synchronisation; no lease holder keeps an account object to update).
+_ACCOUNTS = cast(Table, MailAccount.__table__)
+_ACQUIRE = (
+    update(_ACCOUNTS)
+    .where(
+        _ACCOUNTS.c.id == bindparam("account_id"),
+        or_(
+            _ACCOUNTS.c.lease_until.is_(None),
+            _ACCOUNTS.c.lease_until < bindparam("now"),
+            _ACCOUNTS.c.lease_owner == bindparam("owner"),
+        ),
+    )
+    .values(lease_owner=bindparam("owner"), lease_until=bindparam("until"))
+)
+_RELEASE = (
+    update(_ACCOUNTS)
+    .where(_ACCOUNTS.c.id == bindparam("account_id"), _ACCOUNTS.c.lease_owner == bindparam("owner"))
+    .values(lease_owner=None, lease_until=None)
+)
 
 
 def acquire(session: Session, account_id: int, *, owner: str, seconds: float) -> bool:
@@ -22,27 +44,20 @@ def acquire(session: Session, account_id: int, *, owner: str, seconds: float) ->
     """
     now = utcnow()
     taken = session.execute(
-        update(MailAccount)
-        .where(
-            MailAccount.id == account_id,
-            or_(
-                MailAccount.lease_until.is_(None),
-                MailAccount.lease_until < now,
-                MailAccount.lease_owner == owner,
-            ),
-        )
-        .values(lease_owner=owner, lease_until=now + timedelta(seconds=seconds))
+        _ACQUIRE,
+        {
+            "account_id": account_id,
+            "now": now,
+            "owner": owner,
+            "until": now + timedelta(seconds=seconds),
+        },
     )
     return rowcount(taken) == 1
 
 
 def release(session: Session, account_id: int, *, owner: str) -> None:
     """Give the lease back, but only our own."""
-    session.execute(
-        update(MailAccount)
-        .where(MailAccount.id == account_id, MailAccount.lease_owner == owner)
-        .values(lease_owner=None, lease_until=None)
-    )
+    session.execute(_RELEASE, {"account_id": account_id, "owner": owner})
 
 
 def watchable() -> ColumnElement[bool]:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from sqlalchemy import update
+from sqlalchemy import Table, Update, bindparam, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -520,10 +521,8 @@ def _finish(
         elif status == RunStatus.FAILED:
             values.update(last_error_class=error_class, last_error_message=message)
         session.execute(
-            update(MailAccount)
-            .where(MailAccount.id == account_id)
-            .values(**values)
-            .execution_options(synchronize_session=False)  # no account object in this session
+            _account_ended(tuple(values)),
+            {"account_id": account_id} | {f"new_{name}": value for name, value in values.items()},
         )
         if lease_owner is not None:
             leases.release(session, account_id, owner=lease_owner)
@@ -552,3 +551,15 @@ def _finish(
                 session, user_id=finished.user_id, job_id=finished.job_id
             )
     return RunOutcome(Next.DONE, finished=finished, health_recorded=health_recorded)
+
+
+@functools.cache
+def _account_ended(columns: tuple[str, ...]) -> Update:
+    """The UPDATE that records a run's end on its account, setting `columns` (one set per final
+    status); built once, on the table: no account object in the session to bring up to date."""
+    accounts = cast(Table, MailAccount.__table__)
+    return (
+        update(accounts)
+        .where(accounts.c.id == bindparam("account_id"))
+        .values({name: bindparam(f"new_{name}") for name in columns})
+    )
