@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, bindparam, select, update
+from sqlalchemy import ColumnElement, Select, Table, and_, bindparam, case, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -50,18 +50,25 @@ RETRIES_EXHAUSTED_MESSAGE = (
 logger = logging.getLogger(__name__)
 
 _ACCOUNTS = cast(Table, MailAccount.__table__)
-# Every successful run makes it, so it is built once, on the table (no ORM session
-# synchronisation: the runner holds no account object it changes).
+# healthy, circuit closed, no failures counted: a success changes nothing but the time
+_HEALTHY = and_(
+    _ACCOUNTS.c.health_status == Health.HEALTHY,
+    _ACCOUNTS.c.circuit_state == CircuitState.CLOSED,
+    _ACCOUNTS.c.failure_count == 0,
+)
+# Built once, on the table (no ORM session synchronisation: no account object to update).
 _STAYS_HEALTHY = (
     update(_ACCOUNTS)
-    .where(
-        _ACCOUNTS.c.id == bindparam("account_id"),
-        _ACCOUNTS.c.health_status == Health.HEALTHY,
-        _ACCOUNTS.c.circuit_state == CircuitState.CLOSED,
-        _ACCOUNTS.c.failure_count == 0,
-    )
+    .where(_ACCOUNTS.c.id == bindparam("account_id"), _HEALTHY)
     .values(health_checked_at=bindparam("now"))
 )
+# `stays_healthy` for an UPDATE of the account that does more (the run's last one): SET values
+# that record the bound `now` on a healthy account only, and what to return to tell whether it
+# was healthy (the UPDATE changes none of the columns `_HEALTHY` reads).
+TOUCHED: dict[str, ColumnElement[object]] = {
+    "health_checked_at": case((_HEALTHY, bindparam("now")), else_=_ACCOUNTS.c.health_checked_at)
+}
+WAS_HEALTHY = _HEALTHY.label("was_healthy")
 
 
 @dataclass(frozen=True)
@@ -319,11 +326,16 @@ def mark_read(session: Session, user_id: int, notification_id: int | None = None
     return rowcount(session.execute(query.values(read_at=utcnow())))
 
 
-def record_success(session: Session, account_id: int, *, now: datetime) -> Transition:
+def record_success(
+    session: Session, account_id: int, *, now: datetime, touched: bool | None = None
+) -> Transition:
     """A successful attempt: healthy, circuit closed, failures forgotten (one UPDATE when the
     account was healthy already). The runner's last transaction makes it, so a job seen final
-    already shows its accounts' health."""
-    if stays_healthy(session, account_id, now=now):
+    already shows its accounts' health; `touched` says the caller's UPDATE made `TOUCHED`'s
+    change already (and whether the account was healthy, `WAS_HEALTHY`)."""
+    if touched is None:
+        touched = stays_healthy(session, account_id, now=now)
+    if touched:
         return Transition(Health.HEALTHY, Health.HEALTHY, CircuitState.CLOSED, CircuitState.CLOSED)
     _lock(session, account_id)
     account = session.get_one(MailAccount, account_id)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import cast
 
-from sqlalchemy import ColumnElement, Table, and_, bindparam, or_, select, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import grants
@@ -35,6 +35,13 @@ _RELEASE = (
     .where(_ACCOUNTS.c.id == bindparam("account_id"), _ACCOUNTS.c.lease_owner == bindparam("owner"))
     .values(lease_owner=None, lease_until=None)
 )
+_OURS = _ACCOUNTS.c.lease_owner == bindparam("owner")
+# `release` as SET values, for an UPDATE of the account that does more (the run's last one):
+# the lease goes back when the bound `owner` holds it, and stays as it is otherwise.
+RELEASED: dict[str, ColumnElement[object]] = {
+    "lease_owner": case((_OURS, None), else_=_ACCOUNTS.c.lease_owner),
+    "lease_until": case((_OURS, None), else_=_ACCOUNTS.c.lease_until),
+}
 
 
 def acquire(session: Session, account_id: int, *, owner: str, seconds: float) -> bool:

@@ -520,15 +520,17 @@ def _finish(
             values.update(last_success_at=now, last_error_class=None, last_error_message=None)
         elif status == RunStatus.FAILED:
             values.update(last_error_class=error_class, last_error_message=message)
-        session.execute(
-            _account_ended(tuple(values)),
-            {"account_id": account_id} | {f"new_{name}": value for name, value in values.items()},
-        )
-        if lease_owner is not None:
-            leases.release(session, account_id, owner=lease_owner)
         health_recorded = touch_health and status == RunStatus.SUCCESS
+        ended = session.execute(
+            _account_ended(
+                tuple(values), release=lease_owner is not None, touch_health=health_recorded
+            ),
+            {"account_id": account_id, "owner": lease_owner, "now": now}
+            | {f"new_{name}": value for name, value in values.items()},
+        )
         if health_recorded:
-            health.record_success(session, account_id, now=now).log(account_id)
+            touched = bool(ended.scalar())
+            health.record_success(session, account_id, now=now, touched=touched).log(account_id)
         if finished is not None and finished.grant_id is not None:
             grants.drop_job_grant(session, finished.job_id)
         if finished is not None and finished.status == JobStatus.FAILED:
@@ -554,12 +556,16 @@ def _finish(
 
 
 @functools.cache
-def _account_ended(columns: tuple[str, ...]) -> Update:
-    """The UPDATE that records a run's end on its account, setting `columns` (one set per final
-    status); built once, on the table: no account object in the session to bring up to date."""
+def _account_ended(columns: tuple[str, ...], *, release: bool, touch_health: bool) -> Update:
+    """The one UPDATE that records a run's end on its account, setting `columns` (one set per
+    final status), giving the lease back (`leases.RELEASED`) and recording a success on a healthy
+    account (`health.TOUCHED`, returning `health.WAS_HEALTHY`) as asked; built once per variant,
+    on the table: no account object in the session to bring up to date."""
     accounts = cast(Table, MailAccount.__table__)
-    return (
-        update(accounts)
-        .where(accounts.c.id == bindparam("account_id"))
-        .values({name: bindparam(f"new_{name}") for name in columns})
-    )
+    values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in columns}
+    if release:
+        values |= leases.RELEASED
+    if touch_health:
+        values |= health.TOUCHED
+    statement = update(accounts).where(accounts.c.id == bindparam("account_id")).values(values)
+    return statement.returning(health.WAS_HEALTHY) if touch_health else statement

@@ -201,6 +201,39 @@ def test_a_held_account_lease_makes_the_run_wait(world):
     assert run_job(world, job_id, account).finished.status == "success"
 
 
+def test_a_run_ends_without_taking_back_a_lease_that_passed_to_another_holder(world):
+    # Given a healthy account whose lease another holder takes over while the run syncs (as
+    # when a run outlives its lease)
+    alice = world.user("alice")
+    account = world.account(alice, mails=1)
+
+    class TakeOver(Observer):
+        def before_run(self, *, provider: str) -> None:
+            with world.sessions.begin() as session:
+                session.execute(
+                    update(MailAccount)
+                    .where(MailAccount.id == account)
+                    .values(lease_owner="someone-else")
+                )
+
+    # When the run ends a success, recorded on the account's health
+    outcome = run_job(
+        world,
+        job_with_grant(world, alice, account),
+        account,
+        circuit=CircuitPolicy(),
+        observer=TakeOver(),
+    )
+    # Then the account shows the success and its health check, and the other holder keeps the
+    # lease
+    assert outcome.finished is not None and outcome.finished.status == "success"
+    assert outcome.health_recorded
+    with world.sessions() as session:
+        row = session.get_one(MailAccount, account)
+        assert row.last_success_at is not None and row.health_checked_at is not None
+        assert (row.health_status, row.lease_owner) == (Health.HEALTHY, "someone-else")
+
+
 def test_finalisation_happens_exactly_once(world):
     alice = world.user("alice")
     a, b = world.account(alice), world.account(alice)
