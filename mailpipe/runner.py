@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from sqlalchemy import Table, Update, bindparam, update
+from sqlalchemy import Table, Update, bindparam, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,7 +24,7 @@ from .crypto import DataKey
 from .errors import MailpipeError, NotFound
 from .failures import Failure, classify
 from .imap import ImapSettings
-from .models import MailAccount, PipelineJob, utcnow
+from .models import KeyGrant, MailAccount, PipelineJob, utcnow
 from .oauth2 import TokenSource
 from .observer import Observer, Observers, PhaseTimer
 from .policies import CircuitPolicy
@@ -46,6 +46,14 @@ LOST_MESSAGE = (
     "was restored); the next fetch syncs the account again"
 )
 LOGGED_COUNTS = ("fetched", "fetched_bytes", "saved", "duplicates", "quarantined")
+# A run's first read: its job, the account (None: gone) and the job's key grant (None: gone) in
+# one SELECT, built once; the session's gets of the account and the grant then find them loaded.
+_RUN_START = (
+    select(PipelineJob, MailAccount, KeyGrant)
+    .outerjoin_from(PipelineJob, MailAccount, MailAccount.id == bindparam("account_id"))
+    .outerjoin(KeyGrant, KeyGrant.id == PipelineJob.grant_id)
+    .where(PipelineJob.id == bindparam("job_id"))
+)
 
 
 class Next(StrEnum):
@@ -389,11 +397,12 @@ def _start(
     read the account and its folders' positions, in one transaction; or say why the run cannot
     go ahead."""
     with sessions.begin() as session:
-        job = session.get(PipelineJob, job_id)
-        if job is None:
+        loaded = session.execute(_RUN_START, {"job_id": job_id, "account_id": account_id}).first()
+        if loaded is None:
             return RunOutcome(Next.DUPLICATE)
+        job = loaded.PipelineJob
+        found: MailAccount | None = loaded.MailAccount
         start = _Start(options=dict(job.options or {}))
-        found = session.get(MailAccount, account_id)
         if circuit is not None and found is not None:
             gate = health.circuit_gate(
                 session, account_id, circuit=circuit, state=found.circuit_state
