@@ -25,6 +25,10 @@ FOLDER_STATE = cast(Table, FolderState.__table__)
 FOLDER = "folder"
 MESSAGE_ID = "message_id"
 CONVERT_CHUNK = 500
+# Every account run makes this check (`convert_account`), so it is built once, on the table.
+_CLEAR_STATES = select(FOLDER_STATE.c.id, FOLDER_STATE.c.folder).where(
+    FOLDER_STATE.c.account_id == bindparam("account_id"), FOLDER_STATE.c.folder.is_not(None)
+)
 
 
 def folder_hash(key: DataKey, name: str) -> bytes:
@@ -127,11 +131,7 @@ def convert_account(session: Session, *, account_id: int, key: DataKey) -> int:
     folder_state holds no clear name has no clear emails row either: that small check is all
     an account converted already costs.
     """
-    states = session.execute(
-        select(FolderState.id, FolderState.folder).where(
-            FolderState.account_id == account_id, FolderState.folder.is_not(None)
-        )
-    ).all()
+    states = session.execute(_CLEAR_STATES, {"account_id": account_id}).all()
     if not states:
         return 0
     changed = 0

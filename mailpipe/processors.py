@@ -20,17 +20,29 @@ from importlib.metadata import entry_points
 from types import MappingProxyType
 from typing import Any
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .crypto import DataKey
 from .models import Email
-from .names import open_folder
+from .names import EMAILS, open_folder
 from .vocabulary import ParseStatus, ProcessStatus
 
 ENTRY_POINT_GROUP = "mailpipe.processors"
 REPROCESS_LIMIT = 200
 PROCESS_CHUNK = 100  # mails decrypted and updated per transaction
+# Every account run with processors looks for mail left pending, so this is built once.
+_BACKLOG = (
+    select(EMAILS.c.id)
+    .where(
+        EMAILS.c.account_id == bindparam("account_id"),
+        EMAILS.c.process_status.in_((ProcessStatus.PENDING, ProcessStatus.RETRY)),
+        EMAILS.c.status == ParseStatus.PARSED,
+        EMAILS.c.fetched_at < bindparam("stored_before"),
+        EMAILS.c.vanished_at.is_(None),
+    )
+    .limit(REPROCESS_LIMIT)
+)
 NEWSLETTER_SENDERS = ("newsletter", "news", "noreply", "no-reply", "info", "marketing")
 NEWSLETTER_WORDS = ("abmelden", "unsubscribe", "newsletter abbestellen", "austragen")
 
@@ -154,15 +166,7 @@ def process_backlog(
         return outcome
     with sessions() as session:
         wanted = session.scalars(
-            select(Email.id)
-            .where(
-                Email.account_id == account_id,
-                Email.process_status.in_((ProcessStatus.PENDING, ProcessStatus.RETRY)),
-                Email.status == ParseStatus.PARSED,
-                Email.fetched_at < stored_before,
-                Email.vanished_at.is_(None),
-            )
-            .limit(REPROCESS_LIMIT)
+            _BACKLOG, {"account_id": account_id, "stored_before": stored_before}
         ).all()
     for start in range(0, len(wanted), PROCESS_CHUNK):
         with sessions.begin() as session:
