@@ -165,6 +165,8 @@ def process_backlog(
     if not processors:
         return outcome
     with sessions() as session:
+        # every run makes this one read: autocommit spares it a transaction's BEGIN and ROLLBACK
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
         wanted = session.scalars(
             _BACKLOG, {"account_id": account_id, "stored_before": stored_before}
         ).all()
