@@ -16,7 +16,7 @@ from .models import KeyGrant, MailAccount, utcnow
 from .vocabulary import CircuitState, Health
 
 # Every account run takes and gives back a lease: its two UPDATEs are built once, on the table
-# (Core: no ORM session synchronisation; no lease holder keeps an account object to update).
+# (Core: no ORM session synchronisation; no lease holder reads the lease from an account object).
 _ACCOUNTS = cast(Table, MailAccount.__table__)
 _ACQUIRE = (
     update(_ACCOUNTS)
@@ -30,12 +30,12 @@ _ACQUIRE = (
     )
     .values(lease_owner=bindparam("owner"), lease_until=bindparam("until"))
 )
+_OURS = _ACCOUNTS.c.lease_owner == bindparam("owner")
 _RELEASE = (
     update(_ACCOUNTS)
-    .where(_ACCOUNTS.c.id == bindparam("account_id"), _ACCOUNTS.c.lease_owner == bindparam("owner"))
+    .where(_ACCOUNTS.c.id == bindparam("account_id"), _OURS)
     .values(lease_owner=None, lease_until=None)
 )
-_OURS = _ACCOUNTS.c.lease_owner == bindparam("owner")
 # `release` as SET values, for an UPDATE of the account that does more (the run's last one):
 # the lease goes back when the bound `owner` holds it, and stays as it is otherwise.
 RELEASED: dict[str, ColumnElement[object]] = {
