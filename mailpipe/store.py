@@ -243,22 +243,25 @@ class BatchWriter:
         self.dedupe_by_content = dedupe_by_content
         self._state_name = names.state_columns(key, account_id=account_id, folder=folder)
 
-    def write(
+    def rows(
         self,
-        position: FolderPosition,
+        uidvalidity: int,
         messages: Sequence[FetchedMessage],
         parsed: Sequence[ParsedMessage],
         *,
         ids: Sequence[uuid.UUID],
         annotations: Sequence[Annotation | None] | None = None,
-    ) -> WriteOutcome:
-        """Store a batch under the row ids given, with what processors said of it, and advance
-        the high-water mark in one transaction."""
+    ) -> list[dict[str, Any]]:
+        """A batch's rows, encrypted, for `write` (which may run in another process)."""
         annotations = annotations or [None] * len(messages)
-        rows = [
-            self._row(position.uidvalidity, *item)
+        return [
+            self._row(uidvalidity, *item)
             for item in zip(ids, messages, parsed, annotations, strict=True)
         ]
+
+    def write(self, position: FolderPosition, rows: list[dict[str, Any]]) -> WriteOutcome:
+        """Store a batch's rows, with what processors said of them, and advance the high-water
+        mark in one transaction."""
         outcome = WriteOutcome()
         with self.sessions.begin() as session:
             if rows:

@@ -456,12 +456,18 @@ def _sync_folder(
     # A single batch has nothing to overlap with: store it in this thread.
     pipeline: Pipeline | StoreProcess
     if options.store_process and len(steps) > 1:
-        pipeline = StoreProcess(
+        # this process parses and encrypts, the child writes: both cores busy, neither waiting
+        process = StoreProcess(
             sessions,
-            store_batch=partial(_store_in_child, writer, processors=options.processors),
+            store_batch=partial(_write_in_child, writer),
             count=partial(_count, outcome, timer=timer),
         )
-        submit = pipeline.submit
+        prepare = partial(_prepare_batch, writer, processors=options.processors, timer=timer)
+        pipeline = process
+
+        def submit(position: store.FolderPosition, messages: list[FetchedMessage]) -> None:
+            process.submit(prepare(position, messages))
+
     else:
         pipeline = Pipeline(threaded=len(steps) > 1)
         here = partial(_store_and_count, writer, outcome, options.processors, timer)
@@ -614,6 +620,17 @@ def _plan_new(
 
 
 @dataclass(frozen=True)
+class PreparedBatch:
+    """A batch parsed, processed and encrypted, with the position its commit records: what
+    writing it needs (in a StoreProcess: what crosses the pipe), and what it counts."""
+
+    position: store.FolderPosition
+    rows: list[dict[str, Any]]
+    fetched_bytes: int
+    quarantined: dict[str, int]
+
+
+@dataclass(frozen=True)
 class BatchReport:
     """What storing one batch did, counted where it was stored, added up where it was fetched;
     `phases` holds (phase, wall, CPU) timed in a store process, to be told in the fetching one."""
@@ -627,15 +644,16 @@ class BatchReport:
     phases: list[tuple[str, float, float]] = field(default_factory=list)
 
 
-def _store_batch(
+def _prepare_batch(
     writer: store.BatchWriter,
     position: store.FolderPosition,
     messages: list[FetchedMessage],
     *,
     processors: Mapping[str, Processor] | None,
     timer: PhaseTimer,
-) -> BatchReport:
-    """Parse, process, encrypt and commit one batch with its high-water mark (in the pipeline)."""
+) -> PreparedBatch:
+    """Parse, process and encrypt one batch: the CPU-heavy half of storing it, which needs no
+    database write."""
     with timer.phase("parse"):
         parsed = parse_messages([message.body for message in messages])
     ids = [uuid.uuid4() for _ in messages]
@@ -644,15 +662,29 @@ def _store_batch(
         with timer.phase("process"):
             annotations = _annotations(writer, processors, messages, parsed, ids)
     with timer.phase("save"):
-        saved = writer.write(position, messages, parsed, ids=ids, annotations=annotations)
+        rows = writer.rows(position.uidvalidity, messages, parsed, ids=ids, annotations=annotations)
     quarantined = [p.quarantine_reason for p in parsed if p.quarantine_reason is not None]
-    return BatchReport(
-        fetched=len(messages),
+    return PreparedBatch(
+        position=position,
+        rows=rows,
         fetched_bytes=sum(len(message.body) for message in messages),
+        quarantined={reason: quarantined.count(reason) for reason in set(quarantined)},
+    )
+
+
+def _write_batch(
+    writer: store.BatchWriter, batch: PreparedBatch, *, timer: PhaseTimer
+) -> BatchReport:
+    """Commit a prepared batch with its high-water mark."""
+    with timer.phase("save"):
+        saved = writer.write(batch.position, batch.rows)
+    return BatchReport(
+        fetched=len(batch.rows),
+        fetched_bytes=batch.fetched_bytes,
         saved=saved.saved,
         duplicates=saved.duplicates,
         processed=saved.processed,
-        quarantined={reason: quarantined.count(reason) for reason in set(quarantined)},
+        quarantined=batch.quarantined,
     )
 
 
@@ -665,21 +697,15 @@ def _store_and_count(
     messages: list[FetchedMessage],
 ) -> None:
     """Store a batch in this process (the storage thread, or the caller's) and count it."""
-    report = _store_batch(writer, position, messages, processors=processors, timer=timer)
-    _count(outcome, report, timer=timer)
+    batch = _prepare_batch(writer, position, messages, processors=processors, timer=timer)
+    _count(outcome, _write_batch(writer, batch, timer=timer), timer=timer)
 
 
-def _store_in_child(
-    writer: store.BatchWriter,
-    position: store.FolderPosition,
-    messages: list[FetchedMessage],
-    *,
-    processors: Mapping[str, Processor] | None,
-) -> BatchReport:
-    """Store a batch in a StoreProcess, its phases kept for the report (the observer that
-    records them lives in the fetching process)."""
+def _write_in_child(writer: store.BatchWriter, batch: PreparedBatch) -> BatchReport:
+    """Commit a prepared batch in a StoreProcess, its phases kept for the report (the observer
+    that records them lives in the fetching process)."""
     log = PhaseLog()
-    report = _store_batch(writer, position, messages, processors=processors, timer=PhaseTimer(log))
+    report = _write_batch(writer, batch, timer=PhaseTimer(log))
     return replace(report, phases=log.phases)
 
 
@@ -852,7 +878,7 @@ class StoreProcess:
         self,
         sessions: sessionmaker[Session],
         *,
-        store_batch: Callable[[store.FolderPosition, list[FetchedMessage]], BatchReport],
+        store_batch: Callable[[PreparedBatch], BatchReport],
         count: Callable[[BatchReport], None],
         depth: int = PIPELINE_DEPTH,
     ) -> None:
@@ -908,13 +934,13 @@ class StoreProcess:
                     os.kill(self.pid, signal.SIGKILL)  # a batch cut short is a rolled-back one
                 os.waitpid(self.pid, 0)
 
-    def submit(self, position: store.FolderPosition, messages: list[FetchedMessage]) -> None:
+    def submit(self, batch: PreparedBatch) -> None:
         while _readable(self._reports, 0.0):
             self._collect()
         while self._pending >= self._depth:
             self._collect()
         try:
-            _send(self._batches, (position, messages))
+            _send(self._batches, batch)
         except BrokenPipeError:  # the child has ended: say why
             while True:
                 self._collect()
@@ -947,7 +973,7 @@ class StoreProcess:
         threading.Thread(target=receive, name="mailpipe-receive", daemon=True).start()
         while (batch := inbox.get()) is not None:
             try:
-                report = self._store_batch(*batch)
+                report = self._store_batch(batch)
             except BaseException as error:
                 _send(reports, (False, _portable(error)))
                 return
