@@ -65,7 +65,12 @@ WINDOW = "window"
 _P = ParamSpec("_P")
 # a step queued for the storage thread: the function and its arguments
 _Step = tuple[Callable[..., object], tuple[object, ...], dict[str, object]]
-FRAME_HEADER = struct.Struct("!Q")  # the length of each pickled frame on a StoreProcess pipe
+# a frame on a StoreProcess pipe: the pickle's length and how many buffers follow it out of
+# band (pickle protocol 5), then each buffer's length, the pickle and the buffers
+FRAME_HEADER = struct.Struct("!QI")
+BUFFER_LENGTH = struct.Struct("!Q")
+OUT_OF_BAND_BYTES = 4096  # a row's values from this size cross uncopied by pickle
+IOV_MAX = 1024  # buffers per writev (Linux's limit)
 PIPE_BYTES = 1024 * 1024  # the batches' pipe buffer: Linux's default pipe-max-size
 PR_SET_PDEATHSIG = 1  # Linux prctl: a signal for the child when its parent ends
 
@@ -466,7 +471,7 @@ def _sync_folder(
         pipeline = process
 
         def submit(position: store.FolderPosition, messages: list[FetchedMessage]) -> None:
-            process.submit(prepare(position, messages))
+            process.submit(_out_of_band(prepare(position, messages)))
 
     else:
         pipeline = Pipeline(threaded=len(steps) > 1)
@@ -1003,12 +1008,38 @@ def _portable(error: BaseException) -> BaseException:
 
 
 def _send(fd: int, item: object) -> None:
-    """Write one frame: the length, then the pickle."""
-    data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-    for part in (FRAME_HEADER.pack(len(data)), data):
-        view = memoryview(part)
-        while view:
-            view = view[os.write(fd, view) :]
+    """Write one frame; PickleBuffers in `item` go to the pipe as they are, not copied into
+    the pickle."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(item, protocol=5, buffer_callback=buffers.append)
+    views = [buffer.raw() for buffer in buffers]
+    lengths = b"".join(BUFFER_LENGTH.pack(view.nbytes) for view in views)
+    _write_all(fd, [memoryview(FRAME_HEADER.pack(len(data), len(views)) + lengths + data), *views])
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """Write every view, as few system calls as the pipe allows."""
+    while views:
+        written = os.writev(fd, views[:IOV_MAX])
+        while views and written >= views[0].nbytes:
+            written -= views.pop(0).nbytes
+        if written:
+            views[0] = views[0][written:]
+
+
+def _out_of_band(batch: PreparedBatch) -> PreparedBatch:
+    """The batch with its rows' large values (the encrypted mail) marked to cross a pipe
+    uncopied; they arrive as read-only memoryviews, which the database drivers take as bytes."""
+    rows = [
+        {
+            name: pickle.PickleBuffer(value)
+            if isinstance(value, bytes) and len(value) >= OUT_OF_BAND_BYTES
+            else value
+            for name, value in row.items()
+        }
+        for row in batch.rows
+    ]
+    return replace(batch, rows=rows)
 
 
 def _receive(fd: int) -> Any:
@@ -1016,8 +1047,18 @@ def _receive(fd: int) -> Any:
     header = _read_exactly(fd, FRAME_HEADER.size)
     if header is None:
         return None
-    data = _read_exactly(fd, FRAME_HEADER.unpack(header)[0])
-    return None if data is None else pickle.loads(data)
+    size, count = FRAME_HEADER.unpack(header)
+    table = _read_exactly(fd, count * BUFFER_LENGTH.size)
+    data = _read_exactly(fd, size)
+    lengths = [length for (length,) in BUFFER_LENGTH.iter_unpack(table or b"")]
+    body = _read_exactly(fd, sum(lengths))
+    if table is None or data is None or body is None:
+        return None
+    view, buffers = memoryview(body), []
+    for length in lengths:
+        buffers.append(view[:length])
+        view = view[length:]
+    return pickle.loads(data, buffers=buffers)
 
 
 def _read_exactly(fd: int, size: int) -> bytearray | None:
