@@ -54,6 +54,7 @@ FETCH_ITEMS = "UID FLAGS INTERNALDATE BODY.PEEK[]"
 REQUIRED_CAPABILITY = "IMAP4REV1"
 WILDCARDS = ("*", "%")
 PIPELINE_DEPTH = 2
+RAMP = 8  # a folder's first batch is this much smaller than the bounds, the next ones double
 STATUS_ITEMS = b"(MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ)"
 FLAG_WINDOW = 200  # without CONDSTORE: the newest messages whose flags each run refreshes
 # how a folder's flag changes and expunges are learnt (see _state_method)
@@ -1110,16 +1111,22 @@ def _sizes_between(
 def _batches(
     uids: Sequence[int], sizes: dict[int, int], options: SyncOptions
 ) -> Iterator[list[int]]:
-    """Groups of UIDs whose bodies together stay under the byte bound (at least one each)."""
+    """Groups of UIDs whose bodies together stay under the byte bound (at least one each).
+
+    The first groups are smaller (1/RAMP of the bounds, doubling up to them): storing starts
+    while most of a folder is still to be fetched, instead of after a whole batch."""
     batch: list[int] = []
     batch_bytes = 0
+    share = RAMP
     for uid in uids:
         size = sizes[uid]
         if batch and (
-            batch_bytes + size > options.batch_bytes or len(batch) >= options.batch_messages
+            batch_bytes + size > options.batch_bytes // share
+            or len(batch) >= options.batch_messages // share
         ):
             yield batch
             batch, batch_bytes = [], 0
+            share = max(1, share // 2)
         batch.append(uid)
         batch_bytes += size
     if batch:

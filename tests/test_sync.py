@@ -249,6 +249,16 @@ def test_batches_are_bounded_by_bytes(mailbox):
     )
 
 
+def test_a_folders_first_batches_ramp_up_to_the_bounds(mailbox):
+    # Given 40 messages and a bound of 8 messages a batch (bytes no bound)
+    mailbox.deliver([message(i) for i in range(40)])
+    counter = BatchCounter()
+    # When they are synced
+    mailbox.sync(batch_messages=8, batch_bytes=10**9, observer=counter)
+    # Then storing starts after one message (1/RAMP of the bound), and batches double up to it
+    assert counter.batches == [1, 2, 4, 8, 8, 8, 8, 1]
+
+
 def test_a_message_larger_than_the_batch_bound_is_still_fetched(mailbox):
     mailbox.deliver([message(0, size=50_000), message(1)])
     assert mailbox.sync(batch_bytes=1_000).saved == 2
