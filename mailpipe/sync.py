@@ -462,13 +462,20 @@ def _sync_folder(
     # A single batch has nothing to overlap with: store it in this thread.
     pipeline: Pipeline | StoreProcess
     if options.store_process and len(steps) > 1:
-        # this process parses and encrypts, the child writes: both cores busy, neither waiting
+        # this process parses and encrypts what is small, the child hashes and encrypts the raw
+        # mail and writes: both cores about as busy
         process = StoreProcess(
             sessions,
             store_batch=partial(_write_in_child, writer),
             count=partial(_count, outcome, timer=timer),
         )
-        prepare = partial(_prepare_batch, writer, processors=options.processors, timer=timer)
+        prepare = partial(
+            _prepare_batch,
+            writer,
+            processors=options.processors,
+            timer=timer,
+            sealed_bodies=False,
+        )
         pipeline = process
 
         def submit(position: store.FolderPosition, messages: list[FetchedMessage]) -> None:
@@ -657,9 +664,11 @@ def _prepare_batch(
     *,
     processors: Mapping[str, Processor] | None,
     timer: PhaseTimer,
+    sealed_bodies: bool = True,
 ) -> PreparedBatch:
     """Parse, process and encrypt one batch: the CPU-heavy half of storing it, which needs no
-    database write."""
+    database write (the raw mail's hash and encryption left to `_write_batch` without
+    `sealed_bodies`)."""
     with timer.phase("parse"):
         parsed = parse_messages([message.body for message in messages])
     ids = [uuid.uuid4() for _ in messages]
@@ -668,7 +677,14 @@ def _prepare_batch(
         with timer.phase("process"):
             annotations = _annotations(writer, processors, messages, parsed, ids)
     with timer.phase("save"):
-        rows = writer.rows(position.uidvalidity, messages, parsed, ids=ids, annotations=annotations)
+        rows = writer.rows(
+            position.uidvalidity,
+            messages,
+            parsed,
+            ids=ids,
+            annotations=annotations,
+            sealed_bodies=sealed_bodies,
+        )
     quarantined = [p.quarantine_reason for p in parsed if p.quarantine_reason is not None]
     return PreparedBatch(
         position=position,
@@ -681,8 +697,10 @@ def _prepare_batch(
 def _write_batch(
     writer: store.BatchWriter, batch: PreparedBatch, *, timer: PhaseTimer
 ) -> BatchReport:
-    """Commit a prepared batch with its high-water mark."""
+    """Commit a prepared batch with its high-water mark (sealing raw mail left in clear)."""
     with timer.phase("save"):
+        if batch.rows and store.RAW in batch.rows[0]:
+            writer.seal_bodies(batch.rows)
         saved = writer.write(batch.position, batch.rows)
     return BatchReport(
         fetched=len(batch.rows),
