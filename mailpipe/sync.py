@@ -54,7 +54,7 @@ FETCH_ITEMS = "UID FLAGS INTERNALDATE BODY.PEEK[]"
 REQUIRED_CAPABILITY = "IMAP4REV1"
 WILDCARDS = ("*", "%")
 PIPELINE_DEPTH = 2
-RAMP = 8  # a folder's first batch is this much smaller than the bounds, the next ones double
+RAMP = 8  # a store process's first batch is this much smaller than the bounds, the next double
 STATUS_ITEMS = b"(MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ)"
 FLAG_WINDOW = 200  # without CONDSTORE: the newest messages whose flags each run refreshes
 # how a folder's flag changes and expunges are learnt (see _state_method)
@@ -1131,11 +1131,12 @@ def _batches(
 ) -> Iterator[list[int]]:
     """Groups of UIDs whose bodies together stay under the byte bound (at least one each).
 
-    The first groups are smaller (1/RAMP of the bounds, doubling up to them): storing starts
-    while most of a folder is still to be fetched, instead of after a whole batch."""
+    For a store process the first groups are smaller (1/RAMP of the bounds, doubling up to
+    them): it starts while most of a folder is still to be fetched, not after a whole batch.
+    (A worker's many accounts keep its cores busy: there, fewer batches are cheaper.)"""
     batch: list[int] = []
     batch_bytes = 0
-    share = RAMP
+    share = RAMP if options.store_process else 1
     for uid in uids:
         size = sizes[uid]
         if batch and (
