@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, SupportsIndex, cast
 
 import orjson
 from sqlalchemy import Table, bindparam, delete, func, select, update
@@ -29,8 +30,8 @@ FOLDER_STATE = cast(Table, FolderState.__table__)
 EMAIL_KEY = ["account_id", "folder_hash", "uidvalidity", "uid"]
 STATE_KEY = ["account_id", "folder_hash"]
 RECENT = "\\recent"
-RAW = "raw"  # a row's raw mail in clear, until seal_bodies encrypts it into raw_enc
 DELETE_CHUNK = 1000
+OUT_OF_BAND_PROTOCOL = 5  # the pickle protocol that hands buffers over uncopied
 TOMBSTONE_DAYS = 7  # how long the change feed still says that a message vanished
 
 
@@ -77,6 +78,24 @@ class WriteOutcome:
     saved: int = 0
     duplicates: int = 0
     processed: int = 0  # stored with every processor's annotation
+
+
+@dataclass(frozen=True, slots=True)
+class Clear:
+    """A row's mail, parsed fields, Message-ID and annotations in clear, until
+    `BatchWriter.seal` encrypts them: kept apart from the row, so nothing unsealed can reach
+    the database."""
+
+    raw: bytes | memoryview
+    parsed: bytes
+    message_id: str | None
+    annotations: bytes | None
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        """Through a pipe (pickle protocol 5) the mail crosses uncopied, out of band, and
+        arrives as a read-only memoryview."""
+        raw = pickle.PickleBuffer(self.raw) if int(protocol) >= OUT_OF_BAND_PROTOCOL else self.raw
+        return (Clear, (raw, self.parsed, self.message_id, self.annotations))
 
 
 def folder_states(session: Session, account_id: int, key: DataKey) -> dict[str, FolderPosition]:
@@ -252,26 +271,44 @@ class BatchWriter:
         *,
         ids: Sequence[uuid.UUID],
         annotations: Sequence[Annotation | None] | None = None,
-        sealed_bodies: bool = True,
-    ) -> list[dict[str, Any]]:
-        """A batch's rows, encrypted, for `write` (which may run in another process); with
-        `sealed_bodies=False` each raw mail is left in clear under RAW for `seal_bodies`."""
+    ) -> tuple[list[dict[str, Any]], list[Clear]]:
+        """A batch's rows without their secret columns, and what those hold in clear: `seal`
+        makes them whole (in this process, or in a store process on the other core)."""
         annotations = annotations or [None] * len(messages)
-        rows = [
-            self._row(uidvalidity, *item)
-            for item in zip(ids, messages, parsed, annotations, strict=True)
-        ]
-        if sealed_bodies:
-            self.seal_bodies(rows)
-        return rows
+        rows: list[dict[str, Any]] = []
+        clear: list[Clear] = []
+        for row_id, message, outcome, annotation in zip(
+            ids, messages, parsed, annotations, strict=True
+        ):
+            row, secret = self._row(uidvalidity, row_id, message, outcome, annotation)
+            rows.append(row)
+            clear.append(secret)
+        return rows, clear
 
-    def seal_bodies(self, rows: list[dict[str, Any]]) -> None:
-        """Hash and encrypt the raw mail `rows` left in clear: the two passes over every byte,
-        which a store process takes on the other core."""
-        for row in rows:
-            raw = row.pop(RAW)
-            row["content_hash"] = self.key.content_hash(raw)
-            row["raw_enc"] = self.key.encrypt(raw, table="emails", column="raw", row=row["id"])
+    def seal(self, rows: list[dict[str, Any]], clear: Sequence[Clear]) -> list[dict[str, Any]]:
+        """The rows with their secret columns: keyed hashes, and ciphertext bound to each row."""
+        for row, secret in zip(rows, clear, strict=True):
+            row_id = row["id"]
+            row.update(
+                names.email_columns(
+                    self.key,
+                    row_id=row_id,
+                    folder=self.folder,
+                    message_id=secret.message_id,
+                    hashed=self.folder_hash,
+                ),
+                content_hash=self.key.content_hash(secret.raw),
+                raw_enc=self.key.encrypt(secret.raw, table="emails", column="raw", row=row_id),
+                parsed_enc=self.key.encrypt(
+                    secret.parsed, table="emails", column="parsed", row=row_id
+                ),
+                annotations_enc=self.key.encrypt(
+                    secret.annotations, table="emails", column="annotations", row=row_id
+                )
+                if secret.annotations is not None
+                else None,
+            )
+        return rows
 
     def write(self, position: FolderPosition, rows: list[dict[str, Any]]) -> WriteOutcome:
         """Store a batch's rows, with what processors said of them, and advance the high-water
@@ -346,46 +383,33 @@ class BatchWriter:
         message: FetchedMessage,
         parsed: ParsedMessage,
         annotation: Annotation | None,
-    ) -> dict[str, Any]:
-        raw = message.body
+    ) -> tuple[dict[str, Any], Clear]:
         document: dict[str, Any] | None
         if parsed.quarantined:
             document = {"quarantine_reason": parsed.quarantine_reason, "detail": parsed.detail}
         else:
             document = parsed.fields
-        return {
+        row = {
             "id": row_id,
             "account_id": self.account_id,
             "uidvalidity": uidvalidity,
             "uid": message.uid,
-            **names.email_columns(
-                self.key,
-                row_id=row_id,
-                folder=self.folder,
-                message_id=parsed.message_id,
-                hashed=self.folder_hash,
-            ),
             "internal_date": message.internal_date,
             "sent_date": parsed.sent_date,
             "flags": flag_text(message.flags),
-            "size": len(raw),
-            RAW: raw,
-            "parsed_enc": self.key.encrypt(
-                orjson.dumps(document),
-                table="emails",
-                column="parsed",
-                row=row_id,
-            ),
+            "size": len(message.body),
             "status": ParseStatus.QUARANTINED if parsed.quarantined else ParseStatus.PARSED,
             "quarantine_reason": parsed.quarantine_reason,
             "process_status": annotation.status if annotation else ProcessStatus.PENDING,
-            "annotations_enc": self.key.encrypt(
-                annotation.document, table="emails", column="annotations", row=row_id
-            )
-            if annotation
-            else None,
             "fetched_at": utcnow(),
         }
+        secret = Clear(
+            raw=message.body,
+            parsed=orjson.dumps(document),
+            message_id=parsed.message_id,
+            annotations=annotation.document if annotation else None,
+        )
+        return row, secret
 
     @staticmethod
     def _processed(session: Session, rows: list[dict[str, Any]], outcome: WriteOutcome) -> int:

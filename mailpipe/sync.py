@@ -70,7 +70,6 @@ _Step = tuple[Callable[..., object], tuple[object, ...], dict[str, object]]
 # band (pickle protocol 5), then each buffer's length, the pickle and the buffers
 FRAME_HEADER = struct.Struct("!QI")
 BUFFER_LENGTH = struct.Struct("!Q")
-OUT_OF_BAND_BYTES = 4096  # a row's values from this size cross uncopied by pickle
 IOV_MAX = 1024  # buffers per writev (Linux's limit)
 PIPE_BYTES = 1024 * 1024  # the batches' pipe buffer: Linux's default pipe-max-size
 PR_SET_PDEATHSIG = 1  # Linux prctl: a signal for the child when its parent ends
@@ -462,24 +461,18 @@ def _sync_folder(
     # A single batch has nothing to overlap with: store it in this thread.
     pipeline: Pipeline | StoreProcess
     if options.store_process and len(steps) > 1:
-        # this process parses and encrypts what is small, the child hashes and encrypts the raw
-        # mail and writes: both cores about as busy
+        # this process fetches, parses and processes; the child seals (hashes and encrypts)
+        # and writes: both cores about as busy
         process = StoreProcess(
             sessions,
             store_batch=partial(_write_in_child, writer),
             count=partial(_count, outcome, timer=timer),
         )
-        prepare = partial(
-            _prepare_batch,
-            writer,
-            processors=options.processors,
-            timer=timer,
-            sealed_bodies=False,
-        )
+        prepare = partial(_prepare_batch, writer, processors=options.processors, timer=timer)
         pipeline = process
 
         def submit(position: store.FolderPosition, messages: list[FetchedMessage]) -> None:
-            process.submit(_out_of_band(prepare(position, messages)))
+            process.submit(prepare(position, messages))
 
     else:
         pipeline = Pipeline(threaded=len(steps) > 1)
@@ -634,11 +627,13 @@ def _plan_new(
 
 @dataclass(frozen=True)
 class PreparedBatch:
-    """A batch parsed, processed and encrypted, with the position its commit records: what
-    writing it needs (in a StoreProcess: what crosses the pipe), and what it counts."""
+    """A batch parsed and processed, its rows not yet sealed, with the position its commit
+    records: what writing it needs (in a StoreProcess: what crosses the pipe), and what it
+    counts."""
 
     position: store.FolderPosition
     rows: list[dict[str, Any]]
+    clear: list[store.Clear]
     fetched_bytes: int
     quarantined: dict[str, int]
 
@@ -664,11 +659,9 @@ def _prepare_batch(
     *,
     processors: Mapping[str, Processor] | None,
     timer: PhaseTimer,
-    sealed_bodies: bool = True,
 ) -> PreparedBatch:
-    """Parse, process and encrypt one batch: the CPU-heavy half of storing it, which needs no
-    database write (the raw mail's hash and encryption left to `_write_batch` without
-    `sealed_bodies`)."""
+    """Parse and process one batch: the half of storing it that needs the mail in clear and no
+    database write."""
     with timer.phase("parse"):
         parsed = parse_messages([message.body for message in messages])
     ids = [uuid.uuid4() for _ in messages]
@@ -677,18 +670,14 @@ def _prepare_batch(
         with timer.phase("process"):
             annotations = _annotations(writer, processors, messages, parsed, ids)
     with timer.phase("save"):
-        rows = writer.rows(
-            position.uidvalidity,
-            messages,
-            parsed,
-            ids=ids,
-            annotations=annotations,
-            sealed_bodies=sealed_bodies,
+        rows, clear = writer.rows(
+            position.uidvalidity, messages, parsed, ids=ids, annotations=annotations
         )
     quarantined = [p.quarantine_reason for p in parsed if p.quarantine_reason is not None]
     return PreparedBatch(
         position=position,
         rows=rows,
+        clear=clear,
         fetched_bytes=sum(len(message.body) for message in messages),
         quarantined={reason: quarantined.count(reason) for reason in set(quarantined)},
     )
@@ -697,11 +686,9 @@ def _prepare_batch(
 def _write_batch(
     writer: store.BatchWriter, batch: PreparedBatch, *, timer: PhaseTimer
 ) -> BatchReport:
-    """Commit a prepared batch with its high-water mark (sealing raw mail left in clear)."""
+    """Seal a prepared batch and commit it with its high-water mark."""
     with timer.phase("save"):
-        if batch.rows and store.RAW in batch.rows[0]:
-            writer.seal_bodies(batch.rows)
-        saved = writer.write(batch.position, batch.rows)
+        saved = writer.write(batch.position, writer.seal(batch.rows, batch.clear))
     return BatchReport(
         fetched=len(batch.rows),
         fetched_bytes=batch.fetched_bytes,
@@ -1044,21 +1031,6 @@ def _write_all(fd: int, views: list[memoryview]) -> None:
             written -= views.pop(0).nbytes
         if written:
             views[0] = views[0][written:]
-
-
-def _out_of_band(batch: PreparedBatch) -> PreparedBatch:
-    """The batch with its rows' large values (the encrypted mail) marked to cross a pipe
-    uncopied; they arrive as read-only memoryviews, which the database drivers take as bytes."""
-    rows = [
-        {
-            name: pickle.PickleBuffer(value)
-            if isinstance(value, bytes) and len(value) >= OUT_OF_BAND_BYTES
-            else value
-            for name, value in row.items()
-        }
-        for row in batch.rows
-    ]
-    return replace(batch, rows=rows)
 
 
 def _receive(fd: int) -> Any:

@@ -75,7 +75,6 @@ def mailbox(dovecot, database):
 def test_storing_runs_in_another_process_stores_once_and_quarantines(dovecot, db_url, tmp_path):
     # Given five messages and one that is no mail at all, in several batches
     mailbox = make_mailbox(dovecot, db_url)
-    # (some large enough to cross the pipe out of band: sync.OUT_OF_BAND_BYTES)
     sent = [message(i, size=2_000 + 8_000 * (i % 2)) for i in range(5)] + [NOT_A_MESSAGE]
     mailbox.deliver(sent)
     seen = tmp_path / "pids"
@@ -90,7 +89,8 @@ def test_storing_runs_in_another_process_stores_once_and_quarantines(dovecot, db
     assert (first.fetched, first.saved, first.duplicates, first.quarantined) == (6, 6, 0, 1)
     assert [e.uid for e in mailbox.stored()] == [1, 2, 3, 4, 5, 6]
     assert [e.status for e in mailbox.stored()].count("quarantined") == 1
-    # And the mail crossed the pipe whole: each row decrypts to the message sent
+    # And the mail crossed the pipe whole (out of band, store.Clear): each row decrypts to the
+    # message sent
     assert [mailbox.plaintext(e).replace(b"\r\n", b"\n") for e in mailbox.stored()] == [
         raw.replace(b"\r\n", b"\n") for raw in sent
     ]
