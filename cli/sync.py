@@ -16,6 +16,7 @@ from .common import (
     instant,
     nonempty,
     port,
+    start_up,
 )
 
 if TYPE_CHECKING:  # the parser is built without them; the command loads what it runs
@@ -109,11 +110,15 @@ def sync_options(parser: argparse.ArgumentParser, *, db_help: str) -> None:
 
 def run_sync(args: argparse.Namespace, settings: Settings) -> int:
     """Sync one account straight from the command line, with no queue in between."""
-    from .target import sync_target
+    with start_up():
+        from .target import sync_target
 
-    engine, target = sync_target(
-        args, args.db or settings.database_url, key_dir=settings.owner_key_path, store_process=True
-    )
+        engine, target = sync_target(
+            args,
+            args.db or settings.database_url,
+            key_dir=settings.owner_key_path,
+            store_process=True,
+        )
     try:
         result = target.sync()
     except Exception as error:  # every failure becomes one line naming its cause
@@ -128,16 +133,20 @@ def run_profile(args: argparse.Namespace, settings: Settings) -> int:
     """A sync under the profiler; by default into a new database, so every message is synced."""
     import tempfile
 
-    from mailpipe.profiler import Profiler
-
-    from .target import sync_target
-
     with tempfile.TemporaryDirectory(prefix="mailpipe-profile-") as scratch:
         # a database of its own is thrown away with its key file; a given one keeps its owner's
         key_dir = settings.owner_key_path if args.db else Path(scratch) / "keys"
-        engine, target = sync_target(
-            args, args.db or f"sqlite:///{scratch}/profile.db", key_dir=key_dir, store_process=True
-        )
+        with start_up():
+            from mailpipe.profiler import Profiler
+
+            from .target import sync_target
+
+            engine, target = sync_target(
+                args,
+                args.db or f"sqlite:///{scratch}/profile.db",
+                key_dir=key_dir,
+                store_process=True,
+            )
         profiler = Profiler(memory=args.memory)
         try:
             with profiler:
