@@ -194,7 +194,7 @@ def status_answer(parts: list[bytes]) -> tuple[bytes, dict[bytes, int]] | None:
     head = parts[0]
     if head[:9].upper() != b"* STATUS ":
         return None
-    if len(parts) == 3 and isinstance(parts[1], Literal):
+    if len(parts) == 3:  # the name as a literal
         name, rest = bytes(parts[1]), parts[2]
     else:
         text = head[9:]
@@ -232,7 +232,8 @@ def _said(head: bytes) -> str:
 
 
 def _read_response(imap: ImapConnection) -> list[bytes]:
-    """One server response: text pieces with each literal in between, as read from the wire."""
+    """One server response: text pieces with each literal in between, as read from the wire
+    (so the literals are the odd items, kept as read: a body is never copied here)."""
     parts: list[bytes] = []
     while True:
         line = imap.readline()
@@ -247,7 +248,7 @@ def _read_response(imap: ImapConnection) -> list[bytes]:
         data = imap.read(size)
         if len(data) != size:
             raise IMAPClientAbortError("server closed the connection inside a literal")
-        parts.append(Literal(data))
+        parts.append(data)
 
 
 def _fetched(parts: list[bytes]) -> FetchedMessage | None:
@@ -275,7 +276,7 @@ def _fetched_fast(parts: list[bytes], text: bytes) -> FetchedMessage | None:
     date = DATE_ITEM.search(text)
     return FetchedMessage(
         uid=int(uid.group(1)),
-        body=bytes(body),
+        body=body,
         flags=tuple(flags.group(1).split()) if flags else (),
         internal_date=internal_date(date.group(1)) if date else None,
         size=int(size.group(1)) if size else len(body),
@@ -334,9 +335,9 @@ def _parse_items(parts: list[bytes]) -> list[Any]:
     a nested list, as the server sent them); keys upper-cased."""
     stack: list[list[Any]] = [[]]
     first = True
-    for part in parts:
-        if isinstance(part, Literal):
-            stack[-1].append(part)
+    for index, part in enumerate(parts):
+        if index % 2:  # a literal: a value as it is, never an atom
+            stack[-1].append(Literal(part))
             continue
         if first:
             opening = FETCH_START.match(part)
