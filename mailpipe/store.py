@@ -82,20 +82,16 @@ class WriteOutcome:
 
 @dataclass(frozen=True, slots=True)
 class Clear:
-    """A row's mail, parsed fields, Message-ID and annotations in clear, until
-    `BatchWriter.seal` encrypts them: kept apart from the row, so nothing unsealed can reach
-    the database."""
+    """A row's mail in clear, until `BatchWriter.seal` hashes and encrypts it: kept apart from
+    the row, so it cannot reach the database unsealed."""
 
     raw: bytes | memoryview
-    parsed: bytes
-    message_id: str | None
-    annotations: bytes | None
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
         """Through a pipe (pickle protocol 5) the mail crosses uncopied, out of band, and
         arrives as a read-only memoryview."""
         raw = pickle.PickleBuffer(self.raw) if int(protocol) >= OUT_OF_BAND_PROTOCOL else self.raw
-        return (Clear, (raw, self.parsed, self.message_id, self.annotations))
+        return (Clear, (raw,))
 
 
 def folder_states(session: Session, account_id: int, key: DataKey) -> dict[str, FolderPosition]:
@@ -272,42 +268,21 @@ class BatchWriter:
         ids: Sequence[uuid.UUID],
         annotations: Sequence[Annotation | None] | None = None,
     ) -> tuple[list[dict[str, Any]], list[Clear]]:
-        """A batch's rows without their secret columns, and what those hold in clear: `seal`
-        makes them whole (in this process, or in a store process on the other core)."""
+        """A batch's rows, sealed but for their mail, and the mail in clear: `seal` hashes and
+        encrypts it, the two passes over every byte (in this process, or in a store process
+        on the other core)."""
         annotations = annotations or [None] * len(messages)
-        rows: list[dict[str, Any]] = []
-        clear: list[Clear] = []
-        for row_id, message, outcome, annotation in zip(
-            ids, messages, parsed, annotations, strict=True
-        ):
-            row, secret = self._row(uidvalidity, row_id, message, outcome, annotation)
-            rows.append(row)
-            clear.append(secret)
-        return rows, clear
+        rows = [
+            self._row(uidvalidity, *item)
+            for item in zip(ids, messages, parsed, annotations, strict=True)
+        ]
+        return rows, [Clear(message.body) for message in messages]
 
     def seal(self, rows: list[dict[str, Any]], clear: Sequence[Clear]) -> list[dict[str, Any]]:
-        """The rows with their secret columns: keyed hashes, and ciphertext bound to each row."""
-        for row, secret in zip(rows, clear, strict=True):
-            row_id = row["id"]
-            row.update(
-                names.email_columns(
-                    self.key,
-                    row_id=row_id,
-                    folder=self.folder,
-                    message_id=secret.message_id,
-                    hashed=self.folder_hash,
-                ),
-                content_hash=self.key.content_hash(secret.raw),
-                raw_enc=self.key.encrypt(secret.raw, table="emails", column="raw", row=row_id),
-                parsed_enc=self.key.encrypt(
-                    secret.parsed, table="emails", column="parsed", row=row_id
-                ),
-                annotations_enc=self.key.encrypt(
-                    secret.annotations, table="emails", column="annotations", row=row_id
-                )
-                if secret.annotations is not None
-                else None,
-            )
+        """The rows with their mail's keyed hash and ciphertext (bound to each row)."""
+        for row, mail in zip(rows, clear, strict=True):
+            row["content_hash"] = self.key.content_hash(mail.raw)
+            row["raw_enc"] = self.key.encrypt(mail.raw, table="emails", column="raw", row=row["id"])
         return rows
 
     def write(self, position: FolderPosition, rows: list[dict[str, Any]]) -> WriteOutcome:
@@ -383,33 +358,41 @@ class BatchWriter:
         message: FetchedMessage,
         parsed: ParsedMessage,
         annotation: Annotation | None,
-    ) -> tuple[dict[str, Any], Clear]:
+    ) -> dict[str, Any]:
         document: dict[str, Any] | None
         if parsed.quarantined:
             document = {"quarantine_reason": parsed.quarantine_reason, "detail": parsed.detail}
         else:
             document = parsed.fields
-        row = {
+        return {
             "id": row_id,
             "account_id": self.account_id,
             "uidvalidity": uidvalidity,
             "uid": message.uid,
+            **names.email_columns(
+                self.key,
+                row_id=row_id,
+                folder=self.folder,
+                message_id=parsed.message_id,
+                hashed=self.folder_hash,
+            ),
             "internal_date": message.internal_date,
             "sent_date": parsed.sent_date,
             "flags": flag_text(message.flags),
             "size": len(message.body),
+            "parsed_enc": self.key.encrypt(
+                orjson.dumps(document), table="emails", column="parsed", row=row_id
+            ),
             "status": ParseStatus.QUARANTINED if parsed.quarantined else ParseStatus.PARSED,
             "quarantine_reason": parsed.quarantine_reason,
             "process_status": annotation.status if annotation else ProcessStatus.PENDING,
+            "annotations_enc": self.key.encrypt(
+                annotation.document, table="emails", column="annotations", row=row_id
+            )
+            if annotation
+            else None,
             "fetched_at": utcnow(),
         }
-        secret = Clear(
-            raw=message.body,
-            parsed=orjson.dumps(document),
-            message_id=parsed.message_id,
-            annotations=annotation.document if annotation else None,
-        )
-        return row, secret
 
     @staticmethod
     def _processed(session: Session, rows: list[dict[str, Any]], outcome: WriteOutcome) -> int:

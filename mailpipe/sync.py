@@ -461,8 +461,8 @@ def _sync_folder(
     # A single batch has nothing to overlap with: store it in this thread.
     pipeline: Pipeline | StoreProcess
     if options.store_process and len(steps) > 1:
-        # this process fetches, parses and processes; the child seals (hashes and encrypts)
-        # and writes: both cores about as busy
+        # this process fetches, parses, processes and seals all but the mail; the child hashes
+        # and encrypts the mail and writes: both cores about as busy
         process = StoreProcess(
             sessions,
             store_batch=partial(_write_in_child, writer),
@@ -627,7 +627,7 @@ def _plan_new(
 
 @dataclass(frozen=True)
 class PreparedBatch:
-    """A batch parsed and processed, its rows not yet sealed, with the position its commit
+    """A batch parsed and processed, its mail not yet sealed, with the position its commit
     records: what writing it needs (in a StoreProcess: what crosses the pipe), and what it
     counts."""
 
@@ -660,8 +660,8 @@ def _prepare_batch(
     processors: Mapping[str, Processor] | None,
     timer: PhaseTimer,
 ) -> PreparedBatch:
-    """Parse and process one batch: the half of storing it that needs the mail in clear and no
-    database write."""
+    """Parse, process and encrypt one batch but for its mail: the half of storing it that
+    needs no database write."""
     with timer.phase("parse"):
         parsed = parse_messages([message.body for message in messages])
     ids = [uuid.uuid4() for _ in messages]
@@ -686,7 +686,7 @@ def _prepare_batch(
 def _write_batch(
     writer: store.BatchWriter, batch: PreparedBatch, *, timer: PhaseTimer
 ) -> BatchReport:
-    """Seal a prepared batch and commit it with its high-water mark."""
+    """Seal a prepared batch's mail and commit the batch with its high-water mark."""
     with timer.phase("save"):
         saved = writer.write(batch.position, writer.seal(batch.rows, batch.clear))
     return BatchReport(
