@@ -34,6 +34,7 @@ from .errors import MailpipeError, ProtocolError
 from .fetch import (
     FetchedMessage,
     FirstRefused,
+    fetch_batches,
     fetch_flags,
     fetch_messages,
     pipelined,
@@ -478,10 +479,11 @@ def _sync_folder(
         pipeline = Pipeline(threaded=len(steps) > 1)
         here = partial(_store_and_count, writer, outcome, options.processors, timer)
         submit = partial(pipeline.submit, here)
-    with pipeline:
+    answers = fetch_batches(client._imap, [batch for batch, _ in steps], FETCH_ITEMS)
+    with pipeline, contextlib.closing(answers):
         for batch, after in steps:
             with timer.phase("fetch"):
-                fetched = fetch_messages(client._imap, batch, FETCH_ITEMS)
+                fetched = next(answers)
             messages = [fetched[uid] for uid in batch if uid in fetched]
             outcome.expunged += len(batch) - len(messages)
             submit(after, messages)
