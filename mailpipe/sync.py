@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from functools import partial
@@ -55,7 +55,7 @@ FETCH_ITEMS = "UID FLAGS INTERNALDATE BODY.PEEK[]"
 REQUIRED_CAPABILITY = "IMAP4REV1"
 WILDCARDS = ("*", "%")
 PIPELINE_DEPTH = 2
-RAMP = 8  # a store process's first batch is this much smaller than the bounds, the next double
+RAMP = 8  # a store process's first and last batches are this much smaller than the bounds
 STATUS_ITEMS = b"(MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ)"
 FLAG_WINDOW = 200  # without CONDSTORE: the newest messages whose flags each run refreshes
 # how a folder's flag changes and expunges are learnt (see _state_method)
@@ -1100,14 +1100,15 @@ def _sizes_between(
     return _sizes(client, f"{floor + 1}:{top}", since=since, low=floor + 1, high=top)
 
 
-def _batches(
-    uids: Sequence[int], sizes: dict[int, int], options: SyncOptions
-) -> Iterator[list[int]]:
+def _batches(uids: Sequence[int], sizes: dict[int, int], options: SyncOptions) -> list[list[int]]:
     """Groups of UIDs whose bodies together stay under the byte bound (at least one each).
 
     For a store process the first groups are smaller (1/RAMP of the bounds, doubling up to
-    them): it starts while most of a folder is still to be fetched, not after a whole batch.
-    (A worker's many accounts keep its cores busy: there, fewer batches are cheaper.)"""
+    them) and the last one is cut into a half, a quarter, ... down to 1/RAMP: it starts while
+    most of a folder is still to be fetched, and what it has left to store after the last
+    fetch is a small piece, not a whole batch. (A worker's many accounts keep its cores busy:
+    there, fewer batches are cheaper.)"""
+    batches: list[list[int]] = []
     batch: list[int] = []
     batch_bytes = 0
     share = RAMP if options.store_process else 1
@@ -1117,10 +1118,18 @@ def _batches(
             batch_bytes + size > options.batch_bytes // share
             or len(batch) >= options.batch_messages // share
         ):
-            yield batch
+            batches.append(batch)
             batch, batch_bytes = [], 0
             share = max(1, share // 2)
         batch.append(uid)
         batch_bytes += size
+    if batch and options.store_process:
+        for _ in range(RAMP.bit_length() - 1):
+            if len(batch) < 2:
+                break
+            cut = len(batch) // 2
+            batches.append(batch[:cut])
+            batch = batch[cut:]
     if batch:
-        yield batch
+        batches.append(batch)
+    return batches
