@@ -200,7 +200,7 @@ def sync_account(
                 session.commit()  # the account's rows from before 0013, converted
     result = SyncResult()
     with timer.phase("connect"):
-        client = _connect(connect, settings, tokens)
+        client, refused_turns = _connect(connect, settings, tokens)
     try:
         client.normalise_times = False
         with timer.phase("diagnostics"):
@@ -240,7 +240,7 @@ def sync_account(
     finally:
         with timer.phase("disconnect"):
             imap.logout(client)
-        result.round_trips = imap.round_trips(client)
+        result.round_trips = refused_turns + imap.round_trips(client)
         timer.observer.after_round_trips(result.round_trips)
     result.phases = timer.totals
     result.duration = time.perf_counter() - started
@@ -251,15 +251,17 @@ def _connect(
     connect: Callable[[ImapSettings], IMAPClient],
     settings: ImapSettings,
     tokens: TokenSource | None,
-) -> IMAPClient:
-    """Log in; with OAuth2 a fresh token first, and a refused one refreshed once more."""
+) -> tuple[IMAPClient, int]:
+    """Log in; with OAuth2 a fresh token first, and a refused one refreshed once more. Also
+    the round trips a refused login took (its connection is gone)."""
     if tokens is None:
-        return connect(settings)
+        return connect(settings), 0
     settings = replace(settings, access_token=tokens.token())
     try:
-        return connect(settings)
-    except imap.TokenRefused:
-        return connect(replace(settings, access_token=tokens.token(refused=settings.access_token)))
+        return connect(settings), 0
+    except imap.TokenRefused as refused:
+        fresh = replace(settings, access_token=tokens.token(refused=settings.access_token))
+        return connect(fresh), refused.round_trips
 
 
 def quick_check(client: IMAPClient) -> tuple[str, ...]:
