@@ -137,7 +137,7 @@ def run_profile(args: argparse.Namespace, settings: Settings) -> int:
         # a database of its own is thrown away with its key file; a given one keeps its owner's
         key_dir = settings.owner_key_path if args.db else Path(scratch) / "keys"
         with start_up():
-            from mailpipe.profiler import Profiler
+            from mailpipe.profiler import Profiler, children_peak_bytes
 
             from .target import sync_target
 
@@ -156,6 +156,7 @@ def run_profile(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             engine.dispose()
     profile = profiler.to_json()
+    profile["memory"]["store_process_peak_bytes"] = children_peak_bytes()
     if args.json:
         print(json.dumps({**result.to_json(), "profile": profile}))
     else:
@@ -197,10 +198,12 @@ def profile_summary(profile: dict) -> str:
             f"{phase['cpu_ratio']:>10.2f}  {phase['bound']:<6}{phase['calls']:>6}"
         )
     memory, mail = profile["memory"], profile["mail"]
+    store = memory.get("store_process_peak_bytes") or 0
+    beside = f", store process {store / 2**20:.1f} MiB (ru_maxrss)" if store else ""
     lines.append(
         f"run {profile['wall_seconds'] * 1000:.0f} ms wall, {profile['cpu_seconds'] * 1000:.0f} ms "
-        f"CPU; peak memory {(memory['peak_bytes'] or 0) / 2**20:.1f} MiB ({memory['method']}); "
-        f"{mail['fetched']} mails ({mail['fetched_bytes'] / 2**20:.1f} MiB) in "
+        f"CPU; peak memory {(memory['peak_bytes'] or 0) / 2**20:.1f} MiB ({memory['method']})"
+        f"{beside}; {mail['fetched']} mails ({mail['fetched_bytes'] / 2**20:.1f} MiB) in "
         f"{mail['batches']} batch(es)"
     )
     return "\n".join(lines)
