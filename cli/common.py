@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import math
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -196,3 +198,18 @@ def instant(text: str) -> datetime:
             f"{text!r} is not a date (2026-01-31) or a time with its offset (…T08:00+01:00)"
         )
     return moment.astimezone(UTC)
+
+
+@contextlib.contextmanager
+def start_up() -> Iterator[None]:
+    """Load and open what a command needs with the cyclic collector off, then freeze it.
+
+    Start-up makes a few hundred thousand objects and frees almost none: collections during it
+    find nothing (~50 ms of a sync's start), and the full collections that the thousands of
+    messages of a sync set off later would walk it all again (the sync ran ~1.4x slower)."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()

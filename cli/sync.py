@@ -16,6 +16,7 @@ from .common import (
     instant,
     nonempty,
     port,
+    start_up,
 )
 
 if TYPE_CHECKING:  # the parser is built without them; the command loads what it runs
@@ -109,11 +110,15 @@ def sync_options(parser: argparse.ArgumentParser, *, db_help: str) -> None:
 
 def run_sync(args: argparse.Namespace, settings: Settings) -> int:
     """Sync one account straight from the command line, with no queue in between."""
-    from .target import sync_target
+    with start_up():
+        from .target import sync_target
 
-    engine, target = sync_target(
-        args, args.db or settings.database_url, key_dir=settings.owner_key_path, store_process=True
-    )
+        engine, target = sync_target(
+            args,
+            args.db or settings.database_url,
+            key_dir=settings.owner_key_path,
+            store_process=True,
+        )
     try:
         result = target.sync()
     except Exception as error:  # every failure becomes one line naming its cause
@@ -128,16 +133,20 @@ def run_profile(args: argparse.Namespace, settings: Settings) -> int:
     """A sync under the profiler; by default into a new database, so every message is synced."""
     import tempfile
 
-    from mailpipe.profiler import Profiler
-
-    from .target import sync_target
-
     with tempfile.TemporaryDirectory(prefix="mailpipe-profile-") as scratch:
         # a database of its own is thrown away with its key file; a given one keeps its owner's
         key_dir = settings.owner_key_path if args.db else Path(scratch) / "keys"
-        engine, target = sync_target(
-            args, args.db or f"sqlite:///{scratch}/profile.db", key_dir=key_dir, store_process=True
-        )
+        with start_up():
+            from mailpipe.profiler import Profiler, children_peak_bytes
+
+            from .target import sync_target
+
+            engine, target = sync_target(
+                args,
+                args.db or f"sqlite:///{scratch}/profile.db",
+                key_dir=key_dir,
+                store_process=True,
+            )
         profiler = Profiler(memory=args.memory)
         try:
             with profiler:
@@ -147,6 +156,7 @@ def run_profile(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             engine.dispose()
     profile = profiler.to_json()
+    profile["memory"]["store_process_peak_bytes"] = children_peak_bytes()
     if args.json:
         print(json.dumps({**result.to_json(), "profile": profile}))
     else:
@@ -188,10 +198,12 @@ def profile_summary(profile: dict) -> str:
             f"{phase['cpu_ratio']:>10.2f}  {phase['bound']:<6}{phase['calls']:>6}"
         )
     memory, mail = profile["memory"], profile["mail"]
+    store = memory.get("store_process_peak_bytes") or 0
+    beside = f", store process {store / 2**20:.1f} MiB (ru_maxrss)" if store else ""
     lines.append(
         f"run {profile['wall_seconds'] * 1000:.0f} ms wall, {profile['cpu_seconds'] * 1000:.0f} ms "
-        f"CPU; peak memory {(memory['peak_bytes'] or 0) / 2**20:.1f} MiB ({memory['method']}); "
-        f"{mail['fetched']} mails ({mail['fetched_bytes'] / 2**20:.1f} MiB) in "
+        f"CPU; peak memory {(memory['peak_bytes'] or 0) / 2**20:.1f} MiB ({memory['method']})"
+        f"{beside}; {mail['fetched']} mails ({mail['fetched_bytes'] / 2**20:.1f} MiB) in "
         f"{mail['batches']} batch(es)"
     )
     return "\n".join(lines)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from .target import SyncTarget
 
-from .common import EXIT_FAILURE, OutputLost, run_until_stopped
+from .common import EXIT_FAILURE, OutputLost, run_until_stopped, start_up
 from .sync import one_line_failure, summary, sync_options
 
 POLL_SECONDS = 60.0  # a server without IDLE is asked this often instead
@@ -35,13 +35,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def run_watch(args: argparse.Namespace, settings: Settings) -> int:
     """Sync, then IDLE on the first named folder (INBOX by default) and sync on each change; a
     lost connection is opened again with backoff; Ctrl-C or SIGTERM end it with exit 0."""
-    from mailpipe.watcher import watched_folder
+    with start_up():
+        from mailpipe.watcher import watched_folder
 
-    from .target import sync_target
+        from .target import sync_target
 
-    engine, target = sync_target(
-        args, args.db or settings.database_url, key_dir=settings.owner_key_path
-    )
+        engine, target = sync_target(
+            args, args.db or settings.database_url, key_dir=settings.owner_key_path
+        )
 
     def emit(result: SyncResult) -> None:
         print(json.dumps(result.to_json()) if args.json else summary(result), flush=True)

@@ -82,7 +82,9 @@ class DataKey:
     def generate(cls) -> DataKey:
         return cls(AESGCM.generate_key(bit_length=256))
 
-    def encrypt(self, plaintext: bytes, *, table: str, column: str, row: object) -> bytes:
+    def encrypt(
+        self, plaintext: bytes | memoryview, *, table: str, column: str, row: object
+    ) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
         aad = associated_data(table, column, row)
         return FORMAT_VERSION + nonce + self._aead.encrypt(nonce, plaintext, aad)
@@ -100,7 +102,7 @@ class DataKey:
                 f"{table}.{column} of row {row}: ciphertext is damaged, moved or under another key"
             ) from None
 
-    def content_hash(self, data: bytes) -> bytes:
+    def content_hash(self, data: bytes | memoryview) -> bytes:
         """A keyed digest for finding the same message again without revealing its content."""
         return hmac.digest(self._hash_key, data, "sha256")
 

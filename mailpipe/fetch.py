@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
@@ -92,6 +92,58 @@ def fetch_messages(
             if message is not None:
                 messages[message.uid] = message
     return messages
+
+
+def fetch_batches(
+    imap: ImapConnection, batches: Sequence[Sequence[int]], items: str
+) -> Generator[dict[int, FetchedMessage], None, None]:
+    """`fetch_messages` of each batch of UIDs in turn, each batch's command sent before the
+    previous one's answer is read (RFC 3501 5.5): the server reads and sends batch k+1 while
+    this process handles batch k, and a distant server costs no round trip per batch.
+
+    Answers are told apart by UID, so a server that interleaves them loses nothing. Leaving
+    early leaves an answer unread: the connection is then only fit to be logged out.
+    """
+    tags: list[bytes] = []
+    early: dict[int, FetchedMessage] = {}  # answers that came before their batch's turn
+    done: dict[bytes, bytes] = {}  # commands the server completed before their turn
+
+    def send(batch: Sequence[int]) -> None:
+        tag = imap._new_tag()
+        imap.send(b"%s UID FETCH %s (%s)\r\n" % (tag, _uid_set(batch).encode(), items.encode()))
+        tags.append(tag)
+
+    try:
+        if batches:
+            send(batches[0])
+        for number, batch in enumerate(batches):
+            if number + 1 < len(batches):
+                send(batches[number + 1])
+            wanted = set(batch)
+            messages = {uid: early.pop(uid) for uid in wanted & early.keys()}
+            tag = tags[number]
+            while tag not in done:
+                parts = _read_response(imap)
+                head = parts[0]
+                if head.startswith(b"* BYE"):
+                    raise IMAPClientAbortError(_said(head))
+                if (ours := head.split(b" ", 1)[0]) in tags:
+                    done[ours] = head
+                    continue
+                if not FETCH_START.match(head):
+                    continue
+                try:
+                    message = _fetched(parts)
+                except (ValueError, KeyError, IndexError, TypeError):
+                    raise ProtocolError(MALFORMED_FETCH) from None
+                if message is not None:
+                    (messages if message.uid in wanted else early)[message.uid] = message
+            if _status(done[tag], tag) != b"OK":
+                raise IMAPClientError(f"UID FETCH failed: {_said(done[tag])}")
+            yield messages
+    finally:
+        for tag in tags:
+            imap.tagged_commands.pop(tag, None)
 
 
 def fetch_flags(
@@ -194,7 +246,7 @@ def status_answer(parts: list[bytes]) -> tuple[bytes, dict[bytes, int]] | None:
     head = parts[0]
     if head[:9].upper() != b"* STATUS ":
         return None
-    if len(parts) == 3 and isinstance(parts[1], Literal):
+    if len(parts) == 3:  # the name as a literal
         name, rest = bytes(parts[1]), parts[2]
     else:
         text = head[9:]
@@ -232,7 +284,8 @@ def _said(head: bytes) -> str:
 
 
 def _read_response(imap: ImapConnection) -> list[bytes]:
-    """One server response: text pieces with each literal in between, as read from the wire."""
+    """One server response: text pieces with each literal in between, as read from the wire
+    (so the literals are the odd items, kept as read: a body is never copied here)."""
     parts: list[bytes] = []
     while True:
         line = imap.readline()
@@ -247,7 +300,7 @@ def _read_response(imap: ImapConnection) -> list[bytes]:
         data = imap.read(size)
         if len(data) != size:
             raise IMAPClientAbortError("server closed the connection inside a literal")
-        parts.append(Literal(data))
+        parts.append(data)
 
 
 def _fetched(parts: list[bytes]) -> FetchedMessage | None:
@@ -275,7 +328,7 @@ def _fetched_fast(parts: list[bytes], text: bytes) -> FetchedMessage | None:
     date = DATE_ITEM.search(text)
     return FetchedMessage(
         uid=int(uid.group(1)),
-        body=bytes(body),
+        body=body,
         flags=tuple(flags.group(1).split()) if flags else (),
         internal_date=internal_date(date.group(1)) if date else None,
         size=int(size.group(1)) if size else len(body),
@@ -334,9 +387,9 @@ def _parse_items(parts: list[bytes]) -> list[Any]:
     a nested list, as the server sent them); keys upper-cased."""
     stack: list[list[Any]] = [[]]
     first = True
-    for part in parts:
-        if isinstance(part, Literal):
-            stack[-1].append(part)
+    for index, part in enumerate(parts):
+        if index % 2:  # a literal: a value as it is, never an atom
+            stack[-1].append(Literal(part))
             continue
         if first:
             opening = FETCH_START.match(part)

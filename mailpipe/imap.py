@@ -31,7 +31,10 @@ HANDSHAKE_TURNS_BEFORE_1_3 = (2, False)
 
 
 class TokenRefused(LoginError):  # type: ignore[misc]  # imapclient ships no types
-    """The server refused an OAuth2 access token (expired, withdrawn, or for another user)."""
+    """The server refused an OAuth2 access token (expired, withdrawn, or for another user);
+    `round_trips` are the refused connection's, for a retry to count them too."""
+
+    round_trips = 0
 
 
 class NoStartTls(Exception):
@@ -233,7 +236,9 @@ def authenticate(client: IMAPClient, settings: ImapSettings) -> None:
         if isinstance(lost, IMAPClientAbortError):
             raise lost from None
         if settings.access_token is not None:
-            raise TokenRefused(str(error)) from None
+            refused = TokenRefused(str(error))
+            refused.round_trips = round_trips(client)
+            raise refused from None
         raise
 
 

@@ -9,7 +9,7 @@ thread) or computed. Work a phase hands to native threads of their own (fast-mai
 Memory is measured one of two ways, named in the output:
 `ru_maxrss` (the process's resident high-water mark, how far this run raised it; cheap, so every
 account run keeps it, but shared with whatever else the process runs at the time, and without
-the one-shot command's store process: `bench.sync`'s peak RSS is the larger of the two) or
+the one-shot command's store process, which `mailpipe profile` adds from `children_peak_bytes`) or
 `tracemalloc` (the peak of Python's own allocations during the run, without native buffers;
 exact, but it slows Python down, so only `mailpipe profile` offers it).
 """
@@ -180,3 +180,9 @@ class Profiler(Observer):
 
 def _max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RU_MAXRSS_UNIT
+
+
+def children_peak_bytes() -> int:
+    """The resident high-water mark of the largest child this process has waited for (the
+    one-shot command's store processes; 0 if none): the peak `ru_maxrss` leaves out."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * RU_MAXRSS_UNIT

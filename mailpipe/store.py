@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, SupportsIndex, cast
 
 import orjson
 from sqlalchemy import Table, bindparam, delete, func, select, update
@@ -30,6 +31,7 @@ EMAIL_KEY = ["account_id", "folder_hash", "uidvalidity", "uid"]
 STATE_KEY = ["account_id", "folder_hash"]
 RECENT = "\\recent"
 DELETE_CHUNK = 1000
+OUT_OF_BAND_PROTOCOL = 5  # the pickle protocol that hands buffers over uncopied
 TOMBSTONE_DAYS = 7  # how long the change feed still says that a message vanished
 
 
@@ -76,6 +78,20 @@ class WriteOutcome:
     saved: int = 0
     duplicates: int = 0
     processed: int = 0  # stored with every processor's annotation
+
+
+@dataclass(frozen=True, slots=True)
+class Clear:
+    """A row's mail in clear, until `BatchWriter.seal` hashes and encrypts it: kept apart from
+    the row, so it cannot reach the database unsealed."""
+
+    raw: bytes | memoryview
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        """Through a pipe (pickle protocol 5) the mail crosses uncopied, out of band, and
+        arrives as a read-only memoryview."""
+        raw = pickle.PickleBuffer(self.raw) if int(protocol) >= OUT_OF_BAND_PROTOCOL else self.raw
+        return (Clear, (raw,))
 
 
 def folder_states(session: Session, account_id: int, key: DataKey) -> dict[str, FolderPosition]:
@@ -243,22 +259,35 @@ class BatchWriter:
         self.dedupe_by_content = dedupe_by_content
         self._state_name = names.state_columns(key, account_id=account_id, folder=folder)
 
-    def write(
+    def rows(
         self,
-        position: FolderPosition,
+        uidvalidity: int,
         messages: Sequence[FetchedMessage],
         parsed: Sequence[ParsedMessage],
         *,
         ids: Sequence[uuid.UUID],
         annotations: Sequence[Annotation | None] | None = None,
-    ) -> WriteOutcome:
-        """Store a batch under the row ids given, with what processors said of it, and advance
-        the high-water mark in one transaction."""
+    ) -> tuple[list[dict[str, Any]], list[Clear]]:
+        """A batch's rows, sealed but for their mail, and the mail in clear: `seal` hashes and
+        encrypts it, the two passes over every byte (in this process, or in a store process
+        on the other core)."""
         annotations = annotations or [None] * len(messages)
         rows = [
-            self._row(position.uidvalidity, *item)
+            self._row(uidvalidity, *item)
             for item in zip(ids, messages, parsed, annotations, strict=True)
         ]
+        return rows, [Clear(message.body) for message in messages]
+
+    def seal(self, rows: list[dict[str, Any]], clear: Sequence[Clear]) -> list[dict[str, Any]]:
+        """The rows with their mail's keyed hash and ciphertext (bound to each row)."""
+        for row, mail in zip(rows, clear, strict=True):
+            row["content_hash"] = self.key.content_hash(mail.raw)
+            row["raw_enc"] = self.key.encrypt(mail.raw, table="emails", column="raw", row=row["id"])
+        return rows
+
+    def write(self, position: FolderPosition, rows: list[dict[str, Any]]) -> WriteOutcome:
+        """Store a batch's rows, with what processors said of them, and advance the high-water
+        mark in one transaction."""
         outcome = WriteOutcome()
         with self.sessions.begin() as session:
             if rows:
@@ -330,7 +359,6 @@ class BatchWriter:
         parsed: ParsedMessage,
         annotation: Annotation | None,
     ) -> dict[str, Any]:
-        raw = message.body
         document: dict[str, Any] | None
         if parsed.quarantined:
             document = {"quarantine_reason": parsed.quarantine_reason, "detail": parsed.detail}
@@ -351,14 +379,9 @@ class BatchWriter:
             "internal_date": message.internal_date,
             "sent_date": parsed.sent_date,
             "flags": flag_text(message.flags),
-            "size": len(raw),
-            "content_hash": self.key.content_hash(raw),
-            "raw_enc": self.key.encrypt(raw, table="emails", column="raw", row=row_id),
+            "size": len(message.body),
             "parsed_enc": self.key.encrypt(
-                orjson.dumps(document),
-                table="emails",
-                column="parsed",
-                row=row_id,
+                orjson.dumps(document), table="emails", column="parsed", row=row_id
             ),
             "status": ParseStatus.QUARANTINED if parsed.quarantined else ParseStatus.PARSED,
             "quarantine_reason": parsed.quarantine_reason,

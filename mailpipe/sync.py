@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from functools import partial
@@ -34,6 +34,7 @@ from .errors import MailpipeError, ProtocolError
 from .fetch import (
     FetchedMessage,
     FirstRefused,
+    fetch_batches,
     fetch_flags,
     fetch_messages,
     pipelined,
@@ -54,6 +55,7 @@ FETCH_ITEMS = "UID FLAGS INTERNALDATE BODY.PEEK[]"
 REQUIRED_CAPABILITY = "IMAP4REV1"
 WILDCARDS = ("*", "%")
 PIPELINE_DEPTH = 2
+RAMP = 8  # a store process's first and last batches are this much smaller than the bounds
 STATUS_ITEMS = b"(MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ)"
 FLAG_WINDOW = 200  # without CONDSTORE: the newest messages whose flags each run refreshes
 # how a folder's flag changes and expunges are learnt (see _state_method)
@@ -65,7 +67,11 @@ WINDOW = "window"
 _P = ParamSpec("_P")
 # a step queued for the storage thread: the function and its arguments
 _Step = tuple[Callable[..., object], tuple[object, ...], dict[str, object]]
-FRAME_HEADER = struct.Struct("!Q")  # the length of each pickled frame on a StoreProcess pipe
+# a frame on a StoreProcess pipe: the pickle's length and how many buffers follow it out of
+# band (pickle protocol 5), then each buffer's length, the pickle and the buffers
+FRAME_HEADER = struct.Struct("!QI")
+BUFFER_LENGTH = struct.Struct("!Q")
+IOV_MAX = 1024  # buffers per writev (Linux's limit)
 PIPE_BYTES = 1024 * 1024  # the batches' pipe buffer: Linux's default pipe-max-size
 PR_SET_PDEATHSIG = 1  # Linux prctl: a signal for the child when its parent ends
 
@@ -194,7 +200,7 @@ def sync_account(
                 session.commit()  # the account's rows from before 0013, converted
     result = SyncResult()
     with timer.phase("connect"):
-        client = _connect(connect, settings, tokens)
+        client, refused_turns = _connect(connect, settings, tokens)
     try:
         client.normalise_times = False
         with timer.phase("diagnostics"):
@@ -234,7 +240,7 @@ def sync_account(
     finally:
         with timer.phase("disconnect"):
             imap.logout(client)
-        result.round_trips = imap.round_trips(client)
+        result.round_trips = refused_turns + imap.round_trips(client)
         timer.observer.after_round_trips(result.round_trips)
     result.phases = timer.totals
     result.duration = time.perf_counter() - started
@@ -245,15 +251,17 @@ def _connect(
     connect: Callable[[ImapSettings], IMAPClient],
     settings: ImapSettings,
     tokens: TokenSource | None,
-) -> IMAPClient:
-    """Log in; with OAuth2 a fresh token first, and a refused one refreshed once more."""
+) -> tuple[IMAPClient, int]:
+    """Log in; with OAuth2 a fresh token first, and a refused one refreshed once more. Also
+    the round trips a refused login took (its connection is gone)."""
     if tokens is None:
-        return connect(settings)
+        return connect(settings), 0
     settings = replace(settings, access_token=tokens.token())
     try:
-        return connect(settings)
-    except imap.TokenRefused:
-        return connect(replace(settings, access_token=tokens.token(refused=settings.access_token)))
+        return connect(settings), 0
+    except imap.TokenRefused as refused:
+        fresh = replace(settings, access_token=tokens.token(refused=settings.access_token))
+        return connect(fresh), refused.round_trips
 
 
 def quick_check(client: IMAPClient) -> tuple[str, ...]:
@@ -456,20 +464,28 @@ def _sync_folder(
     # A single batch has nothing to overlap with: store it in this thread.
     pipeline: Pipeline | StoreProcess
     if options.store_process and len(steps) > 1:
-        pipeline = StoreProcess(
+        # this process fetches, parses, processes and seals all but the mail; the child hashes
+        # and encrypts the mail and writes: both cores about as busy
+        process = StoreProcess(
             sessions,
-            store_batch=partial(_store_in_child, writer, processors=options.processors),
+            store_batch=partial(_write_in_child, writer),
             count=partial(_count, outcome, timer=timer),
         )
-        submit = pipeline.submit
+        prepare = partial(_prepare_batch, writer, processors=options.processors, timer=timer)
+        pipeline = process
+
+        def submit(position: store.FolderPosition, messages: list[FetchedMessage]) -> None:
+            process.submit(prepare(position, messages))
+
     else:
         pipeline = Pipeline(threaded=len(steps) > 1)
         here = partial(_store_and_count, writer, outcome, options.processors, timer)
         submit = partial(pipeline.submit, here)
-    with pipeline:
+    answers = fetch_batches(client._imap, [batch for batch, _ in steps], FETCH_ITEMS)
+    with pipeline, contextlib.closing(answers):
         for batch, after in steps:
             with timer.phase("fetch"):
-                fetched = fetch_messages(client._imap, batch, FETCH_ITEMS)
+                fetched = next(answers)
             messages = [fetched[uid] for uid in batch if uid in fetched]
             outcome.expunged += len(batch) - len(messages)
             submit(after, messages)
@@ -614,6 +630,19 @@ def _plan_new(
 
 
 @dataclass(frozen=True)
+class PreparedBatch:
+    """A batch parsed and processed, its mail not yet sealed, with the position its commit
+    records: what writing it needs (in a StoreProcess: what crosses the pipe), and what it
+    counts."""
+
+    position: store.FolderPosition
+    rows: list[dict[str, Any]]
+    clear: list[store.Clear]
+    fetched_bytes: int
+    quarantined: dict[str, int]
+
+
+@dataclass(frozen=True)
 class BatchReport:
     """What storing one batch did, counted where it was stored, added up where it was fetched;
     `phases` holds (phase, wall, CPU) timed in a store process, to be told in the fetching one."""
@@ -627,15 +656,16 @@ class BatchReport:
     phases: list[tuple[str, float, float]] = field(default_factory=list)
 
 
-def _store_batch(
+def _prepare_batch(
     writer: store.BatchWriter,
     position: store.FolderPosition,
     messages: list[FetchedMessage],
     *,
     processors: Mapping[str, Processor] | None,
     timer: PhaseTimer,
-) -> BatchReport:
-    """Parse, process, encrypt and commit one batch with its high-water mark (in the pipeline)."""
+) -> PreparedBatch:
+    """Parse, process and encrypt one batch but for its mail: the half of storing it that
+    needs no database write."""
     with timer.phase("parse"):
         parsed = parse_messages([message.body for message in messages])
     ids = [uuid.uuid4() for _ in messages]
@@ -644,15 +674,32 @@ def _store_batch(
         with timer.phase("process"):
             annotations = _annotations(writer, processors, messages, parsed, ids)
     with timer.phase("save"):
-        saved = writer.write(position, messages, parsed, ids=ids, annotations=annotations)
+        rows, clear = writer.rows(
+            position.uidvalidity, messages, parsed, ids=ids, annotations=annotations
+        )
     quarantined = [p.quarantine_reason for p in parsed if p.quarantine_reason is not None]
-    return BatchReport(
-        fetched=len(messages),
+    return PreparedBatch(
+        position=position,
+        rows=rows,
+        clear=clear,
         fetched_bytes=sum(len(message.body) for message in messages),
+        quarantined={reason: quarantined.count(reason) for reason in set(quarantined)},
+    )
+
+
+def _write_batch(
+    writer: store.BatchWriter, batch: PreparedBatch, *, timer: PhaseTimer
+) -> BatchReport:
+    """Seal a prepared batch's mail and commit the batch with its high-water mark."""
+    with timer.phase("save"):
+        saved = writer.write(batch.position, writer.seal(batch.rows, batch.clear))
+    return BatchReport(
+        fetched=len(batch.rows),
+        fetched_bytes=batch.fetched_bytes,
         saved=saved.saved,
         duplicates=saved.duplicates,
         processed=saved.processed,
-        quarantined={reason: quarantined.count(reason) for reason in set(quarantined)},
+        quarantined=batch.quarantined,
     )
 
 
@@ -665,21 +712,15 @@ def _store_and_count(
     messages: list[FetchedMessage],
 ) -> None:
     """Store a batch in this process (the storage thread, or the caller's) and count it."""
-    report = _store_batch(writer, position, messages, processors=processors, timer=timer)
-    _count(outcome, report, timer=timer)
+    batch = _prepare_batch(writer, position, messages, processors=processors, timer=timer)
+    _count(outcome, _write_batch(writer, batch, timer=timer), timer=timer)
 
 
-def _store_in_child(
-    writer: store.BatchWriter,
-    position: store.FolderPosition,
-    messages: list[FetchedMessage],
-    *,
-    processors: Mapping[str, Processor] | None,
-) -> BatchReport:
-    """Store a batch in a StoreProcess, its phases kept for the report (the observer that
-    records them lives in the fetching process)."""
+def _write_in_child(writer: store.BatchWriter, batch: PreparedBatch) -> BatchReport:
+    """Commit a prepared batch in a StoreProcess, its phases kept for the report (the observer
+    that records them lives in the fetching process)."""
     log = PhaseLog()
-    report = _store_batch(writer, position, messages, processors=processors, timer=PhaseTimer(log))
+    report = _write_batch(writer, batch, timer=PhaseTimer(log))
     return replace(report, phases=log.phases)
 
 
@@ -852,7 +893,7 @@ class StoreProcess:
         self,
         sessions: sessionmaker[Session],
         *,
-        store_batch: Callable[[store.FolderPosition, list[FetchedMessage]], BatchReport],
+        store_batch: Callable[[PreparedBatch], BatchReport],
         count: Callable[[BatchReport], None],
         depth: int = PIPELINE_DEPTH,
     ) -> None:
@@ -908,13 +949,13 @@ class StoreProcess:
                     os.kill(self.pid, signal.SIGKILL)  # a batch cut short is a rolled-back one
                 os.waitpid(self.pid, 0)
 
-    def submit(self, position: store.FolderPosition, messages: list[FetchedMessage]) -> None:
+    def submit(self, batch: PreparedBatch) -> None:
         while _readable(self._reports, 0.0):
             self._collect()
         while self._pending >= self._depth:
             self._collect()
         try:
-            _send(self._batches, (position, messages))
+            _send(self._batches, batch)
         except BrokenPipeError:  # the child has ended: say why
             while True:
                 self._collect()
@@ -947,7 +988,7 @@ class StoreProcess:
         threading.Thread(target=receive, name="mailpipe-receive", daemon=True).start()
         while (batch := inbox.get()) is not None:
             try:
-                report = self._store_batch(*batch)
+                report = self._store_batch(batch)
             except BaseException as error:
                 _send(reports, (False, _portable(error)))
                 return
@@ -977,12 +1018,23 @@ def _portable(error: BaseException) -> BaseException:
 
 
 def _send(fd: int, item: object) -> None:
-    """Write one frame: the length, then the pickle."""
-    data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-    for part in (FRAME_HEADER.pack(len(data)), data):
-        view = memoryview(part)
-        while view:
-            view = view[os.write(fd, view) :]
+    """Write one frame; PickleBuffers in `item` go to the pipe as they are, not copied into
+    the pickle."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(item, protocol=5, buffer_callback=buffers.append)
+    views = [buffer.raw() for buffer in buffers]
+    lengths = b"".join(BUFFER_LENGTH.pack(view.nbytes) for view in views)
+    _write_all(fd, [memoryview(FRAME_HEADER.pack(len(data), len(views)) + lengths + data), *views])
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """Write every view, as few system calls as the pipe allows."""
+    while views:
+        written = os.writev(fd, views[:IOV_MAX])
+        while views and written >= views[0].nbytes:
+            written -= views.pop(0).nbytes
+        if written:
+            views[0] = views[0][written:]
 
 
 def _receive(fd: int) -> Any:
@@ -990,8 +1042,18 @@ def _receive(fd: int) -> Any:
     header = _read_exactly(fd, FRAME_HEADER.size)
     if header is None:
         return None
-    data = _read_exactly(fd, FRAME_HEADER.unpack(header)[0])
-    return None if data is None else pickle.loads(data)
+    size, count = FRAME_HEADER.unpack(header)
+    table = _read_exactly(fd, count * BUFFER_LENGTH.size)
+    data = _read_exactly(fd, size)
+    lengths = [length for (length,) in BUFFER_LENGTH.iter_unpack(table or b"")]
+    body = _read_exactly(fd, sum(lengths))
+    if table is None or data is None or body is None:
+        return None
+    view, buffers = memoryview(body), []
+    for length in lengths:
+        buffers.append(view[:length])
+        view = view[length:]
+    return pickle.loads(data, buffers=buffers)
 
 
 def _read_exactly(fd: int, size: int) -> bytearray | None:
@@ -1040,20 +1102,36 @@ def _sizes_between(
     return _sizes(client, f"{floor + 1}:{top}", since=since, low=floor + 1, high=top)
 
 
-def _batches(
-    uids: Sequence[int], sizes: dict[int, int], options: SyncOptions
-) -> Iterator[list[int]]:
-    """Groups of UIDs whose bodies together stay under the byte bound (at least one each)."""
+def _batches(uids: Sequence[int], sizes: dict[int, int], options: SyncOptions) -> list[list[int]]:
+    """Groups of UIDs whose bodies together stay under the byte bound (at least one each).
+
+    For a store process the first groups are smaller (1/RAMP of the bounds, doubling up to
+    them) and the last one is cut into a half, a quarter, ... down to 1/RAMP: it starts while
+    most of a folder is still to be fetched, and what it has left to store after the last
+    fetch is a small piece, not a whole batch. (A worker's many accounts keep its cores busy:
+    there, fewer batches are cheaper.)"""
+    batches: list[list[int]] = []
     batch: list[int] = []
     batch_bytes = 0
+    share = RAMP if options.store_process else 1
     for uid in uids:
         size = sizes[uid]
         if batch and (
-            batch_bytes + size > options.batch_bytes or len(batch) >= options.batch_messages
+            batch_bytes + size > options.batch_bytes // share
+            or len(batch) >= options.batch_messages // share
         ):
-            yield batch
+            batches.append(batch)
             batch, batch_bytes = [], 0
+            share = max(1, share // 2)
         batch.append(uid)
         batch_bytes += size
+    if batch and options.store_process:
+        for _ in range(RAMP.bit_length() - 1):
+            if len(batch) < 2:
+                break
+            cut = len(batch) // 2
+            batches.append(batch[:cut])
+            batch = batch[cut:]
     if batch:
-        yield batch
+        batches.append(batch)
+    return batches

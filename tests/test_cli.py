@@ -170,3 +170,25 @@ def test_sigkill_mid_sync_then_rerun_stores_each_message_once(dovecot, imap_user
     # Then every message is stored exactly once
     assert result.returncode == 0, result.stderr
     assert count_rows(path) == (total, total)
+
+
+def test_start_up_leaves_the_collector_on_and_what_it_loaded_frozen():
+    import gc
+
+    from cli.common import start_up
+
+    # Given the collector on, and nothing frozen
+    gc.unfreeze()
+    try:
+        # When a command starts up, and its start fails
+        with pytest.raises(RuntimeError), start_up():
+            assert not gc.isenabled()  # no collections while loading
+            loaded = [object() for _ in range(10)]
+            raise RuntimeError("a wrong password")
+        # Then the collector is on again (a long `watch` must not run without it), and what
+        # start-up made is out of later collections' sight
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= len(loaded)
+    finally:
+        gc.unfreeze()
+        gc.enable()

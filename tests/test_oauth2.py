@@ -36,6 +36,7 @@ from metrics.observer import MetricsObserver
 from tests.support.dovecot import DOVECOT, Dovecot
 from tests.support.messages import plain_message as message
 from tests.support.policy import LOOPBACK
+from tests.support.turnproxy import TurnProxy
 from tests.test_web_api import embedded_worker, logged_in, make_site, wait_checked, wait_final
 
 OAUTH2_CONFIG = """
@@ -412,12 +413,23 @@ def test_a_refused_access_token_is_refreshed_once_more(oauth, tmp_path):
     )
     tokens = oauth2.TokenSource(sessions, account_id, key, margin=0.0)
     first = tokens.token()
-    # When the provider withdraws that token early, and the account is synced
+    # When the provider withdraws that token early, and the account is synced (through a proxy
+    # that counts each connection's round trips)
     del auth.tokens[first]
-    result = sync_account(sessions, account_id=account_id, key=key, tokens=tokens, policy=LOOPBACK)
+    with TurnProxy(upstream=(server.host, server.port), delay=0.02) as proxy:
+        settings = ImapSettings(
+            host=server.host, port=proxy.port, username=user, access_token="", security="none"
+        )
+        result = sync_account(
+            sessions, account_id=account_id, key=key, tokens=tokens, settings=settings
+        )
+        seen = proxy.turns()
     # Then the refused token was refreshed once more and the sync went ahead
     assert result.saved == 1
     assert tokens.refreshed == 2
+    # And the round trips of the refused connection are counted with the second's
+    assert len(seen) == 2
+    assert result.round_trips == sum(seen)
     engine.dispose()
 
 

@@ -162,15 +162,19 @@ def test_mailpipe_profile_prints_the_profile_of_a_full_sync(dovecot, imap_user, 
             [*args, *extra], env=env, capture_output=True, text=True, timeout=120, check=True
         )
 
-    # When it is profiled twice, as JSON and for people
-    first = json.loads(profile("--json").stdout)
-    second = profile()
+    # When it is profiled twice, as JSON and for people, in batches of one message (so the
+    # store process works)
+    first = json.loads(profile("--json", "--batch-bytes", "1").stdout)
+    second = profile("--batch-bytes", "1")
     # Then each run synced the whole mailbox into its own new database
     assert first["saved"] == 2 and first["profile"]["mail"]["fetched"] == 2
     assert set(first["profile"]["phases"]) == SYNC_PHASES
     assert_sane(first["profile"])
     assert "saved 2" in second.stdout
     assert "peak memory" in second.stdout and "(ru_maxrss)" in second.stdout
+    # And the store process's peak memory is told beside the fetching process's
+    assert first["profile"]["memory"]["store_process_peak_bytes"] > 2**20
+    assert "store process" in second.stdout
     assert [line.split()[0] for line in second.stdout.splitlines()[3:10]] == [
         p for p in PHASES if p in SYNC_PHASES
     ]

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import event, update
 
 from cli.sync import one_line_failure
 from mailpipe.errors import MailpipeError
@@ -26,10 +26,22 @@ class TimeLimitHit(Exception):
     """Stands in for a time limit or Ctrl-C raised into the fetching process."""
 
 
-def pid_recorder(path: Path):
-    """A processor that writes down the process it runs in (it runs where mail is stored)."""
+def in_the_store_process(mailbox, action) -> None:
+    """Run `action(statement)` in the storing process before each statement it sends (the
+    forked child inherits the engine's listeners; this process is left alone)."""
+    here = os.getpid()
 
-    def record(mail) -> None:
+    def before(conn, cursor, statement, parameters, context, executemany) -> None:
+        if os.getpid() != here:
+            action(statement)
+
+    event.listen(mailbox.sessions.kw["bind"], "before_cursor_execute", before)
+
+
+def pid_recorder(path: Path):
+    """An action that writes down the process it runs in."""
+
+    def record(statement: str) -> None:
         with path.open("a") as out:
             out.write(f"{os.getpid()}\n")
 
@@ -61,14 +73,15 @@ def mailbox(dovecot, database):
 
 @pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
 def test_storing_runs_in_another_process_stores_once_and_quarantines(dovecot, db_url, tmp_path):
-    # Given five messages and one that is no mail at all, in batches of about two
+    # Given five messages and one that is no mail at all, in several batches
     mailbox = make_mailbox(dovecot, db_url)
-    mailbox.deliver([message(i, size=2_000) for i in range(5)] + [NOT_A_MESSAGE])
+    sent = [message(i, size=2_000 + 8_000 * (i % 2)) for i in range(5)] + [NOT_A_MESSAGE]
+    mailbox.deliver(sent)
     seen = tmp_path / "pids"
-    processors = {"pid": pid_recorder(seen)}
+    in_the_store_process(mailbox, pid_recorder(seen))
     # When the one-shot sync stores in a process of its own
-    first = mailbox.sync(store_process=True, batch_bytes=SMALL_BATCHES, processors=processors)
-    # Then every batch was stored by one other process, which has ended
+    first = mailbox.sync(store_process=True, batch_bytes=SMALL_BATCHES)
+    # Then every batch was written by one other process, which has ended
     (child,) = pids(seen)
     assert child != os.getpid()
     assert gone(child)
@@ -76,6 +89,11 @@ def test_storing_runs_in_another_process_stores_once_and_quarantines(dovecot, db
     assert (first.fetched, first.saved, first.duplicates, first.quarantined) == (6, 6, 0, 1)
     assert [e.uid for e in mailbox.stored()] == [1, 2, 3, 4, 5, 6]
     assert [e.status for e in mailbox.stored()].count("quarantined") == 1
+    # And the mail crossed the pipe whole (out of band, store.Clear): each row decrypts to the
+    # message sent
+    assert [mailbox.plaintext(e).replace(b"\r\n", b"\n") for e in mailbox.stored()] == [
+        raw.replace(b"\r\n", b"\n") for raw in sent
+    ]
     assert {"parse", "save"} <= set(first.phases)  # the child's phases are told here
     # When the folder's position is lost and everything is fetched again
     with mailbox.sessions.begin() as session:
@@ -92,13 +110,15 @@ def test_a_database_error_in_the_store_process_is_raised_here_as_one_classified_
     # Given a database whose emails table disappears while the storing process works
     mailbox.deliver([message(i, size=2_000) for i in range(4)])
 
-    def drop_emails(mail) -> None:
-        with sqlite3.connect(database) as connection:
-            connection.execute("DROP TABLE IF EXISTS emails")
+    def drop_emails(statement: str) -> None:
+        if statement.startswith("UPDATE mail_accounts"):  # a batch's first, before any lock
+            with sqlite3.connect(database) as connection:
+                connection.execute("DROP TABLE IF EXISTS emails")
 
+    in_the_store_process(mailbox, drop_emails)
     # When the one-shot sync runs
     with pytest.raises(MailpipeError, match="unexpected OperationalError") as raised:
-        mailbox.sync(store_process=True, batch_bytes=SMALL_BATCHES, processors={"x": drop_emails})
+        mailbox.sync(store_process=True, batch_bytes=SMALL_BATCHES)
     # Then the error comes back (SQLAlchemy's errors do not pickle: as a stand-in), with the
     # child's traceback as a note
     assert any("no such table: emails" in note for note in raised.value.__notes__)
@@ -112,12 +132,14 @@ def test_a_store_process_that_dies_ends_the_sync_with_one_line(mailbox, capsys):
     # Given a storing process that dies in the middle of a batch
     mailbox.deliver([message(i, size=2_000) for i in range(4)])
 
-    def die(mail) -> None:
-        os._exit(3)
+    def die(statement: str) -> None:
+        if statement.startswith("INSERT INTO emails"):
+            os._exit(3)
 
+    in_the_store_process(mailbox, die)
     # When the one-shot sync runs
     with pytest.raises(MailpipeError, match="ended unexpectedly") as raised:
-        mailbox.sync(store_process=True, batch_bytes=SMALL_BATCHES, processors={"x": die})
+        mailbox.sync(store_process=True, batch_bytes=SMALL_BATCHES)
     one_line_failure("sync", raised.value, host="imap.example.org", debug=False)
     # Then the command says so in one line, and nothing of the cut batch is stored
     (line,) = capsys.readouterr().err.splitlines()
@@ -126,14 +148,16 @@ def test_a_store_process_that_dies_ends_the_sync_with_one_line(mailbox, capsys):
 
 
 def test_a_time_limit_in_the_fetching_process_ends_the_store_process_too(mailbox, tmp_path):
-    # Given a storing process whose processor hangs on the first batch
+    # Given a storing process that hangs on the first batch
     mailbox.deliver([message(i, size=2_000) for i in range(6)])
     seen = tmp_path / "pids"
     record = pid_recorder(seen)
 
-    def hang(mail) -> None:
-        record(mail)
+    def hang(statement: str) -> None:
+        record(statement)
         time.sleep(60)
+
+    in_the_store_process(mailbox, hang)
 
     def time_limit(signum, frame) -> None:
         raise TimeLimitHit
@@ -144,7 +168,7 @@ def test_a_time_limit_in_the_fetching_process_ends_the_store_process_too(mailbox
     try:
         # When the time limit interrupts the fetching process
         with pytest.raises(TimeLimitHit):
-            mailbox.sync(store_process=True, batch_bytes=SMALL_BATCHES, processors={"h": hang})
+            mailbox.sync(store_process=True, batch_bytes=SMALL_BATCHES)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

@@ -249,6 +249,24 @@ def test_batches_are_bounded_by_bytes(mailbox):
     )
 
 
+def test_a_store_processs_batches_ramp_up_to_the_bounds_and_down_at_the_end(mailbox):
+    # Given 47 messages and a bound of 8 messages a batch (bytes no bound)
+    mailbox.deliver([message(i) for i in range(47)])
+    counter = BatchCounter()
+    # When they are synced through a store process
+    mailbox.sync(batch_messages=8, batch_bytes=10**9, observer=counter, store_process=True)
+    # Then storing starts after one message (1/RAMP of the bound), batches double up to it,
+    # and the last is cut down to 1/RAMP again
+    assert counter.batches == [1, 2, 4, 8, 8, 8, 8, 4, 2, 1, 1]
+    # When the same is synced again in this process (a worker's way)
+    with mailbox.sessions.begin() as session:
+        session.execute(update(FolderState).values(last_uid=0, uidnext=0))
+    counter = BatchCounter()
+    mailbox.sync(batch_messages=8, batch_bytes=10**9, observer=counter)
+    # Then every batch is a whole one
+    assert counter.batches == [8, 8, 8, 8, 8, 7]
+
+
 def test_a_message_larger_than_the_batch_bound_is_still_fetched(mailbox):
     mailbox.deliver([message(0, size=50_000), message(1)])
     assert mailbox.sync(batch_bytes=1_000).saved == 2
