@@ -870,3 +870,52 @@ def test_a_watched_account_with_no_token_stored_yet_logs_in_with_a_fresh_one(oau
         assert marked.get(timeout=HANG_GUARD) == [account_id]
     assert stored_access_token(sessions, account_id, key) != ""
     engine.dispose()
+
+
+def test_a_watcher_retries_a_refresh_while_the_token_endpoint_is_down(oauth, tmp_path):
+    # Given a synced OAuth2 account with no access token stored, and a token endpoint that
+    # answers 503
+    server, auth = oauth
+    engine, sessions, account_id, key, _user, _password = synced_oauth2_account(
+        tmp_path, server, auth
+    )
+    store_access_token(sessions, account_id, key, "", expires_at=None)
+    auth.down = True
+    # When a watcher holds the account
+    with watcher(sessions, account_id, key) as (_marked, seen):
+        # Then its logins fail as temporarily unavailable (transient) and are tried again
+        deadline = time.monotonic() + HANG_GUARD
+        while len(seen.reconnects) < 2:
+            assert time.monotonic() < deadline, "the watcher did not try again"
+            time.sleep(0.1)
+        assert set(seen.reconnects) == {ErrorClass.TEMPORARILY_UNAVAILABLE}
+        assert not seen.connected.is_set()
+        # When the endpoint is back
+        auth.down = False
+        # Then the next try refreshes the token and connects
+        assert seen.connected.wait(HANG_GUARD), f"no IDLE connection; failures: {seen.reconnects}"
+    engine.dispose()
+
+
+def test_a_watcher_stops_trying_an_account_whose_refresh_token_was_refused(oauth, tmp_path):
+    # Given a synced OAuth2 account with no access token stored, whose refresh token the
+    # provider revoked
+    server, auth = oauth
+    engine, sessions, account_id, key, _user, _password = synced_oauth2_account(
+        tmp_path, server, auth
+    )
+    store_access_token(sessions, account_id, key, "", expires_at=None)
+    auth.refresh_tokens.clear()
+    # When a watcher holds the account
+    with watcher(sessions, account_id, key) as (_marked, seen):
+        deadline = time.monotonic() + HANG_GUARD
+        while not seen.reconnects:
+            assert time.monotonic() < deadline, "the watcher did not try"
+            time.sleep(0.1)
+        time.sleep(2)  # ten times the longest backoff: time for tries that must not come
+    # Then it asked for a token once, failed as invalid credentials (permanent: the account's
+    # runs break it), and did not try again
+    assert len(auth.refreshes) == 2  # the sync's and the watcher's
+    assert seen.reconnects == [ErrorClass.INVALID_CREDENTIALS]
+    assert not seen.connected.is_set()
+    engine.dispose()
