@@ -306,7 +306,13 @@ class Watcher:
             key = self._key(session, target.user_id)
         if key is None:
             raise NotFound(grants.MISSING_GRANT)
-        tokens = TokenSource(self.sessions, target.account_id, key, providers=self.oauth2_providers)
+        tokens = TokenSource(
+            self.sessions,
+            target.account_id,
+            key,
+            providers=self.oauth2_providers,
+            observer=self.observer.token_refreshes(provider=target.provider),
+        )
         connection: idle.IdleConnection = sync._connect(examine, target.settings, tokens)
         return connection
 

@@ -33,13 +33,12 @@ from mailpipe.failures import classify
 from mailpipe.imap import ImapSettings
 from mailpipe.models import MailAccount
 from mailpipe.models import User as UserRow
-from mailpipe.observer import WatchObserver
 from mailpipe.policies import WatchPolicy
 from mailpipe.retry import RetryPolicy
 from mailpipe.sync import sync_account
 from mailpipe.vocabulary import ErrorClass, Health
 from mailpipe.watcher import Watcher
-from metrics.observer import MetricsObserver
+from metrics.observer import MetricsObserver, WatchMetrics
 from tests.support.dovecot import DOVECOT, Dovecot
 from tests.support.messages import plain_message as message
 from tests.support.policy import LOOPBACK
@@ -741,8 +740,9 @@ def test_the_connection_check_of_an_oauth2_account_refreshes_its_token(oauth, si
     assert len(auth.refreshes) == 1
 
 
-class WatchSeen(WatchObserver):
-    """What a watcher tells its observer: IDLE connections made, and failed connections."""
+class WatchSeen(WatchMetrics):
+    """What a watcher tells its observer: IDLE connections made, failed connections, and (to
+    the metrics) token refreshes."""
 
     def __init__(self) -> None:
         self.connected = threading.Event()
@@ -808,6 +808,12 @@ def store_access_token(sessions, account_id: int, key, token: str, *, expires_at
         write_credentials(account, key, credentials)
 
 
+def refreshes_counted() -> float:
+    """Successful refreshes counted for accounts of no named provider (the tests' server)."""
+    labels = {"provider": "other", "outcome": "success"}
+    return REGISTRY.get_sample_value("mailpipe_oauth2_token_refreshes_total", labels) or 0.0
+
+
 def stored_access_token(sessions, account_id: int, key) -> str:
     with sessions() as session:
         return read_credentials(session.get_one(MailAccount, account_id), key)["access_token"]
@@ -858,12 +864,15 @@ def test_a_watched_account_with_no_token_stored_yet_logs_in_with_a_fresh_one(oau
         tmp_path, server, auth
     )
     store_access_token(sessions, account_id, key, "", expires_at=None)
+    before = refreshes_counted()
     # When a watcher holds the account
     with watcher(sessions, account_id, key) as (marked, seen):
         # Then its first login refreshes the token before connecting, and connects
         assert seen.connected.wait(HANG_GUARD), f"no IDLE connection; failures: {seen.reconnects}"
         assert seen.reconnects == [] and marked.empty()
         assert len(auth.refreshes) == 2  # the sync's and the watcher's
+        # And the refresh is counted as the workers' are
+        assert refreshes_counted() == before + 1
         # When a message arrives
         server.append(user, password, [message(1)])
         # Then the watcher notices it: the account is marked for a run
