@@ -205,6 +205,7 @@ def run_watcher(args: argparse.Namespace, settings: Settings) -> int:
             address_policy=settings.address_policy,
             observer=WatchMetrics(),
             slots=slots,
+            oauth2_providers=settings.oauth2_providers,
         )
         run_until_stopped(watcher.run())
     return 0

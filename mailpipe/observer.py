@@ -145,7 +145,8 @@ class PhaseTimer:
 
 class WatchObserver:
     """What a push watcher reports (no-op hooks); `metrics/` counts it. Called on the watcher's
-    event loop, never with an account, user or folder: the provider is one of a fixed set."""
+    event loop (token refreshes: on a connect thread), never with an account, user or folder:
+    the provider is one of a fixed set."""
 
     def idle_connected(self, *, provider: str) -> None:
         """An IDLE connection was established (the gauge of held connections goes up)."""
@@ -158,3 +159,8 @@ class WatchObserver:
 
     def push_runs(self, *, provider: str, count: int) -> None:
         """`count` fetch runs were enqueued because the server reported new mail."""
+
+    def token_refreshes(self, *, provider: str) -> Observer:
+        """Where an OAuth2 login's token refreshes are told (`after_token_refresh`, on a connect
+        thread), so they are counted with the workers'."""
+        return Observer()

@@ -8,6 +8,8 @@ share the accounts, never two the same, and a dead watcher's accounts are taken 
 leases lapse. Runs go through the existing job machinery, through the `enqueue` callable the
 outer layer hands in (`PipelineBroker.enqueue_push_job`), coalesced per account. Each IDLE
 connection holds a slot of its host's connection cap (`slots`), renewed with the leases.
+An OAuth2 account logs in with a token that is valid at that login (`oauth2.TokenSource`): its
+data key is unlocked from the background grant again for the login and forgotten after it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import itertools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -27,16 +29,18 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import grants, idle, leases, names
-from .accounts import account_settings
+from . import grants, idle, leases, names, sync
+from .accounts import account_settings, has_oauth2_grant
 from .addresses import AddressPolicy
 from .crypto import DataKey
 from .errors import MailpipeError, NotFound
 from .failures import classify
 from .imap import ImapSettings
 from .models import AccountRun, FolderState, MailAccount
+from .oauth2 import TokenSource
 from .observer import WatchObserver
 from .policies import WatchPolicy
+from .providers import Provider
 from .retry import RetryPolicy
 from .sync import WILDCARDS
 from .vocabulary import RUN_OPEN, RunStatus
@@ -58,6 +62,7 @@ class _Target:
     settings: ImapSettings
     folder: str
     folder_hash: bytes  # how folder_state finds the folder (mailpipe.names)
+    oauth2: bool  # logs in with a refreshable OAuth2 grant: a valid token per login
 
 
 def watched_folder(folders: list[str] | None) -> str:
@@ -98,6 +103,7 @@ class Watcher:
         address_policy: AddressPolicy,
         observer: WatchObserver | None = None,
         slots: HostSlots | None = None,
+        oauth2_providers: Mapping[str, Provider] | None = None,
     ) -> None:
         self.sessions = sessions
         self.owner = owner
@@ -108,6 +114,7 @@ class Watcher:
         self.address_policy = address_policy
         self.observer = observer or WatchObserver()
         self.slots = slots
+        self.oauth2_providers = oauth2_providers or {}  # client secrets for token refreshes
         self._slots: dict[int, tuple[str, str]] = {}  # account -> (host, holder) of its slot
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._targets: dict[int, _Target] = {}
@@ -198,6 +205,7 @@ class Watcher:
                         settings,
                         folder,
                         names.folder_hash(key, folder),
+                        has_oauth2_grant(account, key),
                     )
                 )
         if unreadable:
@@ -258,9 +266,7 @@ class Watcher:
         """One connection, from login to its loss: the failures so far and whether to try again."""
         loop = asyncio.get_running_loop()
         try:
-            connection = await loop.run_in_executor(
-                self._connect, idle.open_idle, target.settings, target.folder
-            )
+            connection = await loop.run_in_executor(self._connect, self._open, target)
         except idle.IdleUnsupported:
             logger.info("account %d: no IDLE on its server; it is polled", target.account_id)
             await self._in_database(self._push_off, target.account_id)
@@ -285,6 +291,30 @@ class Watcher:
             self.observer.idle_closed(provider=target.provider)
             with contextlib.suppress(Exception):
                 await connection.close()
+
+    def _open(self, target: _Target) -> idle.IdleConnection:
+        """Log in and examine the folder (blocking, on a connect thread: a token refresh may
+        take seconds); an OAuth2 account with a valid token, refreshed once more if refused,
+        under its data key unlocked from the background grant for this login only."""
+
+        def examine(settings: ImapSettings) -> idle.IdleConnection:
+            return idle.open_idle(settings, target.folder)
+
+        if not target.oauth2:
+            return examine(target.settings)
+        with self.sessions() as session:
+            key = self._key(session, target.user_id)
+        if key is None:
+            raise NotFound(grants.MISSING_GRANT)
+        tokens = TokenSource(
+            self.sessions,
+            target.account_id,
+            key,
+            providers=self.oauth2_providers,
+            observer=self.observer.token_refreshes(provider=target.provider),
+        )
+        connection: idle.IdleConnection = sync._connect(examine, target.settings, tokens)
+        return connection
 
     async def _take_slot(self, target: _Target) -> bool:
         if self.slots is None:

@@ -169,3 +169,6 @@ class WatchMetrics(WatchObserver):
 
     def push_runs(self, *, provider: str, count: int) -> None:
         c.PUSH_RUNS.labels(c.bounded(provider, c.PROVIDERS)).inc(count)
+
+    def token_refreshes(self, *, provider: str) -> Observer:
+        return MetricsObserver(provider=provider)

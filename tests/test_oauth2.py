@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import queue
 import secrets
 import shutil
 import socket
@@ -20,19 +23,22 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from imapclient.exceptions import LoginError
 from prometheus_client import REGISTRY
 
-from mailpipe import db, health, imap, oauth2
-from mailpipe.accounts import add_account, create_user, read_credentials
+from mailpipe import db, grants, health, imap, oauth2
+from mailpipe.accounts import add_account, create_user, read_credentials, write_credentials
 from mailpipe.failures import classify
 from mailpipe.imap import ImapSettings
 from mailpipe.models import MailAccount
 from mailpipe.models import User as UserRow
+from mailpipe.policies import WatchPolicy
 from mailpipe.retry import RetryPolicy
 from mailpipe.sync import sync_account
 from mailpipe.vocabulary import ErrorClass, Health
-from metrics.observer import MetricsObserver
+from mailpipe.watcher import Watcher
+from metrics.observer import MetricsObserver, WatchMetrics
 from tests.support.dovecot import DOVECOT, Dovecot
 from tests.support.messages import plain_message as message
 from tests.support.policy import LOOPBACK
@@ -57,6 +63,7 @@ active_value = true
 
 ACCESS_SECONDS = 2.0
 CLIENT_ID = "mailpipe-test"
+HANG_GUARD = 60.0  # only so a broken build fails instead of hanging; no timing is asserted
 
 
 class Introspection(ThreadingHTTPServer):
@@ -743,3 +750,193 @@ def test_the_connection_check_of_an_oauth2_account_refreshes_its_token(oauth, si
     # Then the worker refreshed the token and the login over XOAUTH2 passed
     assert check["status"] == "done" and check["ok"], check
     assert len(auth.refreshes) == 1
+
+
+class WatchSeen(WatchMetrics):
+    """What a watcher tells its observer: IDLE connections made, failed connections, and (to
+    the metrics) token refreshes."""
+
+    def __init__(self) -> None:
+        self.connected = threading.Event()
+        self.reconnects: list[str] = []
+
+    def idle_connected(self, *, provider: str) -> None:
+        self.connected.set()
+
+    def reconnect(self, *, error_class: str) -> None:
+        self.reconnects.append(error_class)
+
+
+@contextlib.contextmanager
+def watcher(sessions, account_id: int, key) -> Iterator[tuple[queue.Queue, WatchSeen]]:
+    """A watcher (in this process, on a thread of its own) holding the account through its
+    owner's background grant; yields the account lists it marks for a run, and its observer."""
+    private_key = X25519PrivateKey.generate()
+    with sessions.begin() as session:
+        user_id = session.get_one(MailAccount, account_id).user_id
+        grants.grant_background(
+            session,
+            user_id=user_id,
+            key=key,
+            public_key=grants.public_key_bytes(private_key),
+            ttl_seconds=3600,
+        )
+    marked: queue.Queue[list[int]] = queue.Queue()
+    seen = WatchSeen()
+    watching = Watcher(
+        sessions,
+        owner="test-watcher",
+        private_key=private_key,
+        enqueue=lambda _user, accounts, _noticed: marked.put(accounts),
+        retry=RetryPolicy(min_backoff_ms=100, max_backoff_ms=200),
+        policy=WatchPolicy(lease_seconds=4),
+        address_policy=LOOPBACK,
+        observer=seen,
+    )
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(watching.run())
+
+    def run() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield marked, seen
+    finally:
+        loop.call_soon_threadsafe(task.cancel)
+        thread.join(HANG_GUARD)
+
+
+def store_access_token(sessions, account_id: int, key, token: str, *, expires_at) -> None:
+    """Put an access token (and when it expires) into the account's stored credentials."""
+    with sessions.begin() as session:
+        account = session.get_one(MailAccount, account_id)
+        credentials = read_credentials(account, key)
+        credentials["access_token"] = token
+        credentials["oauth2"]["expires_at"] = expires_at
+        write_credentials(account, key, credentials)
+
+
+def refreshes_counted() -> float:
+    """Successful refreshes counted for accounts of no named provider (the tests' server)."""
+    labels = {"provider": "other", "outcome": "success"}
+    return REGISTRY.get_sample_value("mailpipe_oauth2_token_refreshes_total", labels) or 0.0
+
+
+def stored_access_token(sessions, account_id: int, key) -> str:
+    with sessions() as session:
+        return read_credentials(session.get_one(MailAccount, account_id), key)["access_token"]
+
+
+def synced_oauth2_account(tmp_path, server: Dovecot, auth: Introspection):
+    """An OAuth2 account synced once (so only mail after it is new); its IMAP user and password."""
+    user, password = server.new_user()
+    engine, sessions, account_id, key = oauth2_account(
+        f"sqlite:///{tmp_path / 'watched.db'}", server, auth, user
+    )
+    tokens = oauth2.TokenSource(sessions, account_id, key)
+    sync_account(sessions, account_id=account_id, key=key, tokens=tokens, policy=LOOPBACK)
+    return engine, sessions, account_id, key, user, password
+
+
+def test_a_watched_account_whose_token_was_withdrawn_logs_in_with_a_fresh_one(oauth, tmp_path):
+    # Given an OAuth2 account synced once, whose stored access token looks good for an hour
+    # but has been withdrawn by the provider
+    server, auth = oauth
+    engine, sessions, account_id, key, user, password = synced_oauth2_account(
+        tmp_path, server, auth
+    )
+    withdrawn = stored_access_token(sessions, account_id, key)
+    store_access_token(sessions, account_id, key, withdrawn, expires_at=time.time() + 3600)
+    del auth.tokens[withdrawn]
+    # When a watcher holds the account
+    with watcher(sessions, account_id, key) as (marked, seen):
+        # Then it connects at its first login (the refused token refreshed once more), and
+        # connecting alone marks nothing
+        assert seen.connected.wait(HANG_GUARD), f"no IDLE connection; failures: {seen.reconnects}"
+        assert seen.reconnects == [] and marked.empty()
+        # When a message arrives
+        server.append(user, password, [message(1)])
+        # Then the watcher notices it: the account is marked for a run
+        assert marked.get(timeout=HANG_GUARD) == [account_id]
+    # And the token was refreshed for it (one refresh for the sync, one for the watcher) and
+    # the fresh one stored
+    assert len(auth.refreshes) == 2
+    assert stored_access_token(sessions, account_id, key) not in ("", withdrawn)
+    engine.dispose()
+
+
+def test_a_watched_account_with_no_token_stored_yet_logs_in_with_a_fresh_one(oauth, tmp_path):
+    # Given an OAuth2 account synced once, with no access token stored (only its refresh token)
+    server, auth = oauth
+    engine, sessions, account_id, key, user, password = synced_oauth2_account(
+        tmp_path, server, auth
+    )
+    store_access_token(sessions, account_id, key, "", expires_at=None)
+    before = refreshes_counted()
+    # When a watcher holds the account
+    with watcher(sessions, account_id, key) as (marked, seen):
+        # Then its first login refreshes the token before connecting, and connects
+        assert seen.connected.wait(HANG_GUARD), f"no IDLE connection; failures: {seen.reconnects}"
+        assert seen.reconnects == [] and marked.empty()
+        assert len(auth.refreshes) == 2  # the sync's and the watcher's
+        # And the refresh is counted as the workers' are
+        assert refreshes_counted() == before + 1
+        # When a message arrives
+        server.append(user, password, [message(1)])
+        # Then the watcher notices it: the account is marked for a run
+        assert marked.get(timeout=HANG_GUARD) == [account_id]
+    assert stored_access_token(sessions, account_id, key) != ""
+    engine.dispose()
+
+
+def test_a_watcher_retries_a_refresh_while_the_token_endpoint_is_down(oauth, tmp_path):
+    # Given a synced OAuth2 account with no access token stored, and a token endpoint that
+    # answers 503
+    server, auth = oauth
+    engine, sessions, account_id, key, _user, _password = synced_oauth2_account(
+        tmp_path, server, auth
+    )
+    store_access_token(sessions, account_id, key, "", expires_at=None)
+    auth.down = True
+    # When a watcher holds the account
+    with watcher(sessions, account_id, key) as (_marked, seen):
+        # Then its logins fail as temporarily unavailable (transient) and are tried again
+        deadline = time.monotonic() + HANG_GUARD
+        while len(seen.reconnects) < 2:
+            assert time.monotonic() < deadline, "the watcher did not try again"
+            time.sleep(0.1)
+        assert set(seen.reconnects) == {ErrorClass.TEMPORARILY_UNAVAILABLE}
+        assert not seen.connected.is_set()
+        # When the endpoint is back
+        auth.down = False
+        # Then the next try refreshes the token and connects
+        assert seen.connected.wait(HANG_GUARD), f"no IDLE connection; failures: {seen.reconnects}"
+    engine.dispose()
+
+
+def test_a_watcher_stops_trying_an_account_whose_refresh_token_was_refused(oauth, tmp_path):
+    # Given a synced OAuth2 account with no access token stored, whose refresh token the
+    # provider revoked
+    server, auth = oauth
+    engine, sessions, account_id, key, _user, _password = synced_oauth2_account(
+        tmp_path, server, auth
+    )
+    store_access_token(sessions, account_id, key, "", expires_at=None)
+    auth.refresh_tokens.clear()
+    # When a watcher holds the account
+    with watcher(sessions, account_id, key) as (_marked, seen):
+        deadline = time.monotonic() + HANG_GUARD
+        while not seen.reconnects:
+            assert time.monotonic() < deadline, "the watcher did not try"
+            time.sleep(0.1)
+        time.sleep(2)  # ten times the longest backoff: time for tries that must not come
+    # Then it asked for a token once, failed as invalid credentials (permanent: the account's
+    # runs break it), and did not try again
+    assert len(auth.refreshes) == 2  # the sync's and the watcher's
+    assert seen.reconnects == [ErrorClass.INVALID_CREDENTIALS]
+    assert not seen.connected.is_set()
+    engine.dispose()
