@@ -16,8 +16,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .accounts import OAUTH2_GRANT, read_credentials, write_credentials
 from .crypto import DataKey
 from .errors import MailpipeError
+from .imap import ImapSettings, TokenRefused
 from .models import MailAccount
 from .observer import Observer
 from .providers import Provider
@@ -291,3 +292,24 @@ def _expires_at(tokens: Tokens, now: float) -> float | None:
 
 def _host(url: str) -> str:
     return urllib.parse.urlsplit(url).hostname or "?"
+
+
+_Connection = TypeVar("_Connection")
+
+
+def logged_in(
+    connect: Callable[[ImapSettings], _Connection],
+    settings: ImapSettings,
+    tokens: TokenSource | None,
+) -> tuple[_Connection, int]:
+    """Log in with `connect`; with OAuth2 a fresh token first, and a refused one refreshed once
+    more (the one home of that rule, for syncs and watchers). Also the round trips a refused
+    login took (its connection is gone)."""
+    if tokens is None:
+        return connect(settings), 0
+    settings = replace(settings, access_token=tokens.token())
+    try:
+        return connect(settings), 0
+    except TokenRefused as refused:
+        fresh = replace(settings, access_token=tokens.token(refused=settings.access_token))
+        return connect(fresh), refused.round_trips

@@ -43,7 +43,7 @@ from .fetch import (
 from .folders import NOT_BY_WILDCARD, requested_role, role_of
 from .imap import ImapSettings
 from .models import MailAccount
-from .oauth2 import TokenSource
+from .oauth2 import TokenSource, logged_in
 from .observer import Observer, PhaseTimer
 from .parse import ParsedMessage, parse_messages
 from .processors import Annotation, Processor, annotate_batch
@@ -200,7 +200,7 @@ def sync_account(
                 session.commit()  # the account's rows from before 0013, converted
     result = SyncResult()
     with timer.phase("connect"):
-        client, refused_turns = _connect(connect, settings, tokens)
+        client, refused_turns = logged_in(connect, settings, tokens)
     try:
         client.normalise_times = False
         with timer.phase("diagnostics"):
@@ -245,23 +245,6 @@ def sync_account(
     result.phases = timer.totals
     result.duration = time.perf_counter() - started
     return result
-
-
-def _connect(
-    connect: Callable[[ImapSettings], IMAPClient],
-    settings: ImapSettings,
-    tokens: TokenSource | None,
-) -> tuple[IMAPClient, int]:
-    """Log in; with OAuth2 a fresh token first, and a refused one refreshed once more. Also
-    the round trips a refused login took (its connection is gone)."""
-    if tokens is None:
-        return connect(settings), 0
-    settings = replace(settings, access_token=tokens.token())
-    try:
-        return connect(settings), 0
-    except imap.TokenRefused as refused:
-        fresh = replace(settings, access_token=tokens.token(refused=settings.access_token))
-        return connect(fresh), refused.round_trips
 
 
 def quick_check(client: IMAPClient) -> tuple[str, ...]:

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import grants, idle, leases, names, sync
+from . import grants, idle, leases, names
 from .accounts import account_settings, has_oauth2_grant
 from .addresses import AddressPolicy
 from .crypto import DataKey
@@ -37,7 +37,7 @@ from .errors import MailpipeError, NotFound
 from .failures import classify
 from .imap import ImapSettings
 from .models import AccountRun, FolderState, MailAccount
-from .oauth2 import TokenSource
+from .oauth2 import TokenSource, logged_in
 from .observer import WatchObserver
 from .policies import WatchPolicy
 from .providers import Provider
@@ -313,7 +313,7 @@ class Watcher:
             providers=self.oauth2_providers,
             observer=self.observer.token_refreshes(provider=target.provider),
         )
-        connection: idle.IdleConnection = sync._connect(examine, target.settings, tokens)
+        connection, _refused_turns = logged_in(examine, target.settings, tokens)
         return connection
 
     async def _take_slot(self, target: _Target) -> bool:
