@@ -893,6 +893,14 @@ def test_a_watched_account_with_no_token_stored_yet_logs_in_with_a_fresh_one(oau
     engine.dispose()
 
 
+def failed_logins(seen, count: int) -> None:
+    """Wait until the watcher has failed `count` logins (HANG_GUARD only stops a broken build)."""
+    deadline = time.monotonic() + HANG_GUARD
+    while len(seen.reconnects) < count:
+        assert time.monotonic() < deadline, f"the watcher tried {len(seen.reconnects)} times"
+        time.sleep(0.1)
+
+
 def test_a_watcher_retries_a_refresh_while_the_token_endpoint_is_down(oauth, tmp_path):
     # Given a synced OAuth2 account with no access token stored, and a token endpoint that
     # answers 503
@@ -905,10 +913,7 @@ def test_a_watcher_retries_a_refresh_while_the_token_endpoint_is_down(oauth, tmp
     # When a watcher holds the account
     with watcher(sessions, account_id, key) as (_marked, seen):
         # Then its logins fail as temporarily unavailable (transient) and are tried again
-        deadline = time.monotonic() + HANG_GUARD
-        while len(seen.reconnects) < 2:
-            assert time.monotonic() < deadline, "the watcher did not try again"
-            time.sleep(0.1)
+        failed_logins(seen, 2)
         assert set(seen.reconnects) == {ErrorClass.TEMPORARILY_UNAVAILABLE}
         assert not seen.connected.is_set()
         # When the endpoint is back
@@ -929,10 +934,7 @@ def test_a_watcher_stops_trying_an_account_whose_refresh_token_was_refused(oauth
     auth.refresh_tokens.clear()
     # When a watcher holds the account
     with watcher(sessions, account_id, key) as (_marked, seen):
-        deadline = time.monotonic() + HANG_GUARD
-        while not seen.reconnects:
-            assert time.monotonic() < deadline, "the watcher did not try"
-            time.sleep(0.1)
+        failed_logins(seen, 1)
         time.sleep(2)  # ten times the longest backoff: time for tries that must not come
     # Then it asked for a token once, failed as invalid credentials (permanent: the account's
     # runs break it), and did not try again
