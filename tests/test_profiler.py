@@ -17,7 +17,16 @@ from mailpipe.accounts import add_account, create_user
 from mailpipe.imap import ImapSettings
 from mailpipe.models import AccountRun
 from mailpipe.observer import PHASES, Observer, Observers, PhaseTimer
-from mailpipe.profiler import CPU_BOUND, IO_BOUND, MIXED, RU_MAXRSS, TRACEMALLOC, Profiler, bound
+from mailpipe.profiler import (
+    CPU_BOUND,
+    IO_BOUND,
+    MIXED,
+    RU_MAXRSS,
+    TRACEMALLOC,
+    PhaseFigures,
+    Profiler,
+    bound,
+)
 from mailpipe.sync import sync_account
 from tests.support.messages import plain_message as message
 
@@ -121,6 +130,16 @@ def test_waiting_reads_as_io_bound_and_computing_as_not():
 )
 def test_bound_from_the_cpu_wall_ratio(ratio, expected):
     assert bound(ratio) == expected
+
+
+def test_a_phase_at_a_threshold_names_the_bound_of_the_ratio_it_reports():
+    # Given a phase whose CPU/wall ratio rounds up onto the I/O-bound threshold
+    figures = PhaseFigures(wall=1.0, cpu=0.29996)
+    # When it is reported
+    report = figures.to_json()
+    # Then the bound is the one its reported ratio names (no flip between the two)
+    assert report["cpu_ratio"] == 0.3
+    assert report["bound"] == bound(report["cpu_ratio"]) == MIXED
 
 
 def test_a_job_keeps_each_account_runs_profile(world):
