@@ -84,13 +84,8 @@ def fetch_messages(
     uid_set = uids if isinstance(uids, str) else _uid_set(uids)
     messages: dict[int, FetchedMessage] = {}
     for parts in command(imap, b"UID FETCH %s (%s)" % (uid_set.encode(), items.encode())):
-        if FETCH_START.match(parts[0]):
-            try:
-                message = _fetched(parts)
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise ProtocolError(MALFORMED_FETCH) from None
-            if message is not None:
-                messages[message.uid] = message
+        if (message := _message(parts)) is not None:
+            messages[message.uid] = message
     return messages
 
 
@@ -130,13 +125,7 @@ def fetch_batches(
                 if (ours := head.split(b" ", 1)[0]) in tags:
                     done[ours] = head
                     continue
-                if not FETCH_START.match(head):
-                    continue
-                try:
-                    message = _fetched(parts)
-                except (ValueError, KeyError, IndexError, TypeError):
-                    raise ProtocolError(MALFORMED_FETCH) from None
-                if message is not None:
+                if (message := _message(parts)) is not None:
                     (messages if message.uid in wanted else early)[message.uid] = message
             if _status(done[tag], tag) != b"OK":
                 raise IMAPClientError(f"UID FETCH failed: {_said(done[tag])}")
@@ -144,6 +133,16 @@ def fetch_batches(
     finally:
         for tag in tags:
             imap.tagged_commands.pop(tag, None)
+
+
+def _message(parts: list[bytes]) -> FetchedMessage | None:
+    """The message a FETCH response carries; None for any other response, or none."""
+    if not FETCH_START.match(parts[0]):
+        return None
+    try:
+        return _fetched(parts)
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ProtocolError(MALFORMED_FETCH) from None
 
 
 def fetch_flags(
