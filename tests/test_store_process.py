@@ -12,13 +12,15 @@ import pytest
 from sqlalchemy import event, update
 
 from cli.sync import one_line_failure
+from mailpipe import db
 from mailpipe.errors import MailpipeError
 from mailpipe.models import FolderState
-from mailpipe.sync import StoreProcess
+from mailpipe.sync import BATCH_BYTES, StoreProcess
 from tests.support.messages import plain_message as message
 from tests.test_sync import make_mailbox
 
 NOT_A_MESSAGE = b"\xd0\xcf\x11\xe0 an Outlook .msg file, not RFC 5322\r\n"
+SQLITE_NORMAL = 1  # PRAGMA synchronous: 0 OFF, 1 NORMAL, 2 FULL
 SMALL_BATCHES = 5_000  # bytes: three messages of 2,000 bytes make two batches
 
 
@@ -176,3 +178,19 @@ def test_a_time_limit_in_the_fetching_process_ends_the_store_process_too(mailbox
     assert time.monotonic() - started < StoreProcess.DRAIN_SECONDS + 5
     (child,) = pids(seen)
     assert gone(child)
+
+
+def test_a_sqlite_connection_holds_a_whole_batch_before_its_commit(tmp_path):
+    # Given the engine of a new SQLite database
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    try:
+        # When a connection is made
+        with engine.connect() as connection:
+            pragma = connection.exec_driver_sql
+            # Then it writes ahead, syncs only at checkpoints, and keeps 16 MiB of pages, twice
+            # a batch's bound of mail, so a batch is written at its commit, not spilled first
+            assert pragma("PRAGMA journal_mode").scalar() == "wal"
+            assert pragma("PRAGMA synchronous").scalar() == SQLITE_NORMAL
+            assert -pragma("PRAGMA cache_size").scalar() * 1024 >= 2 * BATCH_BYTES
+    finally:
+        engine.dispose()
