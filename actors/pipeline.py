@@ -174,9 +174,12 @@ class PipelineBroker:
         with self.sessions() as session:
             return jobs.list_jobs(session, user_id, limit)
 
-    def get_account_health(self, user_id: int) -> list[AccountHealth]:
+    def get_account_health(
+        self, user_id: int, *, key: DataKey | None = None
+    ) -> list[AccountHealth]:
+        """With the owner's key, each account's folders too (they are encrypted)."""
         with self.sessions() as session:
-            return reports.account_health(session, user_id)
+            return reports.account_health(session, user_id, key=key)
 
     def get_performance_metrics(self, user_id: int) -> Performance:
         with self.sessions() as session:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ CREDENTIAL_FIELDS = (
     "auth",
     "ca_file",
 )
+DEFAULT_FOLDERS = ("INBOX",)  # what an account syncs unless its owner names other folders
 KEY_FILE_ONLY = "key-file"  # users.kdf of a user with no password: only key files unlock them
 OAUTH2_GRANT = "oauth2"  # the credentials' key holding an OAuth2 grant (see mailpipe.oauth2)
 
@@ -173,15 +175,50 @@ def add_account(
     oauth2: dict[str, Any] | None = None,
 ) -> MailAccount:
     """Store an account with its host, login and secret encrypted under the user's key."""
-    account = MailAccount(
-        user_id=user.id,
-        provider=provider or guess_provider(settings.host),
-        folders=folders or ["INBOX"],
-    )
+    account = MailAccount(user_id=user.id, provider=provider or guess_provider(settings.host))
     session.add(account)
     session.flush()
     set_credentials(account, key, settings, oauth2=oauth2)
+    set_folders(account, key, folders or DEFAULT_FOLDERS)
     return account
+
+
+def set_folders(account: MailAccount, key: DataKey, folders: Sequence[str]) -> None:
+    """Encrypt the folder list the owner asks to sync into the account's row (bound to it): a
+    folder's name says what the mail in it is about; a clear copy from before 0016 is dropped."""
+    account.folders_enc = key.encrypt(
+        json.dumps(list(folders)).encode(), table="mail_accounts", column="folders", row=account.id
+    )
+    account.folders = None
+
+
+def account_folders(account: MailAccount, key: DataKey) -> list[str]:
+    """The folder list the owner asked to sync (in clear only in a row from before 0016 that
+    no key has converted yet)."""
+    if account.folders_enc is None:
+        return list(account.folders or DEFAULT_FOLDERS)
+    plain = key.decrypt(
+        account.folders_enc, table="mail_accounts", column="folders", row=account.id
+    )
+    folders: list[str] = json.loads(plain)
+    return folders
+
+
+def convert_user_folders(session: Session, *, user_id: int, key: DataKey) -> int:
+    """`convert_folders` for every account of a user (at a web login, which has the key)."""
+    clear = select(MailAccount).where(
+        MailAccount.user_id == user_id, MailAccount.folders.is_not(None)
+    )
+    return sum(convert_folders(account, key) for account in session.scalars(clear).all())
+
+
+def convert_folders(account: MailAccount, key: DataKey) -> bool:
+    """Encrypt a folder list still in clear from before 0016 (where the owner's key is at hand:
+    a run, a web login); whether there was one."""
+    if account.folders is None:
+        return False
+    set_folders(account, key, account.folders)
+    return True
 
 
 def set_credentials(

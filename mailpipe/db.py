@@ -21,7 +21,7 @@ SQLITE_PAGE_SIZE = 16_384  # mail bodies are large blobs; bigger pages mean fewe
 # commit: with SQLite's default of 2 MiB, it spills and reads them back (bench.sync)
 SQLITE_CACHE_KIB = 16_384
 MIGRATIONS = Path(__file__).with_name("migrations")
-HEAD_REVISION = "0015"  # the newest migration (tests/test_migrations.py holds it to Alembic's head)
+HEAD_REVISION = "0016"  # the newest migration (tests/test_migrations.py holds it to Alembic's head)
 POOL_SIZE = 5  # SQLAlchemy's default, for processes with a few threads
 PG_MIGRATION_LOCK = 0x6D61696C  # "mail": one advisory lock id for schema upgrades
 _MIGRATION_LOCK = threading.Lock()  # Alembic's module-level proxies are not thread-safe

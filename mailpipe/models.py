@@ -99,7 +99,10 @@ class MailAccount(Base):
     auth_kind: Mapped[str] = mapped_column(
         String(20), default=AuthKind.PASSWORD, server_default=AuthKind.PASSWORD.value
     )
-    folders: Mapped[list[str]] = mapped_column(JSON, default=lambda: ["INBOX"])
+    # the folders the owner asked to sync, encrypted (accounts.account_folders); `folders`
+    # holds them in clear only in rows from before 0016, until the owner's key converts them
+    folders: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    folders_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     health_status: Mapped[str] = mapped_column(String(20), default=Health.HEALTHY)
     health_checked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())

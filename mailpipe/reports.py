@@ -11,6 +11,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from . import grants
+from .accounts import account_folders
+from .crypto import DataKey
 from .models import AccountRun, Email, FolderState, MailAccount, PipelineJob, utcnow
 from .observer import PHASES
 from .results import AccountHealth, Performance, Summary, TrendDay
@@ -22,9 +24,10 @@ RECENT_RUNS = 5  # "N failures in the last 5 attempts" per account
 
 
 def account_health(
-    session: Session, user_id: int, *, now: datetime | None = None
+    session: Session, user_id: int, *, key: DataKey | None = None, now: datetime | None = None
 ) -> list[AccountHealth]:
-    """Each account's health, last check and last error in plain words.
+    """Each account's health, last check and last error in plain words; with the owner's key,
+    the folders each syncs (encrypted: without it, `folders` is None).
 
     Without a live background grant the scheduler cannot read the user's accounts: they show
     LOCKED, which is not an error.
@@ -71,7 +74,7 @@ def account_health(
             if account.last_error_class
             else None,
             last_error=account.last_error_message,
-            folders=list(account.folders),
+            folders=account_folders(account, key) if key is not None else None,
             sync_interval_seconds=account.sync_interval_seconds,
             recent_runs=len(recent := _recent_outcomes(session, account.id)),
             recent_failures=recent.count(RunStatus.FAILED),

@@ -108,7 +108,7 @@ class AccountHealth(Result):
     last_success_at: datetime | None
     last_error_class: ErrorClass | None
     last_error: str | None
-    folders: list[str]
+    folders: list[str] | None  # None when read without the owner's key (they are encrypted)
     sync_interval_seconds: int
     recent_runs: int  # the account's last (at most RECENT_RUNS) runs that went ahead
     recent_failures: int  # how many of those failed

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import grants, health, jobs, leases, logs
-from .accounts import account_settings, has_oauth2_grant
+from .accounts import account_folders, account_settings, convert_folders, has_oauth2_grant
 from .addresses import AddressPolicy
 from .crypto import DataKey
 from .errors import MailpipeError, NotFound
@@ -432,7 +432,8 @@ def _start(
             )
             start.access = key, settings
             start.oauth2 = has_oauth2_grant(account, key)
-            start.folders = list(account.folders)
+            start.folders = account_folders(account, key)
+            convert_folders(account, key)  # a list in clear from before 0016: sealed now
             start.since = account.sync_since
             start.states = folder_states(session, account_id, key)
         except NotFound:

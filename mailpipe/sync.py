@@ -27,7 +27,7 @@ from imapclient import IMAPClient, imap_utf7
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import imap, store
-from .accounts import account_settings
+from .accounts import account_folders, account_settings
 from .addresses import AddressPolicy
 from .crypto import DataKey
 from .errors import MailpipeError, ProtocolError
@@ -194,7 +194,7 @@ def sync_account(
         with sessions() as session:
             account = session.get_one(MailAccount, account_id)
             settings = settings or account_settings(account, key, policy=policy or AddressPolicy())
-            wanted = wanted or list(account.folders)
+            wanted = wanted or account_folders(account, key)
             if states is None:
                 states = store.folder_states(session, account_id, key)
                 session.commit()  # the account's rows from before 0013, converted

@@ -30,7 +30,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import grants, idle, leases, names
-from .accounts import account_settings, has_oauth2_grant
+from .accounts import account_folders, account_settings, has_oauth2_grant
 from .addresses import AddressPolicy
 from .crypto import DataKey
 from .errors import MailpipeError, NotFound
@@ -196,7 +196,7 @@ class Watcher:
                 except MailpipeError:
                     unreadable.add(account.id)
                     continue
-                folder = watched_folder(account.folders)
+                folder = watched_folder(account_folders(account, key))
                 targets.append(
                     _Target(
                         account.id,

@@ -7,11 +7,19 @@ import os
 import pytest
 
 from mailpipe import db
-from mailpipe.accounts import add_account, create_user, owned_account, read_credentials, unlock_user
+from mailpipe.accounts import (
+    account_folders,
+    add_account,
+    convert_user_folders,
+    create_user,
+    owned_account,
+    read_credentials,
+    unlock_user,
+)
 from mailpipe.crypto import LEGACY_WRAP, WRAP_VERSION, KdfParams
-from mailpipe.errors import NotFound, WrongPassword
+from mailpipe.errors import DecryptionFailed, NotFound, WrongPassword
 from mailpipe.imap import ImapSettings
-from mailpipe.models import User
+from mailpipe.models import MailAccount, User
 from tests.support.keys import legacy_wrap
 
 FAST_KDF = 1_000
@@ -105,4 +113,56 @@ def test_an_old_format_key_is_rewrapped_at_login_and_then_bound_to_its_user(db_u
         bob_row.kdf, bob_row.wrapped_dek, bob_row.key_wrap = new_form
     with sessions.begin() as session, pytest.raises(WrongPassword):
         unlock_user(session, "bob", "alice-pw")
+    engine.dispose()
+
+
+def test_a_folder_list_is_stored_sealed_to_its_account_and_read_back(db_url):
+    # Given alice's new account that syncs two folders whose names say what the mail is about
+    engine = db.make_engine(db_url)
+    db.migrate(engine)
+    sessions = db.session_factory(engine)
+    settings = ImapSettings(host="imap.example.org", username="alice", password="pw")
+    wanted = ["INBOX", "Kanzlei/Scheidung Müller"]
+    with sessions.begin() as session:
+        alice, key = create_user(session, "alice", "alice-pw", iterations=FAST_KDF)
+        first = add_account(session, alice, key, settings, folders=wanted)
+        second = add_account(session, alice, key, settings)
+    with sessions.begin() as session:
+        first = session.get_one(MailAccount, first.id)
+        second = session.get_one(MailAccount, second.id)
+        # Then the list reads back with her key, and no folder name is in the row in clear
+        assert account_folders(first, key) == wanted
+        assert account_folders(second, key) == ["INBOX"]
+        assert first.folders is None and first.folders_enc is not None
+        assert b"Scheidung" not in first.folders_enc
+        # When the sealed list is copied onto her other account's row
+        second.folders_enc = first.folders_enc
+    # Then it does not open there (it is bound to the row it was written for)
+    with sessions() as session, pytest.raises(DecryptionFailed):
+        account_folders(session.get_one(MailAccount, second.id), key)
+    engine.dispose()
+
+
+def test_a_folder_list_in_clear_from_before_0016_is_read_and_sealed_once(db_url):
+    # Given an account whose folder list is still in clear, as before migration 0016
+    engine = db.make_engine(db_url)
+    db.migrate(engine)
+    sessions = db.session_factory(engine)
+    settings = ImapSettings(host="imap.example.org", username="anna", password="pw")
+    with sessions.begin() as session:
+        anna, key = create_user(session, "anna", "anna-pw", iterations=FAST_KDF)
+        account = add_account(session, anna, key, settings)
+        account.folders, account.folders_enc = ["INBOX", "Archiv"], None
+    with sessions.begin() as session:
+        account = session.get_one(MailAccount, account.id)
+        # Then it is read as it is
+        assert account_folders(account, key) == ["INBOX", "Archiv"]
+        # When her key converts her accounts (as at her next web login)
+        converted = convert_user_folders(session, user_id=anna.id, key=key)
+    # Then the list is sealed and the clear copy gone; a second conversion finds nothing
+    with sessions.begin() as session:
+        account = session.get_one(MailAccount, account.id)
+        assert converted == 1 and account.folders is None
+        assert account_folders(account, key) == ["INBOX", "Archiv"]
+        assert convert_user_folders(session, user_id=anna.id, key=key) == 0
     engine.dispose()

@@ -12,10 +12,10 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, func, select
 
 from mailpipe import db, jobs
-from mailpipe.accounts import add_account, create_user
+from mailpipe.accounts import account_folders, add_account, create_user
 from mailpipe.crypto import LEGACY_WRAP, WRAP_VERSION, DataKey, KdfParams
 from mailpipe.imap import ImapSettings
-from mailpipe.models import AccountRun, PipelineJob, User
+from mailpipe.models import AccountRun, MailAccount, PipelineJob, User
 from mailpipe.settings import Settings
 from tests.support.keys import legacy_wrap
 from tests.test_web_api import LOGIN_TOKEN
@@ -158,4 +158,37 @@ def test_a_user_from_before_0014_logs_in_and_is_rewrapped_bound_to_the_user(tmp_
     with db.session_factory(engine)() as session:
         row = session.scalars(select(User)).one()
         assert row.key_wrap == WRAP_VERSION and row.wrapped_dek != old_wrap
+    engine.dispose()
+
+
+def test_a_folder_list_from_before_0016_is_sealed_at_the_owners_login(tmp_path):
+    # Given a database at 0015 holding anna's account with its folder list in clear
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = db.make_engine(url)
+    db.migrate(engine)
+    sessions = db.session_factory(engine)
+    settings = ImapSettings(host="imap.example.org", username="anna", password="pw")
+    with sessions.begin() as session:
+        anna, key = create_user(session, "anna", "pw", iterations=1_000)
+        account = add_account(session, anna, key, settings)
+        account.folders, account.folders_enc = ["INBOX", "Kunden"], None
+        account_id = account.id
+    downgrade(engine, "0015")
+    # When the schema is upgraded, Then the list is still read as it was
+    db.migrate(engine)
+    with sessions() as session:
+        assert account_folders(session.get_one(MailAccount, account_id), key) == ["INBOX", "Kunden"]
+    # When anna logs in through the web app
+    app = create_app(Settings(database_url=url, data_dir=tmp_path))
+    client = app.test_client()
+    token = LOGIN_TOKEN.search(client.get("/login").text).group(1)
+    answer = client.post(
+        "/login", data={"login_token": token, "username": "anna", "password": "pw"}
+    )
+    # Then the list is sealed at her login, and no folder name is left in clear
+    assert answer.status_code == 303
+    with sessions() as session:
+        row = session.get_one(MailAccount, account_id)
+        assert row.folders is None
+        assert account_folders(row, key) == ["INBOX", "Kunden"]
     engine.dispose()

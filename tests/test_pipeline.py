@@ -9,10 +9,11 @@ import pytest
 from sqlalchemy import func, select, update
 
 from mailpipe import grants, health, jobs, leases, schedule
+from mailpipe.accounts import account_folders
 from mailpipe.errors import NotFound
 from mailpipe.grants import KeyGrant
 from mailpipe.health import CircuitPolicy
-from mailpipe.models import AccountRun, MailAccount, PipelineJob, utcnow
+from mailpipe.models import AccountRun, Email, MailAccount, PipelineJob, utcnow
 from mailpipe.observer import Observer
 from mailpipe.processors import Mail
 from mailpipe.retry import RetryPolicy
@@ -649,3 +650,21 @@ def test_a_job_without_accounts_is_failed_at_once_and_drops_its_key(world: World
     assert (status.status, status.reason, status.final) == ("failed", "no_accounts", True)
     with world.sessions() as session:
         assert session.scalar(select(func.count()).select_from(KeyGrant)) == 0
+
+
+def test_a_run_reads_a_folder_list_left_in_clear_and_seals_it(world):
+    # Given an account with mail whose folder list is still in clear, as before migration 0016
+    user = world.user("clear-folders")
+    account = world.account(user, mails=2)
+    with world.sessions.begin() as session:
+        row = session.get_one(MailAccount, account)
+        row.folders, row.folders_enc = ["INBOX"], None
+    # When a job runs it
+    outcome = run_job(world, job_with_grant(world, user, account), account)
+    # Then it synced the listed folder, and the list is sealed now, its clear copy gone
+    assert outcome.finished is not None and outcome.finished.status == "success"
+    with world.sessions() as session:
+        row = session.get_one(MailAccount, account)
+        assert row.folders is None
+        assert account_folders(row, user.key) == ["INBOX"]
+        assert session.scalar(select(func.count()).select_from(Email)) == 2

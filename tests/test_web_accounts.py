@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select
 
 from mailpipe import health, oauth2
-from mailpipe.accounts import account_settings, add_account
+from mailpipe.accounts import account_folders, account_settings, add_account
 from mailpipe.imap import ImapSettings
 from mailpipe.models import Email, MailAccount
 from mailpipe.models import User as UserRow
@@ -177,15 +177,17 @@ def test_folders_interval_and_enabled_change_without_a_login(site):
         json={"folders": ["INBOX", "Archiv"], "interval": 900, "enabled": False},
         headers=headers,
     )
-    # Then that is stored without any connection
+    # Then that is stored without any connection, the folder list sealed, and shown to her
     assert answer.status_code == 200, answer.json
+    assert answer.json["folders"] == ["INBOX", "Archiv"]
     with site.sessions() as session:
         row = session.get_one(MailAccount, account_id)
-        assert (row.folders, row.sync_interval_seconds, row.enabled) == (
+        assert (account_folders(row, user.key), row.sync_interval_seconds, row.enabled) == (
             ["INBOX", "Archiv"],
             900,
             False,
         )
+        assert row.folders is None
 
 
 @pytest.mark.parametrize("method", ["patch", "delete"])

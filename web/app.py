@@ -28,7 +28,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import run_simple
 
 from mailpipe import db, grants, logs, mail, names
-from mailpipe.accounts import unlock_user
+from mailpipe.accounts import convert_user_folders, unlock_user
 from mailpipe.crypto import KDF_ITERATIONS, SALT_BYTES, DataKey, KdfParams, derive_kek
 from mailpipe.errors import MailpipeError, NotFound, WrongPassword
 from mailpipe.settings import Settings
@@ -190,8 +190,9 @@ def create_app(settings: Settings, *, pipeline: PipelineBroker | None = None) ->
         state.throttle.succeeded(name=given_name)
         record_login("success")
         user_id, name, key = user
-        with state.sessions.begin() as session:  # rows from before migration 0013
+        with state.sessions.begin() as session:  # rows from before migrations 0013 and 0016
             names.convert_user(session, user_id=user_id, key=key)
+            convert_user_folders(session, user_id=user_id, key=key)
         login = state.logins.create(user_id=user_id, user_name=name, key=key)
         notice = None
         if request.form.get("background"):
@@ -339,7 +340,7 @@ def _dashboard_data(state: WebState, login: ServerSession, lang: str) -> dict:
     """Everything the page shows, read once per page view."""
     pipeline = state.pipeline
     listed = pipeline.list_jobs(login.user_id, DASHBOARD_JOBS)
-    health = pipeline.get_account_health(login.user_id)
+    health = pipeline.get_account_health(login.user_id, key=login.key)
     performance = pipeline.get_performance_metrics(login.user_id).to_json()
     with state.sessions() as session:
         labels = present.account_labels(session, login.user_id, login.key, lang=lang)

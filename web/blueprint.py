@@ -46,6 +46,7 @@ from mailpipe.accounts import (
     add_account,
     owned_account,
     set_credentials,
+    set_folders,
     set_push,
 )
 from mailpipe.addresses import AddressPolicy
@@ -264,7 +265,7 @@ class _Api:
         user_id = self.user()
         labels = self._labels(user_id)
         lang = language(request)
-        accounts = self.pipeline.get_account_health(user_id)
+        accounts = self.pipeline.get_account_health(user_id, key=self.current_key())
         return jsonify(
             {"accounts": [present.account_view(a, labels=labels, lang=lang) for a in accounts]}
         )
@@ -470,7 +471,7 @@ class _Api:
         if enabled is not None and not isinstance(enabled, bool):
             raise ApiError(400, "bad_request", "enabled must be true or false", field="enabled")
         password = _string(data, "password", maximum=MAX_PASSWORD) if "password" in data else None
-        key = self.key() if password is not None else None
+        key = self.key() if password is not None or folders is not None else None
         with self.sessions() as session:
             account = self._owned(session, account_id, user_id)
             settings = None
@@ -491,8 +492,8 @@ class _Api:
             if key is not None and settings is not None:
                 set_credentials(account, key, settings)
                 health.reset(account)
-            if folders is not None:
-                account.folders = folders
+            if key is not None and folders is not None:
+                set_folders(account, key, folders)
             if interval is not None:
                 account.sync_interval_seconds = interval
             if enabled is not None:
@@ -535,7 +536,7 @@ class _Api:
     def _account(self, user_id: int, account_id: int) -> dict:
         labels = self._labels(user_id)
         lang = language(request)
-        for health_row in self.pipeline.get_account_health(user_id):
+        for health_row in self.pipeline.get_account_health(user_id, key=self.current_key()):
             if health_row.account_id == account_id:
                 return present.account_view(health_row, labels=labels, lang=lang)
         raise ApiError(404, "not_found", "account not found")
@@ -574,7 +575,9 @@ class _Api:
             except NotFound:
                 raise ApiError(404, "not_found", "account not found") from None
         [account] = [
-            a for a in self.pipeline.get_account_health(user_id) if a.account_id == account_id
+            a
+            for a in self.pipeline.get_account_health(user_id, key=self.current_key())
+            if a.account_id == account_id
         ]
         view = present.account_view(account, labels=self._labels(user_id), lang=language(request))
         return jsonify(view)

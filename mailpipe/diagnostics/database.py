@@ -12,6 +12,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
 from .. import store
+from ..accounts import account_folders
 from ..models import MailAccount
 from ..sync import resolve_folders
 from ..vocabulary import ErrorClass
@@ -34,7 +35,7 @@ def database(probe: Probe) -> Check:
         account = session.get(MailAccount, probe.account_id)
         if account is None:
             return skipped(DATABASE, "the account is not in the database")
-        configured = list(account.folders or [])
+        configured = account_folders(account, probe.key)
         states = store.folder_states(session, probe.account_id, probe.key)
     wanted = resolve_folders(probe.client, configured)
     names = list(dict.fromkeys([*wanted, *states]))[:MAX_FOLDERS]
