@@ -22,6 +22,15 @@ from tests.test_web_api import LOGIN_TOKEN
 from web.app import create_app
 
 
+def web_login(url: str, data_dir: Path, name: str, password: str):
+    """A login through the web app's form on this database; the answer."""
+    client = create_app(Settings(database_url=url, data_dir=data_dir)).test_client()
+    token = LOGIN_TOKEN.search(client.get("/login").text).group(1)
+    return client.post(
+        "/login", data={"login_token": token, "username": name, "password": password}
+    )
+
+
 def downgrade(engine, revision: str) -> None:
     """Take a SQLite database back to an older schema, keeping its rows."""
     cfg = Config()
@@ -147,12 +156,7 @@ def test_a_user_from_before_0014_logs_in_and_is_rewrapped_bound_to_the_user(tmp_
     with db.session_factory(engine)() as session:
         assert session.scalar(select(User.key_wrap)) == LEGACY_WRAP
     # When anna logs in through the web app
-    app = create_app(Settings(database_url=url, data_dir=tmp_path))
-    client = app.test_client()
-    token = LOGIN_TOKEN.search(client.get("/login").text).group(1)
-    answer = client.post(
-        "/login", data={"login_token": token, "username": "anna", "password": "pw"}
-    )
+    answer = web_login(url, tmp_path, "anna", "pw")
     # Then she is in, and her row carries the new form (bound to her row), written at login
     assert answer.status_code == 303
     with db.session_factory(engine)() as session:
@@ -179,12 +183,7 @@ def test_a_folder_list_from_before_0016_is_sealed_at_the_owners_login(tmp_path):
     with sessions() as session:
         assert account_folders(session.get_one(MailAccount, account_id), key) == ["INBOX", "Kunden"]
     # When anna logs in through the web app
-    app = create_app(Settings(database_url=url, data_dir=tmp_path))
-    client = app.test_client()
-    token = LOGIN_TOKEN.search(client.get("/login").text).group(1)
-    answer = client.post(
-        "/login", data={"login_token": token, "username": "anna", "password": "pw"}
-    )
+    answer = web_login(url, tmp_path, "anna", "pw")
     # Then the list is sealed at her login, and no folder name is left in clear
     assert answer.status_code == 303
     with sessions() as session:
