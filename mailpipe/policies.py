@@ -34,6 +34,9 @@ class WatchPolicy:
     capacity: int = 5_000  # accounts one watcher process holds at most
     renew_seconds: float = RENEW_SECONDS  # IDLE renewed (and the server checked) this often
     connect_threads: int = 8  # logins and EXAMINEs at once
+    # after a failure that is not transient (a refused login), the account is tried again this
+    # much later, with its settings as stored then: its owner may have set a new password
+    retry_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.lease_seconds > 0:
@@ -44,3 +47,5 @@ class WatchPolicy:
             raise ValueError("MAILPIPE_IDLE_RENEW_SECONDS must be above 0 and below 1740")
         if self.connect_threads < 1:
             raise ValueError("MAILPIPE_WATCH_CONNECT_THREADS must be at least 1")
+        if not self.retry_seconds > 0:
+            raise ValueError("MAILPIPE_WATCH_RETRY_SECONDS must be above 0")

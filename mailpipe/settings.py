@@ -192,6 +192,7 @@ class Settings:
                         capacity=("MAILPIPE_WATCH_CAPACITY", _integer),
                         renew_seconds=("MAILPIPE_IDLE_RENEW_SECONDS", _number),
                         connect_threads=("MAILPIPE_WATCH_CONNECT_THREADS", _integer),
+                        retry_seconds=("MAILPIPE_WATCH_RETRY_SECONDS", _number),
                     )
                 ),
             )

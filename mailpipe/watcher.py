@@ -118,6 +118,8 @@ class Watcher:
         self._slots: dict[int, tuple[str, str]] = {}  # account -> (host, holder) of its slot
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._targets: dict[int, _Target] = {}
+        # account -> loop time when one whose login was refused is tried again (settings anew)
+        self._resting: dict[int, float] = {}
         # account -> (user, change number, first seen): a change not yet turned into a run
         self._pending: dict[int, tuple[int, int, float]] = {}
         self._changes = itertools.count()
@@ -151,6 +153,11 @@ class Watcher:
 
     async def _refresh(self) -> None:
         loop = asyncio.get_running_loop()
+        for account_id, until in list(self._resting.items()):
+            if until <= loop.time():  # its watch ended: claimed as new, its settings read anew
+                del self._resting[account_id]
+                self._tasks.pop(account_id, None)
+                self._targets.pop(account_id, None)
         try:
             held, targets = await self._in_database(self._claim, set(self._tasks))
         except Exception as error:  # the database is away: keep watching while the leases last
@@ -241,6 +248,7 @@ class Watcher:
         if task is not None:
             task.cancel()
         self._targets.pop(account_id, None)
+        self._resting.pop(account_id, None)
         self._pending.pop(account_id, None)
 
     # -- one account --------------------------------------------------------------------------
@@ -258,7 +266,9 @@ class Watcher:
                 failures, again = await self._connected(target, failures)
             finally:
                 await self._give_slot(target)
-            if not again:
+            if not again:  # the lease stays, so no other watcher tries it meanwhile
+                loop = asyncio.get_running_loop()
+                self._resting[target.account_id] = loop.time() + self.policy.retry_seconds
                 return
             await asyncio.sleep(self.retry.backoff_seconds(failures))
 
@@ -350,8 +360,9 @@ class Watcher:
         return stored or 0
 
     def _again(self, error: Exception) -> bool:
-        """Whether a failed connection is tried again: transient failures are; the rest
-        (a wrong password, say) are left to the account's runs, which mark it BROKEN."""
+        """Whether a failed connection is tried again now: transient failures are; the rest
+        (a wrong password, say) after `WatchPolicy.retry_seconds`, with the settings stored
+        then, unless the account's runs have marked it BROKEN by then (it is given up)."""
         failure = classify(error)
         self.observer.reconnect(error_class=failure.error_class)
         return failure.transient

@@ -70,6 +70,7 @@ VALID = {
     "MAILPIPE_WATCH_CAPACITY": "1000",
     "MAILPIPE_IDLE_RENEW_SECONDS": "300",
     "MAILPIPE_WATCH_CONNECT_THREADS": "4",
+    "MAILPIPE_WATCH_RETRY_SECONDS": "120",
 }
 
 
@@ -164,6 +165,7 @@ def test_every_variable_changes_the_settings(variable):
         ("MAILPIPE_LOG_FORMAT", "xml", "must be one of text, json, not 'xml'"),
         ("MAILPIPE_IDLE_RENEW_SECONDS", "1800", "below 1740"),
         ("MAILPIPE_WATCH_CAPACITY", "0", "must be at least 1"),
+        ("MAILPIPE_WATCH_RETRY_SECONDS", "0", "must be above 0"),
     ],
 )
 def test_a_wrong_value_is_one_line_naming_its_variable(variable, value, said):

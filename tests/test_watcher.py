@@ -8,16 +8,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 from imapclient import IMAPClient
 from sqlalchemy import func, select
 
 from mailpipe import grants
+from mailpipe.accounts import account_settings, set_credentials
 from mailpipe.models import AccountRun, Email, MailAccount, PipelineJob
 from mailpipe.vocabulary import RUN_OPEN, JobType
 from tests.support.cluster import Cluster
 from tests.support.faultproxy import FaultProxy
 from tests.support.messages import plain_message as message
+from tests.support.policy import LOOPBACK
 
 HANG_GUARD = 90.0  # only so a broken build fails instead of hanging; no timing is asserted
 LEASE_SECONDS = "2"
@@ -59,6 +62,13 @@ def pushed_account(
     """A user with a background grant and one account synced once; (user, account, login,
     password)."""
     user_id, key = cluster.user(name)
+    return pushed_account_of(cluster, user_id, key, mails=mails, port=port)
+
+
+def pushed_account_of(
+    cluster: Cluster, user_id: int, key, *, mails: int = 0, port: int | None = None
+) -> tuple[int, int, str, str]:
+    """`pushed_account` for a user made already (whose key the caller keeps)."""
     login, password = cluster.dovecot.new_user()
     if mails:
         cluster.dovecot.append(login, password, [message(i) for i in range(mails)])
@@ -274,3 +284,38 @@ def test_a_cut_connection_comes_back_and_still_pushes(cluster, tmp_path):
             cluster.dovecot.append(login, password, [message(1)])
             wait_until(lambda: stored(cluster, account_id) == 1, "the message is stored")
             assert len(push_jobs(cluster, user_id)) >= 1
+
+
+def test_a_refused_login_is_tried_again_later_with_the_password_its_owner_set(cluster, tmp_path):
+    # Given a watched account reached through the fault proxy, and a watcher that tries a
+    # refused account again after 2 s
+    with FaultProxy(upstream=(cluster.dovecot.host, cluster.dovecot.port)) as proxy:
+        user_id, key = cluster.user("push-new-password")
+        _user, account_id, login, _old = pushed_account_of(cluster, user_id, key, port=proxy.port)
+        with watcher(cluster, tmp_path, "w1", MAILPIPE_WATCH_RETRY_SECONDS="2"):
+            wait_until(lambda: watched(cluster, account_id, login), "the watcher connects")
+            # When the password changes at the provider and the IDLE connection drops
+            new_password = "neu-" + login
+            cluster.dovecot.add_user(login, new_password)
+            time.sleep(1.1)  # Dovecot re-reads a passwd-file at most once a second
+            refused_from = proxy.connections
+            proxy.cut()
+            # Then the watcher's next login is refused, and it does not hammer the server
+            wait_until(lambda: proxy.connections > refused_from, "a login is tried")
+            time.sleep(1.0)
+            assert proxy.connections - refused_from == 1
+            assert sessions_of(cluster, login) == 0
+            # When the owner stores the new password (as the web app does)
+            set_password(cluster, key, account_id, new_password)
+            # Then the watcher tries again with it, and new mail is pushed and stored
+            wait_until(lambda: watched(cluster, account_id, login), "the watcher is back")
+            cluster.dovecot.append(login, new_password, [message(1)])
+            wait_until(lambda: stored(cluster, account_id) == 1, "the message is stored")
+
+
+def set_password(cluster: Cluster, key, account_id: int, password: str) -> None:
+    """Store an account's new password under its owner's key, as the web app does."""
+    with cluster.sessions.begin() as session:
+        account = session.get_one(MailAccount, account_id)
+        settings = account_settings(account, key, policy=LOOPBACK)
+        set_credentials(account, key, replace(settings, password=password))
