@@ -37,6 +37,7 @@ from .fetch import (
     fetch_batches,
     fetch_flags,
     fetch_messages,
+    fetch_sizes,
     pipelined,
     status_answer,
 )
@@ -1069,12 +1070,17 @@ def _sizes(
 ) -> dict[int, int]:
     """Sizes of the UIDs from `low` to `high` in a UID set; with `since`, only of the messages
     the server received then or later (the account's window: older mail is never fetched)."""
-    items = "UID RFC822.SIZE INTERNALDATE" if since is not None else "UID RFC822.SIZE"
+    if since is None:
+        sizes = fetch_sizes(client._imap, uid_set)
+    else:
+        dated = fetch_messages(client._imap, uid_set, "UID RFC822.SIZE INTERNALDATE")
+        sizes = {
+            uid: message.size
+            for uid, message in dated.items()
+            if message.internal_date is None or message.internal_date >= since
+        }
     return {
-        uid: message.size
-        for uid, message in fetch_messages(client._imap, uid_set, items).items()
-        if low <= uid and (high is None or uid <= high)
-        if since is None or message.internal_date is None or message.internal_date >= since
+        uid: size for uid, size in sizes.items() if low <= uid and (high is None or uid <= high)
     }
 
 

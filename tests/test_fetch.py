@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from imapclient.exceptions import IMAPClientError
 
-from mailpipe.fetch import Literal, _fetched, _uid_set, fetch_batches, internal_date
+from mailpipe.fetch import Literal, _fetched, _uid_set, fetch_batches, fetch_sizes, internal_date
 
 SIZES = b"* 3 FETCH (UID 7 RFC822.SIZE 1234)\r\n"
 DOVECOT = (
@@ -147,3 +147,21 @@ def test_a_refused_batch_fails_after_the_batches_before_it():
     assert list(first) == [1]
     with pytest.raises(IMAPClientError, match="UID FETCH failed: A2 NO \\[SERVERBUG\\] broken"):
         next(answers)
+
+
+def test_sizes_are_read_in_the_order_asked_and_in_any_other():
+    # Given a server that answers a size listing mostly as asked, once in another order, once
+    # with an unsolicited flag update, and once with a message expunged meanwhile (no answer)
+    server = ScriptedServer(
+        b"* 1 FETCH (UID 4 RFC822.SIZE 100)\r\n"
+        b"* 2 FETCH (RFC822.SIZE 250 UID 5)\r\n"
+        b"* 2 FETCH (FLAGS (\\Seen) UID 5)\r\n"
+        b"* 3 FETCH (uid 9 rfc822.size 7)\r\n"
+        b"A1 OK done\r\n"
+    )
+    # When the sizes of 4:* are fetched
+    sizes = fetch_sizes(server, "4:*")
+    # Then every size is read, whatever the shape, and the flag update is not a size
+    assert server.sent == [b"A1 UID FETCH 4:* (UID RFC822.SIZE)\r\n"]
+    assert sizes == {4: 100, 5: 250, 9: 7}
+    assert server.tagged_commands == {}
