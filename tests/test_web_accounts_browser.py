@@ -84,6 +84,21 @@ def test_add_an_account_break_it_and_fix_the_password_on_the_page(
     expect(page.locator("article.account .badge")).not_to_have_text("Gestört")
     expect(page.locator("article.account.health-healthy")).to_have_count(1)
 
+    # When she opens "Ordner und Intervall ändern" (closed until asked for) on the card, names
+    # a second folder and fetches every 15 minutes
+    card = page.locator("article.account")
+    expect(card.locator(".folders")).to_have_text("INBOX")
+    settings = card.locator(".settings-form")
+    expect(settings).to_be_hidden()
+    card.get_by_role("button", name="Ordner und Intervall ändern").click()
+    expect(settings.get_by_label("Abruf alle … Sekunden")).to_have_value("300")
+    settings.get_by_label("Ordner (durch Komma getrennt)").fill("INBOX, Archiv")
+    settings.get_by_label("Abruf alle … Sekunden").fill("900")
+    settings.get_by_role("button", name="Speichern").click()
+    # Then the card shows both folders (stored sealed, read back with her key) and the interval
+    expect(card.locator(".folders")).to_have_text("INBOX, Archiv")
+    expect(card.locator(".fetch-mode")).to_have_text("Abruf alle 15 min")
+
     # When she removes it, confirming the question
     page.once("dialog", lambda dialog: dialog.accept())
     page.locator("article.account").get_by_role("button", name="Entfernen").click()

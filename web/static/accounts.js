@@ -1,5 +1,6 @@
-// Accounts on the dashboard: add one (a preset fills the server), change a password, remove one.
-// Every change goes through the JSON API, which checks the login before it stores anything.
+// Accounts on the dashboard: add one (a preset fills the server), change a password or the
+// folders and interval, remove one.
+// Every change goes through the JSON API, which checks a new login before it stores it.
 "use strict";
 
 (() => {
@@ -28,10 +29,10 @@
     form.querySelector(".form-message").textContent = words;
   }
 
-  async function submitting(form, method, path, body) {
+  async function submitting(form, method, path, body, pending = t.checking_login) {
     const button = form.querySelector("button[type=submit]");
     button.disabled = true;
-    say(form, t.checking_login);
+    say(form, pending);
     try {
       const result = await send(method, path, body);
       if (result.ok) {
@@ -125,6 +126,25 @@
       submitting(form, "PATCH", `/api/accounts/${form.dataset.account}`, {
         password: form.elements.password.value,
       });
+    });
+  }
+  for (const button of document.querySelectorAll(".change-settings")) {
+    button.addEventListener("click", () => {
+      const form = document.querySelector(`.settings-form[data-account="${button.dataset.account}"]`);
+      form.hidden = !form.hidden;
+    });
+  }
+  for (const form of document.querySelectorAll(".settings-form")) {
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const folders = form.elements.folders.value.split(",").map((f) => f.trim()).filter(Boolean);
+      submitting(
+        form,
+        "PATCH",
+        `/api/accounts/${form.dataset.account}`,
+        { folders: folders.length ? folders : ["INBOX"], interval: Number(form.elements.interval.value) },
+        t.saving,
+      );
     });
   }
   // back from the provider without an account: the API names the reason's text in the fragment
