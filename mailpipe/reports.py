@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from . import grants
 from .accounts import account_folders
 from .crypto import DataKey
+from .errors import DecryptionFailed
 from .models import AccountRun, Email, FolderState, MailAccount, PipelineJob, utcnow
 from .observer import PHASES
 from .results import AccountHealth, Performance, Summary, TrendDay
@@ -74,7 +75,7 @@ def account_health(
             if account.last_error_class
             else None,
             last_error=account.last_error_message,
-            folders=account_folders(account, key) if key is not None else None,
+            folders=_folders(account, key),
             sync_interval_seconds=account.sync_interval_seconds,
             recent_runs=len(recent := _recent_outcomes(session, account.id)),
             recent_failures=recent.count(RunStatus.FAILED),
@@ -89,6 +90,17 @@ def account_health(
         )
         for account in accounts
     ]
+
+
+def _folders(account: MailAccount, key: DataKey | None) -> list[str] | None:
+    """The folders an account syncs, or None without its owner's key or when its sealed list
+    does not open (one bad row does not take the report down)."""
+    if key is None:
+        return None
+    try:
+        return account_folders(account, key)
+    except DecryptionFailed:
+        return None
 
 
 def _recent_outcomes(session: Session, account_id: int) -> list[str]:

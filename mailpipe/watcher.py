@@ -200,10 +200,10 @@ class Watcher:
                     if key is None:
                         raise NotFound(grants.MISSING_GRANT)
                     settings = account_settings(account, key, policy=self.address_policy)
-                except MailpipeError:
+                    folder = watched_folder(account_folders(account, key))
+                except MailpipeError:  # no grant, or sealed settings that do not open
                     unreadable.add(account.id)
                     continue
-                folder = watched_folder(account_folders(account, key))
                 targets.append(
                     _Target(
                         account.id,

@@ -319,3 +319,20 @@ def set_password(cluster: Cluster, key, account_id: int, password: str) -> None:
         account = session.get_one(MailAccount, account_id)
         settings = account_settings(account, key, policy=LOOPBACK)
         set_credentials(account, key, replace(settings, password=password))
+
+
+def test_an_account_whose_sealed_settings_do_not_open_is_given_back_and_the_rest_watched(
+    cluster, tmp_path
+):
+    # Given two pushed accounts of one user, one with a folder list sealed for the other's row
+    # (copied there: it does not open)
+    user_id, key = cluster.user("push-unreadable")
+    _user, readable, login, _password = pushed_account_of(cluster, user_id, key)
+    _user, unreadable, _login, _password = pushed_account_of(cluster, user_id, key)
+    with cluster.sessions.begin() as session:
+        copied = session.get_one(MailAccount, readable).folders_enc
+        session.get_one(MailAccount, unreadable).folders_enc = copied
+    with watcher(cluster, tmp_path, "w1"):
+        # Then the watcher watches the readable account and gives the other one back
+        wait_until(lambda: watched(cluster, readable, login), "the watcher connects")
+        wait_until(lambda: owner_of(cluster, unreadable) is None, "the lease is given back")

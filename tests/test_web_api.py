@@ -1165,11 +1165,13 @@ def test_account_labels_never_show_another_users_login(site):
     site.account(bob, login="bob@example.org")
     with site.sessions.begin() as session:  # an account row planted under alice with bob's blob
         bobs = session.scalars(select(MailAccount).where(MailAccount.user_id == bob.id)).one()
-        planted = MailAccount(user_id=alice.id, provider="gmx", folders=["INBOX"])
+        planted = MailAccount(user_id=alice.id, provider="gmx")
         session.add(planted)
         session.flush()
         planted.credentials_enc = bobs.credentials_enc
+        planted.folders_enc = bobs.folders_enc
         planted_id = planted.id
     client, _headers = logged_in(site, alice)
     [health] = client.get("/api/accounts/health").json["accounts"]
     assert health["label"] == f"GMX #{planted_id}"
+    assert health["folders"] is None  # bob's sealed list does not open under alice's key
