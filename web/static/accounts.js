@@ -48,6 +48,22 @@
     }
   }
 
+  function folderList(input) {
+    // "INBOX, Archiv" as the API takes it; nothing named means INBOX
+    const folders = input.value.split(",").map((f) => f.trim()).filter(Boolean);
+    return folders.length ? folders : ["INBOX"];
+  }
+
+  function opens(buttons, forms) {
+    // a card's button opens and closes the form of the same account
+    for (const button of document.querySelectorAll(buttons)) {
+      button.addEventListener("click", () => {
+        const form = document.querySelector(`${forms}[data-account="${button.dataset.account}"]`);
+        form.hidden = !form.hidden;
+      });
+    }
+  }
+
   const addForm = document.getElementById("add-account-form");
   const connectForm = document.getElementById("connect-account-form");
   const toggle = document.getElementById("add-account-toggle");
@@ -101,25 +117,19 @@
     addForm.addEventListener("submit", (event) => {
       event.preventDefault();
       const fields = addForm.elements;
-      const folders = fields.folders.value.split(",").map((f) => f.trim()).filter(Boolean);
       submitting(addForm, "POST", "/api/accounts", {
         host: fields.host.value.trim(),
         port: Number(fields.port.value),
         security: fields.security.value,
         login: fields.login.value.trim(),
         password: fields.password.value,
-        folders: folders.length ? folders : ["INBOX"],
+        folders: folderList(fields.folders),
         interval: Number(fields.interval.value),
       });
     });
   }
 
-  for (const button of document.querySelectorAll(".change-password")) {
-    button.addEventListener("click", () => {
-      const form = document.querySelector(`.password-form[data-account="${button.dataset.account}"]`);
-      form.hidden = !form.hidden;
-    });
-  }
+  opens(".change-password", ".password-form");
   for (const form of document.querySelectorAll(".password-form")) {
     form.addEventListener("submit", (event) => {
       event.preventDefault();
@@ -128,21 +138,15 @@
       });
     });
   }
-  for (const button of document.querySelectorAll(".change-settings")) {
-    button.addEventListener("click", () => {
-      const form = document.querySelector(`.settings-form[data-account="${button.dataset.account}"]`);
-      form.hidden = !form.hidden;
-    });
-  }
+  opens(".change-settings", ".settings-form");
   for (const form of document.querySelectorAll(".settings-form")) {
     form.addEventListener("submit", (event) => {
       event.preventDefault();
-      const folders = form.elements.folders.value.split(",").map((f) => f.trim()).filter(Boolean);
       submitting(
         form,
         "PATCH",
         `/api/accounts/${form.dataset.account}`,
-        { folders: folders.length ? folders : ["INBOX"], interval: Number(form.elements.interval.value) },
+        { folders: folderList(form.elements.folders), interval: Number(form.elements.interval.value) },
         t.saving,
       );
     });
